@@ -1,0 +1,103 @@
+"""`neuron serve`: start device workers and the gRPC server; register with cortex if asked."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import structlog
+
+from synapse.config import Setting, add_settings, resolve
+from synapse.logs import configure_logging
+from synapse.server import ServingServer
+
+from .device import parse_devices, system_memory_bytes
+from .registration import keep_registered
+from .server import NeuronService
+from .v1 import neuron_pb2_grpc
+from .worker import DeviceWorker
+
+log = structlog.get_logger("neuron")
+
+SETTINGS = [
+    Setting("listen", "0.0.0.0:50061", "address to serve on (HOST:PORT; port 0 picks a free one)"),
+    Setting("devices", "", "devices: cpu | cpu:0,cpu:1,... | 0,1,... (GPU indices); empty: all GPUs, else cpu"),
+    Setting("model_root", ["models"], "directory that checkpoints must live under (repeatable)", multiple=True),
+    Setting("cortex", "", "cortex address to register with and heartbeat to (HOST:PORT)"),
+    Setting("advertise", "", "address cortex should use to reach this neuron; default HOSTNAME:PORT"),
+    Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float),
+    Setting("drain_seconds", 10.0, "on SIGTERM, how long in-flight requests may finish", type=float),
+    Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
+    Setting("port_file", "", "write the bound port to this file once serving (for scripts and tests)"),
+    Setting("log_level", "info", "debug, info, warning, error"),
+    Setting("log_format", "auto", "json, console or auto (console on a terminal)"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neuron", description="neuron: GPU node agent of the cortex/neuron service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the node agent")
+    serve.add_argument("--config", help="TOML file with settings (flags and NEURON_* env override it)")
+    add_settings(serve, SETTINGS, "NEURON")
+    args = parser.parse_args(argv)
+    settings = resolve(args, SETTINGS, "NEURON", args.config)
+    configure_logging(settings["log_level"], settings["log_format"])
+    try:
+        return asyncio.run(serve_forever(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_workers(settings: dict) -> list[DeviceWorker]:
+    try:
+        specs = parse_devices(settings["devices"])
+    except ValueError as err:
+        raise SystemExit(f"neuron: --devices: {err}") from None
+    cpu_count = sum(1 for s in specs if s.kind == "cpu") or 1
+    budget = int(settings["cpu_memory_gb"] * 1e9) or system_memory_bytes() // cpu_count
+    workers = [DeviceWorker(spec, budget) for spec in specs]
+    for w in workers:
+        w.start()
+    return workers
+
+
+async def serve_forever(settings: dict) -> int:
+    workers = build_workers(settings)
+    roots = [Path(r).resolve() for r in settings["model_root"]]
+    server = ServingServer(settings["listen"])
+    service = NeuronService(workers, roots)
+    server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
+    port = await server.start()
+    service.advertise = settings["advertise"] or f"{socket.gethostname()}:{port}"
+    if settings["port_file"]:
+        Path(settings["port_file"]).write_text(str(port))
+    log.info("neuron serving", listen=settings["listen"], port=port, devices=[w.spec.id for w in workers],
+             model_roots=[str(r) for r in roots], advertise=service.advertise)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    registration = None
+    if settings["cortex"]:
+        registration = asyncio.create_task(
+            keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"]))
+    await stop.wait()
+
+    log.info("draining", seconds=settings["drain_seconds"])
+    await server.set_serving(False)
+    await server.stop(settings["drain_seconds"])
+    if registration:
+        await registration
+    for w in workers:
+        w.stop()
+    log.info("neuron stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

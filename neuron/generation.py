@@ -1,0 +1,78 @@
+"""A generating sequence and how the device worker advances it one step at a time.
+
+The worker owns the Sequence while it runs; the gRPC side only reads events (token, finish, error)
+that the worker posts to it, and may set `cancelled`, which the worker honours before the next step.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .sampling import Sampler, SamplingConfig
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str          # "stop" or "length"
+    stop_reason: str     # "eos", "stop_token:ID", "max_tokens", "context", "cancelled"
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: Exception
+
+
+@dataclass
+class Sequence:
+    handle: int
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    emit: Callable[[object], None]          # thread-safe: posts an event to the caller
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    slot: int | None = None
+    position: int = 0                        # tokens whose KV is in the cache
+    generated: list[int] = field(default_factory=list)
+    sampler: Sampler | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def advance(shard, seq: Sequence) -> bool:
+    """Run one forward step (the whole prompt first, then one token) and sample one token.
+    Returns True when the sequence has finished (its finish event is already posted)."""
+    xp = shard.model.xp
+    if seq.position == 0:
+        feed = seq.prompt_ids
+        seq.sampler = Sampler(seq.sampling, shard.config.vocab_size)
+    else:
+        feed = seq.generated[-1:]
+    logits = shard.model.forward(xp.asarray(feed, dtype=xp.int32), seq.position, shard.kv, seq.slot)
+    seq.position += len(feed)
+    token = seq.sampler.sample(xp, logits[-1], seq.prompt_ids + seq.generated)
+    seq.generated.append(token)
+    seq.emit(TokenEvent(token))
+    finish = _finish_reason(shard, seq, token)
+    if finish:
+        seq.emit(FinishEvent(*finish))
+        return True
+    return False
+
+
+def _finish_reason(shard, seq: Sequence, token: int) -> tuple[str, str] | None:
+    cfg = seq.sampling
+    if token in cfg.stop_token_ids:
+        return "stop", f"stop_token:{token}"
+    if not cfg.ignore_eos and token in shard.eos_ids():
+        return "stop", "eos"
+    if len(seq.generated) >= cfg.max_tokens:
+        return "length", "max_tokens"
+    if seq.position >= shard.kv.max_context:
+        return "length", "context"
+    return None

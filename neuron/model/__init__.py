@@ -1,0 +1,1 @@
+"""The Llama-family model: config parsing, rotary embeddings, weights layout, forward pass."""

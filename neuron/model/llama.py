@@ -1,0 +1,113 @@
+"""The Llama-family forward pass (Llama 2/3, Mistral, Qwen2, Qwen3), written once against an array
+module `xp` (NumPy on CPU, CuPy on GPU), tensor-parallel aware: each rank holds its heads and
+intermediate columns, and the row-parallel outputs are summed by the communicator.
+
+Shapes: T tokens of one sequence, H hidden, Hq/Hkv local q/kv heads, d head_dim.
+"""
+from __future__ import annotations
+
+from ..collectives import Communicator
+from ..kv_cache import KvCache
+from .config import ModelConfig
+from .rope import cos_sin_tables
+from .sharding import TpLayout
+
+
+def rms_norm(xp, x, weight, eps: float):
+    xf = x.astype(xp.float32)
+    normed = xf / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def apply_rope(xp, x, cos, sin):
+    """x [T, heads, d]; cos/sin [T, d] float32. Rotate-half form, computed in float32."""
+    xf = x.astype(xp.float32)
+    half = x.shape[-1] // 2
+    rotated = xp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+def silu(xp, x):
+    xf = x.astype(xp.float32)
+    return (xf / (1.0 + xp.exp(-xf))).astype(x.dtype)
+
+
+def attention(xp, q, keys, values, start: int, window: int | None):
+    """Causal GQA attention of q [T, Hq, d] over cached keys/values [Hkv, L, d], L = start + T."""
+    T, hq, d = q.shape
+    hkv, length = keys.shape[0], keys.shape[1]
+    group = hq // hkv
+    qh = q.reshape(T, hkv, group, d).transpose(1, 2, 0, 3)                  # [Hkv, g, T, d]
+    scores = (qh @ keys.transpose(0, 2, 1)[:, None]).astype(xp.float32)      # [Hkv, g, T, L]
+    scores *= 1.0 / float(d) ** 0.5
+    q_pos = xp.arange(start, start + T)[:, None]
+    k_pos = xp.arange(length)[None, :]
+    masked = k_pos > q_pos
+    if window:
+        masked |= k_pos <= q_pos - window
+    scores = xp.where(masked, -xp.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = probs.astype(values.dtype) @ values[:, None]                        # [Hkv, g, T, d]
+    return out.transpose(2, 0, 1, 3).reshape(T, hq * d)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int):
+        self.config, self.layout, self.p, self.xp, self.comm = config, layout, params, xp, comm
+        cos, sin = cos_sin_tables(config, max_context)
+        self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
+        self.lm_head = params.get("lm_head", params["embed"])
+        self.q_size = layout.local_heads * config.head_dim
+        self.kv_size = layout.local_kv_heads * config.head_dim
+
+    def forward(self, tokens, start: int, kv: KvCache, slot: int, all_positions: bool = False):
+        """Run tokens (int array [T]) at positions start.. of the sequence in `slot`; write its KV.
+        Returns float32 logits [T, vocab] if all_positions else [1, vocab]."""
+        xp, p, c = self.xp, self.p, self.config
+        T = int(tokens.shape[0])
+        end = start + T
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        x = p["embed"][tokens]
+        for i in range(c.num_layers):
+            h = rms_norm(xp, x, p[f"{i}.input_norm"], c.rms_norm_eps)
+            x = x + self._attention_block(i, h, start, end, cos, sin, kv, slot)
+            h = rms_norm(xp, x, p[f"{i}.post_norm"], c.rms_norm_eps)
+            x = x + self._mlp_block(i, h)
+        if not all_positions:
+            x = x[-1:]
+        x = rms_norm(xp, x, p["norm"], c.rms_norm_eps)
+        return (x @ self.lm_head.T).astype(xp.float32)
+
+    def _attention_block(self, i: int, h, start: int, end: int, cos, sin, kv: KvCache, slot: int):
+        xp, p, c = self.xp, self.p, self.config
+        T, d = h.shape[0], c.head_dim
+        qkv = h @ p[f"{i}.qkv"].T
+        if c.qkv_bias:
+            qkv = qkv + p[f"{i}.qkv_bias"]
+        q = qkv[:, : self.q_size].reshape(T, -1, d)
+        k = qkv[:, self.q_size: self.q_size + self.kv_size].reshape(T, -1, d)
+        v = qkv[:, self.q_size + self.kv_size:].reshape(T, -1, d)
+        if c.qk_norm:
+            q = rms_norm(xp, q, p[f"{i}.q_norm"], c.rms_norm_eps)
+            k = rms_norm(xp, k, p[f"{i}.k_norm"], c.rms_norm_eps)
+        q, k = apply_rope(xp, q, cos, sin), apply_rope(xp, k, cos, sin)
+        keys, values = kv.keys[i][slot], kv.values[i][slot]
+        keys[:, start:end] = k.transpose(1, 0, 2)
+        values[:, start:end] = v.transpose(1, 0, 2)
+        out = attention(xp, q, keys[:, :end], values[:, :end], start, c.sliding_window) @ p[f"{i}.o"].T
+        if f"{i}.o_bias" in p:
+            out = out + p[f"{i}.o_bias"]
+        return self.comm.all_reduce(out)
+
+    def _mlp_block(self, i: int, h):
+        xp, p = self.xp, self.p
+        gate_up = h @ p[f"{i}.gate_up"].T
+        if f"{i}.gate_up_bias" in p:
+            gate_up = gate_up + p[f"{i}.gate_up_bias"]
+        inter = gate_up.shape[-1] // 2
+        out = (silu(xp, gate_up[:, :inter]) * gate_up[:, inter:]) @ p[f"{i}.down"].T
+        if f"{i}.down_bias" in p:
+            out = out + p[f"{i}.down_bias"]
+        return self.comm.all_reduce(out)

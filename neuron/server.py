@@ -1,0 +1,266 @@
+"""The neuron gRPC service: thin async handlers that validate, queue a job on the right device
+worker and translate its results (and errors) into messages and statuses."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from synapse.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, rpc_method
+from synapse.server import MAX_MESSAGE_BYTES
+
+from . import __version__
+from .generation import ErrorEvent, FinishEvent, Sequence, TokenEvent
+from .loader import resolve_checkpoint
+from .sampling import resolve_sampling
+from .shard import LoadRequest, Shard
+from .tokenizer import TextStream
+from .v1 import neuron_pb2 as pb
+from .v1 import neuron_pb2_grpc
+from .worker import ClearKvJob, DeviceWorker, DropShardJob, ForwardJob, GenerateJob, LoadShardJob
+
+log = structlog.get_logger(__name__)
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+class NeuronService(neuron_pb2_grpc.NeuronServicer):
+    def __init__(self, workers: list[DeviceWorker], model_roots: list[Path], advertise: str = ""):
+        self.workers = {w.spec.id: w for w in workers}
+        self.model_roots = model_roots
+        self.advertise = advertise
+        self._handle_owner: dict[int, DeviceWorker] = {}
+        self._issued: set[int] = set()
+
+    # ------------------------------------------------------------ helpers
+
+    def _mint_handle(self) -> int:
+        """Opaque, never reused 64-bit ids (random, so not guessable from earlier ones)."""
+        while True:
+            handle = secrets.randbits(64)
+            if handle and handle not in self._issued:
+                self._issued.add(handle)
+                return handle
+
+    def _lookup(self, handle: int) -> tuple[DeviceWorker, Shard]:
+        worker = self._handle_owner.get(handle)
+        shard = worker.slab.get(handle) if worker else None
+        if shard is None:
+            raise NotFound(f"unknown shard handle {handle}: it was dropped or never loaded on this neuron")
+        return worker, shard
+
+    def _pick_device(self, device: str) -> DeviceWorker:
+        if device:
+            if device not in self.workers:
+                raise InvalidArgument(f"device {device!r} is not on this neuron; devices: {', '.join(self.workers)}")
+            return self.workers[device]
+        return max(self.workers.values(), key=lambda w: w.memory.free)
+
+    def describe_devices(self) -> list[pb.Device]:
+        devices = []
+        for w in self.workers.values():
+            shards = [pb.ShardSummary(handle=h, model=s.request.model, dtype=s.dtype, weight_bytes=s.weight_bytes,
+                                      kv_bytes=s.kv.nbytes, tp_rank=s.layout.rank, tp_size=s.layout.size,
+                                      group_id=s.request.group_id)
+                      for h, s in list(w.slab.items())]
+            devices.append(pb.Device(id=w.spec.id, kind=w.spec.kind, name=w.backend.name if w.backend else "",
+                                     total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy))
+        return devices
+
+    # ------------------------------------------------------------ RPCs
+
+    @rpc_method
+    async def Describe(self, request, context):
+        kinds = {w.spec.kind for w in self.workers.values()}
+        backend = "numpy"
+        if "cuda" in kinds:
+            import cupy
+            backend = f"cupy {cupy.__version__}"
+        return pb.DescribeResponse(host=socket.gethostname(), version=__version__, backend=backend,
+                                   devices=self.describe_devices(), address=self.advertise)
+
+    @rpc_method
+    async def LoadShard(self, request, context):
+        worker = self._pick_device(request.device)
+        directory = resolve_checkpoint(request.path, self.model_roots)
+        tp_size = max(request.tp.size, 1)
+        if request.tp.rank >= tp_size:
+            raise InvalidArgument(f"tp.rank {request.tp.rank} must be below tp.size {tp_size}")
+        load = LoadRequest(directory=directory, model=request.model or directory.name, dtype=request.dtype,
+                           max_context=request.max_context, kv_slots=request.kv_slots, tp_rank=request.tp.rank,
+                           tp_size=tp_size, group_id=request.tp.group_id)
+        comm = None
+        if tp_size > 1:
+            comm = self.group_communicator(request.tp.group_id, worker, tp_size, request.tp.rank)
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        handle = self._mint_handle()
+        job = LoadShardJob(load, handle, lambda p: loop.call_soon_threadsafe(progress.put_nowait, p), cancelled, comm)
+        future = asyncio.wrap_future(worker.submit(job))
+        delivered = False
+        try:
+            while not future.done() or not progress.empty():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    p = getter.result()
+                    yield pb.LoadShardResponse(progress=pb.LoadProgress(
+                        stage=p.stage, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+                        tensors_done=p.tensors_done, tensors_total=p.tensors_total, gb_per_s=p.gb_per_s))
+                else:
+                    getter.cancel()
+            shard = future.result()
+            self._handle_owner[handle] = worker
+            log.info("load served", model=load.model, handle=handle, device=worker.spec.id)
+            yield pb.LoadShardResponse(loaded=self.shard_info(shard, worker))
+            delivered = True
+        finally:
+            if not delivered:
+                # The caller went away (or it failed): a load that still completes must not linger.
+                cancelled.set()
+                future.add_done_callback(lambda f: self._discard(worker, handle, f))
+
+    def _discard(self, worker: DeviceWorker, handle: int, future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._handle_owner.pop(handle, None)
+            worker.submit(DropShardJob(handle))
+
+    def shard_info(self, shard: Shard, worker: DeviceWorker) -> pb.ShardInfo:
+        return pb.ShardInfo(handle=shard.handle, model=shard.request.model, device=worker.spec.id,
+                            architecture=shard.config.architecture, dtype=shard.dtype,
+                            num_parameters=shard.num_parameters, weight_bytes=shard.weight_bytes,
+                            kv_bytes=shard.kv.nbytes, max_context=shard.kv.max_context, kv_slots=shard.kv.slots,
+                            vocab_size=shard.config.vocab_size, tp_rank=shard.layout.rank, tp_size=shard.layout.size,
+                            load_seconds=shard.load_seconds, path=str(shard.request.directory))
+
+    @rpc_method
+    async def DropShard(self, request, context):
+        worker, _ = self._lookup(request.handle)
+        freed = await asyncio.wrap_future(worker.submit(DropShardJob(request.handle)))
+        self._handle_owner.pop(request.handle, None)
+        return pb.DropShardResponse(freed_bytes=freed)
+
+    @rpc_method
+    async def ClearKv(self, request, context):
+        worker, _ = self._lookup(request.handle)
+        cleared = await asyncio.wrap_future(worker.submit(ClearKvJob(request.handle)))
+        return pb.ClearKvResponse(slots_cleared=cleared)
+
+    @rpc_method
+    async def Forward(self, request, context):
+        worker, shard = self._lookup(request.handle)
+        ids = list(request.token_ids)
+        _check_token_ids(ids, shard, "token_ids")
+        rows = len(ids) if request.all_positions else 1
+        size = rows * shard.config.vocab_size * 4
+        if size > MAX_MESSAGE_BYTES - (1 << 20):
+            raise ResourceExhausted(f"logits for {rows} positions x {shard.config.vocab_size} vocab are {size >> 20} MiB, "
+                                    f"over the {MAX_MESSAGE_BYTES >> 20} MiB message limit; ask for fewer positions")
+        logits = await asyncio.wrap_future(worker.submit(ForwardJob(request.handle, ids, request.all_positions)))
+        return pb.ForwardResponse(logits=pb.Tensor(shape=list(logits.shape), dtype="float32",
+                                                   data=logits.astype("<f4", copy=False).tobytes()))
+
+    @rpc_method
+    async def Generate(self, request, context):
+        worker, shard = self._lookup(request.handle)
+        prompt_ids = prompt_token_ids(shard, request.prompt)
+        context_left = shard.kv.max_context - len(prompt_ids)
+        sampling = resolve_sampling(request.sampling, shard.generation_config, context_left=context_left,
+                                    vocab_size=shard.config.vocab_size)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seq = Sequence(request.handle, prompt_ids, sampling, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        text = TextStream(shard.tokenizer, list(sampling.stop)) if shard.tokenizer else None
+        started = time.perf_counter()
+        first_token_at = None
+        completion = 0
+        log_ctx = dict(request_id=request.request_id, handle=request.handle, model=shard.request.model)
+        try:
+            await asyncio.wrap_future(worker.submit(GenerateJob(seq)))
+            while True:
+                batch = [await events.get()]
+                while not events.empty():  # coalesce tokens that arrived together into one message
+                    batch.append(events.get_nowait())
+                ids = [ev.token_id for ev in batch if isinstance(ev, TokenEvent)]
+                end = next((ev for ev in batch if not isinstance(ev, TokenEvent)), None)
+                if isinstance(end, ErrorEvent):
+                    raise end.error
+                if ids and first_token_at is None:
+                    first_token_at = time.perf_counter()
+                completion += len(ids)
+                delta, stop = text.push(ids) if text else ("", None)
+                if stop is not None:
+                    seq.cancel()
+                    end = FinishEvent("stop", f"stop:{stop}")
+                if end is None:
+                    if ids:
+                        yield pb.GenerateResponse(token_ids=ids, text=delta)
+                    continue
+                if stop is None and text:
+                    delta += text.finish()
+                yield self._final(ids, delta, end, len(prompt_ids), completion, started, first_token_at)
+                log.info("generate done", **log_ctx, prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                         finish=end.stop_reason, ttft_ms=round((first_token_at - started) * 1e3, 2) if first_token_at else None)
+                return
+        finally:
+            seq.cancel()  # no-op when finished; stops the device work when the caller went away
+
+    @staticmethod
+    def _final(ids, delta, end: FinishEvent, prompt_tokens, completion, started, first_token_at) -> pb.GenerateResponse:
+        now = time.perf_counter()
+        ttft = (first_token_at or now) - started
+        decode_time = now - (first_token_at or now)
+        return pb.GenerateResponse(
+            token_ids=ids, text=delta, finish_reason=FINISH[end.reason], stop_reason=end.stop_reason,
+            usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
+            timing=pb.Timing(time_to_first_token_ms=ttft * 1e3, total_ms=(now - started) * 1e3,
+                             decode_tokens_per_second=(completion - 1) / decode_time if decode_time > 0 else 0.0))
+
+    def group_communicator(self, group_id: str, worker: DeviceWorker, size: int, rank: int):
+        raise FailedPrecondition("tensor-parallel groups are not available on this neuron yet")
+
+
+def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:
+    if not ids:
+        raise InvalidArgument(f"{field} is empty: give at least one token id")
+    vocab = shard.config.vocab_size
+    bad = next(((i, t) for i, t in enumerate(ids) if t >= vocab), None)
+    if bad:
+        raise InvalidArgument(f"{field}[{bad[0]}] = {bad[1]} is out of the vocabulary (ids must be below {vocab})")
+    if len(ids) > shard.kv.max_context:
+        raise InvalidArgument(f"{field} has {len(ids)} tokens, more than the context of {shard.kv.max_context}; "
+                              "send fewer tokens or load the model with a larger max_context")
+
+
+def prompt_token_ids(shard: Shard, prompt: pb.Prompt) -> list[int]:
+    kind = prompt.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
+    if kind == "tokens":
+        ids = list(prompt.tokens.ids)
+    else:
+        if shard.tokenizer is None:
+            raise FailedPrecondition(f"{shard.request.model} has no tokenizer.json: send prompt.tokens instead of {kind}")
+        if kind == "text":
+            ids = shard.tokenizer.encode(prompt.text)
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
+            if not messages:
+                raise InvalidArgument("prompt.chat.messages is empty")
+            ids = shard.tokenizer.encode_chat(messages)
+    _check_token_ids(ids, shard, f"prompt.{kind}")
+    if len(ids) >= shard.kv.max_context:
+        raise InvalidArgument(f"the prompt has {len(ids)} tokens but the context holds {shard.kv.max_context}, "
+                              "leaving no room to generate; shorten it or load with a larger max_context")
+    return ids
+
+
+def logits_from_tensor(tensor: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape))

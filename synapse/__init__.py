@@ -1,0 +1,1 @@
+"""What cortex and neuron share: server plumbing, errors, logging and configuration."""

@@ -1,0 +1,99 @@
+"""Errors that carry a gRPC status code, and the wrapper that turns them into statuses.
+
+Code that knows what went wrong raises a ServiceError subclass with a message that says what was
+wrong and what to do; the RPC layer turns it into the matching status. Anything else is a bug and
+becomes INTERNAL (and is logged with its traceback).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import grpc
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class ServiceError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+def from_rpc_error(err: grpc.RpcError, prefix: str = "") -> ServiceError:
+    """Re-raise a downstream status with the same code, the message prefixed (e.g. the node)."""
+    error = ServiceError(f"{prefix}{err.details()}")
+    error.code = err.code()
+    return error
+
+
+async def _abort(context, err: Exception, method: str):
+    if isinstance(err, ServiceError):
+        await context.abort(err.code, err.message)
+    log.exception("internal error", method=method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {err!r} (a bug: please report it)")
+
+
+def rpc_method(fn):
+    """Decorate an async servicer method (unary or server-streaming) to map errors to statuses."""
+    name = fn.__qualname__
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def stream(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as err:  # noqa: BLE001 - mapped to a status
+                await _abort(context, err, name)
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:  # noqa: BLE001 - mapped to a status
+            await _abort(context, err, name)
+    return unary
