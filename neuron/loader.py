@@ -28,8 +28,10 @@ def resolve_checkpoint(path: str, roots: list[Path]) -> Path:
         raise InvalidArgument("path is empty: give a checkpoint directory under a model root")
     candidate = Path(path)
     if not candidate.is_absolute():
-        # Relative paths are relative to the first root, so `--model-root /models` + `llama` works.
-        candidate = roots[0] / candidate if roots else candidate
+        # Relative paths name a directory under a root (the first root that has it), so
+        # `--model-root /models` + `llama` works.
+        under = [r / candidate for r in roots]
+        candidate = next((c for c in under if c.exists()), under[0] if under else candidate)
     real = Path(os.path.realpath(candidate))
     real_roots = [Path(os.path.realpath(r)) for r in roots]
     if not any(real == r or r in real.parents for r in real_roots):

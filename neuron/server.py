@@ -19,7 +19,7 @@ from . import __version__
 from .generation import ErrorEvent, FinishEvent, Sequence, TokenEvent
 from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
-from .shard import LoadRequest, Shard
+from .shard import LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
 from .v1 import neuron_pb2 as pb
 from .v1 import neuron_pb2_grpc
@@ -84,6 +84,19 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             backend = f"cupy {cupy.__version__}"
         return pb.DescribeResponse(host=socket.gethostname(), version=__version__, backend=backend,
                                    devices=self.describe_devices(), address=self.advertise)
+
+    @rpc_method
+    async def Inspect(self, request, context):
+        worker = self._pick_device(request.device) if request.device else next(iter(self.workers.values()))
+        directory = resolve_checkpoint(request.path, self.model_roots)
+        plan = await asyncio.to_thread(plan_load, directory, request.dtype, worker.spec.kind, request.max_context,
+                                       0, max(request.tp_size, 1))
+        plan.checkpoint.close()
+        return pb.InspectResponse(
+            path=str(directory), architecture=plan.config.architecture, dtype=plan.dtype,
+            num_parameters=plan.num_parameters, weight_bytes_per_rank=plan.weight_bytes,
+            kv_bytes_per_slot=plan.kv_bytes_per_slot, max_context=plan.max_context,
+            vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe())
 
     @rpc_method
     async def LoadShard(self, request, context):

@@ -99,40 +99,72 @@ def _check_shapes(config: ModelConfig, ckpt: Checkpoint) -> None:
         raise InvalidArgument(f"checkpoint {ckpt.directory} does not match its config.json: {'; '.join(problems[:5])}{more}")
 
 
+@dataclass
+class LoadPlan:
+    """What a load will read and allocate, computed from config.json and safetensors headers."""
+    config: ModelConfig
+    dtype: str
+    layout: TpLayout
+    checkpoint: Checkpoint
+    reads: dict
+    source_bytes: int
+    num_parameters: int
+    weight_bytes: int
+    max_context: int
+    kv_bytes_per_slot: int
+    workspace_bytes: int
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"weights: {self.num_parameters:,} parameters on this rank x {DTYPES[self.dtype].itemsize} bytes "
+                f"({self.dtype}) = {_size(self.weight_bytes)}; KV per sequence: 2 x {c.num_layers} layers x "
+                f"{self.layout.local_kv_heads} kv heads x {self.max_context} tokens x {c.head_dim} head_dim x "
+                f"{DTYPES[self.dtype].itemsize} bytes = {_size(self.kv_bytes_per_slot)}; workspace {_size(self.workspace_bytes)}")
+
+
+def plan_load(directory: Path, dtype_request: str, device_kind: str, max_context: int = 0,
+              tp_rank: int = 0, tp_size: int = 1) -> LoadPlan:
+    config = ModelConfig.from_dir(directory)
+    dtype = resolve_dtype(dtype_request, config.dtype, device_kind)
+    layout = TpLayout.build(config, tp_rank, tp_size)
+    ckpt = Checkpoint(directory)
+    _check_shapes(config, ckpt)
+    reads = parameter_reads(config, layout, "lm_head.weight" in ckpt.tensors)
+    source_bytes = sum(ckpt.read_bytes(r) for rs in reads.values() for r in rs)
+    num_parameters = sum(ckpt.read_bytes(r) // DTYPE_BYTES.get(ckpt.tensors[r.name].dtype, 4)
+                         for rs in reads.values() for r in rs)
+    max_context = max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    if max_context > config.max_position_embeddings:
+        raise InvalidArgument(f"max_context {max_context} exceeds the model's max_position_embeddings "
+                              f"{config.max_position_embeddings}")
+    itemsize = DTYPES[dtype].itemsize
+    per_slot = KvCache.bytes_per_slot(config.num_layers, layout.local_kv_heads, max_context, config.head_dim, itemsize)
+    workspace = GPU_WORKSPACE_BYTES if device_kind == "cuda" else 0
+    return LoadPlan(config, dtype, layout, ckpt, reads, source_bytes, num_parameters, num_parameters * itemsize,
+                    max_context, per_slot, workspace)
+
+
 def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadProgress], None],
                cancelled: threading.Event, comm: Communicator | None = None) -> Shard:
     """Read this rank's weights onto the backend's device and allocate the KV cache.
     Raises before allocating when memory is short; frees everything it took on any failure."""
     started = time.perf_counter()
-    config = ModelConfig.from_dir(req.directory)
-    dtype = resolve_dtype(req.dtype, config.dtype, backend.kind)
+    plan = plan_load(req.directory, req.dtype, backend.kind, req.max_context, req.tp_rank, req.tp_size)
+    config, dtype, layout, ckpt, reads = plan.config, plan.dtype, plan.layout, plan.checkpoint, plan.reads
     np_dtype = DTYPES[dtype]
-    layout = TpLayout.build(config, req.tp_rank, req.tp_size)
-    ckpt = Checkpoint(req.directory)
-    _check_shapes(config, ckpt)
-    reads = parameter_reads(config, layout, "lm_head.weight" in ckpt.tensors)
     tokenizer = Tokenizer.from_dir(req.directory)
     generation_config = _read_generation_config(req.directory)
 
     # Size everything before the first allocation, so a refusal leaves nothing behind.
-    source_bytes = sum(ckpt.read_bytes(r) for rs in reads.values() for r in rs)
-    num_parameters = sum(ckpt.read_bytes(r) // _itemsize(ckpt, r) for rs in reads.values() for r in rs)
-    weight_bytes = num_parameters * np_dtype.itemsize
-    max_context = req.max_context or min(config.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    if max_context > config.max_position_embeddings:
-        raise InvalidArgument(f"max_context {max_context} exceeds the model's max_position_embeddings "
-                              f"{config.max_position_embeddings}")
-    per_slot = KvCache.bytes_per_slot(config.num_layers, layout.local_kv_heads, max_context, config.head_dim, np_dtype.itemsize)
     total, free = backend.memory()
-    workspace = GPU_WORKSPACE_BYTES if backend.kind == "cuda" else 0
-    room_for_kv = free - weight_bytes - workspace
-    if room_for_kv < per_slot:
+    room_for_kv = free - plan.weight_bytes - plan.workspace_bytes
+    if room_for_kv < plan.kv_bytes_per_slot:
         raise ResourceExhausted(
-            f"{req.model} needs {_gib(weight_bytes + per_slot + workspace)} on device {backend.spec.id} "
-            f"(weights {_gib(weight_bytes)} as {dtype} + KV cache for one sequence of {max_context} tokens "
-            f"{_gib(per_slot)} + workspace {_gib(workspace)}), but only {_gib(free)} of {_gib(total)} is free; "
+            f"{req.model} needs {_size(plan.weight_bytes + plan.kv_bytes_per_slot + plan.workspace_bytes)} on device "
+            f"{backend.spec.id} ({plan.describe()}), but only {_size(free)} of {_size(total)} is free; "
             "free memory, use a smaller dtype or max_context, or shard with tensor parallelism")
-    slots = min(req.kv_slots or DEFAULT_KV_SLOTS, room_for_kv // per_slot)
+    slots = min(req.kv_slots or DEFAULT_KV_SLOTS, room_for_kv // plan.kv_bytes_per_slot)
+    max_context, source_bytes = plan.max_context, plan.source_bytes
 
     xp = backend.xp
     params: dict = {}
@@ -162,17 +194,16 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
         raise
     finally:
         ckpt.close()
-    return Shard(handle, req, config, dtype, layout, model, kv, tokenizer, generation_config, weight_bytes,
-                 num_parameters, time.perf_counter() - started, comm or SingleRank())
-
-
-def _itemsize(ckpt: Checkpoint, read) -> int:
-    return DTYPE_BYTES.get(ckpt.tensors[read.name].dtype, 4)
+    return Shard(handle, req, config, dtype, layout, model, kv, tokenizer, generation_config, plan.weight_bytes,
+                 plan.num_parameters, time.perf_counter() - started, comm or SingleRank())
 
 
 def _is_out_of_memory(err: Exception) -> bool:
     return type(err).__name__ in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(err).lower()
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"

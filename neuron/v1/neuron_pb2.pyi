@@ -72,6 +72,44 @@ class DescribeResponse(_message.Message):
     address: str
     def __init__(self, host: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., address: _Optional[str] = ...) -> None: ...
 
+class InspectRequest(_message.Message):
+    __slots__ = ("path", "dtype", "device", "max_context", "tp_size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    dtype: str
+    device: str
+    max_context: int
+    tp_size: int
+    def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
+
+class InspectResponse(_message.Message):
+    __slots__ = ("path", "architecture", "dtype", "num_parameters", "weight_bytes_per_rank", "kv_bytes_per_slot", "max_context", "vocab_size", "workspace_bytes", "estimate")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_PER_RANK_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    architecture: str
+    dtype: str
+    num_parameters: int
+    weight_bytes_per_rank: int
+    kv_bytes_per_slot: int
+    max_context: int
+    vocab_size: int
+    workspace_bytes: int
+    estimate: str
+    def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes_per_rank: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., workspace_bytes: _Optional[int] = ..., estimate: _Optional[str] = ...) -> None: ...
+
 class TensorParallel(_message.Message):
     __slots__ = ("group_id", "rank", "size")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class NeuronStub:
                 request_serializer=neuron_dot_v1_dot_neuron__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=neuron_dot_v1_dot_neuron__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.Inspect = channel.unary_unary(
+                '/neuron.v1.Neuron/Inspect',
+                request_serializer=neuron_dot_v1_dot_neuron__pb2.InspectRequest.SerializeToString,
+                response_deserializer=neuron_dot_v1_dot_neuron__pb2.InspectResponse.FromString,
+                _registered_method=True)
         self.LoadShard = channel.unary_stream(
                 '/neuron.v1.Neuron/LoadShard',
                 request_serializer=neuron_dot_v1_dot_neuron__pb2.LoadShardRequest.SerializeToString,
@@ -96,6 +101,13 @@ class NeuronServicer:
 
     def Describe(self, request, context):
         """Host, devices with memory, backend and version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Inspect(self, request, context):
+        """What loading a checkpoint would take (config + safetensors headers only; reads no weights).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,6 +193,11 @@ def add_NeuronServicer_to_server(servicer, server):
                     request_deserializer=neuron_dot_v1_dot_neuron__pb2.DescribeRequest.FromString,
                     response_serializer=neuron_dot_v1_dot_neuron__pb2.DescribeResponse.SerializeToString,
             ),
+            'Inspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inspect,
+                    request_deserializer=neuron_dot_v1_dot_neuron__pb2.InspectRequest.FromString,
+                    response_serializer=neuron_dot_v1_dot_neuron__pb2.InspectResponse.SerializeToString,
+            ),
             'LoadShard': grpc.unary_stream_rpc_method_handler(
                     servicer.LoadShard,
                     request_deserializer=neuron_dot_v1_dot_neuron__pb2.LoadShardRequest.FromString,
@@ -259,6 +276,33 @@ class Neuron:
             '/neuron.v1.Neuron/Describe',
             neuron_dot_v1_dot_neuron__pb2.DescribeRequest.SerializeToString,
             neuron_dot_v1_dot_neuron__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neuron.v1.Neuron/Inspect',
+            neuron_dot_v1_dot_neuron__pb2.InspectRequest.SerializeToString,
+            neuron_dot_v1_dot_neuron__pb2.InspectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,229 @@
+"""Tokenizer of a Hugging Face checkpoint directory, its chat template, and streaming detokenization.
+
+Built on the `tokenizers` library (tokenizer.json), with the special tokens and chat template of
+tokenizer_config.json and the EOS ids of generation_config.json. Chat templates are rendered the
+way transformers renders them, so a chat prompt gives the same token ids as
+`tokenizer.apply_chat_template(messages, tokenize=True)`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import tokenizers
+
+from synapse.errors import FailedPrecondition, InvalidArgument
+
+# Special tokens of tokenizer_config.json that chat templates may refer to by name.
+_TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FailedPrecondition(f"{path} cannot be read as JSON ({err}); fix or remove the file") from err
+
+
+def _token_text(value: str | dict | None) -> str | None:
+    """tokenizer_config.json writes special tokens as plain strings or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _pick_chat_template(value: str | list | None) -> str | None:
+    """A chat template is a string, or a list of {name, template} from which we take "default"."""
+    if isinstance(value, list):
+        return next((t["template"] for t in value if t.get("name") == "default"), None)
+    return value
+
+
+def _raise_exception(message: str):
+    # Templates call this to reject a conversation (e.g. roles that do not alternate).
+    raise InvalidArgument(f"prompt.chat was rejected by the model's chat template: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes HTML characters and non-ASCII text; templates expect plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """Encode, decode and chat rendering for one model."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, tokenizer_config: dict[str, Any] | None = None,
+                 generation_config: dict[str, Any] | None = None):
+        tokenizer_config = tokenizer_config or {}
+        self.generation_config: dict[str, Any] = generation_config or {}
+        self._backend = backend
+        self._special = {name: text for name in _TEMPLATE_TOKENS
+                         if (text := _token_text(tokenizer_config.get(name))) is not None}
+        self.chat_template: str | None = _pick_chat_template(tokenizer_config.get("chat_template"))
+        self.bos_token: str | None = self._special.get("bos_token")
+        self.bos_token_id: int | None = self._id_of(self.bos_token)
+        self.eos_token_ids: set[int] = self._eos_ids()
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer | None:
+        """The tokenizer of a checkpoint directory, or None when it has no tokenizer.json."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            return None
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception
+            raise FailedPrecondition(f"{path / 'tokenizer.json'} cannot be loaded ({err}); fix or replace it") from err
+        config_path = path / "tokenizer_config.json"
+        tokenizer_config = _read_json(config_path) if config_path.is_file() else {}
+        # transformers 4.43+ saves the template beside the config, and that file wins.
+        template_path = path / "chat_template.jinja"
+        if template_path.is_file():
+            tokenizer_config["chat_template"] = template_path.read_text(encoding="utf-8")
+        generation_path = path / "generation_config.json"
+        generation_config = _read_json(generation_path) if generation_path.is_file() else {}
+        return cls(backend, tokenizer_config, generation_config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise FailedPrecondition(
+                "prompt.chat cannot be used: the model has no chat template (tokenizer_config.json "
+                "has no chat_template); send prompt.text or prompt.tokens instead")
+        if not messages:
+            raise InvalidArgument("prompt.chat.messages is empty; send at least one message")
+        try:
+            template = _compile_template(self.chat_template)
+        except jinja2.TemplateSyntaxError as err:
+            raise FailedPrecondition(
+                f"the model's chat template does not compile ({err.message}, line {err.lineno}); "
+                "fix chat_template in tokenizer_config.json, or send prompt.text or prompt.tokens") from err
+        try:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
+        except jinja2.TemplateError as err:
+            raise InvalidArgument(f"prompt.chat could not be rendered with the model's chat template: {err}") from err
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat prompt, ending with the assistant turn's opening.
+
+        The template writes every special token itself (BOS included, where the model wants one),
+        so the text is encoded without adding special tokens, as transformers'
+        apply_chat_template does. Adding them would give a second BOS, or a BOS the template
+        deliberately left out.
+        """
+        return self.encode(self.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+    def _eos_ids(self) -> set[int]:
+        configured = self.generation_config.get("eos_token_id")
+        ids = set(configured) if isinstance(configured, list) else {configured}
+        ids.add(self._id_of(self._special.get("eos_token")))
+        ids.discard(None)
+        return ids
+
+
+class TextStream:
+    """Turns generated token ids into text deltas that are safe to send while streaming.
+
+    Decodes a sliding window of the generated ids (as TGI and vLLM do): `prefix` marks the start
+    of the window, `read` the end of what was already turned into text. The delta is the window's
+    text minus the text of its first part, so decoders that treat the first token specially (e.g.
+    strip a leading space) treat both the same. Text that ends in U+FFFD (an incomplete UTF-8
+    character) is held until the character is complete, and so is a tail that could be the start
+    of a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self._tokenizer = tokenizer
+        self._stop = list(stop)
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+        self._pending = ""          # decoded text held back because it may start a stop string
+        self._stopped = False
+
+    def push(self, token_ids: list[int]) -> tuple[str, str | None]:
+        """Add generated tokens. Returns (text to emit now, the stop string that matched or None).
+
+        After a stop string matched, the stream is over: later pushes return ("", None).
+        """
+        if self._stopped:
+            return "", None
+        self._ids.extend(token_ids)
+        self._pending += self._new_text(final=False)
+        return self._release()
+
+    def finish(self) -> str:
+        """The text still held back, once generation ended without a stop string."""
+        if self._stopped:
+            return ""
+        text = self._pending + self._new_text(final=True)
+        self._pending = ""
+        return text
+
+    def _new_text(self, final: bool) -> str:
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix:])
+        if len(text) <= len(prefix_text) or (text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text):]
+
+    def _release(self) -> tuple[str, str | None]:
+        match = self._first_stop()
+        if match is not None:
+            index, stop = match
+            self._stopped = True
+            text, self._pending = self._pending[:index], ""
+            return text, stop
+        keep = self._stop_prefix_length()
+        cut = len(self._pending) - keep
+        text, self._pending = self._pending[:cut], self._pending[cut:]
+        return text, None
+
+    def _first_stop(self) -> tuple[int, str] | None:
+        """The earliest stop string in the held text, as (position, stop string)."""
+        found = [(index, stop) for stop in self._stop if (index := self._pending.find(stop)) >= 0]
+        return min(found, key=lambda item: item[0], default=None)
+
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest tail of the held text that is the start of some stop string."""
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(self._pending)), longest, -1):
+                if self._pending.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest

@@ -1,0 +1,90 @@
+"""Launch real cortex/neuron processes on loopback ports chosen at run time."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from synapse.server import CHANNEL_OPTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+MODELS = FIXTURES / "models"
+REFERENCE = FIXTURES / "reference"
+FIXTURE_NAMES = ["llama2", "llama3", "llama_sharded", "mistral", "qwen2", "qwen3"]
+
+
+@dataclass
+class Server:
+    """A server subprocess: its address, log file and how to stop it."""
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(argv: list[str], env: dict | None = None, timeout: float = 60.0) -> Server:
+    """Run `python -m <argv...> --listen 127.0.0.1:0 --port-file F` and wait for the port."""
+    workdir = Path(tempfile.mkdtemp(prefix="cn-test-"))
+    port_file, log_path = workdir / "port", workdir / "log"
+    full_env = {**os.environ, "LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1", **(env or {})}
+    args = [sys.executable, *argv, "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            return Server(proc, int(port_file.read_text()), log_path, args)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv} exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{argv} did not start within {timeout}s:\n{log_path.read_text()}")
+
+
+def start_neuron(devices: str = "cpu", model_roots: list[Path] | None = None, extra: list[str] | None = None,
+                 env: dict | None = None) -> Server:
+    roots = model_roots or [FIXTURES]
+    argv = ["-m", "neuron.cli", "serve", "--devices", devices]
+    for root in roots:
+        argv += ["--model-root", str(root)]
+    return start_server(argv + (extra or []), env=env)
+
+
+def start_cortex(neurons: list[str] | None = None, extra: list[str] | None = None, env: dict | None = None) -> Server:
+    argv = ["-m", "cortex.cli", "serve"]
+    for address in neurons or []:
+        argv += ["--neuron", address]
+    return start_server(argv + (extra or []), env=env)

@@ -1,0 +1,397 @@
+"""Tokenizer, chat rendering and TextStream: against the fixture checkpoints and transformers'
+reference output, and against small tokenizers built here so that multi-byte characters split
+across tokens (byte-level BPE and SentencePiece-style byte fallback)."""
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from neuron.tokenizer import TextStream, Tokenizer
+from synapse.errors import FailedPrecondition, InvalidArgument
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+MODELS = FIXTURES / "models"
+REFERENCE = FIXTURES / "reference" / "chat.json"
+MODEL_NAMES = sorted(p.name for p in MODELS.iterdir()) if MODELS.is_dir() else []
+needs_fixtures = pytest.mark.skipif(
+    not (MODELS.is_dir() and REFERENCE.is_file()),
+    reason=f"fixture checkpoints ({MODELS}) or transformers reference ({REFERENCE}) not generated yet",
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! Hello there, how are you today?",
+    "Café, naïve, résumé, déjà vu, Straße.",
+    "Ελληνικά and 日本語 text.",
+    "Emoji: 🙂 🚀 👍🏽 👨‍👩‍👧 are fun.",
+    "Stop here. Do not stop there. STOP!",
+]
+TEXTS = CORPUS + [
+    "Unseen words: żółć, Ωμέγα, 🦄🌈, ﬁ ligature.",
+    "  leading spaces, tabs\tand   runs\n\nof newlines\r\n",
+    "",
+]
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+MESSAGES = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Café? 🙂"}]
+
+
+# ------------------------------------------------------------------ tokenizers built here
+
+def byte_level_backend() -> HFTokenizer:
+    """A GPT-2/Llama-3 style byte-level BPE with a small vocabulary: accented letters and emoji
+    stay split into several tokens, often in the middle of a UTF-8 character."""
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return backend
+
+
+def byte_fallback_backend() -> HFTokenizer:
+    """A Llama-2 style SentencePiece BPE: "▁" for spaces, the decoder strips the first space,
+    and characters outside the vocabulary fall back to <0xXX> byte tokens."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    pieces = ["▁", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?:'", "▁t", "▁th", "▁the", "he", "ll", "llo"]
+    vocab.update({piece: len(vocab) + i for i, piece in enumerate(pieces)})
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("h", "e"), ("l", "l"), ("ll", "o")]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return backend
+
+
+TOKENIZER_CONFIG = {
+    "bos_token": {"content": "<s>", "lstrip": False, "normalized": False, "rstrip": False, "special": True},
+    "eos_token": "</s>",
+    "chat_template": CHATML,
+}
+
+
+@pytest.fixture(scope="module")
+def byte_level() -> Tokenizer:
+    return Tokenizer(byte_level_backend(), TOKENIZER_CONFIG, {"eos_token_id": [3, 1]})
+
+
+@pytest.fixture(scope="module")
+def byte_fallback() -> Tokenizer:
+    return Tokenizer(byte_fallback_backend(), {"bos_token": "<s>", "eos_token": "</s>"}, {})
+
+
+def with_template(tokenizer: Tokenizer, template: str | list | None, **config) -> Tokenizer:
+    return Tokenizer(tokenizer._backend, {**TOKENIZER_CONFIG, **config, "chat_template": template})
+
+
+def stream(tokenizer: Tokenizer, ids: list[int], stop: list[str] = (), chunk: int = 1):
+    """Push ids in chunks; return (deltas, stop string or None, text of finish())."""
+    text_stream = TextStream(tokenizer, list(stop))
+    deltas = []
+    for start in range(0, len(ids), chunk):
+        delta, matched = text_stream.push(ids[start:start + chunk])
+        deltas.append(delta)
+        if matched is not None:
+            return deltas, matched, text_stream.finish()
+    return deltas, None, text_stream.finish()
+
+
+# ------------------------------------------------------------------ fixture checkpoints
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads(REFERENCE.read_text())
+
+
+@pytest.fixture(scope="module")
+def fixture_tokenizers() -> dict[str, Tokenizer]:
+    return {name: Tokenizer.from_dir(MODELS / name) for name in MODEL_NAMES}
+
+
+@needs_fixtures
+def test_fixture_models_load(fixture_tokenizers, reference):
+    assert fixture_tokenizers, f"no checkpoints under {MODELS}"
+    for name, tokenizer in fixture_tokenizers.items():
+        generation_config = json.loads((MODELS / name / "generation_config.json").read_text())
+        eos = generation_config["eos_token_id"]
+        expected_eos = set(eos if isinstance(eos, list) else [eos]) | {reference["special_token_ids"]["</s>"]}
+        assert tokenizer.vocab_size == reference["vocab_size"], name
+        assert tokenizer.eos_token_ids == expected_eos, name
+        assert tokenizer.bos_token_id == reference["special_token_ids"]["<s>"], name
+        assert tokenizer.generation_config == generation_config, name
+
+
+@needs_fixtures
+def test_encode_decode_match_transformers(fixture_tokenizers, reference):
+    tokenizer = Tokenizer.from_dir(FIXTURES / reference["tokenizer"])
+    for sample in reference["samples"]:
+        assert tokenizer.encode(sample["text"]) == sample["ids"]
+        assert tokenizer.encode(sample["text"], add_special_tokens=False) == sample["ids_no_special"]
+        assert tokenizer.decode(sample["ids"], skip_special_tokens=False) == sample["decode"]
+        assert tokenizer.decode(sample["ids"]) == sample["decode_skip_special"]
+    # Checkpoints whose tokenizer adds no BOS encode like ids_no_special, with special tokens on.
+    for name, tokenizer in fixture_tokenizers.items():
+        bos_added = tokenizer.encode("x")[0] == tokenizer.bos_token_id
+        for sample in reference["samples"]:
+            assert tokenizer.encode(sample["text"]) == sample["ids" if bos_added else "ids_no_special"], name
+
+
+@needs_fixtures
+def test_chat_matches_transformers(fixture_tokenizers, reference):
+    assert reference["add_generation_prompt"] is True
+    for name, tokenizer in fixture_tokenizers.items():
+        assert tokenizer.render_chat(reference["messages"]) == reference["chat_text"], name
+        # apply_chat_template(tokenize=True) adds no special tokens, even where encode() adds BOS.
+        assert tokenizer.encode_chat(reference["messages"]) == reference["chat_ids"], name
+
+
+@needs_fixtures
+def test_text_stream_on_fixture_samples(fixture_tokenizers, reference):
+    for name, tokenizer in fixture_tokenizers.items():
+        for sample in reference["samples"]:
+            for chunk in (1, 3):
+                deltas, matched, tail = stream(tokenizer, sample["ids"], chunk=chunk)
+                assert matched is None
+                assert "".join(deltas) + tail == sample["decode_skip_special"], name
+
+
+def test_from_dir_without_tokenizer_json(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert Tokenizer.from_dir(tmp_path) is None
+
+
+def test_from_dir_reads_configs_and_template_file(tmp_path):
+    byte_level_backend().save(str(tmp_path / "tokenizer.json"))
+    config = {**TOKENIZER_CONFIG, "chat_template": [{"name": "tool_use", "template": "tools"},
+                                                    {"name": "default", "template": "default"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3, "do_sample": True}))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.chat_template == "default"
+    assert tokenizer.eos_token_ids == {1, 3}
+    assert tokenizer.bos_token_id == 0
+    assert tokenizer.generation_config == {"eos_token_id": 3, "do_sample": True}
+    # transformers saves templates as chat_template.jinja too; that file takes precedence.
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    assert Tokenizer.from_dir(tmp_path).chat_template == CHATML
+
+
+def test_from_dir_without_optional_files(tmp_path):
+    byte_level_backend().save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.eos_token_ids == set()
+    assert tokenizer.bos_token_id is None
+    assert tokenizer.chat_template is None
+    assert tokenizer.decode(tokenizer.encode("Café 🙂")) == "Café 🙂"
+
+
+def test_from_dir_broken_json(tmp_path):
+    byte_level_backend().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(FailedPrecondition, match="tokenizer_config.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+# ------------------------------------------------------------------ encode / decode
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
+def test_round_trip(request, name):
+    tokenizer = request.getfixturevalue(name)
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids[0] == tokenizer.bos_token_id
+        assert tokenizer.encode(text, add_special_tokens=False) == ids[1:]
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(ids, skip_special_tokens=False).startswith("<s>")
+
+
+def test_special_ids(byte_level, byte_fallback):
+    assert byte_level.bos_token_id == 0
+    assert byte_level.eos_token_ids == {1, 3}  # eos_token "</s>" plus generation_config's list
+    assert byte_level.vocab_size == 320
+    assert byte_fallback.eos_token_ids == {2}
+
+
+def test_multibyte_characters_are_split_across_tokens(byte_level, byte_fallback):
+    # The premise of the streaming tests: some single tokens decode to a partial character.
+    for tokenizer in (byte_level, byte_fallback):
+        ids = tokenizer.encode("🦄 żółć", add_special_tokens=False)
+        assert any(tokenizer.decode([i]).endswith("\ufffd") for i in ids)
+
+
+# ------------------------------------------------------------------ chat templates
+
+def test_render_chat(byte_level):
+    text = byte_level.render_chat(MESSAGES)
+    assert text == ("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+                    "<|im_start|>user\nCafé? 🙂<|im_end|>\n<|im_start|>assistant\n")
+    assert byte_level.render_chat(MESSAGES, add_generation_prompt=False) == text.removesuffix("<|im_start|>assistant\n")
+
+
+def test_encode_chat_without_bos_in_template(byte_level):
+    ids = byte_level.encode_chat(MESSAGES)
+    assert ids == byte_level.encode(byte_level.render_chat(MESSAGES), add_special_tokens=False)
+    assert byte_level.bos_token_id not in ids
+    assert ids[0] == byte_level._backend.token_to_id("<|im_start|>")
+
+
+def test_encode_chat_with_bos_in_template(byte_level):
+    tokenizer = with_template(byte_level, "{{ bos_token }}" + CHATML)
+    ids = tokenizer.encode_chat(MESSAGES)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_template_trims_blocks_like_transformers(byte_level):
+    template = """{% for message in messages %}
+    {% if message.role == 'user' %}
+U: {{ message.content }}
+    {% else %}
+A: {{ message.content }}
+    {% endif %}
+{% endfor %}"""
+    assert with_template(byte_level, template).render_chat(MESSAGES[:2]) == "U: Hi there\nA: Hello!\n"
+
+
+def test_template_globals_and_filters(byte_level):
+    tokenizer = with_template(
+        byte_level, "{{ messages[-1] | tojson }}|{{ strftime_now('%Y') }}|{{ bos_token }}|{{ eos_token }}"
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}|{{ m.role }}{% endfor %}")
+    rendered = tokenizer.render_chat(MESSAGES)
+    assert rendered == (f'{{"role": "user", "content": "Café? 🙂"}}|{datetime.datetime.now().year}|<s>|</s>|user')
+
+
+def test_template_raise_exception(byte_level):
+    tokenizer = with_template(byte_level, "{{ raise_exception('Conversation roles must alternate user/assistant') }}")
+    with pytest.raises(InvalidArgument, match="prompt.chat.*roles must alternate"):
+        tokenizer.render_chat(MESSAGES)
+
+
+def test_template_sandbox(byte_level):
+    tokenizer = with_template(byte_level, "{{ messages.__class__.__mro__ }}")
+    with pytest.raises(InvalidArgument, match="prompt.chat"):
+        tokenizer.render_chat(MESSAGES)
+
+
+def test_template_syntax_error(byte_level):
+    with pytest.raises(FailedPrecondition, match="chat template does not compile"):
+        with_template(byte_level, "{% for m in messages %}").render_chat(MESSAGES)
+
+
+def test_missing_template(byte_level):
+    for template in (None, [{"name": "tool_use", "template": "x"}]):
+        with pytest.raises(FailedPrecondition, match="no chat template.*prompt.text or prompt.tokens"):
+            with_template(byte_level, template).encode_chat(MESSAGES)
+
+
+def test_empty_chat(byte_level):
+    with pytest.raises(InvalidArgument, match="prompt.chat.messages is empty"):
+        byte_level.render_chat([])
+
+
+# ------------------------------------------------------------------ TextStream
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_stream_equals_decode(request, name, chunk):
+    tokenizer = request.getfixturevalue(name)
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        deltas, matched, tail = stream(tokenizer, ids, chunk=chunk)
+        assert matched is None
+        assert "".join(deltas) + tail == tokenizer.decode(ids) == text
+        assert not any("\ufffd" in delta for delta in deltas), "a partial character was emitted"
+
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
+def test_stream_holds_partial_characters(request, name):
+    tokenizer = request.getfixturevalue(name)
+    ids = tokenizer.encode("a🦄b", add_special_tokens=False)
+    deltas, _, tail = stream(tokenizer, ids)
+    assert "" in deltas  # a token that ended inside the emoji was held back...
+    assert any("🦄" in delta for delta in deltas)  # ...and the emoji came out whole
+    assert "".join(deltas) == "a🦄b" and tail == ""
+
+
+def test_stream_flushes_incomplete_character_at_finish(byte_fallback):
+    ids = byte_fallback.encode("ok🦄", add_special_tokens=False)[:-1]  # the last byte never came
+    deltas, matched, tail = stream(byte_fallback, ids)
+    assert "".join(deltas) == "ok" and tail.endswith("\ufffd")
+    assert "".join(deltas) + tail == byte_fallback.decode(ids)
+
+
+def test_stream_keeps_leading_space_after_special_token(byte_fallback):
+    # SentencePiece decoders strip the first space of the text: only the very first one.
+    ids = byte_fallback.encode("hello there", add_special_tokens=False)
+    eos = byte_fallback._backend.token_to_id("</s>")
+    mixed = [eos] + ids + [eos, eos] + ids[:3] + [eos] + ids[3:]
+    deltas, _, tail = stream(byte_fallback, mixed)
+    assert "".join(deltas) + tail == byte_fallback.decode(mixed) == "hello there hello there"
+
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_stop_string(request, name, chunk):
+    tokenizer = request.getfixturevalue(name)
+    text = "Hello there, Stop here. Do not go on."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    deltas, matched, tail = stream(tokenizer, ids, stop=["Stop"], chunk=chunk)
+    assert matched == "Stop"
+    assert "".join(deltas) == "Hello there, "
+    assert tail == ""
+
+
+def test_stop_string_prefix_is_held_then_released(byte_level):
+    ids = byte_level.encode("Do not stop there. STOP!", add_special_tokens=False)
+    text_stream = TextStream(byte_level, ["stop here", "STOP!"])
+    emitted = ""
+    for token_id in ids:
+        delta, matched = text_stream.push([token_id])
+        emitted += delta
+        # Text that could still become a stop string never leaves early.
+        assert not emitted.endswith(("s", "st", "sto", "stop", "stop ", "stop h"))
+        if matched:
+            break
+    assert matched == "STOP!"
+    assert emitted == "Do not stop there. "
+
+
+def test_earliest_stop_wins(byte_level):
+    ids = byte_level.encode("Hello, world! Hello there", add_special_tokens=False)
+    deltas, matched, _ = stream(byte_level, ids, stop=["there", "world", "llo, w"])
+    assert matched == "llo, w" and "".join(deltas) == "He"
+
+
+def test_stop_string_with_multibyte_characters(byte_level):
+    ids = byte_level.encode("Emoji: 🙂 🚀 👍🏽 are fun.", add_special_tokens=False)
+    deltas, matched, _ = stream(byte_level, ids, stop=["🚀"])
+    assert matched == "🚀" and "".join(deltas) == "Emoji: 🙂 "
+
+
+def test_unmatched_stop_prefix_comes_out_at_finish(byte_level):
+    ids = byte_level.encode("Hello, world! Hello", add_special_tokens=False)
+    deltas, matched, tail = stream(byte_level, ids, stop=["Hello there"])
+    assert matched is None
+    assert "".join(deltas) == "Hello, world! " and tail == "Hello"
+
+
+def test_stream_is_over_after_stop(byte_level):
+    text_stream = TextStream(byte_level, ["world"])
+    assert text_stream.push(byte_level.encode("Hello, world!", add_special_tokens=False)) == ("Hello, ", "world")
+    assert text_stream.push(byte_level.encode(" more", add_special_tokens=False)) == ("", None)
+    assert text_stream.finish() == ""
