@@ -22,6 +22,9 @@ from .worker import DeviceWorker
 
 log = structlog.get_logger("neuron")
 
+STOP_GRACE_SECONDS = 2.0    # after the drain: time for the final statuses to reach callers
+WORKER_STOP_SECONDS = 20.0  # a worker that takes longer to stop makes the neuron exit non-zero
+
 SETTINGS = [
     Setting("listen", "0.0.0.0:50061", "address to serve on (HOST:PORT; port 0 picks a free one)"),
     Setting("devices", "", "devices: cpu | cpu:0,cpu:1,... | 0,1,... (GPU indices); empty: all GPUs, else cpu"),
@@ -37,13 +40,18 @@ SETTINGS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `neuron` command line (also inspected by tests that check the Docker/compose files)."""
     parser = argparse.ArgumentParser(prog="neuron", description="neuron: GPU node agent of the cortex/neuron service")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the node agent")
     serve.add_argument("--config", help="TOML file with settings (flags and NEURON_* env override it)")
     add_settings(serve, SETTINGS, "NEURON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     settings = resolve(args, SETTINGS, "NEURON", args.config)
     configure_logging(settings["log_level"], settings["log_format"])
     try:
@@ -68,7 +76,8 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
 async def serve_forever(settings: dict) -> int:
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
-    server = ServingServer(settings["listen"])
+    # Describe stays answerable while draining, so cortex and operators can still see the node.
+    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",))
     service = NeuronService(workers, roots)
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
@@ -87,14 +96,31 @@ async def serve_forever(settings: dict) -> int:
         registration = asyncio.create_task(
             keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"]))
     await stop.wait()
+    return await shut_down(server, workers, registration, settings["drain_seconds"])
 
-    log.info("draining", seconds=settings["drain_seconds"])
-    await server.set_serving(False)
-    await server.stop(settings["drain_seconds"])
+
+async def shut_down(server: ServingServer, workers: list[DeviceWorker], registration, drain_seconds: float) -> int:
+    """SIGTERM: health NOT_SERVING and new calls refused with UNAVAILABLE at once; calls in flight
+    get up to `drain_seconds` to finish; what still runs then ends with UNAVAILABLE; the workers
+    release their device memory; exit 0 (1 if a worker would not stop, so a supervisor restarts)."""
+    log.info("draining", seconds=drain_seconds, inflight=server.inflight)
+    left = await server.drain(drain_seconds, "this neuron is shutting down (draining): it takes no new requests; "
+                                             "retry on another node")
+    if left:
+        log.warning("drain time is over: ending the requests still in flight", inflight=left, seconds=drain_seconds)
     if registration:
-        await registration
-    for w in workers:
-        w.stop()
+        registration.cancel()
+    # Stopping the workers ends running generations with UNAVAILABLE; the short grace lets those
+    # final statuses reach the callers before the server closes.
+    stopping = asyncio.gather(*(asyncio.to_thread(w.stop, WORKER_STOP_SECONDS) for w in workers),
+                              return_exceptions=True)
+    await server.stop(STOP_GRACE_SECONDS)
+    failed = [(w.spec.id, repr(r)) for w, r in zip(workers, await stopping) if isinstance(r, BaseException)]
+    if registration:
+        await asyncio.gather(registration, return_exceptions=True)
+    if failed:
+        log.error("device workers did not stop; exiting non-zero so the supervisor restarts the neuron", failed=failed)
+        return 1
     log.info("neuron stopped")
     return 0
 

@@ -1,9 +1,16 @@
 """Collective operations across the ranks of a tensor-parallel group.
 
-One interface, several engines: SingleRank (no group), and for groups the NCCL engine on GPUs and a
-CPU engine with the same semantics so tensor parallelism runs in CI.
+One interface, two engines: NCCL on GPUs (neuron/comm_nccl.py, the production engine) and TCP on
+CPU devices (neuron/comm_tcp.py: same semantics, so tensor parallelism runs in CI, across `cpu:N`
+devices of one neuron and across neuron processes). SingleRank stands in when there is no group.
 """
 from __future__ import annotations
+
+UNIQUE_ID_BYTES = 128  # NCCL's ncclUniqueId size; the TCP engine's rendezvous token uses the same field
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or passed its deadline: the group is unusable from here on."""
 
 
 class Communicator:
@@ -14,10 +21,32 @@ class Communicator:
         """Sum of x over ranks, returned (x may be reused as the output)."""
         raise NotImplementedError
 
+    def broadcast(self, x, root: int = 0):
+        raise NotImplementedError
+
+    def all_gather(self, x):
+        """Concatenation along a new leading axis of every rank's x, in rank order."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Make every pending and future collective fail fast."""
+
     def close(self) -> None:
-        pass
+        self.abort()
 
 
 class SingleRank(Communicator):
     def all_reduce(self, x):
         return x
+
+    def broadcast(self, x, root: int = 0):
+        return x
+
+    def all_gather(self, x):
+        return x[None]
+
+    def barrier(self) -> None:
+        pass

@@ -53,7 +53,7 @@ def advance(shard, seq: Sequence) -> bool:
         seq.sampler = Sampler(seq.sampling, shard.config.vocab_size)
     else:
         feed = seq.generated[-1:]
-    logits = shard.model.forward(xp.asarray(feed, dtype=xp.int32), seq.position, shard.kv, seq.slot)
+    logits = shard.run(feed, seq.position, seq.slot)
     seq.position += len(feed)
     token = seq.sampler.sample(xp, logits[-1], seq.prompt_ids + seq.generated)
     seq.generated.append(token)

@@ -69,7 +69,7 @@ def _require(ok: bool, field: str, value: Any, source: str, allowed: str) -> Non
         return
     origin = f" (from the model's {_FROM_CONFIG}; set sampling.{field} to override it)" if source == _FROM_CONFIG else ""
     shown = repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:60] + "...")
-    raise InvalidArgument(f"sampling.{field}={shown}{origin} is not allowed: {allowed}")
+    raise InvalidArgument(f"sampling.{field}={shown}{origin} is invalid; allowed: {allowed}")
 
 
 def resolve_sampling(params: neuron_pb2.SamplingParams, generation_config: dict[str, Any],
@@ -126,7 +126,7 @@ def _check_stop(stop: list[str]) -> tuple[str, ...]:
         raise InvalidArgument(f"sampling.stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     for text in stop:
         _require(1 <= len(text) <= MAX_STOP_LENGTH, "stop", text, "request",
-                 f"stop strings of 1 to {MAX_STOP_LENGTH} characters")
+                 f"stop strings of 1 to {MAX_STOP_LENGTH} characters (this one has {len(text)})")
     return tuple(stop)
 
 
@@ -185,8 +185,9 @@ def _penalize_repetition(xp, scores, history_token_ids: Sequence[int], penalty: 
 
 def _top_p(xp, sorted_weights, top_p: float):
     """Nucleus filter over weights sorted high to low: keep a token while the probability mass
-    ranked above it is below top_p. The top token has nothing above it, so it always stays."""
-    cumulative = xp.cumsum(sorted_weights)
+    ranked above it is below top_p. The top token has nothing above it, so it always stays.
+    Summed in float64 for the reason given in _inverse_cdf."""
+    cumulative = xp.cumsum(sorted_weights, dtype=xp.float64)
     above = cumulative - sorted_weights
     return xp.where(above < top_p * cumulative[-1], sorted_weights, 0.0)
 
@@ -196,7 +197,9 @@ def _inverse_cdf(xp, weights, uniform: float):
 
     Searches for (1 - u) * total, which lies in (0, total] for u in [0, 1), with side="left":
     the result is never past the end, and a token of weight 0 (an empty interval) is never chosen.
+    The sum runs in float64: a float32 sum over a large vocabulary drifts by more than a rare
+    token's probability, and numpy and cupy sum in different orders.
     """
-    cdf = xp.cumsum(weights)
-    target = cdf[-1] * np.float32(1.0 - uniform)
+    cdf = xp.cumsum(weights, dtype=xp.float64)
+    target = cdf[-1] * (1.0 - uniform)
     return xp.searchsorted(cdf, target, side="left")

@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from synapse.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, rpc_method
+from synapse.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                            Unavailable, rpc_method)
 from synapse.server import MAX_MESSAGE_BYTES
 
-from . import __version__
+from . import __version__, comm_nccl, comm_tcp
+from .collectives import UNIQUE_ID_BYTES, CollectiveError
+from .groups import Followers, Group, GroupTable
 from .generation import ErrorEvent, FinishEvent, Sequence, TokenEvent
 from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
@@ -23,7 +26,8 @@ from .shard import LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
 from .v1 import neuron_pb2 as pb
 from .v1 import neuron_pb2_grpc
-from .worker import ClearKvJob, DeviceWorker, DropShardJob, ForwardJob, GenerateJob, LoadShardJob
+from .worker import (CallJob, ClearKvJob, DeviceWorker, DropShardJob, FollowerStepJob, ForwardJob, GenerateJob,
+                     LoadShardJob)
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +40,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         self.model_roots = model_roots
         self.advertise = advertise
         self._handle_owner: dict[int, DeviceWorker] = {}
+        self.groups = GroupTable()
         self._issued: set[int] = set()
 
     # ------------------------------------------------------------ helpers
@@ -51,6 +56,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     def _lookup(self, handle: int) -> tuple[DeviceWorker, Shard]:
         worker = self._handle_owner.get(handle)
         shard = worker.slab.get(handle) if worker else None
+        if shard is None and worker is not None and handle in worker.failed:
+            raise Unavailable(f"{worker.failed[handle]}; the model must be loaded again")
         if shard is None:
             raise NotFound(f"unknown shard handle {handle}: it was dropped or never loaded on this neuron")
         return worker, shard
@@ -69,6 +76,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                                       kv_bytes=s.kv.nbytes, tp_rank=s.layout.rank, tp_size=s.layout.size,
                                       group_id=s.request.group_id)
                       for h, s in list(w.slab.items())]
+            shards += [pb.ShardSummary(handle=h, error=why) for h, why in list(w.failed.items())]
             devices.append(pb.Device(id=w.spec.id, kind=w.spec.kind, name=w.backend.name if w.backend else "",
                                      total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy))
         return devices
@@ -131,6 +139,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                     getter.cancel()
             shard = future.result()
             self._handle_owner[handle] = worker
+            if tp_size > 1:
+                self._on_group_shard_loaded(self.groups.groups[(request.tp.group_id, request.tp.rank)], shard)
             log.info("load served", model=load.model, handle=handle, device=worker.spec.id)
             yield pb.LoadShardResponse(loaded=self.shard_info(shard, worker))
             delivered = True
@@ -155,7 +165,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 
     @rpc_method
     async def DropShard(self, request, context):
-        worker, _ = self._lookup(request.handle)
+        worker = self._handle_owner.get(request.handle)
+        if worker is None or (request.handle not in worker.slab and request.handle not in worker.failed):
+            raise NotFound(f"unknown shard handle {request.handle}: it was dropped or never loaded on this neuron")
         freed = await asyncio.wrap_future(worker.submit(DropShardJob(request.handle)))
         self._handle_owner.pop(request.handle, None)
         return pb.DropShardResponse(freed_bytes=freed)
@@ -236,8 +248,131 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             timing=pb.Timing(time_to_first_token_ms=ttft * 1e3, total_ms=(now - started) * 1e3,
                              decode_tokens_per_second=(completion - 1) / decode_time if decode_time > 0 else 0.0))
 
+    # ------------------------------------------------------------ tensor parallelism
+
     def group_communicator(self, group_id: str, worker: DeviceWorker, size: int, rank: int):
-        raise FailedPrecondition("tensor-parallel groups are not available on this neuron yet")
+        group = self.groups.groups.get((group_id, rank))
+        if group is None:
+            raise FailedPrecondition(f"this neuron has no rank {rank} of group {group_id!r}: call InitGroup first")
+        if group.size != size or group.worker is not worker:
+            raise FailedPrecondition(f"group {group_id!r} rank {rank} is on device {group.worker.spec.id} with size "
+                                     f"{group.size}; the load asked for device {worker.spec.id} and size {size}")
+        if group.handle is not None:
+            raise FailedPrecondition(f"group {group_id!r} rank {rank} already holds shard {group.handle}")
+        return group.comm
+
+    def _on_group_shard_loaded(self, group: Group, shard: Shard) -> None:
+        group.handle = shard.handle
+        if group.rank == 0:
+            shard.followers = group.followers = Followers(group, self.groups, asyncio.get_running_loop(),
+                                                          self._submit_follower_step)
+
+    def _submit_follower_step(self, group: Group, token_ids: list[int], start: int, slot: int) -> None:
+        if group.handle is not None:
+            group.worker.submit(FollowerStepJob(group.handle, token_ids, start, slot))
+
+    @rpc_method
+    async def CreateGroupId(self, request, context):
+        worker = self._pick_device(request.device)
+        if worker.spec.kind == "cuda":
+            return pb.CreateGroupIdResponse(unique_id=comm_nccl.create_group_id())
+        host = self.advertise.rsplit(":", 1)[0] if self.advertise else "127.0.0.1"
+        return pb.CreateGroupIdResponse(unique_id=comm_tcp.create_group_id(host))
+
+    @rpc_method
+    async def InitGroup(self, request, context):
+        if not request.group_id:
+            raise InvalidArgument("group_id is empty")
+        if request.world_size < 2 or request.rank >= request.world_size:
+            raise InvalidArgument(f"need world_size >= 2 and rank < world_size; got rank {request.rank} of {request.world_size}")
+        if len(request.unique_id) != UNIQUE_ID_BYTES:
+            raise InvalidArgument(f"unique_id must be {UNIQUE_ID_BYTES} bytes (from CreateGroupId), got {len(request.unique_id)}")
+        if request.members and len(request.members) != request.world_size:
+            raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}")
+        worker = self._pick_device(request.device)
+        if (request.group_id, request.rank) in self.groups.groups:
+            raise FailedPrecondition(f"rank {request.rank} of group {request.group_id!r} already joined")
+        busy = self.groups.on_device(worker.spec.id)
+        if busy is not None:
+            # Two groups sharing devices can deadlock (each leader waits in a collective the other
+            # group's follower job sits behind), so a device serves one group at a time.
+            raise FailedPrecondition(f"device {worker.spec.id} is already rank {busy.rank} of group {busy.id!r}; "
+                                     "one tensor-parallel group per device")
+        join_timeout = (request.timeout_ms or 30_000) / 1000
+        step_timeout = (request.step_timeout_ms or 30_000) / 1000
+        uid, rank, size = bytes(request.unique_id), request.rank, request.world_size
+
+        def connect(backend):
+            if comm_tcp.is_tcp_group_id(uid):
+                if backend.kind != "cpu":
+                    raise InvalidArgument("a CPU group id cannot join a GPU device")
+                return comm_tcp.TcpCommunicator(uid, rank, size, join_timeout, step_timeout)
+            if backend.kind != "cuda":
+                raise InvalidArgument("an NCCL group id cannot join a CPU device")
+            return comm_nccl.NcclCommunicator(uid, rank, size, backend.stream, step_timeout)
+
+        try:
+            comm = await asyncio.wait_for(asyncio.wrap_future(worker.submit(CallJob(connect))), join_timeout + 5)
+        except CollectiveError as err:
+            raise DeadlineExceeded(f"group {request.group_id!r} rank {rank}: {err}") from None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"group {request.group_id!r} rank {rank} did not form within {join_timeout:g} s") from None
+        self.groups.groups[(request.group_id, rank)] = Group(
+            request.group_id, rank, size, worker, comm, list(request.members), step_timeout)
+        log.info("joined group", group=request.group_id, rank=rank, size=size, device=worker.spec.id)
+        return pb.InitGroupResponse()
+
+    def _ranks(self, group_id: str) -> list[Group]:
+        ranks = self.groups.ranks_of(group_id)
+        if not ranks:
+            raise NotFound(f"this neuron holds no rank of group {group_id!r}")
+        return ranks
+
+    @rpc_method
+    async def GroupSanity(self, request, context):
+        def all_reduce_ones(group):
+            def run(backend):
+                xp = backend.xp
+                total = group.comm.all_reduce(xp.ones(1, dtype=xp.float32))
+                return float(total[0])
+            return run
+
+        values = await asyncio.gather(*(asyncio.wrap_future(g.worker.submit(CallJob(all_reduce_ones(g))))
+                                        for g in self._ranks(request.group_id)))
+        return pb.GroupSanityResponse(value=min(values))
+
+    @rpc_method
+    async def DestroyGroup(self, request, context):
+        for group in self._ranks(request.group_id):
+            if group.handle is not None and group.handle in group.worker.slab:
+                await asyncio.wrap_future(group.worker.submit(DropShardJob(group.handle)))
+                self._handle_owner.pop(group.handle, None)
+            await asyncio.wrap_future(group.worker.submit(CallJob(lambda backend, g=group: g.comm.close())))
+            del self.groups.groups[(group.id, group.rank)]
+        return pb.DestroyGroupResponse()
+
+    async def FollowSteps(self, request_iterator, context):
+        """Follower side of the leader's step stream: run each step on this neuron's ranks."""
+        group_id = None
+        try:
+            async for command in request_iterator:
+                group_id = command.group_id
+                ranks = [g for g in self.groups.ranks_of(command.group_id) if g.rank and g.handle is not None]
+                if not ranks:
+                    yield pb.StepAck(step=command.step, error=f"no follower rank of group {command.group_id!r} here")
+                    continue
+                futures = [asyncio.wrap_future(g.worker.submit(FollowerStepJob(
+                    g.handle, list(command.token_ids), command.start_pos, command.slot))) for g in ranks]
+                errors = [r for r in await asyncio.gather(*futures, return_exceptions=True) if isinstance(r, Exception)]
+                yield pb.StepAck(step=command.step, error="; ".join(str(e) for e in errors))
+        except asyncio.CancelledError:
+            # The leader went away mid-stream (its process died): free this group's shards here.
+            if group_id is not None:
+                log.warning("leader stream broke; dropping group shards", group=group_id)
+                for g in self.groups.ranks_of(group_id):
+                    if g.handle is not None and g.handle in g.worker.slab:
+                        g.worker.submit(DropShardJob(g.handle))
+            raise
 
 
 def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:

@@ -64,6 +64,17 @@ class Shard:
     num_parameters: int
     load_seconds: float
     comm: Communicator = field(default_factory=SingleRank)
+    followers: object = None     # groups.Followers on a TP leader: told every step before it runs
+
+    def run(self, token_ids: list[int], start: int, slot: int, all_positions: bool = False):
+        """One forward step of this shard; on a TP leader the followers run it too, in lockstep."""
+        if self.followers is not None:
+            self.followers.step(token_ids, start, slot)
+        xp = self.model.xp
+        logits = self.model.forward(xp.asarray(token_ids, dtype=xp.int32), start, self.kv, slot, all_positions)
+        if self.layout.size > 1 and hasattr(self.comm, "wait"):
+            self.comm.wait(self.comm.step_timeout)  # NCCL is asynchronous: bound the step here
+        return logits
 
     @property
     def nbytes(self) -> int:

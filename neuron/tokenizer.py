@@ -81,8 +81,7 @@ class Tokenizer:
         self._special = {name: text for name in _TEMPLATE_TOKENS
                          if (text := _token_text(tokenizer_config.get(name))) is not None}
         self.chat_template: str | None = _pick_chat_template(tokenizer_config.get("chat_template"))
-        self.bos_token: str | None = self._special.get("bos_token")
-        self.bos_token_id: int | None = self._id_of(self.bos_token)
+        self.bos_token_id: int | None = self._id_of(self._special.get("bos_token"))
         self.eos_token_ids: set[int] = self._eos_ids()
 
     @classmethod
@@ -97,7 +96,7 @@ class Tokenizer:
             raise FailedPrecondition(f"{path / 'tokenizer.json'} cannot be loaded ({err}); fix or replace it") from err
         config_path = path / "tokenizer_config.json"
         tokenizer_config = _read_json(config_path) if config_path.is_file() else {}
-        # transformers 4.43+ saves the template beside the config, and that file wins.
+        # Recent transformers save the template beside the config, and that file wins.
         template_path = path / "chat_template.jinja"
         if template_path.is_file():
             tokenizer_config["chat_template"] = template_path.read_text(encoding="utf-8")
@@ -127,7 +126,7 @@ class Tokenizer:
         except jinja2.TemplateSyntaxError as err:
             raise FailedPrecondition(
                 f"the model's chat template does not compile ({err.message}, line {err.lineno}); "
-                "fix chat_template in tokenizer_config.json, or send prompt.text or prompt.tokens") from err
+                "fix the model's chat template, or send prompt.text or prompt.tokens") from err
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
         except jinja2.TemplateError as err:
@@ -163,6 +162,10 @@ class TextStream:
     strip a leading space) treat both the same. Text that ends in U+FFFD (an incomplete UTF-8
     character) is held until the character is complete, and so is a tail that could be the start
     of a stop string.
+
+    The deltas and finish() add up to decode(all ids), with one exception no stream can avoid:
+    byte-fallback (SentencePiece) decoders replace each token of an invalid UTF-8 byte run with
+    U+FFFD, so text already sent can decode differently once the run ends.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):

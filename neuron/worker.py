@@ -20,6 +20,7 @@ import structlog
 
 from synapse.errors import NotFound, ResourceExhausted, Unavailable
 
+from .collectives import CollectiveError
 from .device import CpuBackend, CudaBackend, DeviceSpec
 from .generation import ErrorEvent, Sequence, advance
 from .shard import LoadProgress, LoadRequest, Shard, load_shard
@@ -69,6 +70,15 @@ class ClearKvJob(Job):
 
 
 @dataclass
+class FollowerStepJob(Job):
+    """Run one step on a follower rank's shard, as its leader does on rank 0."""
+    handle: int
+    token_ids: list[int]
+    start: int
+    slot: int
+
+
+@dataclass
 class CallJob(Job):
     """Run fn(backend) on the device thread (group init, collectives, diagnostics)."""
     fn: Callable[[Any], Any]
@@ -89,6 +99,7 @@ class DeviceWorker:
     def __init__(self, spec: DeviceSpec, cpu_budget_bytes: int = 0):
         self.spec = spec
         self.slab: dict[int, Shard] = {}
+        self.failed: dict[int, str] = {}  # handle -> why, for shards lost with their TP group
         self.memory = MemoryInfo(cpu_budget_bytes, cpu_budget_bytes)
         self.busy = False
         self.backend = None
@@ -100,7 +111,7 @@ class DeviceWorker:
         self._thread = threading.Thread(target=self._main, name=f"device-{spec.id}", daemon=True)
         self._handlers = {
             LoadShardJob: self._load, DropShardJob: self._drop, ForwardJob: self._admit,
-            GenerateJob: self._admit, ClearKvJob: self._clear_kv, CallJob: lambda job: job.fn(self.backend),
+            GenerateJob: self._admit, ClearKvJob: self._clear_kv, FollowerStepJob: self._follow, CallJob: lambda job: job.fn(self.backend),
         }
 
     # -- called from other threads
@@ -169,6 +180,8 @@ class DeviceWorker:
 
     def _shard(self, handle: int) -> Shard:
         shard = self.slab.get(handle)
+        if shard is None and handle in self.failed:
+            raise Unavailable(f"{self.failed[handle]}; the model must be loaded again")
         if shard is None:
             raise NotFound(f"no shard with handle {handle} on device {self.spec.id}: it was dropped or never loaded")
         return shard
@@ -183,13 +196,18 @@ class DeviceWorker:
                  weight_bytes=shard.weight_bytes, kv_bytes=shard.kv.nbytes, seconds=round(shard.load_seconds, 3))
         return shard
 
-    def _drop(self, job: DropShardJob) -> int:
+    def _drop(self, job: DropShardJob, error: Exception | None = None) -> int:
+        if job.handle in self.failed and job.handle not in self.slab:
+            del self.failed[job.handle]  # dropping a failed shard just forgets it
+            return 0
         shard = self._shard(job.handle)
         for seq in [s for s in self._running if s.handle == job.handle]:
-            self._finish(seq, ErrorEvent(Unavailable("the model was unloaded while generating")))
+            self._finish(seq, ErrorEvent(error or Unavailable("the model was unloaded while generating")))
         for waiting in [w for w in self._waiting if self._handle_of(w) == job.handle]:
             self._waiting.remove(waiting)
-            self._reject(waiting, Unavailable("the model was unloaded before this request started"))
+            self._reject(waiting, error or Unavailable("the model was unloaded before this request started"))
+        if shard.followers is not None:
+            shard.followers.close()
         del self.slab[job.handle]
         freed = shard.nbytes
         self.backend.used -= freed
@@ -198,6 +216,28 @@ class DeviceWorker:
         self.backend.release_cached()
         log.info("shard dropped", handle=job.handle, device=self.spec.id, freed_bytes=freed)
         return freed
+
+    def _follow(self, job: FollowerStepJob) -> None:
+        shard = self._shard(job.handle)
+        try:
+            shard.model.forward(shard.model.xp.asarray(job.token_ids, dtype=shard.model.xp.int32), job.start,
+                                shard.kv, job.slot)
+            if hasattr(shard.comm, "wait"):
+                shard.comm.wait(shard.comm.step_timeout)
+        except CollectiveError as err:
+            raise self._fail_shard(shard, err) from None
+
+    def _fail_shard(self, shard: Shard, err: Exception) -> Unavailable:
+        """A broken TP group: fail its requests, free the shard, keep why (Describe reports it)."""
+        reason = f"tensor-parallel group {shard.request.group_id!r} failed on rank {shard.layout.rank}: {err}"
+        log.error("tensor-parallel group failed", handle=shard.handle, group=shard.request.group_id, error=str(err))
+        shard.comm.abort()
+        if shard.followers is not None:
+            shard.followers.drop_local()
+        error = Unavailable(f"{reason}; the model must be loaded again")
+        self.failed[shard.handle] = reason
+        self._drop(DropShardJob(shard.handle), error=error)
+        return error
 
     def _clear_kv(self, job: ClearKvJob) -> int:
         return self._shard(job.handle).kv.clear()
@@ -258,8 +298,10 @@ class DeviceWorker:
             job.future.set_exception(err)
 
     def _forward(self, shard: Shard, job: ForwardJob, slot: int) -> np.ndarray:
-        xp = shard.model.xp
-        logits = shard.model.forward(xp.asarray(job.token_ids, dtype=xp.int32), 0, shard.kv, slot, job.all_positions)
+        try:
+            logits = shard.run(job.token_ids, 0, slot, job.all_positions)
+        except CollectiveError as err:
+            raise self._fail_shard(shard, err) from None
         host = logits.get() if hasattr(logits, "get") else logits
         return np.ascontiguousarray(host if job.all_positions else host[0], dtype=np.float32)
 
@@ -267,6 +309,8 @@ class DeviceWorker:
 
     def _step_running(self) -> None:
         for seq in list(self._running):
+            if seq not in self._running:
+                continue  # ended by an earlier step's failure (its TP group broke)
             shard = self.slab[seq.handle]
             if seq.cancelled.is_set():
                 self._finish(seq, None)  # the caller stopped listening
@@ -274,6 +318,8 @@ class DeviceWorker:
             try:
                 if advance(shard, seq):
                     self._finish(seq, None)
+            except CollectiveError as err:
+                self._fail_shard(shard, err)
             except Exception as err:  # noqa: BLE001 - the request fails, the worker lives on
                 log.exception("generation step failed", handle=seq.handle, device=self.spec.id)
                 self._finish(seq, ErrorEvent(err))

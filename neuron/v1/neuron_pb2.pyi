@@ -21,7 +21,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardSummary(_message.Message):
-    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id")
+    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class ShardSummary(_message.Message):
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     handle: int
     model: str
     dtype: str
@@ -38,7 +39,8 @@ class ShardSummary(_message.Message):
     tp_rank: int
     tp_size: int
     group_id: str
-    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ...) -> None: ...
+    error: str
+    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy")
@@ -358,21 +360,33 @@ class CreateGroupIdResponse(_message.Message):
     unique_id: bytes
     def __init__(self, unique_id: _Optional[bytes] = ...) -> None: ...
 
+class GroupMember(_message.Message):
+    __slots__ = ("address", "device")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    device: str
+    def __init__(self, address: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
 class InitGroupRequest(_message.Message):
-    __slots__ = ("group_id", "world_size", "rank", "unique_id", "device", "timeout_ms")
+    __slots__ = ("group_id", "world_size", "rank", "unique_id", "device", "timeout_ms", "members", "step_timeout_ms")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     world_size: int
     rank: int
     unique_id: bytes
     device: str
     timeout_ms: int
-    def __init__(self, group_id: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., unique_id: _Optional[bytes] = ..., device: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[GroupMember]
+    step_timeout_ms: int
+    def __init__(self, group_id: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., unique_id: _Optional[bytes] = ..., device: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ..., step_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class InitGroupResponse(_message.Message):
     __slots__ = ()
@@ -401,20 +415,18 @@ class DestroyGroupResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepCommand(_message.Message):
-    __slots__ = ("handle", "step", "kind", "slot", "start_pos", "token_ids")
-    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("group_id", "step", "slot", "start_pos", "token_ids")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    handle: int
+    group_id: str
     step: int
-    kind: str
     slot: int
     start_pos: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, handle: _Optional[int] = ..., step: _Optional[int] = ..., kind: _Optional[str] = ..., slot: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, group_id: _Optional[str] = ..., step: _Optional[int] = ..., slot: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepAck(_message.Message):
     __slots__ = ("step", "error")

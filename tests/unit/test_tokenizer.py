@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,18 @@ def test_stream_equals_decode(request, name, chunk):
         assert not any("\ufffd" in delta for delta in deltas), "a partial character was emitted"
 
 
+def test_stream_equals_decode_for_random_ids(byte_level):
+    # Any id sequence, invalid UTF-8 included: byte-level decoding is prefix-stable, so the
+    # stream must reproduce decode() exactly. (Byte-fallback decoders turn each token of an
+    # invalid byte run into one U+FFFD, depending on where the run ends; no stream can match
+    # that for garbage runs, which is why that tokenizer is tested on real text only.)
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(byte_level.vocab_size) for _ in range(rng.randrange(1, 40))]
+        deltas, matched, tail = stream(byte_level, ids, chunk=rng.choice([1, 2, 3]))
+        assert "".join(deltas) + tail == byte_level.decode(ids), ids
+
+
 @pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
 def test_stream_holds_partial_characters(request, name):
     tokenizer = request.getfixturevalue(name)
@@ -354,6 +367,21 @@ def test_stop_string(request, name, chunk):
     assert matched == "Stop"
     assert "".join(deltas) == "Hello there, "
     assert tail == ""
+
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
+def test_stop_string_anywhere(request, name):
+    # Every substring of the text, as the only stop string: the output is the text before it.
+    tokenizer = request.getfixturevalue(name)
+    rng = random.Random(1)
+    for text in filter(None, TEXTS):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for _ in range(20):
+            start = rng.randrange(len(text))
+            stop = text[start:start + rng.randrange(1, 8)]
+            deltas, matched, _ = stream(tokenizer, ids, stop=[stop], chunk=rng.choice([1, 3]))
+            assert matched == stop
+            assert "".join(deltas) == text[:text.find(stop)]
 
 
 def test_stop_string_prefix_is_held_then_released(byte_level):

@@ -1,0 +1,115 @@
+"""Tensor-parallel groups on a neuron: membership, communicators, and the leader's step fan-out.
+
+Rank 0 (the leader) runs the scheduler and sampling. Before each forward it hands the same step
+(slot, start position, token ids) to every follower: through the follower's device queue when the
+rank is on this neuron, through one long-lived FollowSteps stream per other neuron otherwise. All
+ranks then run the forward in lockstep; the all-reduces inside it keep them together.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+import structlog
+
+from synapse.server import CHANNEL_OPTIONS
+
+from .collectives import Communicator
+from .v1 import neuron_pb2 as pb
+from .v1 import neuron_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Group:
+    id: str
+    rank: int
+    size: int
+    worker: object               # the DeviceWorker of this rank's device
+    comm: Communicator
+    members: list[pb.GroupMember]
+    step_timeout: float
+    handle: int | None = None    # this rank's shard, once loaded
+    followers: "Followers | None" = None
+
+
+@dataclass
+class GroupTable:
+    """(group id, rank) -> Group, for the ranks this neuron holds."""
+    groups: dict[tuple[str, int], Group] = field(default_factory=dict)
+
+    def ranks_of(self, group_id: str) -> list[Group]:
+        return [g for (gid, _), g in self.groups.items() if gid == group_id]
+
+    def on_device(self, device_id: str) -> Group | None:
+        return next((g for g in self.groups.values() if g.worker.spec.id == device_id), None)
+
+
+class Followers:
+    """The leader's view of the other ranks. `step` is called on the leader's device thread."""
+
+    def __init__(self, group: Group, table: GroupTable, loop: asyncio.AbstractEventLoop,
+                 submit_local: Callable[[Group, list[int], int, int], None]):
+        self.group, self.table, self.loop, self.submit_local = group, table, loop, submit_local
+        leader_address = group.members[0].address
+        self.local_ranks = [r for r, m in enumerate(group.members) if r and m.address == leader_address]
+        remote = sorted({m.address for r, m in enumerate(group.members) if r and m.address != leader_address})
+        self.streams = {address: RemoteFollower(address, group.id, loop) for address in remote}
+        self.step_no = 0
+
+    def step(self, token_ids: list[int], start: int, slot: int) -> None:
+        self.step_no += 1
+        for rank in self.local_ranks:
+            self.submit_local(self.table.groups[(self.group.id, rank)], token_ids, start, slot)
+        if self.streams:
+            command = pb.StepCommand(group_id=self.group.id, step=self.step_no, slot=slot, start_pos=start,
+                                     token_ids=token_ids)
+            for stream in self.streams.values():
+                stream.send(command)
+
+    def drop_local(self) -> None:
+        """After a failure: free the ranks on this neuron (remote ones free theirs when cortex
+        unloads the model, or by themselves when this process dies)."""
+        from .worker import DropShardJob
+        for rank in self.local_ranks:
+            group = self.table.groups.get((self.group.id, rank))
+            if group is not None and group.handle is not None:
+                group.worker.submit(DropShardJob(group.handle))
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+
+
+class RemoteFollower:
+    """One FollowSteps stream to another neuron; commands are queued from the device thread."""
+
+    def __init__(self, address: str, group_id: str, loop: asyncio.AbstractEventLoop):
+        self.address, self.group_id, self.loop = address, group_id, loop
+        self.error: str | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.run_coroutine_threadsafe(self._pump(), loop)
+
+    def send(self, command: pb.StepCommand) -> None:
+        self.loop.call_soon_threadsafe(self._queue.put_nowait, command)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+    async def _commands(self):
+        while (command := await self._queue.get()) is not None:
+            yield command
+
+    async def _pump(self) -> None:
+        try:
+            async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+                async for ack in neuron_pb2_grpc.NeuronStub(channel).FollowSteps(self._commands()):
+                    if ack.error:
+                        self.error = f"follower {self.address}: {ack.error}"
+                        log.warning("follower step failed", group=self.group_id, follower=self.address, error=ack.error)
+        except grpc.aio.AioRpcError as err:
+            self.error = f"follower {self.address} unreachable: {err.code().name} {err.details()}"
+            log.warning("follower stream broke", group=self.group_id, follower=self.address, error=self.error)
