@@ -287,8 +287,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             raise InvalidArgument(f"need world_size >= 2 and rank < world_size; got rank {request.rank} of {request.world_size}")
         if len(request.unique_id) != UNIQUE_ID_BYTES:
             raise InvalidArgument(f"unique_id must be {UNIQUE_ID_BYTES} bytes (from CreateGroupId), got {len(request.unique_id)}")
-        if request.members and len(request.members) != request.world_size:
-            raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}")
+        if len(request.members) != request.world_size:
+            raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}: "
+                                  "give every rank's neuron address and device, in rank order")
         worker = self._pick_device(request.device)
         if (request.group_id, request.rank) in self.groups.groups:
             raise FailedPrecondition(f"rank {request.rank} of group {request.group_id!r} already joined")

@@ -136,8 +136,9 @@ def test_a_rank_that_never_joins_times_out_and_leaves_nothing(four):
         uid = stub.CreateGroupId(pb.CreateGroupIdRequest(device="cpu:0")).unique_id
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
+            members = [pb.GroupMember(address=four.address, device=f"cpu:{r}") for r in range(2)]
             stub.InitGroup(pb.InitGroupRequest(group_id="lonely", world_size=2, rank=0, unique_id=uid, device="cpu:0",
-                                               timeout_ms=1500))
+                                               timeout_ms=1500, members=members))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "[1] did not join" in err.value.details()
         assert time.monotonic() - started < 10
         with pytest.raises(grpc.RpcError) as gone:
