@@ -47,15 +47,13 @@ class Sequence:
 def advance(shard, seq: Sequence) -> bool:
     """Run one forward step (the whole prompt first, then one token) and sample one token.
     Returns True when the sequence has finished (its finish event is already posted)."""
-    xp = shard.model.xp
     if seq.position == 0:
         feed = seq.prompt_ids
         seq.sampler = Sampler(seq.sampling, shard.config.vocab_size)
     else:
         feed = seq.generated[-1:]
-    logits = shard.run(feed, seq.position, seq.slot)
+    token = shard.next_token(feed, seq.position, seq.slot, seq.sampler, lambda: seq.prompt_ids + seq.generated)
     seq.position += len(feed)
-    token = seq.sampler.sample(xp, logits[-1], seq.prompt_ids + seq.generated)
     seq.generated.append(token)
     seq.emit(TokenEvent(token))
     finish = _finish_reason(shard, seq, token)

@@ -76,6 +76,16 @@ class Shard:
             self.comm.wait(self.comm.step_timeout)  # NCCL is asynchronous: bound the step here
         return logits
 
+    def next_token(self, token_ids: list[int], start: int, slot: int, sampler, history) -> int:
+        """One step that also samples: on CUDA the fused decode graph picks greedy tokens on the
+        device, so only the token id comes back. Followers run the same forward in lockstep."""
+        if self.followers is not None:
+            self.followers.step(token_ids, start, slot)
+        bound = None
+        if self.layout.size > 1 and hasattr(self.comm, "wait"):
+            bound = lambda: self.comm.wait(self.comm.step_timeout)  # noqa: E731 - before any blocking read
+        return self.model.next_token(token_ids, start, self.kv, slot, sampler, history, before_read=bound)
+
     @property
     def nbytes(self) -> int:
         return self.weight_bytes + self.kv.nbytes
@@ -179,25 +189,41 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
 
     xp = backend.xp
     params: dict = {}
+    uploader = None
     try:
+        if backend.kind == "cuda":
+            from .upload import DeviceUploader
+            uploader = DeviceUploader(xp, ckpt)  # file -> pinned buffer -> device, reads overlapping copies
         done_bytes, done_tensors = 0, 0
         total_tensors = sum(len(rs) for rs in reads.values())
         for name, rs in reads.items():
             if cancelled.is_set():
                 raise Cancelled("load cancelled by the caller")
-            parts = [ckpt.read(r) for r in rs]
-            host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-            params[name] = xp.asarray(host.astype(np_dtype, copy=False))
-            done_bytes += sum(p.nbytes for p in parts)
+            if uploader is not None and uploader.can_load(rs, np_dtype):
+                params[name], nbytes = uploader.load(rs, np_dtype)
+                done_bytes += nbytes
+            else:
+                parts = [ckpt.read(r) for r in rs]
+                host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+                params[name] = xp.asarray(host.astype(np_dtype, copy=False))
+                done_bytes += sum(p.nbytes for p in parts)
             done_tensors += len(rs)
             elapsed = time.perf_counter() - started
             progress(LoadProgress("reading", done_bytes, source_bytes, done_tensors, total_tensors,
                                   done_bytes / elapsed / 1e9 if elapsed > 0 else 0.0))
-        progress(LoadProgress("kv-cache", done_bytes, source_bytes, done_tensors, total_tensors, 0.0))
+        if uploader is not None:
+            uploader.close()  # every copy has landed
+            uploader = None
+        read_seconds = time.perf_counter() - started
+        progress(LoadProgress("kv-cache", done_bytes, source_bytes, done_tensors, total_tensors,
+                              done_bytes / read_seconds / 1e9 if read_seconds > 0 else 0.0))
         kv = KvCache(xp, config.num_layers, slots, layout.local_kv_heads, max_context, config.head_dim, np_dtype)
         model = LlamaModel(config, layout, params, xp, comm or SingleRank(), max_context)
+        model.prepare(kv)  # fused kernels compiled and the decode graph captured now, not on the first request
         backend.synchronize()
     except Exception as err:
+        if uploader is not None:
+            uploader.close()
         params.clear()
         backend.release_cached()
         if _is_out_of_memory(err):

@@ -1,5 +1,9 @@
-"""A grpc.aio server with health and reflection, and the message-size limits both sides use."""
+"""A grpc.aio server with health and reflection, graceful draining, and the message-size limits
+both sides use."""
 from __future__ import annotations
+
+import asyncio
+import inspect
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,12 +29,101 @@ SERVER_OPTIONS = [
 ]
 
 
-class ServingServer:
-    """Owns a grpc.aio server plus its health servicer; services are added before start()."""
+# Never refused or counted while draining: probes and grpcurl keep working to the end.
+DRAIN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self, listen: str):
+
+class _DrainInterceptor(grpc.aio.ServerInterceptor):
+    """Counts in-flight calls and, once draining, refuses new ones with UNAVAILABLE."""
+
+    def __init__(self, allow_while_draining: tuple[str, ...]):
+        self.allow = allow_while_draining
+        self.draining = False
+        self.message = "the server is shutting down; retry on another node"
+        self.inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    def idle(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self.inflight == 0:
+                self._idle.set()
+        return self._idle
+
+    def _enter(self) -> None:
+        self.inflight += 1
+        self.idle().clear()
+
+    def _exit(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle().set()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(DRAIN_EXEMPT_PREFIXES):
+            return handler
+        if self.draining and method not in self.allow:
+            return _rewrap(handler, self._refuse)
+        return _rewrap(handler, self._track)
+
+    def _refuse(self, behavior):
+        message = self.message
+        if inspect.isasyncgenfunction(behavior):
+            async def refuse_stream(request, context):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+                yield  # pragma: no cover - makes this an async generator
+            return refuse_stream
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+        return refuse
+
+    def _track(self, behavior):
+        if inspect.isasyncgenfunction(behavior):
+            async def tracked_stream(request, context):
+                self._enter()
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    self._exit()
+            return tracked_stream
+        if inspect.iscoroutinefunction(behavior):
+            async def tracked(request, context):
+                self._enter()
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self._exit()
+            return tracked
+        return behavior  # a sync handler (not used with grpc.aio servicers): left alone
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
+    kinds = {
+        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    }
+    attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(wrap(getattr(handler, attr)), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class ServingServer:
+    """Owns a grpc.aio server plus its health servicer; services are added before start().
+
+    Graceful shutdown is drain() then stop(): drain() turns health NOT_SERVING, refuses new calls
+    with UNAVAILABLE (health, reflection and the `allow_while_draining` methods excepted) and waits,
+    up to a bound, for the calls in flight to finish."""
+
+    def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = ()):
         self.listen = listen
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._drain = _DrainInterceptor(tuple(allow_while_draining))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._drain])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -56,6 +149,24 @@ class ServingServer:
             result = self.health.set(name, status)
             if hasattr(result, "__await__"):
                 await result
+
+    @property
+    def inflight(self) -> int:
+        """Calls running now (health and reflection not counted)."""
+        return self._drain.inflight
+
+    async def drain(self, seconds: float, message: str = "") -> int:
+        """Health NOT_SERVING, new calls refused with UNAVAILABLE, then wait up to `seconds` for
+        the calls in flight. Returns how many are still running when it gives up (0: all done)."""
+        if message:
+            self._drain.message = message
+        self._drain.draining = True
+        await self.set_serving(False)
+        try:
+            await asyncio.wait_for(self._drain.idle().wait(), timeout=max(seconds, 0.0))
+        except asyncio.TimeoutError:
+            pass
+        return self._drain.inflight
 
     async def stop(self, grace: float | None) -> None:
         await self.server.stop(grace)

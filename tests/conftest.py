@@ -10,3 +10,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the tail of every live server's log (tests/helpers.LIVE)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        from tests.helpers import LIVE
+        for server in LIVE:
+            tail = "\n".join(server.log().splitlines()[-40:])
+            report.sections.append((f"log of {server.args[2]} at {server.address}", tail))

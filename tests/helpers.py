@@ -1,8 +1,10 @@
 """Launch real cortex/neuron processes on loopback ports chosen at run time."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,19 +56,33 @@ class Server:
             self.proc.wait()
 
 
-def start_server(argv: list[str], env: dict | None = None, timeout: float = 60.0) -> Server:
-    """Run `python -m <argv...> --listen 127.0.0.1:0 --port-file F` and wait for the port."""
+# Servers started and not yet reaped: their logs are attached to failing tests' reports
+# (tests/conftest.py), and whatever is still running when pytest exits is killed.
+LIVE: list[Server] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in LIVE:
+        server.kill()
+
+
+def start_server(argv: list[str], env: dict | None = None, timeout: float = 60.0,
+                 listen: str = "127.0.0.1:0") -> Server:
+    """Run `python -m <argv...> --listen LISTEN --port-file F` and wait for the port."""
     workdir = Path(tempfile.mkdtemp(prefix="cn-test-"))
     port_file, log_path = workdir / "port", workdir / "log"
     full_env = {**os.environ, "LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1", **(env or {})}
-    args = [sys.executable, *argv, "--listen", "127.0.0.1:0", "--port-file", str(port_file)]
+    args = [sys.executable, *argv, "--listen", listen, "--port-file", str(port_file)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if port_file.exists() and port_file.read_text().strip():
-            return Server(proc, int(port_file.read_text()), log_path, args)
+            server = Server(proc, int(port_file.read_text()), log_path, args)
+            LIVE[:] = [s for s in LIVE if s.proc.poll() is None] + [server]
+            return server
         if proc.poll() is not None:
             raise RuntimeError(f"{argv} exited with {proc.returncode}:\n{log_path.read_text()}")
         time.sleep(0.05)
@@ -75,16 +91,37 @@ def start_server(argv: list[str], env: dict | None = None, timeout: float = 60.0
 
 
 def start_neuron(devices: str = "cpu", model_roots: list[Path] | None = None, extra: list[str] | None = None,
-                 env: dict | None = None) -> Server:
+                 env: dict | None = None, listen: str = "127.0.0.1:0") -> Server:
     roots = model_roots or [FIXTURES]
     argv = ["-m", "neuron.cli", "serve", "--devices", devices]
     for root in roots:
         argv += ["--model-root", str(root)]
-    return start_server(argv + (extra or []), env=env)
+    return start_server(argv + (extra or []), env=env, listen=listen)
 
 
-def start_cortex(neurons: list[str] | None = None, extra: list[str] | None = None, env: dict | None = None) -> Server:
+def start_cortex(neurons: list[str] | None = None, extra: list[str] | None = None, env: dict | None = None,
+                 listen: str = "127.0.0.1:0") -> Server:
     argv = ["-m", "cortex.cli", "serve"]
     for address in neurons or []:
         argv += ["--neuron", address]
-    return start_server(argv + (extra or []), env=env)
+    return start_server(argv + (extra or []), env=env, listen=listen)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago: for a server that must come back on the same address
+    (a restart), or advertise its address before it binds. Everything else should use port 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "the condition"):
+    """Poll predicate() until it returns something truthy (returned) or the timeout passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout:g}s (last value: {value!r})")
+        time.sleep(interval)

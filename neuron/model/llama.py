@@ -6,11 +6,18 @@ Shapes: T tokens of one sequence, H hidden, Hq/Hkv local q/kv heads, d head_dim.
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
+import structlog
+
 from ..collectives import Communicator
 from ..kv_cache import KvCache
 from .config import ModelConfig
 from .rope import cos_sin_tables
 from .sharding import TpLayout
+
+log = structlog.get_logger(__name__)
 
 
 def rms_norm(xp, x, weight, eps: float):
@@ -54,17 +61,63 @@ def attention(xp, q, keys, values, start: int, window: int | None):
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int):
+    """`fused` picks the implementation: "auto" (fused CUDA kernels when xp is CuPy and the shapes
+    suit them, else this file's plain path), "off" (always the plain path), "cuda", or "numpy" (the
+    fused engine on the kernels' NumPy mirror: for tests). NEURON_FUSED overrides "auto"."""
+
+    def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int,
+                 fused: str = "auto"):
         self.config, self.layout, self.p, self.xp, self.comm = config, layout, params, xp, comm
         cos, sin = cos_sin_tables(config, max_context)
         self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
         self.lm_head = params.get("lm_head", params["embed"])
         self.q_size = layout.local_heads * config.head_dim
         self.kv_size = layout.local_kv_heads * config.head_dim
+        self.fused = self._fused_engine(fused)
+
+    def _fused_engine(self, mode: str):
+        if mode == "auto":
+            mode = os.environ.get("NEURON_FUSED", "auto")
+        on_gpu = self.xp is not np
+        if mode in ("off", "0") or (mode == "auto" and not on_gpu):
+            return None
+        from . import fused, kernels
+        dtype_name = np.dtype(self.p["embed"].dtype).name
+        reason = kernels.supports(self.config, self.layout, dtype_name)
+        if reason is not None:
+            if mode != "auto":
+                raise ValueError(f"fused kernels cannot run this model: {reason}")
+            log.info("fused kernels off for this model; using the plain path", reason=reason)
+            return None
+        engine_mode = "numpy" if (mode == "numpy" or not on_gpu) else "cuda"
+        return fused.new_engine(self.config, self.layout, self.p, self.xp, self.comm, self.cos, self.sin, engine_mode)
+
+    def prepare(self, kv: KvCache) -> None:
+        """Compile kernels and capture the decode graph for this KV cache (at load, not on the first request)."""
+        if self.fused is not None:
+            self.fused.prepare(kv)
+
+    def next_token(self, feed: list[int], start: int, kv: KvCache, slot: int, sampler, history,
+                   before_read=None) -> int:
+        """Run `feed` (the prompt, or the last generated token) at positions start.. and sample the
+        next token. `history()` gives the prompt and generated ids (for the repetition penalty);
+        `before_read()`, if given, runs after the step is queued and before the host waits for it."""
+        if self.fused is not None:
+            return self.fused.next_token(feed, start, kv, slot, sampler, history, before_read)
+        logits = self.forward(self.xp.asarray(feed, dtype=self.xp.int32), start, kv, slot)
+        if before_read is not None:
+            before_read()
+        return sampler.sample(self.xp, logits[-1], history())
 
     def forward(self, tokens, start: int, kv: KvCache, slot: int, all_positions: bool = False):
         """Run tokens (int array [T]) at positions start.. of the sequence in `slot`; write its KV.
         Returns float32 logits [T, vocab] if all_positions else [1, vocab]."""
+        if self.fused is not None:
+            return self.fused.forward(tokens, start, kv, slot, all_positions)
+        return self.forward_plain(tokens, start, kv, slot, all_positions)
+
+    def forward_plain(self, tokens, start: int, kv: KvCache, slot: int, all_positions: bool = False):
+        """The reference path: plain array operations, the numerics every other path is checked against."""
         xp, p, c = self.xp, self.p, self.config
         T = int(tokens.shape[0])
         end = start + T

@@ -1,0 +1,151 @@
+"""`cortex`: the coordinator server (`cortex serve`), client subcommands for a running cortex, and
+`cortex demo`.
+
+    cortex serve --listen 0.0.0.0:50051 --neuron gpu-host-1:50061
+    cortex [--cortex ADDR] [--json] nodes | models | load PATH --name NAME | unload NAME |
+           generate NAME --prompt TEXT | forward NAME --tokens 1,2,3 --output FILE.npy | health [ADDR]
+    cortex demo
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from synapse.config import Setting, add_settings, resolve
+from synapse.errors import ServiceError
+from synapse.logs import configure_logging
+from synapse.server import ServingServer
+
+log = structlog.get_logger("cortex")
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+STOP_GRACE_SECONDS = 1.0  # after the drain: lets final statuses reach the callers before the server closes
+
+SETTINGS = [
+    Setting("listen", "0.0.0.0:50051", "address to serve on (HOST:PORT; port 0 picks a free one)"),
+    Setting("neuron", [], "neuron to manage besides those that register themselves (HOST:PORT, repeatable)",
+            multiple=True),
+    Setting("poll_seconds", 2.0, "how often every neuron's Describe is polled", type=float),
+    Setting("heartbeat_timeout_seconds", 6.0,
+            "a registered neuron without a heartbeat for this long is down (it is asked to send one "
+            "every third of it)", type=float),
+    Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
+    Setting("drain_seconds", 10.0, "on SIGTERM, how long in-flight requests may finish", type=float),
+    Setting("port_file", "", "write the bound port to this file once serving (for scripts and tests)"),
+    Setting("log_level", "info", "debug, info, warning, error"),
+    Setting("log_format", "auto", "json, console or auto (console on a terminal)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
+    parser = argparse.ArgumentParser(prog="cortex", description="cortex: coordinator of the cortex/neuron "
+                                     "inference service, and its command-line client")
+    # Client options are accepted before or after the subcommand. The subcommands' copies default
+    # to SUPPRESS, so that they do not overwrite a value given before the subcommand.
+    _add_client_options(parser, suppress=False)
+    client_options = argparse.ArgumentParser(add_help=False)
+    _add_client_options(client_options, suppress=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the coordinator")
+    serve.add_argument("--config", help="TOML file with settings (flags and CORTEX_* env override it)")
+    add_settings(serve, SETTINGS, "CORTEX")
+
+    commands.add_subcommands(sub, client_options)
+
+    demo = sub.add_parser("demo", help="start a cortex and two CPU neurons locally, load a model, generate")
+    demo.add_argument("--model", help="checkpoint directory to use (default: write a small random-weight Llama)")
+    demo.add_argument("--prompt", default="The cortex places models on", help="prompt to generate from")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--keep-running", action="store_true",
+                      help="after the demo, keep the servers running until Ctrl-C, to try the CLI against them")
+    return parser
+
+
+def _add_client_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--cortex", default=default(os.environ.get("CORTEX_ADDRESS", DEFAULT_ADDRESS)),
+                        help=f"cortex address (env CORTEX_ADDRESS; default {DEFAULT_ADDRESS})")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output: JSON (one object per line for streams)")
+    parser.add_argument("--timeout", type=float, default=default(None),
+                        help="deadline of the call in seconds (default: none)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        settings = resolve(args, SETTINGS, "CORTEX", args.config)
+        configure_logging(settings["log_level"], settings["log_format"])
+        try:
+            return asyncio.run(serve_forever(settings))
+        except KeyboardInterrupt:
+            return 0
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(model=args.model, prompt=args.prompt, max_tokens=args.max_tokens,
+                        keep_running=args.keep_running)
+    from .commands import run_command
+    return run_command(args)
+
+
+async def serve_forever(settings: dict) -> int:
+    from .models import ModelTable
+    from .placement import Placer
+    from .registry import Registry
+    from .server import CortexService, FleetService
+    from .v1 import cortex_pb2_grpc
+
+    try:
+        registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"])
+    except ServiceError as err:  # a malformed --neuron address
+        raise SystemExit(f"cortex: {err.message}") from None
+    models = ModelTable(registry, Placer(), settings["group_timeout_seconds"])
+    # Listings and the neurons' own calls stay answerable while draining.
+    server = ServingServer(settings["listen"], allow_while_draining=(
+        "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
+        "/cortex.v1.Fleet/Heartbeat"))
+    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, CortexService(registry, models), "cortex.v1.Cortex")
+    server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
+    await registry.start()
+    try:
+        port = await server.start()
+    except OSError as err:
+        await registry.close()
+        raise SystemExit(f"cortex: {err}") from None
+    if settings["port_file"]:
+        Path(settings["port_file"]).write_text(str(port))
+    log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],
+             poll_seconds=settings["poll_seconds"], heartbeat_timeout_seconds=settings["heartbeat_timeout_seconds"])
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    # SIGTERM: health NOT_SERVING and new calls refused with UNAVAILABLE at once; streams in flight
+    # get drain_seconds to finish; what still runs then is cancelled, which cancels its neuron calls.
+    log.info("draining", seconds=settings["drain_seconds"], inflight=server.inflight)
+    left = await server.drain(settings["drain_seconds"], "cortex is shutting down (draining): it takes no new "
+                                                         "requests; retry against another cortex or once it is back")
+    if left:
+        log.warning("drain time is over: cancelling the requests still in flight", inflight=left)
+    await server.stop(STOP_GRACE_SECONDS)
+    await registry.close()
+    log.info("cortex stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""A small synchronous Python client for cortex.
+
+    from cortex.client import CortexClient
+
+    with CortexClient("127.0.0.1:50051") as cortex:
+        for event in cortex.load("llama-3.2-1b", name="llama"):
+            ...                                   # LoadModelProgress..., then ModelInfo
+        for chunk in cortex.generate("llama", prompt="Hello", max_tokens=32):
+            print(chunk.text, end="", flush=True)
+        logits = cortex.forward("llama", [1, 2, 3])   # numpy array [vocab]
+
+Errors are grpc.RpcError with the server's status code (`err.code()`) and message (`err.details()`).
+Streams stop the server-side work when the iterator is closed or dropped early.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Iterable, Iterator
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cortex.v1 import cortex_pb2 as cpb
+from cortex.v1 import cortex_pb2_grpc
+from neuron.v1 import neuron_pb2 as npb
+from synapse.server import CHANNEL_OPTIONS
+
+
+def check_health(address: str, timeout: float = 3.0, service: str = "") -> str:
+    """The gRPC health status name of any server (cortex or neuron): "SERVING", "NOT_SERVING", ...
+    Raises grpc.RpcError when it cannot be reached."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                          timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def tensor_to_numpy(tensor: npb.Tensor) -> np.ndarray:
+    if tensor.dtype != "float32":
+        raise ValueError(f"unexpected tensor dtype {tensor.dtype!r}")
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape)).copy()
+
+
+class CortexClient:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
+        """timeout: default deadline in seconds for unary calls (None: no deadline)."""
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = cortex_pb2_grpc.CortexStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "CortexClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ fleet and models
+
+    def nodes(self) -> list[cpb.Node]:
+        return list(self._stub.ListNodes(cpb.ListNodesRequest(), timeout=self.timeout).nodes)
+
+    def models(self) -> list[cpb.ModelInfo]:
+        return list(self._stub.ListModels(cpb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def model(self, name: str) -> cpb.ModelInfo | None:
+        return next((m for m in self.models() if m.name == name), None)
+
+    def load(self, path: str, name: str, dtype: str = "", tp: int = 1, max_context: int = 0, kv_slots: int = 0,
+             node: str = "", device: str = "", timeout: float | None = None
+             ) -> Iterator[cpb.LoadModelProgress | cpb.ModelInfo]:
+        """Yields LoadModelProgress events, then the loaded model's ModelInfo (last)."""
+        request = cpb.LoadModelRequest(name=name, path=path, dtype=dtype, tp=tp, max_context=max_context,
+                                       kv_slots=kv_slots, node=node, device=device)
+        call = self._stub.LoadModel(request, timeout=timeout)
+        try:
+            for event in call:
+                yield event.progress if event.HasField("progress") else event.model
+        finally:
+            call.cancel()
+
+    def load_wait(self, path: str, name: str, **kwargs) -> cpb.ModelInfo:
+        """load() without the progress: the final ModelInfo."""
+        (info,) = collections.deque(self.load(path, name, **kwargs), maxlen=1)
+        return info
+
+    def unload(self, name: str) -> int:
+        """Returns the bytes freed on the devices."""
+        return self._stub.UnloadModel(cpb.UnloadModelRequest(name=name), timeout=self.timeout).freed_bytes
+
+    # ------------------------------------------------------------ inference
+
+    def generate(self, model: str, prompt: str | None = None, *, token_ids: Iterable[int] | None = None,
+                 messages: list[dict[str, str]] | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+                 stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                 request_id: str = "", timeout: float | None = None) -> Iterator[npb.GenerateResponse]:
+        """Streams GenerateResponse chunks (token ids + text delta); the last has finish_reason, usage
+        and timing. Give exactly one of prompt (text), token_ids or messages ([{role, content}])."""
+        given = [p is not None for p in (prompt, token_ids, messages)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, token_ids or messages")
+        if prompt is not None:
+            p = npb.Prompt(text=prompt)
+        elif token_ids is not None:
+            p = npb.Prompt(tokens=npb.TokenIds(ids=list(token_ids)))
+        else:
+            p = npb.Prompt(chat=npb.Chat(messages=[npb.ChatMessage(role=m["role"], content=m["content"])
+                                                  for m in messages]))
+        optional = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, seed=seed)
+        sampling = npb.SamplingParams(**{k: v for k, v in optional.items() if v is not None},
+                                      stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
+        call = self._stub.Generate(cpb.GenerateRequest(model=model, prompt=p, sampling=sampling,
+                                                       request_id=request_id), timeout=timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()  # the consumer stopped early: stop the generation on the device too
+
+    def generate_text(self, model: str, prompt: str, **kwargs) -> str:
+        return "".join(chunk.text for chunk in self.generate(model, prompt, **kwargs))
+
+    def forward(self, model: str, token_ids: Iterable[int], all_positions: bool = False,
+                timeout: float | None = None) -> np.ndarray:
+        """float32 logits: [vocab] for the last position, or [len(token_ids), vocab]."""
+        reply = self._stub.Forward(cpb.ForwardRequest(model=model, token_ids=list(token_ids),
+                                                      all_positions=all_positions),
+                                   timeout=timeout if timeout is not None else self.timeout)
+        return tensor_to_numpy(reply.logits)
+
+    def health(self, timeout: float = 3.0) -> bool:
+        try:
+            return check_health(self.address, timeout) == "SERVING"
+        except grpc.RpcError:
+            return False

@@ -1,0 +1,166 @@
+"""The cortex gRPC services: Cortex (clients) and Fleet (neurons).
+
+Handlers validate what cortex itself can judge, then hand over to the registry and the model table,
+or pass a request through to the neuron holding rank 0 of the model. A passed-through call inherits
+the client's deadline (the time it has left) and is cancelled when the client goes away; a neuron's
+error comes back with its own status code and the node named in the message.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import structlog
+
+from cortex.v1 import cortex_pb2 as cpb
+from cortex.v1 import cortex_pb2_grpc
+from neuron.v1 import neuron_pb2 as npb
+from synapse.errors import InvalidArgument, ServiceError, from_rpc_error, rpc_method
+
+from .models import ModelTable, Route
+from .registry import Registry
+
+log = structlog.get_logger("cortex.requests")
+
+
+def _require_model(name: str) -> None:
+    if not name:
+        raise InvalidArgument("model is empty: give the name of a loaded model (ListModels shows them)")
+
+
+def _check_prompt(prompt: npb.Prompt) -> None:
+    kind = prompt.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
+    if kind == "tokens" and not prompt.tokens.ids:
+        raise InvalidArgument("prompt.tokens.ids is empty: give at least one token id")
+    if kind == "chat" and not prompt.chat.messages:
+        raise InvalidArgument("prompt.chat.messages is empty: give at least one message")
+
+
+def _relay(err: grpc.aio.AioRpcError, route: Route) -> ServiceError:
+    return from_rpc_error(err, f"node {route.node}: ")
+
+
+class _RequestLog:
+    """One log line per request, with the outcome's status code."""
+
+    def __init__(self, rpc: str, **fields):
+        self.rpc, self.fields = rpc, fields
+        self.started = time.perf_counter()
+        self.code = "CANCELLED"  # what it stays if the client goes away mid-call
+
+    def fail(self, err: BaseException) -> None:
+        self.code = err.code.name if isinstance(err, ServiceError) else "INTERNAL"
+
+    def emit(self, **fields) -> None:
+        log.info(self.rpc, **self.fields, **fields, code=self.code,
+                 total_ms=round((time.perf_counter() - self.started) * 1e3, 2))
+
+
+class CortexService(cortex_pb2_grpc.CortexServicer):
+    def __init__(self, registry: Registry, models: ModelTable):
+        self.registry = registry
+        self.models = models
+
+    @rpc_method
+    async def ListNodes(self, request, context):
+        now = time.monotonic()
+        return cpb.ListNodesResponse(nodes=[n.to_proto(now) for n in self.registry.nodes()])
+
+    @rpc_method
+    async def ListModels(self, request, context):
+        return cpb.ListModelsResponse(models=self.models.list())
+
+    @rpc_method
+    async def LoadModel(self, request, context):
+        entry = _RequestLog("load", model=request.name, path=request.path, tp=request.tp)
+        placement = []
+        try:
+            async for event in self.models.load(request):
+                if event.HasField("model"):
+                    placement = [f"{p.node}/{p.device}" for p in event.model.placement]
+                yield event
+            entry.code = "OK"
+        except Exception as err:
+            entry.fail(err)
+            raise
+        finally:
+            entry.emit(placement=placement)
+
+    @rpc_method
+    async def UnloadModel(self, request, context):
+        if not request.name:
+            raise InvalidArgument("name is empty: give the name of the model to unload")
+        freed = await self.models.unload(request.name)
+        return cpb.UnloadModelResponse(freed_bytes=freed)
+
+    @rpc_method
+    async def Generate(self, request, context):
+        _require_model(request.model)
+        _check_prompt(request.prompt)
+        route = self.models.route(request.model)
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        entry = _RequestLog("generate", model=request.model, node=route.node, request_id=request_id)
+        downstream = npb.GenerateRequest(handle=route.handle, prompt=request.prompt, sampling=request.sampling,
+                                         request_id=request_id)
+        call = route.stub.Generate(downstream, timeout=context.time_remaining())
+        first_token_at, completion, final = None, 0, None
+        try:
+            async for chunk in call:
+                if chunk.token_ids and first_token_at is None:
+                    first_token_at = time.perf_counter()
+                completion += len(chunk.token_ids)
+                if chunk.finish_reason:
+                    final = chunk
+                yield chunk
+            entry.code = "OK"
+        except grpc.aio.AioRpcError as err:
+            error = _relay(err, route)
+            entry.fail(error)
+            raise error from None
+        finally:
+            call.cancel()  # no-op when finished; stops the neuron's work when our client went away
+            entry.emit(prompt_tokens=final.usage.prompt_tokens if final else None, completion_tokens=completion,
+                       ttft_ms=round((first_token_at - entry.started) * 1e3, 2) if first_token_at else None,
+                       finish=final.stop_reason if final else None)
+
+    @rpc_method
+    async def Forward(self, request, context):
+        _require_model(request.model)
+        if not request.token_ids:
+            raise InvalidArgument("token_ids is empty: give at least one token id")
+        route = self.models.route(request.model)
+        entry = _RequestLog("forward", model=request.model, node=route.node, tokens=len(request.token_ids),
+                            all_positions=request.all_positions)
+        call = route.stub.Forward(npb.ForwardRequest(handle=route.handle, token_ids=request.token_ids,
+                                                     all_positions=request.all_positions),
+                                  timeout=context.time_remaining())
+        try:
+            reply = await call
+            entry.code = "OK"
+            return reply
+        except grpc.aio.AioRpcError as err:
+            error = _relay(err, route)
+            entry.fail(error)
+            raise error from None
+        finally:
+            call.cancel()
+            entry.emit()
+
+
+class FleetService(cortex_pb2_grpc.FleetServicer):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    @rpc_method
+    async def Register(self, request, context):
+        await self.registry.register(request.address, request.host, request.version)
+        return cpb.RegisterResponse(heartbeat_interval_s=self.registry.heartbeat_interval)
+
+    @rpc_method
+    async def Heartbeat(self, request, context):
+        if not request.address:
+            raise InvalidArgument("address is empty: send the address the neuron registered with")
+        return cpb.HeartbeatResponse(known=self.registry.heartbeat(request.address))

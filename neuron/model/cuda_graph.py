@@ -1,0 +1,104 @@
+"""CUDA-graph capture of the decode step, and the small host<->device transfers around it.
+
+The decode step reads its position, KV slot and input token from a device array `meta`, so a
+single graph, captured once per shard (and KV cache), is replayed for every step of every sequence.
+Around a replay only two tiny copies cross the bus: `meta` in (from pinned host memory) and the
+sampled token id out.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class CudaStepIO:
+    """Pinned host buffers and async copies for meta [pos, slot, token, 0] and the sampled token."""
+
+    def __init__(self, cp):
+        from cupy_backends.cuda.api import runtime
+
+        self.cp, self.runtime = cp, runtime
+        self.meta = cp.zeros(4, dtype=np.int32)
+        import cupyx
+        self.meta_host = cupyx.empty_pinned((4,), dtype=np.int32)
+        self.tok_host = cupyx.empty_pinned((4,), dtype=np.int32)
+        self._copied = cp.cuda.Event(disable_timing=True)
+        self._pending = False
+
+    def set_meta(self, pos: int, slot: int, token: int = 0) -> None:
+        if self._pending:
+            self._copied.synchronize()  # the previous copy must have read meta_host before it changes
+        self.meta_host[:] = (pos, slot, token, 0)
+        stream = self.cp.cuda.get_current_stream()
+        self.runtime.memcpyAsync(self.meta.data.ptr, self.meta_host.ctypes.data, 16,
+                                 self.runtime.memcpyHostToDevice, stream.ptr)
+        self._copied.record(stream)
+        self._pending = True
+
+    def set_token_from_device(self, tokens) -> None:
+        """meta[2] = tokens[0] without a host round trip."""
+        self.meta[2:3] = tokens[0:1].astype(np.int32, copy=False)
+
+    def read_token(self, token_dev) -> int:
+        stream = self.cp.cuda.get_current_stream()
+        self.runtime.memcpyAsync(self.tok_host.ctypes.data, token_dev.data.ptr, 4,
+                                 self.runtime.memcpyDeviceToHost, stream.ptr)
+        stream.synchronize()
+        return int(self.tok_host[0])
+
+
+class NumpyStepIO:
+    def __init__(self):
+        self.meta = np.zeros(4, dtype=np.int32)
+
+    def set_meta(self, pos: int, slot: int, token: int = 0) -> None:
+        self.meta[:] = (pos, slot, token, 0)
+
+    def set_token_from_device(self, tokens) -> None:
+        self.meta[2] = int(tokens[0])
+
+    def read_token(self, token_dev) -> int:
+        return int(token_dev[0])
+
+
+class DecodeGraph:
+    """Captures `body()` (kernel launches only: no allocation, no host sync) on the current stream
+    and replays it. Falls back to running `body()` eagerly when capture is not possible."""
+
+    def __init__(self, cp, body: Callable[[], None]):
+        self.cp, self.body = cp, body
+        self.graph = None
+        self.failed: str | None = None
+
+    def capture(self) -> bool:
+        cp = self.cp
+        stream = cp.cuda.get_current_stream()
+        if stream.ptr == 0:
+            self.failed = "the current stream is the legacy default stream; graphs need a created stream"
+            return False
+        self.body()  # warm-up: loads modules, sets kernel attributes
+        stream.synchronize()
+        try:
+            stream.begin_capture()
+            try:
+                self.body()
+            finally:
+                graph = stream.end_capture()
+            graph.upload(stream)
+            stream.synchronize()
+        except Exception as err:  # noqa: BLE001 - replay is an optimisation; eager launches still work
+            self.failed = f"{type(err).__name__}: {err}"
+            log.warning("decode graph capture failed; launching eagerly", error=self.failed)
+            return False
+        self.graph = graph
+        return True
+
+    def launch(self) -> None:
+        if self.graph is not None:
+            self.graph.launch(self.cp.cuda.get_current_stream())
+        else:
+            self.body()

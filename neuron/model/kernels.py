@@ -1,0 +1,862 @@
+"""Fused GPU kernels for the Llama-family forward pass, and their NumPy mirror.
+
+Two implementations of one small set of operations:
+
+- `CudaOps`: CuPy `RawModule` kernels (one module per dtype, plus one attention module per
+  (dtype, group, head_dim) shape), and cuBLAS strided-batched GEMMs for prefill attention.
+- `NumpyOps`: the same operations in NumPy, written to follow each kernel's arithmetic step by
+  step (which values are rounded to the activation dtype and where, the split-K attention with its
+  partial results and their combination). It runs the fused engine on the CPU in CI, and the GPU
+  tests compare each CUDA kernel against it on random inputs.
+
+Rounding follows the plain path in llama.py (the numerical reference): every value the plain path
+holds in the activation dtype is rounded to it here too (`ft`), everything else is float32.
+
+Activation/weight dtype T is bf16, fp16 or fp32; accumulation is always float32. The kernels read
+the sequence position, KV slot and token from a small device array `meta` [pos, slot, token, 0], so
+one captured CUDA graph serves every decode step.
+
+Layouts (one sequence, T tokens, Hq query heads = Hkv kv heads x g, head_dim D):
+  qkv      [T, (Hq + 2 Hkv) D]   output of the fused q/k/v projection
+  q        [Hkv, T, g, D]        roped queries, grouped by kv head (for T=1 this is [Hq, D])
+  k/v cache [slots, Hkv, max_ctx, D] per layer
+  attn     [T, Hq D]             attention output, input of o_proj
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
+PRO = {"none": 0, "rms": 1, "silu": 2}
+EPI = {"store": 0, "resid": 1, "logits": 2}
+GEMV_THREADS = 256
+GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # one warp per output row
+GEMV_PREFETCH = 8                          # weight vectors per lane loaded before the prologue
+ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
+
+
+def vec_elems(dtype_name: str) -> int:
+    """Elements per 16-byte vector."""
+    return 4 if dtype_name == "float32" else 8
+
+
+def supports(config, layout, dtype_name: str) -> str | None:
+    """None when the fused kernels handle this shard, else why not (the plain path then runs)."""
+    v = vec_elems(dtype_name)
+    d = config.head_dim
+    hq, hkv = layout.local_heads, layout.local_kv_heads
+    if dtype_name not in DT_CODES:
+        return f"dtype {dtype_name}"
+    for name, k in (("hidden_size", config.hidden_size), ("q width", hq * d),
+                    ("intermediate width", len(layout.intermediate))):
+        if k % v:
+            return f"{name} {k} is not a multiple of {v}"
+    if d % 2 or d % v:
+        return f"head_dim {d} is not a multiple of {v}"
+    if attn_threads(d) % 32:
+        return f"head_dim {d} gives a thread count that is not a multiple of 32"
+    if hq % hkv:
+        return "query heads not a multiple of kv heads"
+    if attn_chunk(dtype_name, hq // hkv, d) < 8:
+        return f"head_dim {d} x group {hq // hkv} does not fit the attention kernel's shared memory"
+    return None
+
+
+def attn_threads(d: int) -> int:
+    """Threads of the decode-attention block: D x JL, JL = max(1, 128 // D) key lanes."""
+    return d * max(1, 128 // d) if d <= 128 else d
+
+
+def attn_chunk(dtype_name: str, g: int, d: int) -> int:
+    """Keys per split of the decode-attention kernel: K and V tiles, q, scores and the reduction
+    scratch must fit ATTN_SMEM_BUDGET bytes of static shared memory."""
+    item = 2 if dtype_name != "float32" else 4
+    nt = attn_threads(d)
+    fixed = g * d * 4 + nt * g * 4
+    per_key = 2 * d * item + g * 4
+    c = (ATTN_SMEM_BUDGET - fixed) // per_key
+    return int(min(64, c))
+
+
+# --------------------------------------------------------------------------- CUDA source
+
+CUDA_BASE = r"""
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#if DT == 0
+typedef unsigned short T;
+__device__ __forceinline__ float tf(T v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ T ft(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (T)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (T)(u >> 16);
+}
+#define VEC 8
+#elif DT == 1
+typedef unsigned short T;
+__device__ __forceinline__ float tf(T v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
+__device__ __forceinline__ T ft(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#define VEC 8
+#else
+typedef float T;
+__device__ __forceinline__ float tf(T v) { return v; }
+__device__ __forceinline__ T ft(float f) { return f; }
+#define VEC 4
+#endif
+
+// A 16-byte vector <-> VEC floats.
+__device__ __forceinline__ void unpack(const uint4& v, float* f) {
+#if DT == 2
+    f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y); f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+#else
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { f[2 * i] = tf((T)(w[i] & 0xffffu)); f[2 * i + 1] = tf((T)(w[i] >> 16)); }
+#endif
+}
+__device__ __forceinline__ uint4 pack(const float* f) {
+    uint4 v;
+#if DT == 2
+    v.x = __float_as_uint(f[0]); v.y = __float_as_uint(f[1]); v.z = __float_as_uint(f[2]); v.w = __float_as_uint(f[3]);
+#else
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = ((unsigned int)ft(f[2 * i])) | (((unsigned int)ft(f[2 * i + 1])) << 16);
+    v.x = w[0]; v.y = w[1]; v.z = w[2]; v.w = w[3];
+#endif
+    return v;
+}
+__device__ __forceinline__ float dot_acc(float acc, const uint4& a, const uint4& b) {
+    float fa[VEC], fb[VEC];
+    unpack(a, fa); unpack(b, fb);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc = fmaf(fa[i], fb[i], acc);
+    return acc;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block (blockDim.x a multiple of 32); every thread gets the result.
+__device__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float r = lane < nw ? scratch[lane] : 0.f;
+        r = warp_sum(r);
+        if (lane == 0) scratch[0] = r;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+__device__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float r = lane < nw ? scratch[lane] : -INFINITY;
+        r = warp_max(r);
+        if (lane == 0) scratch[0] = r;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+__device__ __forceinline__ float silu_t(float g) { return tf(ft(g / (1.0f + expf(-g)))); }
+"""
+
+CUDA_KERNELS = r"""
+// ---------------------------------------------------------------- GEMV, T = 1
+// out[N] = W[N, K] . prologue(x); one warp per row, 16-byte loads; the prologue builds the input
+// vector in shared memory (copy, RMSNorm * weight, or silu(gate) * up); the epilogue stores,
+// adds into the residual, or writes float32 logits.
+#define GEMV_PRE 8
+template <int P, int E, int B>
+__device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
+        const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
+        float* __restrict__ outf, int N, int K, float eps) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ float scratch[32];
+    uint4* xs = reinterpret_cast<uint4*>(smem_raw);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row = blockIdx.x * (blockDim.x >> 5) + warp;
+    const int NV = K / VEC;
+    const uint4* wr = reinterpret_cast<const uint4*>(W) + (size_t)(row < N ? row : 0) * NV;
+    uint4 pre[GEMV_PRE];
+#pragma unroll
+    for (int j = 0; j < GEMV_PRE; ++j) {
+        const int i = lane + 32 * j;
+        pre[j] = i < NV ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    const uint4* xv = reinterpret_cast<const uint4*>(xin);
+    if (P == 0) {
+        for (int i = tid; i < NV; i += blockDim.x) xs[i] = xv[i];
+    } else if (P == 1) {
+        float ss = 0.f;
+        for (int i = tid; i < NV; i += blockDim.x) {
+            const uint4 v = xv[i];
+            xs[i] = v;
+            float f[VEC];
+            unpack(v, f);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
+        }
+        ss = block_sum(ss, scratch);
+        const float denom = sqrtf(ss / (float)K + eps);
+        const uint4* wv = reinterpret_cast<const uint4*>(nw);
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float f[VEC], g[VEC];
+            unpack(xs[i], f);
+            unpack(wv[i], g);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
+            xs[i] = pack(f);
+        }
+    } else {
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float g[VEC], u[VEC];
+            unpack(xv[i], g);
+            unpack(xv[NV + i], u);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
+            xs[i] = pack(g);
+        }
+    }
+    __syncthreads();
+    if (row >= N) return;
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < GEMV_PRE; ++j) {
+        const int i = lane + 32 * j;
+        if (i < NV) acc = dot_acc(acc, pre[j], xs[i]);
+    }
+    int i = lane + 32 * GEMV_PRE;
+    for (; i + 32 * 7 < NV; i += 32 * 8) {
+        uint4 w[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w[j] = __ldg(wr + i + 32 * j);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc = dot_acc(acc, w[j], xs[i + 32 * j]);
+    }
+    for (; i < NV; i += 32) acc = dot_acc(acc, __ldg(wr + i), xs[i]);
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        if (E == 2) {
+            outf[row] = tf(ft(acc));
+        } else {
+            T y = ft(acc);
+            if (B) y = ft(tf(y) + tf(bias[row]));
+            if (E == 1) out[row] = ft(tf(out[row]) + tf(y));
+            else out[row] = y;
+        }
+    }
+}
+#define GEMV_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
+    const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps
+#define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256) gemv_p##P##_e##E##_b##B(GEMV_ARGS) \
+    { gemv_impl<P, E, B>(W, xin, nw, bias, out, outf, N, K, eps); }
+GEMV_INST(0, 0, 0) GEMV_INST(0, 0, 1) GEMV_INST(0, 1, 0) GEMV_INST(0, 1, 1) GEMV_INST(0, 2, 0)
+GEMV_INST(1, 0, 0) GEMV_INST(1, 0, 1) GEMV_INST(1, 1, 0) GEMV_INST(1, 1, 1) GEMV_INST(1, 2, 0)
+GEMV_INST(2, 0, 0) GEMV_INST(2, 0, 1) GEMV_INST(2, 1, 0) GEMV_INST(2, 1, 1) GEMV_INST(2, 2, 0)
+
+// ---------------------------------------------------------------- embedding row (decode)
+extern "C" __global__ void embed_row(const T* __restrict__ table, const int* __restrict__ meta,
+                                     T* __restrict__ x, int H) {
+    const size_t tok = (size_t)meta[2];
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < H; k += gridDim.x * blockDim.x)
+        x[k] = table[tok * H + k];
+}
+
+// ---------------------------------------------------------------- q/k/v post-processing
+// grid (Tn, Hq + Hkv), block D/2 threads: bias, q/k RMSNorm, rotary embedding; q -> [Hkv, Tn, g, D],
+// k and v -> the cache at positions meta[0] + t of slot meta[1].
+extern "C" __global__ void qkv_post(const T* __restrict__ qkv, const T* __restrict__ bias,
+        const T* __restrict__ qn, const T* __restrict__ kn, const float* __restrict__ cos_t,
+        const float* __restrict__ sin_t, T* __restrict__ qout, T* __restrict__ kc, T* __restrict__ vc,
+        const int* __restrict__ meta, int Tn, int Hq, int Hkv, int D, int maxc, float eps,
+        int has_bias, int has_qkn) {
+    __shared__ float ss;
+    const int t = blockIdx.x, hd = blockIdx.y, i = threadIdx.x, half = D >> 1;
+    const int pos = meta[0] + t, slot = meta[1];
+    const T* row = qkv + (size_t)t * (Hq + 2 * Hkv) * D;
+    const int col = hd * D;
+    float a = tf(row[col + i]), b = tf(row[col + i + half]);
+    if (has_bias) {
+        a = tf(ft(a + tf(bias[col + i])));
+        b = tf(ft(b + tf(bias[col + i + half])));
+    }
+    if (has_qkn) {
+        const T* w = hd < Hq ? qn : kn;
+        if (i == 0) ss = 0.f;
+        __syncthreads();
+        atomicAdd(&ss, a * a + b * b);
+        __syncthreads();
+        const float denom = sqrtf(ss / (float)D + eps);
+        a = tf(ft(tf(w[i]) * tf(ft(a / denom))));
+        b = tf(ft(tf(w[i + half]) * tf(ft(b / denom))));
+    }
+    const float* cr = cos_t + (size_t)pos * D;
+    const float* sr = sin_t + (size_t)pos * D;
+    const T o1 = ft(a * cr[i] - b * sr[i]);
+    const T o2 = ft(b * cr[i + half] + a * sr[i + half]);
+    if (hd < Hq) {
+        const int g = Hq / Hkv, kvh = hd / g, gi = hd % g;
+        T* dst = qout + (((size_t)kvh * Tn + t) * g + gi) * D;
+        dst[i] = o1;
+        dst[i + half] = o2;
+    } else {
+        const int kh = hd - Hq;
+        const size_t off = (((size_t)slot * Hkv + kh) * maxc + pos) * D;
+        kc[off + i] = o1;
+        kc[off + i + half] = o2;
+        const int vcol = (Hq + Hkv) * D + kh * D;
+        float v1 = tf(row[vcol + i]), v2 = tf(row[vcol + i + half]);
+        if (has_bias) {
+            v1 = tf(ft(v1 + tf(bias[vcol + i])));
+            v2 = tf(ft(v2 + tf(bias[vcol + i + half])));
+        }
+        vc[off + i] = ft(v1);
+        vc[off + i + half] = ft(v2);
+    }
+}
+
+// ---------------------------------------------------------------- attention helpers (prefill)
+// Causal (and sliding-window) softmax over rows of S [Hkv, M, Lc] in place; row r of head h is the
+// query at position meta[0] + t0 + r / g. grid (M, Hkv), block 256.
+extern "C" __global__ void softmax_rows(T* __restrict__ S, const int* __restrict__ meta, int M, int Lc,
+                                        int g, int t0, int window, float scale) {
+    __shared__ float scratch[32];
+    T* s = S + ((size_t)blockIdx.y * M + blockIdx.x) * Lc;
+    const int qpos = meta[0] + t0 + blockIdx.x / g;
+    const int klo = window > 0 ? max(0, qpos - window + 1) : 0;
+    const int khi = min(qpos, Lc - 1);
+    float m = -INFINITY;
+    for (int k = klo + threadIdx.x; k <= khi; k += blockDim.x) m = fmaxf(m, tf(s[k]) * scale);
+    m = block_max(m, scratch);
+    float l = 0.f;
+    for (int k = klo + threadIdx.x; k <= khi; k += blockDim.x) l += expf(tf(s[k]) * scale - m);
+    l = block_sum(l, scratch);
+    for (int k = threadIdx.x; k < Lc; k += blockDim.x) {
+        const float p = (k >= klo && k <= khi) ? expf(tf(s[k]) * scale - m) / l : 0.f;
+        s[k] = ft(p);
+    }
+}
+
+// x[r] (+)= delta[r] (rounded to T), h[r] = RMSNorm(x[r]) * w.  grid rows, block 256.
+extern "C" __global__ void add_rmsnorm(T* __restrict__ x, const T* __restrict__ delta, const T* __restrict__ w,
+                                       T* __restrict__ h, int H, float eps, int has_delta) {
+    __shared__ float scratch[32];
+    T* xr = x + (size_t)blockIdx.x * H;
+    const T* dr = delta + (size_t)blockIdx.x * H;
+    T* hr = h + (size_t)blockIdx.x * H;
+    float ss = 0.f;
+    for (int k = threadIdx.x; k < H; k += blockDim.x) {
+        float v = tf(xr[k]);
+        if (has_delta) {
+            const T nv = ft(v + tf(dr[k]));
+            xr[k] = nv;
+            v = tf(nv);
+        }
+        ss = fmaf(v, v, ss);
+    }
+    ss = block_sum(ss, scratch);
+    const float denom = sqrtf(ss / (float)H + eps);
+    for (int k = threadIdx.x; k < H; k += blockDim.x) hr[k] = ft(tf(w[k]) * tf(ft(tf(xr[k]) / denom)));
+}
+
+// out[t, k] = silu(gu[t, k]) * gu[t, I + k], rounded as the plain path rounds.
+extern "C" __global__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, int Tn, int I) {
+    const size_t n = (size_t)Tn * I;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = idx / I, k = idx % I;
+        out[idx] = ft(silu_t(tf(gu[t * 2 * I + k])) * tf(gu[t * 2 * I + I + k]));
+    }
+}
+
+// out[0] = the first index of the largest logit. One block of 1024 threads.
+extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, int* __restrict__ out) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        const float v = x[k];
+        if (v > best) { best = v; bi = k; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if (lane == 0) { sv[w] = best; si[w] = bi; }
+    __syncthreads();
+    if (w == 0) {
+        const int nw = blockDim.x >> 5;
+        best = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (lane == 0) out[0] = bi == 0x7fffffff ? 0 : bi;
+    }
+}
+"""
+
+# Decode attention (one query token), split over the keys: grid (NS, Hkv), NT threads. Each block
+# loads its chunk of C keys and values into shared memory with 16-byte loads, scores the g query
+# heads of its kv head (one warp per key), and writes the partial softmax state (max, sum, sum of
+# p * v) of its chunk; attn_combine merges the chunks of each head.
+CUDA_ATTN = r"""
+// compile-time: ATT_G (query heads per kv head), ATT_D (head_dim), ATT_C (keys per split), ATT_NT (threads),
+// ATT_JL (key lanes)
+#define G ATT_G
+#define D ATT_D
+#define C ATT_C
+#define NT ATT_NT
+#define JL ATT_JL
+extern "C" __global__ void __launch_bounds__(NT) attn_split(const T* __restrict__ q, const T* __restrict__ kc,
+        const T* __restrict__ vc, const int* __restrict__ meta, float* __restrict__ po, float* __restrict__ pm,
+        float* __restrict__ pl, int Hkv, int maxc, int window, float scale) {
+    __shared__ __align__(16) T Ks[C * D];
+    __shared__ __align__(16) T Vs[C * D];
+    __shared__ float qs[G * D];
+    __shared__ float ps[G * C];
+    __shared__ float red[NT * G];
+    const int s = blockIdx.x, h = blockIdx.y, NS = gridDim.x, tid = threadIdx.x;
+    const int pos = meta[0], slot = meta[1];
+    const int first = window > 0 ? max(0, pos - window + 1) : 0;  // the first key this query sees
+    const int lo = max(s * C, first);
+    const int hi = min(s * C + C, pos + 1);
+    // A split that holds every visible key normalises and rounds its probabilities to T before
+    // p.v, exactly as the plain path does (short contexts: all of the parity fixtures).
+    const bool whole = lo == first && hi == pos + 1;
+    if (lo >= hi) {
+        for (int g = tid; g < G; g += NT) { pm[(h * G + g) * NS + s] = -INFINITY; pl[(h * G + g) * NS + s] = 0.f; }
+        return;
+    }
+    const int n = hi - lo;
+    const size_t base = (((size_t)slot * Hkv + h) * maxc + lo) * D;
+    const uint4* ksrc = reinterpret_cast<const uint4*>(kc + base);
+    const uint4* vsrc = reinterpret_cast<const uint4*>(vc + base);
+    uint4* kdst = reinterpret_cast<uint4*>(Ks);
+    uint4* vdst = reinterpret_cast<uint4*>(Vs);
+    const int nvec = n * D / VEC;
+    for (int i = tid; i < nvec; i += NT) { kdst[i] = ksrc[i]; vdst[i] = vsrc[i]; }
+    for (int i = tid; i < G * D; i += NT) qs[i] = tf(q[(size_t)h * G * D + i]);
+    __syncthreads();
+    const int lane = tid & 31, warp = tid >> 5, NW = NT / 32;
+    for (int j = warp; j < n; j += NW) {
+        float acc[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g] = 0.f;
+        for (int e = lane; e < D; e += 32) {
+            const float kv = tf(Ks[j * D + e]);
+#pragma unroll
+            for (int g = 0; g < G; ++g) acc[g] = fmaf(qs[g * D + e], kv, acc[g]);
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float v = warp_sum(acc[g]);
+            if (lane == 0) ps[g * C + j] = tf(ft(v)) * scale;
+        }
+    }
+    __syncthreads();
+    for (int g = warp; g < G; g += NW) {
+        float m = -INFINITY;
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, ps[g * C + j]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            const float p = expf(ps[g * C + j] - m);
+            ps[g * C + j] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (whole) {
+            for (int j = lane; j < n; j += 32) ps[g * C + j] = tf(ft(ps[g * C + j] / l));
+        }
+        if (lane == 0) { pm[(h * G + g) * NS + s] = m; pl[(h * G + g) * NS + s] = whole ? 1.f : l; }
+    }
+    __syncthreads();
+    const int e = tid % D, jl = tid / D;
+    float acc[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[g] = 0.f;
+    if (jl < JL) {
+        for (int j = jl; j < n; j += JL) {
+            const float v = tf(Vs[j * D + e]);
+#pragma unroll
+            for (int g = 0; g < G; ++g) acc[g] = fmaf(ps[g * C + j], v, acc[g]);
+        }
+    }
+    if (JL == 1) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) po[((size_t)(h * G + g) * NS + s) * D + e] = acc[g];
+    } else {
+        if (jl < JL) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) red[(jl * G + g) * D + e] = acc[g];
+        }
+        __syncthreads();
+        if (jl == 0) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float r = 0.f;
+                for (int l2 = 0; l2 < JL; ++l2) r += red[(l2 * G + g) * D + e];
+                po[((size_t)(h * G + g) * NS + s) * D + e] = r;
+            }
+        }
+    }
+}
+
+// grid Hq, block D: out[j, :] = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s over non-empty chunks.
+extern "C" __global__ void attn_combine(const float* __restrict__ po, const float* __restrict__ pm,
+                                        const float* __restrict__ pl, T* __restrict__ out, int NS) {
+    const int j = blockIdx.x, e = threadIdx.x;
+    float M = -INFINITY;
+    for (int s = 0; s < NS; ++s) if (pl[j * NS + s] > 0.f) M = fmaxf(M, pm[j * NS + s]);
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < NS; ++s) {
+        const float l = pl[j * NS + s];
+        if (l > 0.f) {
+            const float w = expf(pm[j * NS + s] - M);
+            num = fmaf(w, po[((size_t)j * NS + s) * D + e], num);
+            den = fmaf(w, l, den);
+        }
+    }
+    out[(size_t)j * D + e] = ft(num / den);
+}
+"""
+
+
+# --------------------------------------------------------------------------- CUDA ops
+
+class CudaOps:
+    """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
+
+    def __init__(self, dtype_name: str):
+        import cupy
+        from cupy_backends.cuda.api import runtime
+        from cupy_backends.cuda.libs import cublas
+
+        self.cp, self.cublas, self.runtime = cupy, cublas, runtime
+        self.dtype_name = dtype_name
+        self.dt = DT_CODES[dtype_name]
+        self.vec = vec_elems(dtype_name)
+        self.options = ("--std=c++17", f"-DDT={self.dt}")
+        self.module = cupy.RawModule(code=CUDA_BASE + CUDA_KERNELS, options=self.options)
+        self._fn: dict = {}
+        self._attn: dict = {}
+        self._smem_set: dict = {}
+        self.cuda_dtype = {0: runtime.CUDA_R_16BF, 1: runtime.CUDA_R_16F, 2: runtime.CUDA_R_32F}[self.dt]
+        self._one = np.array(1.0, dtype=np.float32)
+        self._zero = np.array(0.0, dtype=np.float32)
+
+    def fn(self, name: str):
+        f = self._fn.get(name)
+        if f is None:
+            f = self._fn[name] = self.module.get_function(name)
+        return f
+
+    def compile_all(self) -> None:
+        """Load every kernel now (compilation is cached on disk by CuPy), not on the first step."""
+        for p in range(3):
+            for e in range(3):
+                for b in ((0,) if e == 2 else (0, 1)):
+                    self.fn(f"gemv_p{p}_e{e}_b{b}")
+        for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "silu_mul", "argmax_f32"):
+            self.fn(name)
+
+    def attn_fns(self, g: int, d: int):
+        key = (g, d)
+        if key not in self._attn:
+            c = attn_chunk(self.dtype_name, g, d)
+            nt = attn_threads(d)
+            jl = max(1, nt // d) if d <= 128 else 1
+            opts = self.options + (f"-DATT_G={g}", f"-DATT_D={d}", f"-DATT_C={c}", f"-DATT_NT={nt}", f"-DATT_JL={jl}")
+            mod = self.cp.RawModule(code=CUDA_BASE + CUDA_ATTN, options=opts)
+            self._attn[key] = (mod.get_function("attn_split"), mod.get_function("attn_combine"), c, nt)
+        return self._attn[key]
+
+    # -- helpers
+    @staticmethod
+    def _ptr(a) -> int:
+        return 0 if a is None else a.data.ptr
+
+    def _set_smem(self, f, nbytes: int) -> None:
+        if nbytes > 48 * 1024 and self._smem_set.get(f.ptr, 0) < nbytes:
+            from cupy.cuda import driver
+            driver.funcSetAttribute(f.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+            self._smem_set[f.ptr] = nbytes
+
+    # -- kernels
+    def embed_row(self, table, meta, x) -> None:
+        h = x.shape[-1]
+        self.fn("embed_row")(((h + 255) // 256,), (256,), (table, meta, x, np.int32(h)))
+
+    def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None) -> None:
+        n, k = W.shape
+        b = 1 if (bias is not None and epi != "logits") else 0
+        f = self.fn(f"gemv_p{PRO[pro]}_e{EPI[epi]}_b{b}")
+        smem = k * W.dtype.itemsize
+        self._set_smem(f, smem)
+        grid = ((n + GEMV_ROWS_PER_BLOCK - 1) // GEMV_ROWS_PER_BLOCK,)
+        f(grid, (GEMV_THREADS,), (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf),
+                                  np.int32(n), np.int32(k), np.float32(eps)), shared_mem=smem)
+
+    def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
+                 hq: int, hkv: int, d: int, eps: float) -> None:
+        maxc = kcache.shape[2]
+        self.fn("qkv_post")((tn, hq + hkv), (d // 2,), (
+            qkv, self._ptr(bias), self._ptr(qn), self._ptr(kn), cos, sin, qout, kcache, vcache, meta,
+            np.int32(tn), np.int32(hq), np.int32(hkv), np.int32(d), np.int32(maxc), np.float32(eps),
+            np.int32(bias is not None), np.int32(qn is not None)))
+
+    def attn_splits(self, g: int, d: int, maxc: int) -> int:
+        c = attn_chunk(self.dtype_name, g, d)
+        return (maxc + c - 1) // c
+
+    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, out,
+                    hq: int, hkv: int, d: int) -> None:
+        g = hq // hkv
+        split, combine, c, nt = self.attn_fns(g, d)
+        maxc = kcache.shape[2]
+        ns = (maxc + c - 1) // c
+        split((ns, hkv), (nt,), (q, kcache, vcache, meta, po, pm, pl, np.int32(hkv), np.int32(maxc),
+                                 np.int32(window or 0), np.float32(scale)))
+        combine((hq,), (d,), (po, pm, pl, out, np.int32(ns)))
+
+    def softmax_rows(self, S, meta, t0: int, g: int, window: int, scale: float) -> None:
+        hkv, m, lc = S.shape
+        self.fn("softmax_rows")((m, hkv), (256,), (S, meta, np.int32(m), np.int32(lc), np.int32(g), np.int32(t0),
+                                                  np.int32(window or 0), np.float32(scale)))
+
+    def add_rmsnorm(self, x, delta, w, eps: float, h) -> None:
+        rows, hid = x.shape
+        self.fn("add_rmsnorm")((rows,), (256,), (x, self._ptr(delta), w, h, np.int32(hid), np.float32(eps),
+                                                np.int32(delta is not None)))
+
+    def silu_mul(self, gu, out) -> None:
+        tn, inter = out.shape
+        blocks = min((tn * inter + 255) // 256, 65535)
+        self.fn("silu_mul")((blocks,), (256,), (gu, out, np.int32(tn), np.int32(inter)))
+
+    def argmax(self, logits, out) -> None:
+        self.fn("argmax_f32")((1,), (1024,), (logits, np.int32(logits.size), out))
+
+    # -- cuBLAS (row-major views; cuBLAS is column-major, so each product is computed transposed)
+    def linear(self, x, W):
+        """x [T, K] @ W[N, K]^T in T with float32 accumulation (cupy's matmul: cublasGemmEx, no copies)."""
+        return x @ W.T
+
+    def attn_scores(self, q, kcache, slot: int, t0: int, c: int, lc: int, S) -> None:
+        """S[h] = Q[h, t0:t0+c] @ K[h, :lc]^T for every kv head h; q [Hkv, Tn, g, D], S [Hkv, c*g, lc]."""
+        hkv, tn, g, d = q.shape
+        maxc = kcache.shape[2]
+        item = q.dtype.itemsize
+        m = c * g
+        kptr = kcache.data.ptr + slot * hkv * maxc * d * item
+        qptr = q.data.ptr + t0 * g * d * item
+        self.cublas.gemmStridedBatchedEx(
+            self.cp.cuda.device.get_cublas_handle(), 1, 0, lc, m, d, self._one.ctypes.data,
+            kptr, self.cuda_dtype, d, maxc * d,
+            qptr, self.cuda_dtype, d, tn * g * d,
+            self._zero.ctypes.data, S.data.ptr, self.cuda_dtype, lc, m * lc,
+            hkv, self.cublas.CUBLAS_COMPUTE_32F, self.cublas.CUBLAS_GEMM_DEFAULT)
+
+    def attn_pv(self, S, vcache, slot: int, O) -> None:
+        """O[h] = P[h] @ V[h, :lc] for every kv head h; S [Hkv, m, lc] (probabilities), O [Hkv, m, D]."""
+        hkv, m, lc = S.shape
+        d = O.shape[-1]
+        maxc = vcache.shape[2]
+        item = S.dtype.itemsize
+        vptr = vcache.data.ptr + slot * hkv * maxc * d * item
+        self.cublas.gemmStridedBatchedEx(
+            self.cp.cuda.device.get_cublas_handle(), 0, 0, d, m, lc, self._one.ctypes.data,
+            vptr, self.cuda_dtype, d, maxc * d,
+            S.data.ptr, self.cuda_dtype, lc, m * lc,
+            self._zero.ctypes.data, O.data.ptr, self.cuda_dtype, d, m * d,
+            hkv, self.cublas.CUBLAS_COMPUTE_32F, self.cublas.CUBLAS_GEMM_DEFAULT)
+
+
+# --------------------------------------------------------------------------- NumPy mirror
+
+class NumpyOps:
+    """The kernels' arithmetic in NumPy (same rounding points, same split-K attention)."""
+
+    def __init__(self, dtype_name: str):
+        import ml_dtypes
+        self.dtype_name = dtype_name
+        self.T = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
+                  "float32": np.dtype(np.float32)}[dtype_name]
+
+    def ft(self, a):
+        return np.asarray(a, dtype=np.float32).astype(self.T)
+
+    def tf(self, a):
+        return np.asarray(a).astype(np.float32)
+
+    def r(self, a):
+        """Round float32 values to T and back (the value a T register or array would hold)."""
+        return self.tf(self.ft(a))
+
+    def compile_all(self) -> None:
+        pass
+
+    def attn_splits(self, g: int, d: int, maxc: int) -> int:
+        c = attn_chunk(self.dtype_name, g, d)
+        return (maxc + c - 1) // c
+
+    def embed_row(self, table, meta, x) -> None:
+        x[...] = table[int(meta[2])]
+
+    def _silu(self, g):
+        with np.errstate(over="ignore"):
+            return self.r(g / (np.float32(1.0) + np.exp(-g)))
+
+    def _prologue(self, xin, pro: str, norm_w, eps: float, k: int):
+        if pro == "none":
+            return self.tf(xin)
+        if pro == "rms":
+            x = self.tf(xin)
+            denom = np.sqrt(np.float32((x * x).sum(dtype=np.float32) / np.float32(k)) + np.float32(eps))
+            return self.r(self.tf(norm_w) * self.r(x / denom))
+        g, u = self.tf(xin[:k]), self.tf(xin[k:2 * k])
+        return self.r(self._silu(g) * u)
+
+    def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None) -> None:
+        n, k = W.shape
+        x = self._prologue(xin.reshape(-1), pro, norm_w, eps, k)
+        acc = self.tf(W) @ x
+        if epi == "logits":
+            outf[...] = self.r(acc)
+            return
+        y = self.r(acc)
+        if bias is not None:
+            y = self.r(y + self.tf(bias))
+        if epi == "resid":
+            out[...] = self.ft(self.tf(out) + y).reshape(out.shape)
+        else:
+            out[...] = self.ft(y).reshape(out.shape)
+
+    def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
+                 hq: int, hkv: int, d: int, eps: float) -> None:
+        start, slot = int(meta[0]), int(meta[1])
+        half, g = d // 2, hq // hkv
+        x = self.tf(qkv.reshape(tn, -1)).reshape(tn, hq + 2 * hkv, d)
+        if bias is not None:
+            x = self.r(x + self.tf(bias).reshape(hq + 2 * hkv, d))
+        qk = x[:, :hq + hkv]
+        if qn is not None:
+            w = np.concatenate([np.broadcast_to(self.tf(qn), (hq, d)), np.broadcast_to(self.tf(kn), (hkv, d))])
+            denom = np.sqrt((qk * qk).sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(d) + np.float32(eps))
+            qk = self.r(w * self.r(qk / denom))
+        c = cos[start:start + tn][:, None, :]
+        s = sin[start:start + tn][:, None, :]
+        a, b = qk[..., :half], qk[..., half:]
+        o = np.concatenate([a * c[..., :half] - b * s[..., :half], b * c[..., half:] + a * s[..., half:]], axis=-1)
+        o = self.ft(o)
+        qout[...] = o[:, :hq].reshape(tn, hkv, g, d).transpose(1, 0, 2, 3)
+        kcache[slot, :, start:start + tn] = o[:, hq:].transpose(1, 0, 2)
+        vcache[slot, :, start:start + tn] = self.ft(x[:, hq + hkv:]).transpose(1, 0, 2)
+
+    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, out,
+                    hq: int, hkv: int, d: int) -> None:
+        pos, slot = int(meta[0]), int(meta[1])
+        g = hq // hkv
+        c = attn_chunk(self.dtype_name, g, d)
+        ns = po.shape[1]
+        qf = self.tf(q).reshape(hkv, g, d)
+        first = max(0, pos - window + 1) if window else 0
+        for h in range(hkv):
+            for s in range(ns):
+                lo, hi = max(s * c, first), min(s * c + c, pos + 1)
+                rows = slice(h * g, h * g + g)
+                if lo >= hi:
+                    pm[rows, s], pl[rows, s] = -np.inf, 0.0
+                    continue
+                k = self.tf(kcache[slot, h, lo:hi])
+                v = self.tf(vcache[slot, h, lo:hi])
+                sc = self.r(qf[h] @ k.T) * np.float32(scale)
+                m = sc.max(axis=-1)
+                p = np.exp(sc - m[:, None])
+                l = p.sum(axis=-1, dtype=np.float32)
+                if lo == first and hi == pos + 1:  # the whole context in one split: plain-path rounding
+                    p, l = self.r(p / l[:, None]), np.ones_like(l)
+                pm[rows, s], pl[rows, s] = m, l
+                po[rows, s] = p @ v
+        M = np.where(pl > 0, pm, -np.inf).max(axis=1, keepdims=True)
+        w = np.where(pl > 0, np.exp(np.where(pl > 0, pm, M) - M), 0.0).astype(np.float32)
+        num = (w[:, :, None] * np.where(pl[:, :, None] > 0, po, 0.0)).sum(axis=1)
+        den = (w * pl).sum(axis=1)
+        out[...] = self.ft(num / den[:, None]).reshape(out.shape)
+
+    def softmax_rows(self, S, meta, t0: int, g: int, window: int, scale: float) -> None:
+        hkv, m, lc = S.shape
+        qpos = int(meta[0]) + t0 + np.arange(m) // g
+        k = np.arange(lc)
+        valid = k[None, :] <= qpos[:, None]
+        if window:
+            valid &= k[None, :] >= (qpos - window + 1)[:, None]
+        sc = np.where(valid, self.tf(S) * np.float32(scale), -np.inf)
+        mx = sc.max(axis=-1, keepdims=True)
+        p = np.where(valid, np.exp(sc - mx), 0.0).astype(np.float32)
+        S[...] = self.ft(p / p.sum(axis=-1, keepdims=True))
+
+    def add_rmsnorm(self, x, delta, w, eps: float, h) -> None:
+        if delta is not None:
+            x[...] = self.ft(self.tf(x) + self.tf(delta))
+        xf = self.tf(x)
+        denom = np.sqrt((xf * xf).sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(x.shape[-1]) + np.float32(eps))
+        h[...] = self.ft(self.tf(w) * self.r(xf / denom))
+
+    def silu_mul(self, gu, out) -> None:
+        inter = out.shape[-1]
+        out[...] = self.ft(self._silu(self.tf(gu[:, :inter])) * self.tf(gu[:, inter:]))
+
+    def argmax(self, logits, out) -> None:
+        out[0] = int(np.argmax(logits))
+
+    def linear(self, x, W):
+        return self.ft(self.tf(x) @ self.tf(W).T)
+
+    def attn_scores(self, q, kcache, slot: int, t0: int, c: int, lc: int, S) -> None:
+        hkv, tn, g, d = q.shape
+        qc = self.tf(q[:, t0:t0 + c]).reshape(hkv, c * g, d)
+        k = self.tf(kcache[slot, :, :lc])
+        S[...] = self.ft(qc @ k.transpose(0, 2, 1))
+
+    def attn_pv(self, S, vcache, slot: int, O) -> None:
+        lc = S.shape[-1]
+        O[...] = self.ft(self.tf(S) @ self.tf(vcache[slot, :, :lc]))
+
+
+def softmax_scale(head_dim: int) -> float:
+    """The plain path multiplies float32 scores by 1/sqrt(d) as a Python float (float32 on use)."""
+    return float(np.float32(1.0 / float(head_dim) ** 0.5))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["CudaOps", "NumpyOps", "supports", "attn_chunk", "attn_threads", "softmax_scale", "ceil_div", "math"]
