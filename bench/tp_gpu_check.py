@@ -94,7 +94,7 @@ def run_layout(layout: str, roots: list[Path], models: list[tuple[str, str, list
                 row = check_model(client, path, label, prompt)
                 row["layout"] = layout
                 print(f"{layout:12s} {label:14s} cos={row['cosine_tp2_vs_tp1']:.6f} greedy64_equal="
-                      f"{row['greedy64_equal']} tp1={row['tok_per_s_tp1']:.0f} tok/s tp2={row['tok_per_s_tp2']:.0f} tok/s",
+                      f"{row['greedy64_equal']} first_divergence={row['first_divergence']} tp1={row['tok_per_s_tp1']:.0f} tok/s tp2={row['tok_per_s_tp2']:.0f} tok/s",
                       flush=True)
                 rows.append(row)
             return rows

@@ -34,8 +34,10 @@ class NcclCommunicator(Communicator):
         if len(uid) != UNIQUE_ID_BYTES:
             raise CollectiveError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(uid)}")
         self._nccl, self.rank, self.size, self.stream, self.step_timeout = nccl, rank, size, stream, step_timeout
-        signed = tuple(b - 256 if b > 127 else b for b in uid)  # CuPy hands ids around as C chars
-        self.comm = nccl.NcclCommunicator(size, signed, rank)
+        try:
+            self.comm = nccl.NcclCommunicator(size, uid, rank)  # CuPy 14 takes the id as bytes
+        except TypeError:  # older CuPy: a tuple of C chars
+            self.comm = nccl.NcclCommunicator(size, tuple(b - 256 if b > 127 else b for b in uid), rank)
         self._aborted = False
 
     def _check(self):
