@@ -99,6 +99,58 @@ def ceilings() -> dict:
     return out
 
 
+def read_probe(path: Path, limit: int = 4 << 30) -> dict:
+    """Page-cache read rate of the checkpoint's first file into pinned memory, with 1, 8 and 16
+    threads (each thread its own contiguous part): the host side's ceiling for loading."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cupyx
+    file = sorted(path.glob("*.safetensors"))[0]
+    size = min(file.stat().st_size, limit)
+    chunk = 64 << 20
+    out = {"file_bytes": size}
+    for threads in (1, 8, 16):
+        bufs = [cupyx.empty_pinned((chunk,), dtype=np.uint8) for _ in range(threads)]
+        fd = os.open(file, os.O_RDONLY)
+        part = -(-size // threads)
+
+        def worker(k: int) -> None:
+            view, off, end = memoryview(bufs[k]), k * part, min((k + 1) * part, size)
+            while off < end:
+                n = os.preadv(fd, [view[:min(chunk, end - off)]], off)
+                if n <= 0:
+                    break
+                off += n
+        t = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(worker, range(threads)))
+        out[f"threads_{threads}_gb_s"] = size / (time.perf_counter() - t) / 1e9
+        os.close(fd)
+        del bufs
+    import mmap
+    with open(file, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        src = np.frombuffer(mm, dtype=np.uint8, count=size)
+        for threads in (1, 8):
+            bufs = [cupyx.empty_pinned((chunk,), dtype=np.uint8) for _ in range(threads)]
+            part = -(-size // threads)
+
+            def copier(k: int) -> None:
+                off, end = k * part, min((k + 1) * part, size)
+                while off < end:
+                    n = min(chunk, end - off)
+                    bufs[k][:n] = src[off:off + n]
+                    off += n
+            t = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(copier, range(threads)))
+            out[f"mmap_copy_threads_{threads}_gb_s"] = size / (time.perf_counter() - t) / 1e9
+            del bufs
+        del src
+        mm.close()
+    return out
+
+
 # ------------------------------------------------------------------ profiles (run on the worker thread)
 
 def profile_decode(backend, shard, pos: int = 300) -> dict:
@@ -130,13 +182,13 @@ def profile_decode(backend, shard, pos: int = 300) -> dict:
                                                    for i in range(L)], kv_bytes),
         "o gemv (+residual)": (lambda: [ops.gemv(p[f"{i}.o"], f.attn, f.x, "none", "resid") for i in range(L)],
                                nbytes("o")),
-        "gate_up gemv (+rmsnorm)": (lambda: [ops.gemv(p[f"{i}.gate_up"], f.x, f.gu, "rms", "store",
-                                                      norm_w=p[f"{i}.post_norm"], eps=f.eps) for i in range(L)],
-                                    nbytes("gate_up")),
-        "down gemv (+silu*up, residual)": (lambda: [ops.gemv(p[f"{i}.down"], f.gu, f.x, "silu", "resid")
-                                                    for i in range(L)], nbytes("down")),
+        "gate_up gemv (+rmsnorm, silu*up)": (lambda: [ops.gemv(p[f"{i}.gate_up"], f.x, f.act, "rms", "silu_pair",
+                                                               norm_w=p[f"{i}.post_norm"], eps=f.eps) for i in range(L)],
+                                             nbytes("gate_up")),
+        "down gemv (+residual)": (lambda: [ops.gemv(p[f"{i}.down"], f.act, f.x, "none", "resid")
+                                           for i in range(L)], nbytes("down")),
         "lm_head gemv (+norm) + argmax": (lambda: (ops.gemv(f.lm_head, f.x, None, "rms", "logits", norm_w=p["norm"],
-                                                            eps=f.eps, outf=f.logits), ops.argmax(f.logits, f.token)),
+                                                            eps=f.eps, outf=f.logits), ops.argmax(f.logits, f.tokens, f.io.meta)),
                                           int(f.lm_head.nbytes)),
     }
     res["groups"] = {}
@@ -150,8 +202,8 @@ def profile_decode(backend, shard, pos: int = 300) -> dict:
     # cuBLAS for the same T=1 product (what the fused GEMV replaced), on the largest weight of a layer
     W = p["0.gate_up"]
     res["cublas_gate_up_ms"] = time_ms(cp, lambda: f.x[None] @ W.T, reps=20)
-    res["fused_gate_up_ms"] = time_ms(cp, lambda: ops.gemv(W, f.x, f.gu, "rms", "store", norm_w=p["0.post_norm"],
-                                                             eps=f.eps), reps=20)
+    res["fused_gate_up_ms"] = time_ms(cp, lambda: ops.gemv(W, f.x, f.act, "rms", "silu_pair",
+                                                             norm_w=p["0.post_norm"], eps=f.eps), reps=20)
     res["gate_up_bytes"] = int(W.nbytes)
     return res
 
@@ -221,7 +273,8 @@ def neuron_inprocess(path: Path, vocab: int, tokens: int, prompt: list[int]) -> 
     return res
 
 
-def neuron_servers(path: Path, tokens: int, prompt: list[int], vocab: int) -> dict:
+def neuron_servers(path: Path, tokens: int, prompt: list[int], vocab: int, devices: str = "0",
+                   dtype: str = "bfloat16", ttft_lengths=(128, 2048)) -> dict:
     """`neuron serve` and `cortex serve` as processes; Generate through each; client-side timings."""
     import grpc
 
@@ -233,7 +286,7 @@ def neuron_servers(path: Path, tokens: int, prompt: list[int], vocab: int) -> di
     from tests.helpers import start_cortex, start_neuron, wait_until
 
     res = {}
-    neuron = start_neuron(devices="0", model_roots=[path.parent], env=ENV)
+    neuron = start_neuron(devices=devices, model_roots=[path.parent], env=ENV)
     cortex = start_cortex([neuron.address], env=ENV)
     try:
         cch = grpc.insecure_channel(cortex.address, options=CHANNEL_OPTIONS)
@@ -243,7 +296,7 @@ def neuron_servers(path: Path, tokens: int, prompt: list[int], vocab: int) -> di
                    timeout=60, what="the neuron UP in cortex")
         t = time.perf_counter()
         last_gbs, info = None, None
-        for ev in cstub.LoadModel(cpb.LoadModelRequest(name="bench", path=str(path), dtype="bfloat16",
+        for ev in cstub.LoadModel(cpb.LoadModelRequest(name="bench", path=str(path), dtype=dtype,
                                                        max_context=4096), timeout=600):
             if ev.HasField("progress") and ev.progress.shard.gb_per_s:
                 last_gbs = ev.progress.shard.gb_per_s
@@ -279,7 +332,7 @@ def neuron_servers(path: Path, tokens: int, prompt: list[int], vocab: int) -> di
             res[f"{label}_server_decode_tok_s"] = best["server_decode_tok_s"]
         rng = np.random.default_rng(3)
         one = npb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-        for n in (128, 2048):
+        for n in ttft_lengths:
             ids = rng.integers(3, vocab, n).tolist()
             req = cpb.GenerateRequest(model="bench", prompt=npb.Prompt(tokens=npb.TokenIds(ids=ids)), sampling=one)
             ttfts = [stream(cstub.Generate, req)["ttft_ms"] for _ in range(4)]
@@ -393,6 +446,8 @@ def main(argv=None) -> int:
             "load_gb_s": ceil["h2d_pinned_gb_s"],
         }
         prompt = np.random.default_rng(0).integers(3, vocab, 128).tolist()
+        m["read_probe"] = read_probe(path)
+        log(f"  page-cache read probe: {m['read_probe']}")
         log(f"{key}: neuron in-process")
         try:
             m["neuron"] = neuron_inprocess(path, vocab, args.tokens, prompt)

@@ -120,9 +120,9 @@ async def serve_forever(settings: dict) -> int:
     await registry.start()
     try:
         port = await server.start()
-    except OSError as err:
+    except (OSError, RuntimeError):  # grpc raises RuntimeError when it cannot bind
         await registry.close()
-        raise SystemExit(f"cortex: {err}") from None
+        raise SystemExit(f"cortex: cannot listen on {settings['listen']}: the address is in use or invalid") from None
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
     log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],

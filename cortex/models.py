@@ -35,6 +35,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_TP = 64
 DROP_TIMEOUT_S = 30.0
+SWEEP_TIMEOUT_S = 10.0  # how long a failed load waits for its cancelled ranks' shards to go
 
 LOADING, READY = cpb.MODEL_STATE_LOADING, cpb.MODEL_STATE_READY
 UNAVAILABLE, FAILED = cpb.MODEL_STATE_UNAVAILABLE, cpb.MODEL_STATE_FAILED
@@ -273,7 +274,7 @@ class ModelTable:
         except BaseException as err:  # noqa: BLE001 - including cancellation: clean up, then report
             cancelled = isinstance(err, asyncio.CancelledError)
             log.warning("model load failed", model=spec.name, error=str(err) or type(err).__name__)
-            await asyncio.shield(self._release(model))
+            await asyncio.shield(self._release(model, sweep=True))
             if self._models.get(spec.name) is model:
                 del self._models[spec.name]
             model.done.set_exception(Cancelled(f"the load of {spec.name} was cancelled: every caller went away")
@@ -327,12 +328,13 @@ class ModelTable:
             request = npb.LoadShardRequest(path=spec.path, model=spec.name, device=t.device, dtype=estimate.dtype,
                                            max_context=estimate.max_context, kv_slots=spec.kv_slots, tp=tp)
             call = self.registry.get(t.node).stub.LoadShard(request)
-            loaded = None
             try:
                 # Read to the end of the stream: a neuron drops a shard whose caller leaves early.
                 async for event in call:
                     if event.HasField("loaded"):
-                        loaded = event.loaded
+                        info = event.loaded  # recorded at once, so that a failure from here on drops it
+                        model.ranks[t.rank] = Rank(t.rank, t.node, t.device, info.handle, info.weight_bytes,
+                                                   info.kv_bytes, info.kv_slots)
                         continue
                     p = event.progress
                     done[t.rank], total[t.rank] = p.bytes_done, p.bytes_total
@@ -340,10 +342,8 @@ class ModelTable:
                                                         bytes_done=sum(done.values()), bytes_total=sum(total.values())))
             finally:
                 call.cancel()  # no-op when finished; stops the neuron's load when this rank is abandoned
-            if loaded is None:
+            if not model.ranks[t.rank].handle:
                 raise FailedPrecondition("the neuron ended LoadShard without the shard's info")
-            model.ranks[t.rank] = Rank(t.rank, t.node, t.device, loaded.handle, loaded.weight_bytes,
-                                       loaded.kv_bytes, loaded.kv_slots)
 
         await on_all(targets, load_rank, "LoadShard")
 
@@ -360,9 +360,10 @@ class ModelTable:
         log.info("model unloaded", model=name, freed_bytes=freed)
         return freed
 
-    async def _release(self, model: Model) -> int:
+    async def _release(self, model: Model, sweep: bool = False) -> int:
         """Drop every loaded rank and leave the group. Never raises: what cannot be dropped now
-        (node unreachable) is dropped when the node answers again."""
+        (node unreachable) is dropped when the node answers again. sweep: after a failed load,
+        also wait out the shards of LoadShard calls that were cancelled in flight."""
         async def drop(r: Rank) -> int:
             node = self.registry.get(r.node)
             try:
@@ -379,5 +380,26 @@ class ModelTable:
         if model.group_id:
             ranks = [Target(r.rank, r.node, r.device, 0) for r in model.ranks]
             await destroy_group(self.registry, model.group_id, ranks)
+        if sweep:
+            await self._sweep(model)
         return sum(freed)
+
+    async def _sweep(self, model: Model) -> None:
+        """A cancelled LoadShard call's shard is dropped by its neuron, but only once the load job
+        on the device has finished: a moment after the call ended. Wait for that (bounded), so that
+        a failed load has left nothing behind when its error is reported. The model's name is
+        unique in the fleet (and not reusable until this returns), so its shards are recognisable."""
+        nodes = {r.node for r in model.ranks}
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        while nodes:
+            await self.registry.refresh(nodes)
+            left = {(n.address, s.handle) for a in nodes if (n := self.registry.get(a)).up
+                    for d in n.devices for s in d.shards if s.model == model.spec.name}
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                for address, handle in left:
+                    self.registry.schedule_drop(address, handle)
+                return
+            await asyncio.sleep(0.05)
 

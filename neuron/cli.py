@@ -30,7 +30,7 @@ SETTINGS = [
     Setting("devices", "", "devices: cpu | cpu:0,cpu:1,... | 0,1,... (GPU indices); empty: all GPUs, else cpu"),
     Setting("model_root", ["models"], "directory that checkpoints must live under (repeatable)", multiple=True),
     Setting("cortex", "", "cortex address to register with and heartbeat to (HOST:PORT)"),
-    Setting("advertise", "", "address cortex should use to reach this neuron; default HOSTNAME:PORT"),
+    Setting("advertise", "", "address cortex should use to reach this neuron; default: the listen host if specific, else HOSTNAME, with the bound port"),
     Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float),
     Setting("drain_seconds", 10.0, "on SIGTERM, how long in-flight requests may finish", type=float),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve_forever(settings))
     except KeyboardInterrupt:
         return 0
+    except OSError as err:  # e.g. the port is taken: one line, not a traceback
+        print(f"neuron: {err}", file=sys.stderr)
+        return 1
 
 
 def build_workers(settings: dict) -> list[DeviceWorker]:
@@ -73,6 +76,14 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
     return workers
 
 
+def default_advertise(listen: str, port: int) -> str:
+    """The listen host when it is a specific address, else this host's name."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host in ("", "0.0.0.0", "::", "*"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
 async def serve_forever(settings: dict) -> int:
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
@@ -81,7 +92,7 @@ async def serve_forever(settings: dict) -> int:
     service = NeuronService(workers, roots)
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
-    service.advertise = settings["advertise"] or f"{socket.gethostname()}:{port}"
+    service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
     log.info("neuron serving", listen=settings["listen"], port=port, devices=[w.spec.id for w in workers],

@@ -52,7 +52,8 @@ def advance(shard, seq: Sequence) -> bool:
         seq.sampler = Sampler(seq.sampling, shard.config.vocab_size)
     else:
         feed = seq.generated[-1:]
-    token = shard.next_token(feed, seq.position, seq.slot, seq.sampler, lambda: seq.prompt_ids + seq.generated)
+    token = shard.next_token(feed, seq.position, seq.slot, seq.sampler, lambda: seq.prompt_ids + seq.generated,
+                             more=len(seq.generated) + 1 < seq.sampling.max_tokens)
     seq.position += len(feed)
     seq.generated.append(token)
     seq.emit(TokenEvent(token))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import structlog
 
 from synapse.errors import Cancelled, InvalidArgument, ResourceExhausted
 
@@ -21,6 +22,8 @@ from .model.config import ModelConfig
 from .model.llama import LlamaModel
 from .model.sharding import TpLayout, expected_shapes, parameter_reads
 from .tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_KV_SLOTS = 4
@@ -76,15 +79,16 @@ class Shard:
             self.comm.wait(self.comm.step_timeout)  # NCCL is asynchronous: bound the step here
         return logits
 
-    def next_token(self, token_ids: list[int], start: int, slot: int, sampler, history) -> int:
+    def next_token(self, token_ids: list[int], start: int, slot: int, sampler, history, more: bool = True) -> int:
         """One step that also samples: on CUDA the fused decode graph picks greedy tokens on the
-        device, so only the token id comes back. Followers run the same forward in lockstep."""
+        device, so only the token id comes back. Followers run the same forward in lockstep.
+        `more`: another token is expected after this one (lets greedy decode queue the next step)."""
         if self.followers is not None:
             self.followers.step(token_ids, start, slot)
         bound = None
         if self.layout.size > 1 and hasattr(self.comm, "wait"):
             bound = lambda: self.comm.wait(self.comm.step_timeout)  # noqa: E731 - before any blocking read
-        return self.model.next_token(token_ids, start, self.kv, slot, sampler, history, before_read=bound)
+        return self.model.next_token(token_ids, start, self.kv, slot, sampler, history, before_read=bound, more=more)
 
     @property
     def nbytes(self) -> int:
@@ -213,6 +217,7 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
                                   done_bytes / elapsed / 1e9 if elapsed > 0 else 0.0))
         if uploader is not None:
             uploader.close()  # every copy has landed
+            log.info("weights uploaded", model=req.model, **{k: round(v, 3) for k, v in uploader.stats.items()})
             uploader = None
         read_seconds = time.perf_counter() - started
         progress(LoadProgress("kv-cache", done_bytes, source_bytes, done_tensors, total_tensors,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,11 +53,12 @@ class DeviceUploader:
         self._used = [False] * BUFFERS
         self._next = 0
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="upload")
+        self.stats = {"bytes": 0, "read_s": 0.0, "wait_s": 0.0}  # where a load's time goes
 
     def can_load(self, reads, dtype) -> bool:
         for r in reads:
             meta = self.ckpt.tensors[r.name]
-            if r.cols is not None or SAFETENSORS_DTYPES.get(meta.dtype) != np.dtype(dtype).name:
+            if not _full_width(r, meta.shape) or SAFETENSORS_DTYPES.get(meta.dtype) != np.dtype(dtype).name:
                 return False
         return True
 
@@ -96,10 +98,15 @@ class DeviceUploader:
             n = min(CHUNK_BYTES, nbytes - done)
             b = self._next % BUFFERS
             self._next += 1
+            t0 = time.perf_counter()
             if self._used[b]:
                 self._events[b].synchronize()  # its previous copy has left the buffer
+            t1 = time.perf_counter()
             buf = self._bufs[b]
             self._read(fd, buf, n, offset + done)
+            self.stats["wait_s"] += t1 - t0
+            self.stats["read_s"] += time.perf_counter() - t1
+            self.stats["bytes"] += n
             self.runtime.memcpyAsync(dst + done, buf.ctypes.data, n, self.runtime.memcpyHostToDevice, stream.ptr)
             self._events[b].record(stream)
             self._used[b] = True
@@ -122,6 +129,11 @@ class DeviceUploader:
             os.close(fd)
         self._fds.clear()
         self._bufs.clear()
+
+
+def _full_width(read, shape) -> bool:
+    """A column slice that keeps every column (row-parallel weights at tp size 1) is no slice."""
+    return read.cols is None or (len(shape) == 2 and read.cols.indices(shape[1]) == (0, shape[1], 1))
 
 
 def _pread_full(fd: int, view: memoryview, offset: int) -> None:

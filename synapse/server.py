@@ -136,7 +136,10 @@ class ServingServer:
     async def start(self) -> int:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(self.listen)
+        try:
+            self.port = self.server.add_insecure_port(self.listen)
+        except RuntimeError:  # grpc >= 1.84 raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}: address in use or invalid")
         await self.server.start()

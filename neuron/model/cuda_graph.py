@@ -3,7 +3,8 @@
 The decode step reads its position, KV slot and input token from a device array `meta`, so a
 single graph, captured once per shard (and KV cache), is replayed for every step of every sequence.
 Around a replay only two tiny copies cross the bus: `meta` in (from pinned host memory) and the
-sampled token id out.
+picked token id out (into a pinned per-slot ring, so the next step can already be queued while
+the host waits for this one's token).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class CudaStepIO:
         self.meta = cp.zeros(4, dtype=np.int32)
         import cupyx
         self.meta_host = cupyx.empty_pinned((4,), dtype=np.int32)
-        self.tok_host = cupyx.empty_pinned((4,), dtype=np.int32)
+        self.ring = None
         self._copied = cp.cuda.Event(disable_timing=True)
         self._pending = False
 
@@ -43,17 +44,30 @@ class CudaStepIO:
         """meta[2] = tokens[0] without a host round trip."""
         self.meta[2:3] = tokens[0:1].astype(np.int32, copy=False)
 
-    def read_token(self, token_dev) -> int:
+    def copy_token_async(self, tokens_dev, slot: int, parity: int) -> None:
+        """Queue the copy of tokens_dev[slot] into the host ring entry (slot, parity)."""
+        self._ensure(slot)
         stream = self.cp.cuda.get_current_stream()
-        self.runtime.memcpyAsync(self.tok_host.ctypes.data, token_dev.data.ptr, 4,
+        self.runtime.memcpyAsync(self.ring[slot, parity:parity + 1].ctypes.data, tokens_dev.data.ptr + 4 * slot, 4,
                                  self.runtime.memcpyDeviceToHost, stream.ptr)
-        stream.synchronize()
-        return int(self.tok_host[0])
+        self.ring_events[slot][parity].record(stream)
+
+    def wait_token(self, slot: int, parity: int) -> int:
+        self.ring_events[slot][parity].synchronize()
+        return int(self.ring[slot, parity])
+
+    def _ensure(self, slot: int) -> None:
+        if getattr(self, "ring", None) is None or slot >= self.ring.shape[0]:
+            import cupyx
+            n = max(slot + 1, 8)
+            self.ring = cupyx.empty_pinned((n, 2), dtype=np.int32)
+            self.ring_events = [[self.cp.cuda.Event(disable_timing=True) for _ in range(2)] for _ in range(n)]
 
 
 class NumpyStepIO:
     def __init__(self):
         self.meta = np.zeros(4, dtype=np.int32)
+        self.ring: dict = {}
 
     def set_meta(self, pos: int, slot: int, token: int = 0) -> None:
         self.meta[:] = (pos, slot, token, 0)
@@ -61,8 +75,11 @@ class NumpyStepIO:
     def set_token_from_device(self, tokens) -> None:
         self.meta[2] = int(tokens[0])
 
-    def read_token(self, token_dev) -> int:
-        return int(token_dev[0])
+    def copy_token_async(self, tokens_dev, slot: int, parity: int) -> None:
+        self.ring[(slot, parity)] = int(tokens_dev[slot])
+
+    def wait_token(self, slot: int, parity: int) -> int:
+        return self.ring.pop((slot, parity))
 
 
 class DecodeGraph:

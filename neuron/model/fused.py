@@ -1,8 +1,8 @@
 """The fused forward pass: the plain path's arithmetic (llama.py) through the kernels of kernels.py.
 
 Decode (one token): every layer is four GEMV launches with their neighbours folded in (RMSNorm
-into the q/k/v and gate/up GEMVs, silu*up into the down GEMV, the residual adds into the o/down
-GEMVs) plus the rotary/KV-write kernel and split-K attention; the final norm, lm_head and argmax
+into the q/k/v and gate/up GEMVs, silu(gate)*up into the gate/up GEMV's epilogue, the residual
+adds into the o/down GEMVs) plus the rotary/KV-write kernel and split-K attention; the final norm, lm_head and argmax
 close the step. Nothing in a step allocates or waits for the host, so on CUDA the whole step is
 captured once as a graph (cuda_graph.py) and replayed; only the sampled token id comes back.
 
@@ -38,6 +38,7 @@ class FusedLlama:
         self._graph = None
         self._graph_kv = None
         self._buffers_for = None
+        self._queued: dict[int, tuple[int, int]] = {}  # slot -> (position, input token) of a chained step in flight
         self.marks: list | None = None  # profiling: (label, event) pairs recorded between prefill phases
 
     def _mark(self, label: str) -> None:
@@ -57,14 +58,14 @@ class FusedLlama:
         self.qkv = xp.empty((self.hq + 2 * self.hkv) * self.d, dtype=T)
         self.q = xp.empty((self.hkv, 1, self.g, self.d), dtype=T)
         self.attn = xp.empty(self.hq * self.d, dtype=T)
-        self.gu = xp.empty(2 * self.inter, dtype=T)
+        self.act = xp.empty(self.inter, dtype=T)
         self.part = xp.empty(h, dtype=T) if self.tp else None
         ns = self.ops.attn_splits(self.g, self.d, kv.max_context)
         self.po = xp.empty((self.hq, ns, self.d), dtype=xp.float32)
         self.pm = xp.empty((self.hq, ns), dtype=xp.float32)
         self.pl = xp.empty((self.hq, ns), dtype=xp.float32)
         self.logits = xp.empty(self.lm_head.shape[0], dtype=xp.float32)
-        self.token = xp.zeros(1, dtype=xp.int32)
+        self.tokens = xp.zeros(kv.slots, dtype=xp.int32)  # last token picked on the device, per slot
         self._buffers_for = kv
 
     # ------------------------------------------------------------------ decode
@@ -72,7 +73,7 @@ class FusedLlama:
     def _decode_body(self, kv) -> None:
         ops, p, c = self.ops, self.p, self.c
         meta = self.io.meta
-        ops.embed_row(p["embed"], meta, self.x)
+        ops.embed_row(p["embed"], meta, self.tokens, self.x)
         for i in range(c.num_layers):
             ops.gemv(p[f"{i}.qkv"], self.x, self.qkv, "rms", "store", norm_w=p[f"{i}.input_norm"], eps=self.eps)
             ops.qkv_post(self.qkv, meta, 1, p.get(f"{i}.qkv_bias"), p.get(f"{i}.q_norm"), p.get(f"{i}.k_norm"),
@@ -80,11 +81,11 @@ class FusedLlama:
             ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale,
                             self.po, self.pm, self.pl, self.attn, self.hq, self.hkv, self.d)
             self._row_parallel(p[f"{i}.o"], self.attn, "none", p.get(f"{i}.o_bias"))
-            ops.gemv(p[f"{i}.gate_up"], self.x, self.gu, "rms", "store", norm_w=p[f"{i}.post_norm"], eps=self.eps,
+            ops.gemv(p[f"{i}.gate_up"], self.x, self.act, "rms", "silu_pair", norm_w=p[f"{i}.post_norm"], eps=self.eps,
                      bias=p.get(f"{i}.gate_up_bias"))
-            self._row_parallel(p[f"{i}.down"], self.gu, "silu", p.get(f"{i}.down_bias"))
+            self._row_parallel(p[f"{i}.down"], self.act, "none", p.get(f"{i}.down_bias"))
         ops.gemv(self.lm_head, self.x, None, "rms", "logits", norm_w=p["norm"], eps=self.eps, outf=self.logits)
-        ops.argmax(self.logits, self.token)
+        ops.argmax(self.logits, self.tokens, meta)
 
     def _row_parallel(self, W, xin, pro: str, bias) -> None:
         """x += all_reduce(W . prologue(xin) [+ bias])."""
@@ -105,11 +106,13 @@ class FusedLlama:
             graph.capture()
             self._graph, self._graph_kv = graph, kv
 
-    def _decode(self, pos: int, kv, slot: int, token: int | None, tokens_dev=None) -> None:
+    def _launch(self, pos: int, kv, slot: int, token: int | None, tokens_dev=None) -> None:
+        """Queue one decode step. token None: a chained step, whose input is the token the previous
+        step of this slot picked on the device (tokens[slot])."""
         if pos >= kv.max_context:
             raise ValueError(f"position {pos} is past the KV cache's context of {kv.max_context}")
         self._decode_buffers(kv)
-        self.io.set_meta(pos, slot, token or 0)
+        self.io.set_meta(pos, slot, -1 if token is None else token)
         if tokens_dev is not None:
             self.io.set_token_from_device(tokens_dev)
         if self.graph_factory is not None and self._graph_kv is not kv:
@@ -119,6 +122,33 @@ class FusedLlama:
         else:
             self._decode_body(kv)
 
+    def _decode(self, pos: int, kv, slot: int, token: int | None, tokens_dev=None) -> None:
+        self._queued.pop(slot, None)
+        self._launch(pos, kv, slot, 0 if token is None else token, tokens_dev)
+
+    def _next_greedy(self, token: int, pos: int, kv, slot: int, before_read, more: bool = True) -> int:
+        """Greedy decode, pipelined: the step after this one is queued (chained on the device)
+        before the host waits for this one's token, so the GPU never idles on the host. If the
+        caller feeds something else than the chained step assumed, that step is simply redone."""
+        if self._queued.pop(slot, None) != (pos, token):
+            self._launch(pos, kv, slot, token)
+            self.io.copy_token_async(self.tokens, slot, pos % 2)
+        return self._chain_and_read(pos, kv, slot, before_read, more)
+
+    def _chain_and_read(self, pos: int, kv, slot: int, before_read, more: bool = True) -> int:
+        """The token of the step at `pos` (already queued with its copy), after queueing pos + 1
+        when another token is expected."""
+        chained = more and not self.tp and pos + 1 < kv.max_context
+        if chained:
+            self._launch(pos + 1, kv, slot, None)
+            self.io.copy_token_async(self.tokens, slot, (pos + 1) % 2)
+        if before_read is not None:
+            before_read()
+        token = self.io.wait_token(slot, pos % 2)
+        if chained:
+            self._queued[slot] = (pos + 1, token)
+        return token
+
     # ------------------------------------------------------------------ prefill
 
     def _prefill(self, tokens, start: int, kv, slot: int, all_positions: bool):
@@ -126,6 +156,7 @@ class FusedLlama:
         tn = int(tokens.shape[0])
         if start + tn > kv.max_context:
             raise ValueError(f"positions {start}..{start + tn - 1} are past the KV cache's context of {kv.max_context}")
+        self._queued.pop(slot, None)
         self._decode_buffers(kv)
         self.io.set_meta(start, slot, 0)
         meta = self.io.meta
@@ -201,22 +232,26 @@ class FusedLlama:
             return self.logits[None].copy()
         return self._prefill(tokens, start, kv, slot, all_positions)
 
-    def next_token(self, feed: list[int], start: int, kv, slot: int, sampler, history, before_read=None) -> int:
+    def next_token(self, feed: list[int], start: int, kv, slot: int, sampler, history, before_read=None,
+                   more: bool = True) -> int:
         """Run `feed` (a prompt, or the one last token) and pick the next token; greedy decoding
         without a repetition penalty picks on the device and reads back one int32."""
-        simple = sampler.config.greedy and sampler.config.repetition_penalty == 1.0
+        simple = sampler.config.greedy and sampler.config.repetition_penalty == 1.0 and not self.tp
         if len(feed) == 1:
+            if simple:
+                return self._next_greedy(int(feed[0]), start, kv, slot, before_read, more)
             self._decode(start, kv, slot, int(feed[0]))
             logits = self.logits
         else:
             tokens = self.xp.asarray(np.asarray(feed, dtype=np.int32))
             logits = self._prefill(tokens, start, kv, slot, False)[-1]
             if simple:
-                self.ops.argmax(logits, self.token)
+                last = start + len(feed) - 1
+                self.ops.argmax(logits, self.tokens, self.io.meta)  # meta still holds (start, slot)
+                self.io.copy_token_async(self.tokens, slot, last % 2)
+                return self._chain_and_read(last, kv, slot, before_read, more)
         if before_read is not None:
             before_read()
-        if simple:
-            return self.io.read_token(self.token)
         return sampler.sample(self.xp, logits, history())
 
 

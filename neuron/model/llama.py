@@ -39,13 +39,21 @@ def silu(xp, x):
     return (xf / (1.0 + xp.exp(-xf))).astype(x.dtype)
 
 
+def _bmm(xp, a, b):
+    """Batched a @ b. CuPy has no batched bfloat16 GEMM, so there the product is taken in float32 and
+    rounded once to bfloat16: what cuBLAS does for a bf16 GEMM (float32 accumulation, one rounding)."""
+    if xp is not np and a.dtype == b.dtype and a.dtype.name == "bfloat16":
+        return (a.astype(xp.float32) @ b.astype(xp.float32)).astype(a.dtype)
+    return a @ b
+
+
 def attention(xp, q, keys, values, start: int, window: int | None):
     """Causal GQA attention of q [T, Hq, d] over cached keys/values [Hkv, L, d], L = start + T."""
     T, hq, d = q.shape
     hkv, length = keys.shape[0], keys.shape[1]
     group = hq // hkv
     qh = q.reshape(T, hkv, group, d).transpose(1, 2, 0, 3)                  # [Hkv, g, T, d]
-    scores = (qh @ keys.transpose(0, 2, 1)[:, None]).astype(xp.float32)      # [Hkv, g, T, L]
+    scores = _bmm(xp, qh, keys.transpose(0, 2, 1)[:, None]).astype(xp.float32)  # [Hkv, g, T, L]
     scores *= 1.0 / float(d) ** 0.5
     q_pos = xp.arange(start, start + T)[:, None]
     k_pos = xp.arange(length)[None, :]
@@ -56,7 +64,7 @@ def attention(xp, q, keys, values, start: int, window: int | None):
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    out = probs.astype(values.dtype) @ values[:, None]                        # [Hkv, g, T, d]
+    out = _bmm(xp, probs.astype(values.dtype), values[:, None])               # [Hkv, g, T, d]
     return out.transpose(2, 0, 1, 3).reshape(T, hq * d)
 
 
@@ -77,7 +85,10 @@ class LlamaModel:
 
     def _fused_engine(self, mode: str):
         if mode == "auto":
-            mode = os.environ.get("NEURON_FUSED", "auto")
+            mode = os.environ.get("NEURON_FUSED", "auto").strip().lower() or "auto"
+            if mode not in ("auto", "off", "0", "cuda", "1", "numpy"):
+                log.warning("NEURON_FUSED must be auto, off, cuda or numpy; using auto", value=mode)
+                mode = "auto"
         on_gpu = self.xp is not np
         if mode in ("off", "0") or (mode == "auto" and not on_gpu):
             return None
@@ -89,7 +100,11 @@ class LlamaModel:
                 raise ValueError(f"fused kernels cannot run this model: {reason}")
             log.info("fused kernels off for this model; using the plain path", reason=reason)
             return None
-        engine_mode = "numpy" if (mode == "numpy" or not on_gpu) else "cuda"
+        if mode in ("cuda", "1") and not on_gpu:
+            raise ValueError("NEURON_FUSED=cuda needs a GPU device")
+        if mode == "numpy" and on_gpu:
+            raise ValueError("NEURON_FUSED=numpy (the kernels' NumPy mirror) is for CPU devices")
+        engine_mode = "numpy" if mode == "numpy" else "cuda"
         return fused.new_engine(self.config, self.layout, self.p, self.xp, self.comm, self.cos, self.sin, engine_mode)
 
     def prepare(self, kv: KvCache) -> None:
@@ -98,12 +113,13 @@ class LlamaModel:
             self.fused.prepare(kv)
 
     def next_token(self, feed: list[int], start: int, kv: KvCache, slot: int, sampler, history,
-                   before_read=None) -> int:
+                   before_read=None, more: bool = True) -> int:
         """Run `feed` (the prompt, or the last generated token) at positions start.. and sample the
         next token. `history()` gives the prompt and generated ids (for the repetition penalty);
-        `before_read()`, if given, runs after the step is queued and before the host waits for it."""
+        `before_read()`, if given, runs after the step is queued and before the host waits for it;
+        `more` says whether another token will be asked for after this one."""
         if self.fused is not None:
-            return self.fused.next_token(feed, start, kv, slot, sampler, history, before_read)
+            return self.fused.next_token(feed, start, kv, slot, sampler, history, before_read, more)
         logits = self.forward(self.xp.asarray(feed, dtype=self.xp.int32), start, kv, slot)
         if before_read is not None:
             before_read()

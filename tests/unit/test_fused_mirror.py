@@ -85,3 +85,29 @@ def test_mirror_greedy_equals_plain_in_float16(name):
     fused, kv_f, config = build(name, np.float16, "numpy")
     plain, kv_p, _ = build(name, np.float16, "off")
     assert greedy(fused, kv_f, config, prompt, 32) == greedy(plain, kv_p, config, prompt, 32)
+
+
+def test_chained_greedy_steps_stay_correct_when_interleaved_or_overridden():
+    """Greedy decode queues the next step before reading this one's token (chained on the device).
+    Two sequences interleaved in two slots, one of which is sometimes fed a token other than its
+    greedy pick (as a stop string or a new request would), must still get exactly the plain path's
+    next token at every step."""
+    ref = np.load(REFERENCE / "llama3.npz")
+    fused, kv, config = build("llama3", np.float32, "numpy")
+    plain, kv_p, _ = build("llama3", np.float32, "off")
+    greedy_cfg = Sampler(SamplingConfig(max_tokens=64), config.vocab_size)
+    seqs = {0: [int(t) for t in ref["prompt_ids"]], 1: [int(t) for t in ref["long_prompt_ids"][:20]]}
+    fed = {0: None, 1: None}
+    for step in range(24):
+        for slot in (0, 1):
+            history = seqs[slot]
+            if fed[slot] is None:
+                feed, start = history, 0
+            else:
+                feed, start = history[-1:], len(history) - 1
+            got = fused.next_token(feed, start, kv, slot, greedy_cfg, lambda: history)
+            want = int(np.argmax(plain.forward(np.asarray(history, np.int32), 0, kv_p, 0)[0]))
+            assert got == want, (step, slot)
+            nxt = got if not (slot == 1 and step % 5 == 2) else (got + 7) % config.vocab_size  # override
+            history.append(nxt)
+            fed[slot] = nxt
