@@ -202,6 +202,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seq = Sequence(request.handle, prompt_ids, sampling, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        if sampling.stop and shard.tokenizer is None:
+            raise FailedPrecondition(f"{shard.request.model} has no tokenizer.json, so stop strings cannot be matched; "
+                                     "use stop_token_ids")
         text = TextStream(shard.tokenizer, list(sampling.stop)) if shard.tokenizer else None
         started = time.perf_counter()
         first_token_at = None
