@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import ceil_div, softmax_scale
+from .kernels import softmax_scale
 
 ATTN_SCORE_BYTES = 128 << 20  # prefill attention: score/probability memory per query chunk
 
@@ -268,4 +268,4 @@ def new_engine(config, layout, params: dict, xp, comm, cos, sin, mode: str):
                       graph_factory=lambda body: DecodeGraph(xp, body))
 
 
-__all__ = ["FusedLlama", "new_engine", "ceil_div"]
+__all__ = ["FusedLlama", "new_engine"]

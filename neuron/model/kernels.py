@@ -24,16 +24,13 @@ Layouts (one sequence, T tokens, Hq query heads = Hkv kv heads x g, head_dim D):
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 PRO = {"none": 0, "rms": 1, "silu": 2}
 EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3}
 GEMV_THREADS = 256
-GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # one warp per output row
-GEMV_PREFETCH = 8                          # weight vectors per lane loaded before the prologue
+GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two rows, or a gate/up pair)
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4)
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
 
@@ -971,4 +968,4 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["CudaOps", "NumpyOps", "supports", "attn_chunk", "attn_threads", "softmax_scale", "ceil_div", "math"]
+__all__ = ["CudaOps", "NumpyOps", "supports", "attn_chunk", "attn_threads", "softmax_scale", "ceil_div"]
