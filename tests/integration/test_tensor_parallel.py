@@ -83,39 +83,35 @@ def tp1(stub, name):
     return prompt, logits, tokens
 
 
+def assert_tp_matches_tp1(leader_stub, ranks, name):
+    """Logits within relative L2 1e-5 of TP=1 and identical greedy tokens; nothing left after."""
+    prompt, logits1, tokens1 = tp1(leader_stub, name)
+    group_id, handles = form_group(ranks, name)
+    try:
+        logits = logits_from_tensor(leader_stub.Forward(pb.ForwardRequest(handle=handles[0], token_ids=prompt,
+                                                                          all_positions=True)).logits)
+        assert rel_l2(logits, logits1) < 1e-5
+        assert greedy(leader_stub, handles[0], prompt) == tokens1
+    finally:
+        destroy(ranks, group_id)
+    for stub in {id(s): s for s, _, _ in ranks}.values():
+        assert not any(d.shards for d in stub.Describe(pb.DescribeRequest()).devices)
+
+
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_tp_on_one_neuron_matches_tp1(four, name, size):
     with four.channel() as channel:
         stub = neuron_pb2_grpc.NeuronStub(channel)
-        prompt, logits1, tokens1 = tp1(stub, name)
-        ranks = [(stub, four.address, f"cpu:{r}") for r in range(size)]
-        group_id, handles = form_group(ranks, name)
-        try:
-            logits = logits_from_tensor(stub.Forward(pb.ForwardRequest(handle=handles[0], token_ids=prompt,
-                                                                       all_positions=True)).logits)
-            assert rel_l2(logits, logits1) < 1e-5
-            assert greedy(stub, handles[0], prompt) == tokens1
-        finally:
-            destroy(ranks, group_id)
-        assert not any(d.shards for d in stub.Describe(pb.DescribeRequest()).devices)
+        assert_tp_matches_tp1(stub, [(stub, four.address, f"cpu:{r}") for r in range(size)], name)
 
 
-@pytest.mark.parametrize("name", ["llama_sharded", "qwen3"])  # 1 kv head < 2 ranks; q/k norms
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_tp2_across_two_neuron_processes_matches_tp1(pair, name):
     a, b = pair
     with a.channel() as ca, b.channel() as cb:
         sa, sb = neuron_pb2_grpc.NeuronStub(ca), neuron_pb2_grpc.NeuronStub(cb)
-        prompt, logits1, tokens1 = tp1(sa, name)
-        ranks = [(sa, a.address, "cpu:0"), (sb, b.address, "cpu:0")]
-        group_id, handles = form_group(ranks, name)
-        try:
-            logits = logits_from_tensor(sa.Forward(pb.ForwardRequest(handle=handles[0], token_ids=prompt,
-                                                                     all_positions=True)).logits)
-            assert rel_l2(logits, logits1) < 1e-5
-            assert greedy(sa, handles[0], prompt) == tokens1
-        finally:
-            destroy(ranks, group_id)
+        assert_tp_matches_tp1(sa, [(sa, a.address, "cpu:0"), (sb, b.address, "cpu:0")], name)
 
 
 def test_unshardable_config_is_refused_with_the_reason(four):
