@@ -107,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--cpu", action="store_true", help="dry run on cpu:0/cpu:1 in float32 (checks the script)")
+    parser.add_argument("--layouts", default="one-neuron,two-neurons", help="comma-separated subset")
+    parser.add_argument("--models", default="", help="comma-separated subset of the fixtures and mid-2048x8")
     args = parser.parse_args()
     global DTYPE
     if args.cpu:
@@ -121,15 +123,18 @@ def main() -> None:
         ref = np.load(fixtures / "reference" / f"{name}.npz")
         models.append((str(fixtures / "models" / name), name, [int(t) for t in ref["prompt_ids"]]))
     models.append((str(mid), "mid-2048x8", list(range(5, 40))))
+    if args.models:
+        keep = set(args.models.split(","))
+        models = [m for m in models if m[1] in keep]
     rows = []
-    for layout in ("one-neuron", "two-neurons"):
+    for layout in [x for x in args.layouts.split(",") if x]:
         rows += run_layout(layout, [fixtures / "models", work / "models"], models, work)
     gpu = "cpu dry run"
     if not args.cpu:
         import cupy
         gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     report = {"commit": commit(), "gpu": gpu, "dtype": DTYPE,
-              "command": "python bench/tp_gpu_check.py", "rows": rows,
+              "command": "python bench/tp_gpu_check.py " + " ".join(sys.argv[1:]), "rows": rows,
               "all_pass": all(r["pass"] for r in rows)}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"tp_gpu_{'cpu_' if args.cpu else ''}{report['commit'][:12]}.json"

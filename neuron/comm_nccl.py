@@ -2,12 +2,21 @@
 
 NCCL calls are asynchronous, so a dead peer shows up as a stream that never finishes: callers wait
 with `wait(timeout)`, which aborts the communicator when the deadline passes.
+
+The decode step's collectives are captured in the worker's CUDA graph (the communicator runs on the
+worker's stream). NCCL (2.26+) does not let a communicator go, abort included, while a CUDA graph
+that holds its collectives exists: ncclCommAbort would wait for that graph forever. So whoever
+captures registers a release with `before_abort`, and abort() drops those graphs first (a graph still
+running is freed by CUDA when it ends, which the abort flag makes happen). NCCL_GRAPH_REGISTER defaults to 0 here: registering the graph's buffers would
+exchange IPC handles with the peers during capture, tying one rank's load to the others'; the
+decode collectives are a few KiB, where registration gains nothing.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
+import weakref
 
 import structlog
 
@@ -15,6 +24,8 @@ from .collectives import UNIQUE_ID_BYTES, CollectiveError, Communicator
 
 log = structlog.get_logger(__name__)
 ABORT_GRACE_SECONDS = 10.0
+POLL_SECONDS = 0.00005
+os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")  # before NCCL reads its settings (see above)
 
 
 def create_group_id() -> bytes:
@@ -24,7 +35,8 @@ def create_group_id() -> bytes:
 
 def _nccl_dtype(nccl, dtype) -> int:
     codes = {"float32": nccl.NCCL_FLOAT32, "float16": nccl.NCCL_FLOAT16,
-             "bfloat16": getattr(nccl, "NCCL_BFLOAT16", 9)}  # ncclBfloat16 = 9 in nccl.h
+             "bfloat16": getattr(nccl, "NCCL_BFLOAT16", 9),  # ncclBfloat16 = 9 in nccl.h
+             "int32": nccl.NCCL_INT32}
     return codes[str(dtype)]
 
 
@@ -39,6 +51,12 @@ class NcclCommunicator(Communicator):
         except TypeError:  # older CuPy: a tuple of C chars
             self.comm = nccl.NcclCommunicator(size, tuple(b - 256 if b > 127 else b for b in uid), rank)
         self._aborted = False
+        self._release: list = []
+
+    def before_abort(self, release) -> None:
+        """release() drops the CUDA graphs that captured this communicator; abort() calls it first.
+        Held weakly (a bound method of the model would otherwise keep its weights alive)."""
+        self._release.append(weakref.WeakMethod(release) if hasattr(release, "__self__") else (lambda: release))
 
     def _check(self):
         if self._aborted:
@@ -63,20 +81,32 @@ class NcclCommunicator(Communicator):
         self.comm.allGather(x.data.ptr, out.data.ptr, x.size, _nccl_dtype(self._nccl, x.dtype), self.stream.ptr)
         return out
 
+    def all_gather_into(self, out):
+        self._check()
+        n = out.size // self.size
+        item = out.dtype.itemsize
+        self.comm.allGather(out.data.ptr + self.rank * n * item, out.data.ptr, n, _nccl_dtype(self._nccl, out.dtype),
+                            self.stream.ptr)  # in place: sendbuff == recvbuff + rank * count
+
     def barrier(self) -> None:
         import cupy
         self.all_reduce(cupy.zeros(1, dtype=cupy.float32))
         self.wait(self.step_timeout)
 
-    def wait(self, timeout: float) -> None:
-        """Block until the stream's work is done; past the deadline, abort and raise."""
+    def wait(self, timeout: float, ready=None) -> None:
+        """Block until `ready()` (default: the stream's work is done); past the deadline, abort
+        the communicator and raise. A caller that keeps later steps queued passes a poll of the
+        step it needs (an event), so the wait does not cover the queued ones."""
+        done = ready or (lambda: self.stream.done)
+        if done():
+            return
         deadline = time.monotonic() + timeout
-        while not self.stream.done:
+        while not done():
             if time.monotonic() > deadline:
                 self.abort()
                 raise CollectiveError(f"a step on rank {self.rank} passed its {timeout:g} s deadline; "
                                       "the NCCL communicator was aborted")
-            time.sleep(0.0002)
+            time.sleep(POLL_SECONDS)
 
     def abort(self) -> None:
         if self._aborted:
@@ -89,6 +119,14 @@ class NcclCommunicator(Communicator):
         watchdog.daemon = True
         watchdog.start()
         try:
+            for ref in self._release:
+                release = ref()
+                if release is not None:
+                    try:
+                        release()
+                    except Exception:  # noqa: BLE001 - the abort must go on
+                        log.exception("releasing the CUDA graphs of a communicator failed")
+            self._release.clear()
             self.comm.abort()
         finally:
             done.set()

@@ -81,14 +81,35 @@ class Shard:
 
     def next_token(self, token_ids: list[int], start: int, slot: int, sampler, history, more: bool = True) -> int:
         """One step that also samples: on CUDA the fused decode graph picks greedy tokens on the
-        device, so only the token id comes back. Followers run the same forward in lockstep.
+        device, so only the token id comes back. Followers run every step the leader queues, in
+        lockstep (told through `announce`, before each step is queued; a pipelined greedy decode
+        queues the next step before reading this one's token, on every rank).
         `more`: another token is expected after this one (lets greedy decode queue the next step)."""
-        if self.followers is not None:
-            self.followers.step(token_ids, start, slot)
+        announce = self.followers.step if self.followers is not None else None
         bound = None
         if self.layout.size > 1 and hasattr(self.comm, "wait"):
-            bound = lambda: self.comm.wait(self.comm.step_timeout)  # noqa: E731 - before any blocking read
-        return self.model.next_token(token_ids, start, self.kv, slot, sampler, history, before_read=bound, more=more)
+            def bound(ready=None):  # before any blocking read: a hung collective must not hang the worker
+                self.comm.wait(self.comm.step_timeout, ready)
+        return self.model.next_token(token_ids, start, self.kv, slot, sampler, history, before_read=bound, more=more,
+                                     announce=announce)
+
+    def follow(self, token_ids: list[int], start: int, slot: int) -> None:
+        """A follower rank's step, as its leader announced it (token_ids [] is a decode step chained
+        on the device). The fused engine queues it and waits (bounded) only for the step before,
+        so the next one can be queued while this one runs; the plain path waits for this one."""
+        fused = self.model.fused
+        wait = getattr(self.comm, "wait", None)
+        if fused is not None:
+            fused.follow(token_ids, start, self.kv, slot)
+            if wait is not None:
+                wait(self.comm.step_timeout, fused.io.previous_step_done)
+            return
+        if not token_ids:
+            raise ValueError("a chained decode step needs the fused engine on every rank")
+        xp = self.model.xp
+        self.model.forward(xp.asarray(token_ids, dtype=xp.int32), start, self.kv, slot)
+        if wait is not None:
+            wait(self.comm.step_timeout)
 
     @property
     def nbytes(self) -> int:

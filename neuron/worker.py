@@ -211,6 +211,7 @@ class DeviceWorker:
         del self.slab[job.handle]
         freed = shard.nbytes
         self.backend.used -= freed
+        shard.model.release_graphs()  # before the communicator goes: NCCL waits for graphs that hold it
         shard.comm.close()
         del shard
         self.backend.release_cached()
@@ -220,10 +221,7 @@ class DeviceWorker:
     def _follow(self, job: FollowerStepJob) -> None:
         shard = self._shard(job.handle)
         try:
-            shard.model.forward(shard.model.xp.asarray(job.token_ids, dtype=shard.model.xp.int32), job.start,
-                                shard.kv, job.slot)
-            if hasattr(shard.comm, "wait"):
-                shard.comm.wait(shard.comm.step_timeout)
+            shard.follow(job.token_ids, job.start, job.slot)
         except CollectiveError as err:
             raise self._fail_shard(shard, err) from None
 
@@ -231,6 +229,7 @@ class DeviceWorker:
         """A broken TP group: fail its requests, free the shard, keep why (Describe reports it)."""
         reason = f"tensor-parallel group {shard.request.group_id!r} failed on rank {shard.layout.rank}: {err}"
         log.error("tensor-parallel group failed", handle=shard.handle, group=shard.request.group_id, error=str(err))
+        shard.model.release_graphs()
         shard.comm.abort()
         if shard.followers is not None:
             shard.followers.drop_local()
@@ -339,6 +338,7 @@ class DeviceWorker:
         while self._waiting:
             self._reject(self._waiting.popleft(), Unavailable(f"device {self.spec.id} is shutting down"))
         for shard in self.slab.values():
+            shard.model.release_graphs()
             shard.comm.close()
         self.slab.clear()
         self.backend.close()

@@ -56,6 +56,27 @@ class CudaStepIO:
         self.ring_events[slot][parity].synchronize()
         return int(self.ring[slot, parity])
 
+    def token_ready(self, slot: int, parity: int):
+        """A poll for the copy of (slot, parity): the NCCL step deadline polls it before wait_token
+        blocks, so a hung collective cannot block the worker thread."""
+        event = self.ring_events[slot][parity]
+        return lambda: event.done
+
+    def mark_step(self) -> None:
+        """A follower rank's step is queued: remember its end (two in flight at most)."""
+        if not hasattr(self, "_steps"):
+            self._steps = [self.cp.cuda.Event(disable_timing=True) for _ in range(2)]
+            self._step_no = 0
+        self._step_no += 1
+        self._steps[self._step_no % 2].record()
+
+    def previous_step_done(self) -> bool:
+        """Whether the step before the last marked one has finished: a follower waits (bounded)
+        for that one, not the last, so its GPU always has the next step queued."""
+        if getattr(self, "_step_no", 0) < 2:
+            return True
+        return self._steps[(self._step_no - 1) % 2].done
+
     def _ensure(self, slot: int) -> None:
         if getattr(self, "ring", None) is None or slot >= self.ring.shape[0]:
             import cupyx
@@ -81,13 +102,25 @@ class NumpyStepIO:
     def wait_token(self, slot: int, parity: int) -> int:
         return self.ring.pop((slot, parity))
 
+    def token_ready(self, slot: int, parity: int):
+        return lambda: True
+
+    def mark_step(self) -> None:
+        pass
+
+    def previous_step_done(self) -> bool:
+        return True
+
 
 class DecodeGraph:
     """Captures `body()` (kernel launches only: no allocation, no host sync) on the current stream
-    and replays it. Falls back to running `body()` eagerly when capture is not possible."""
+    and replays it. Falls back to running `body()` eagerly when capture is not possible.
+    `warmup()` (default: body) runs once eagerly before the capture, to load modules and set kernel
+    attributes; a TP rank's warm-up leaves the collectives out, so it needs no other rank. NCCL
+    calls inside body() are captured (the communicator must use the current stream)."""
 
-    def __init__(self, cp, body: Callable[[], None]):
-        self.cp, self.body = cp, body
+    def __init__(self, cp, body: Callable[[], None], warmup: Callable[[], None] | None = None):
+        self.cp, self.body, self.warmup = cp, body, warmup or body
         self.graph = None
         self.failed: str | None = None
 
@@ -97,7 +130,7 @@ class DecodeGraph:
         if stream.ptr == 0:
             self.failed = "the current stream is the legacy default stream; graphs need a created stream"
             return False
-        self.body()  # warm-up: loads modules, sets kernel attributes
+        self.warmup()  # loads modules, sets kernel attributes
         stream.synchronize()
         try:
             stream.begin_capture()

@@ -9,8 +9,15 @@ captured once as a graph (cuda_graph.py) and replayed; only the sampled token id
 Prefill (a prompt): cuBLAS matmuls over all its tokens, the same fused elementwise kernels, and
 attention in query chunks (scores of at most ATTN_SCORE_BYTES live at once, never [heads, T, T]).
 
-With tensor parallelism the row-parallel GEMVs store their partial sums, the communicator sums
-them, and the residual add follows; graphs are then not captured (the collectives run eagerly).
+Tensor parallelism: the row-parallel products (o, down) write float32 partial sums, the
+communicator sums them in float32, and one kernel rounds the sum and adds it into the residual, so
+a TP rank rounds exactly where a single GPU does (only the float32 summation order differs). The
+lm_head is vocab-parallel in decode (each rank its rows, then an all-gather of the float32 logits),
+so every rank holds the same logits and picks the same token. NCCL collectives are captured in the
+decode graph like any kernel (on the worker's stream, which is the communicator's); prefill stays
+eager. Greedy decode is pipelined on every rank: the leader announces each step it queues to the
+followers (`announce`), a chained step as an empty token list, and followers replay the same graph
+with the same meta (`follow`), their chained input being the token their own graph picked.
 """
 from __future__ import annotations
 
@@ -34,7 +41,13 @@ class FusedLlama:
         self.window = int(config.sliding_window or 0)
         self.lm_head = params.get("lm_head", params["embed"])
         self.tp = getattr(comm, "size", 1) > 1
-        self.graph_factory = None if self.tp else graph_factory
+        self.rank, self.size = (comm.rank, comm.size) if self.tp else (0, 1)
+        # decode's vocab-parallel lm_head: this rank's rows [lo, hi) of a chunk of `vchunk` rows
+        vocab = self.lm_head.shape[0]
+        self.vchunk = -(-vocab // self.size)
+        lo, hi = min(self.rank * self.vchunk, vocab), min((self.rank + 1) * self.vchunk, vocab)
+        self.lm_rows = (lo, hi)
+        self.graph_factory = graph_factory
         self._graph = None
         self._graph_kv = None
         self._buffers_for = None
@@ -59,18 +72,72 @@ class FusedLlama:
         self.q = xp.empty((self.hkv, 1, self.g, self.d), dtype=T)
         self.attn = xp.empty(self.hq * self.d, dtype=T)
         self.act = xp.empty(self.inter, dtype=T)
-        self.part = xp.empty(h, dtype=T) if self.tp else None
+        self.part = xp.empty(h, dtype=xp.float32) if self.tp else None  # float32 row-parallel partial / sum
+        self.x2 = xp.empty(h, dtype=T) if self.tp else None  # TP: the residual stream ping-pongs x <-> x2
         ns = self.ops.attn_splits(self.g, self.d, kv.max_context)
         self.po = xp.empty((self.hq, ns, self.d), dtype=xp.float32)
         self.pm = xp.empty((self.hq, ns), dtype=xp.float32)
         self.pl = xp.empty((self.hq, ns), dtype=xp.float32)
-        self.logits = xp.empty(self.lm_head.shape[0], dtype=xp.float32)
+        vocab = self.lm_head.shape[0]
+        if self.tp:
+            # size chunks of vchunk logits, gathered in place; a short last chunk is padded with -inf
+            self.logits_all = xp.full(self.size * self.vchunk, -np.inf, dtype=xp.float32)
+            self.logits = self.logits_all[:vocab]
+            lo, hi = self.lm_rows
+            self.logits_mine = self.logits_all[self.rank * self.vchunk:self.rank * self.vchunk + (hi - lo)]
+            self.lm_head_mine = self.lm_head[lo:hi]
+        else:
+            self.logits = xp.empty(vocab, dtype=xp.float32)
         self.tokens = xp.zeros(kv.slots, dtype=xp.int32)  # last token picked on the device, per slot
         self._buffers_for = kv
 
     # ------------------------------------------------------------------ decode
 
-    def _decode_body(self, kv) -> None:
+    def _decode_body(self, kv, collectives: bool = True) -> None:
+        """One decode step (kernel launches only). collectives=False leaves the NCCL calls out: a
+        warm-up that runs on one rank alone, or a profile of the step without its communication.
+
+        Under TP the residual add of each summed row-parallel partial is folded into the next
+        GEMV's prologue ("resid_rms": x + T(sum) is formed, normed and used by every block; block
+        0 stores it), so the residual stream alternates between x and x2 (two adds per layer)."""
+        if not self.tp:
+            return self._decode_body_single(kv)
+        ops, p, c = self.ops, self.p, self.c
+        meta = self.io.meta
+        ops.embed_row(p["embed"], meta, self.tokens, self.x)
+        cur, nxt = self.x, self.x2
+        pending = None  # (bias,) of the row-parallel sum in self.part that is not yet in the residual
+
+        def normed(W, out, epi, norm_w, bias=None, outf=None):
+            nonlocal cur, nxt, pending
+            if pending is None:
+                ops.gemv(W, cur, out, "rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf)
+                return
+            ops.gemv(W, cur, out, "resid_rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf,
+                     resid=self.part, resid_bias=pending[0], xout=nxt)
+            cur, nxt, pending = nxt, cur, None
+
+        for i in range(c.num_layers):
+            normed(p[f"{i}.qkv"], self.qkv, "store", p[f"{i}.input_norm"])
+            ops.qkv_post(self.qkv, meta, 1, p.get(f"{i}.qkv_bias"), p.get(f"{i}.q_norm"), p.get(f"{i}.k_norm"),
+                         self.cos, self.sin, self.q, kv.keys[i], kv.values[i], self.hq, self.hkv, self.d, self.eps)
+            ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale,
+                            self.po, self.pm, self.pl, self.attn, self.hq, self.hkv, self.d)
+            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part)
+            if collectives:
+                self._sum(self.part)
+            pending = (p.get(f"{i}.o_bias"),)
+            normed(p[f"{i}.gate_up"], self.act, "silu_pair", p[f"{i}.post_norm"], bias=p.get(f"{i}.gate_up_bias"))
+            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part)
+            if collectives:
+                self._sum(self.part)
+            pending = (p.get(f"{i}.down_bias"),)
+        normed(self.lm_head_mine, None, "logits", p["norm"], outf=self.logits_mine)
+        if collectives:
+            self.comm.all_gather_into(self.logits_all)
+        ops.argmax(self.logits, self.tokens, meta)
+
+    def _decode_body_single(self, kv) -> None:
         ops, p, c = self.ops, self.p, self.c
         meta = self.io.meta
         ops.embed_row(p["embed"], meta, self.tokens, self.x)
@@ -80,31 +147,49 @@ class FusedLlama:
                          self.cos, self.sin, self.q, kv.keys[i], kv.values[i], self.hq, self.hkv, self.d, self.eps)
             ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale,
                             self.po, self.pm, self.pl, self.attn, self.hq, self.hkv, self.d)
-            self._row_parallel(p[f"{i}.o"], self.attn, "none", p.get(f"{i}.o_bias"))
+            ops.gemv(p[f"{i}.o"], self.attn, self.x, "none", "resid", bias=p.get(f"{i}.o_bias"))
             ops.gemv(p[f"{i}.gate_up"], self.x, self.act, "rms", "silu_pair", norm_w=p[f"{i}.post_norm"], eps=self.eps,
                      bias=p.get(f"{i}.gate_up_bias"))
-            self._row_parallel(p[f"{i}.down"], self.act, "none", p.get(f"{i}.down_bias"))
+            ops.gemv(p[f"{i}.down"], self.act, self.x, "none", "resid", bias=p.get(f"{i}.down_bias"))
         ops.gemv(self.lm_head, self.x, None, "rms", "logits", norm_w=p["norm"], eps=self.eps, outf=self.logits)
         ops.argmax(self.logits, self.tokens, meta)
 
-    def _row_parallel(self, W, xin, pro: str, bias) -> None:
-        """x += all_reduce(W . prologue(xin) [+ bias])."""
-        if not self.tp:
-            self.ops.gemv(W, xin, self.x, pro, "resid", bias=bias)
-            return
-        self.ops.gemv(W, xin, self.part, pro, "store", bias=bias)
-        summed = self.comm.all_reduce(self.part)
-        self.x[...] = self.x + summed
+    def _sum(self, buf) -> None:
+        """In-place all-reduce (the NCCL engine sums in place; the TCP engine returns a new array)."""
+        out = self.comm.all_reduce(buf)
+        if out is not buf:
+            buf[...] = out
+
+    def _share_tokens(self) -> None:
+        """Every rank takes rank 0's picked tokens (after an eager prefill's argmax): the chained
+        decode steps of all ranks then read the same input even if the ranks' prefill logits differ
+        in the last bit (different GPUs, different cuBLAS kernels)."""
+        out = self.comm.broadcast(self.tokens, 0)
+        if out is not self.tokens:
+            self.tokens[...] = out
 
     def prepare(self, kv) -> None:
-        """Compile the kernels and capture the decode graph for this KV cache (called at load)."""
+        """Compile the kernels and capture the decode graph for this KV cache (called at load).
+        The warm-up before capture runs without collectives, so a rank captures on its own: no
+        rank waits for another at load. The captured graph holds the NCCL calls."""
         self.ops.compile_all()
         self._decode_buffers(kv)
         if self.graph_factory is not None and self._graph_kv is not kv:
+            self.release_graphs()
             self.io.set_meta(0, 0, 0)
-            graph = self.graph_factory(lambda: self._decode_body(kv))
+            if self.tp and hasattr(self.comm, "before_abort"):
+                self.comm.before_abort(self.release_graphs)  # NCCL keeps a communicator while a graph holds it
+            graph = self.graph_factory(lambda: self._decode_body(kv), lambda: self._decode_body(kv, collectives=False))
             graph.capture()
             self._graph, self._graph_kv = graph, kv
+
+    def release_graphs(self) -> None:
+        """Drop the captured decode graph (before the communicator it captured is aborted or
+        destroyed; the next step captures again if the shard is still used)."""
+        graph, self._graph, self._graph_kv = self._graph, None, None
+        if graph is not None:
+            graph.graph = None
+            graph.body = graph.warmup = None
 
     def _launch(self, pos: int, kv, slot: int, token: int | None, tokens_dev=None) -> None:
         """Queue one decode step. token None: a chained step, whose input is the token the previous
@@ -126,28 +211,43 @@ class FusedLlama:
         self._queued.pop(slot, None)
         self._launch(pos, kv, slot, 0 if token is None else token, tokens_dev)
 
-    def _next_greedy(self, token: int, pos: int, kv, slot: int, before_read, more: bool = True) -> int:
+    def _next_greedy(self, token: int, pos: int, kv, slot: int, before_read, more: bool = True, announce=None) -> int:
         """Greedy decode, pipelined: the step after this one is queued (chained on the device)
         before the host waits for this one's token, so the GPU never idles on the host. If the
         caller feeds something else than the chained step assumed, that step is simply redone."""
         if self._queued.pop(slot, None) != (pos, token):
+            if announce is not None:
+                announce([token], pos, slot)
             self._launch(pos, kv, slot, token)
             self.io.copy_token_async(self.tokens, slot, pos % 2)
-        return self._chain_and_read(pos, kv, slot, before_read, more)
+        return self._chain_and_read(pos, kv, slot, before_read, more, announce)
 
-    def _chain_and_read(self, pos: int, kv, slot: int, before_read, more: bool = True) -> int:
+    def _chain_and_read(self, pos: int, kv, slot: int, before_read, more: bool = True, announce=None) -> int:
         """The token of the step at `pos` (already queued with its copy), after queueing pos + 1
         when another token is expected."""
-        chained = more and not self.tp and pos + 1 < kv.max_context
+        chained = more and pos + 1 < kv.max_context
         if chained:
+            if announce is not None:
+                announce([], pos + 1, slot)  # followers chain on their own picked token too
             self._launch(pos + 1, kv, slot, None)
             self.io.copy_token_async(self.tokens, slot, (pos + 1) % 2)
         if before_read is not None:
-            before_read()
+            before_read(self.io.token_ready(slot, pos % 2))  # bounded (NCCL step deadline) before blocking
         token = self.io.wait_token(slot, pos % 2)
         if chained:
             self._queued[slot] = (pos + 1, token)
         return token
+
+    def follow(self, token_ids: list[int], start: int, kv, slot: int) -> None:
+        """A follower rank's step, as announced by its leader: [] a chained decode step, [t] one
+        token, more: a prompt (eager prefill). Queued, not waited for (see io.previous_step_done)."""
+        if not token_ids:
+            self._launch(start, kv, slot, None)
+        elif len(token_ids) == 1:
+            self._launch(start, kv, slot, int(token_ids[0]))
+        else:
+            self._prefill(self.xp.asarray(np.asarray(token_ids, dtype=np.int32)), start, kv, slot, False)
+        self.io.mark_step()
 
     # ------------------------------------------------------------------ prefill
 
@@ -170,8 +270,9 @@ class FusedLlama:
         mark = self._mark
         mark("start")
         for i in range(c.num_layers):
-            ops.add_rmsnorm(x, delta, p[f"{i}.input_norm"], self.eps, h)
-            mark("norm")
+            if i == 0:
+                ops.add_rmsnorm(x, None, p["0.input_norm"], self.eps, h)
+                mark("norm")
             qkv = ops.linear(h, p[f"{i}.qkv"])
             mark("qkv matmul")
             ops.qkv_post(qkv, meta, tn, p.get(f"{i}.qkv_bias"), p.get(f"{i}.q_norm"), p.get(f"{i}.k_norm"),
@@ -179,12 +280,17 @@ class FusedLlama:
             mark("rope+kv write")
             self._prefill_attention(q, kv.keys[i], kv.values[i], slot, start, attn)
             mark("attention")
-            o = ops.linear(attn, p[f"{i}.o"])
-            if f"{i}.o_bias" in p:
-                o = o + p[f"{i}.o_bias"]
-            o = self.comm.all_reduce(o)
-            mark("o matmul")
-            ops.add_rmsnorm(x, o, p[f"{i}.post_norm"], self.eps, h)
+            if self.tp:
+                o = ops.linear_f32(attn, p[f"{i}.o"])
+                self._sum(o)
+                mark("o matmul")
+                ops.resid_add_f32(x, o, p.get(f"{i}.o_bias"), p[f"{i}.post_norm"], self.eps, h)
+            else:
+                o = ops.linear(attn, p[f"{i}.o"])
+                if f"{i}.o_bias" in p:
+                    o = o + p[f"{i}.o_bias"]
+                mark("o matmul")
+                ops.add_rmsnorm(x, o, p[f"{i}.post_norm"], self.eps, h)
             mark("norm")
             gu = ops.linear(h, p[f"{i}.gate_up"])
             if f"{i}.gate_up_bias" in p:
@@ -192,16 +298,33 @@ class FusedLlama:
             mark("gate_up matmul")
             ops.silu_mul(gu, act)
             mark("silu*up")
-            dn = ops.linear(act, p[f"{i}.down"])
-            if f"{i}.down_bias" in p:
-                dn = dn + p[f"{i}.down_bias"]
-            delta = self.comm.all_reduce(dn)
+            if self.tp:
+                delta = ops.linear_f32(act, p[f"{i}.down"])
+                self._sum(delta)
+            else:
+                delta = ops.linear(act, p[f"{i}.down"])
+                if f"{i}.down_bias" in p:
+                    delta = delta + p[f"{i}.down_bias"]
             mark("down matmul")
+            if i + 1 < c.num_layers:  # the residual add of this layer, with the next layer's input norm
+                norm = p[f"{i + 1}.input_norm"]
+                if self.tp:
+                    ops.resid_add_f32(x, delta, p.get(f"{i}.down_bias"), norm, self.eps, h)
+                else:
+                    ops.add_rmsnorm(x, delta, norm, self.eps, h)
+                mark("norm")
+        last = c.num_layers - 1
         if not all_positions:
             x, delta, h = x[-1:], delta[-1:], h[-1:]
-        ops.add_rmsnorm(x, delta, p["norm"], self.eps, h)
+        if self.tp:
+            ops.resid_add_f32(x, delta, p.get(f"{last}.down_bias"), p["norm"], self.eps, h)
+        else:
+            ops.add_rmsnorm(x, delta, p["norm"], self.eps, h)
         logits = ops.linear(h, self.lm_head).astype(xp.float32)
         mark("lm_head")
+        if self.tp:
+            ops.argmax(logits[-1], self.tokens, meta)  # meta holds (start, slot)
+            self._share_tokens()
         return logits
 
     def _prefill_attention(self, q, kc, vc, slot: int, start: int, attn) -> None:
@@ -233,23 +356,29 @@ class FusedLlama:
         return self._prefill(tokens, start, kv, slot, all_positions)
 
     def next_token(self, feed: list[int], start: int, kv, slot: int, sampler, history, before_read=None,
-                   more: bool = True) -> int:
+                   more: bool = True, announce=None) -> int:
         """Run `feed` (a prompt, or the one last token) and pick the next token; greedy decoding
-        without a repetition penalty picks on the device and reads back one int32."""
-        simple = sampler.config.greedy and sampler.config.repetition_penalty == 1.0 and not self.tp
+        without a repetition penalty picks on the device and reads back one int32. `announce(ids,
+        start, slot)` (a TP leader's followers) is told every step before it is queued."""
+        simple = sampler.config.greedy and sampler.config.repetition_penalty == 1.0
         if len(feed) == 1:
             if simple:
-                return self._next_greedy(int(feed[0]), start, kv, slot, before_read, more)
+                return self._next_greedy(int(feed[0]), start, kv, slot, before_read, more, announce)
+            if announce is not None:
+                announce([int(feed[0])], start, slot)
             self._decode(start, kv, slot, int(feed[0]))
             logits = self.logits
         else:
+            if announce is not None:
+                announce(list(feed), start, slot)
             tokens = self.xp.asarray(np.asarray(feed, dtype=np.int32))
             logits = self._prefill(tokens, start, kv, slot, False)[-1]
             if simple:
                 last = start + len(feed) - 1
-                self.ops.argmax(logits, self.tokens, self.io.meta)  # meta still holds (start, slot)
+                if not self.tp:  # under TP the prefill has picked (and shared) the token already
+                    self.ops.argmax(logits, self.tokens, self.io.meta)  # meta still holds (start, slot)
                 self.io.copy_token_async(self.tokens, slot, last % 2)
-                return self._chain_and_read(last, kv, slot, before_read, more)
+                return self._chain_and_read(last, kv, slot, before_read, more, announce)
         if before_read is not None:
             before_read()
         return sampler.sample(self.xp, logits, history())
@@ -265,7 +394,7 @@ def new_engine(config, layout, params: dict, xp, comm, cos, sin, mode: str):
     from .cuda_graph import CudaStepIO, DecodeGraph
     from .kernels import CudaOps
     return FusedLlama(config, layout, params, xp, comm, cos, sin, CudaOps(dtype_name), CudaStepIO(xp),
-                      graph_factory=lambda body: DecodeGraph(xp, body))
+                      graph_factory=lambda body, warmup=None: DecodeGraph(xp, body, warmup))
 
 
 __all__ = ["FusedLlama", "new_engine"]

@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
-PRO = {"none": 0, "rms": 1, "silu": 2}
-EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3}
+PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
+EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4}
 GEMV_THREADS = 256
 GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two rows, or a gate/up pair)
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4)
@@ -188,7 +188,9 @@ CUDA_KERNELS = r"""
 // ---------------------------------------------------------------- GEMV, T = 1
 // out[N] = W[N, K] . prologue(x); one warp per row, 16-byte loads; the prologue builds the input
 // vector in shared memory (copy, RMSNorm * weight, or silu(gate) * up); the epilogue stores,
-// adds into the residual, or writes float32 logits.
+// adds into the residual, writes float32 logits, or (E == 4, "partial") writes the raw float32
+// sum: a tensor-parallel rank's share of a row-parallel product, summed over ranks in float32 and
+// rounded once afterwards (resid_add_f32), as the single-rank product is.
 // E == 3 ("silu pair"): W holds [gate; up] (2N rows); the warp of output u computes rows u and
 // N + u and writes silu(gate) * up, so the down projection reads a finished activation.
 // R == 2 otherwise: the warp computes two consecutive rows (fewer blocks: one wave instead of two).
@@ -196,7 +198,8 @@ CUDA_KERNELS = r"""
 template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
-        float* __restrict__ outf, int N, int K, float eps) {
+        float* __restrict__ outf, int N, int K, float eps,
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float scratch[32];
     constexpr int PRE = GEMV_PRE / R;              // vectors per row loaded before the prologue
@@ -218,13 +221,34 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     const uint4* xv = reinterpret_cast<const uint4*>(xin);
     if (P == 0) {
         for (int i = tid; i < NV; i += blockDim.x) xs[i] = xv[i];
-    } else if (P == 1) {
+    } else if (P == 1 || P == 3) {
         float ss = 0.f;
         for (int i = tid; i < NV; i += blockDim.x) {
-            const uint4 v = xv[i];
-            xs[i] = v;
+            uint4 v = xv[i];
             float f[VEC];
             unpack(v, f);
+            if (P == 3) {
+                // x = T(x + T(s) [+ bias, rounded]): the residual add of a TP rank's summed float32
+                // partial (as resid_add_f32); block 0 stores the new residual to xo (not xin: the
+                // other blocks are still reading it)
+                const float4* sv = reinterpret_cast<const float4*>(rs) + (size_t)i * (VEC / 4);
+                float b[VEC];
+                unpack(rb != nullptr ? reinterpret_cast<const uint4*>(rb)[i] : make_uint4(0u, 0u, 0u, 0u), b);
+#pragma unroll
+                for (int q = 0; q < VEC / 4; ++q) {
+                    const float4 t = sv[q];
+                    const float r4[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        T y = ft(r4[e]);
+                        if (rb != nullptr) y = ft(tf(y) + b[4 * q + e]);
+                        f[4 * q + e] = tf(ft(f[4 * q + e] + tf(y)));
+                    }
+                }
+                v = pack(f);
+                if (blockIdx.x == 0) reinterpret_cast<uint4*>(xo)[i] = v;
+            }
+            xs[i] = v;
 #pragma unroll
             for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
         }
@@ -299,6 +323,8 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
                 const float a = k == 0 ? acc : acc2;
                 if (E == 2) {
                     outf[r] = tf(ft(a));
+                } else if (E == 4) {
+                    outf[r] = a;
                 } else {
                     T y = ft(a);
                     if (B) y = ft(tf(y) + tf(bias[r]));
@@ -310,15 +336,19 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     }
 }
 #define GEMV_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
-    const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps
+    const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
+    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo
 #define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv_p##P##_e##E##_b##B(GEMV_ARGS) \
-    { gemv_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps); }
+    { gemv_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
 #define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS) \
-    { gemv_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps); }
+    { gemv_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
 GEMV_INST(0, 0, 0) GEMV_INST(0, 0, 1) GEMV_INST(0, 1, 0) GEMV_INST(0, 1, 1) GEMV_INST(0, 2, 0)
 GEMV_INST(1, 0, 0) GEMV_INST(1, 0, 1) GEMV_INST(1, 1, 0) GEMV_INST(1, 1, 1) GEMV_INST(1, 2, 0)
 GEMV_INST(2, 0, 0) GEMV_INST(2, 0, 1) GEMV_INST(2, 1, 0) GEMV_INST(2, 1, 1) GEMV_INST(2, 2, 0)
 GEMV_INST(0, 3, 0) GEMV_INST(0, 3, 1) GEMV_INST(1, 3, 0) GEMV_INST(1, 3, 1)
+GEMV_INST(0, 4, 0) GEMV_INST2(0, 4, 0)
+GEMV_INST(3, 0, 0) GEMV_INST(3, 0, 1) GEMV_INST(3, 2, 0) GEMV_INST(3, 3, 0) GEMV_INST(3, 3, 1)
+GEMV_INST2(3, 0, 0) GEMV_INST2(3, 0, 1) GEMV_INST2(3, 2, 0)
 GEMV_INST2(0, 0, 0) GEMV_INST2(0, 0, 1) GEMV_INST2(0, 1, 0) GEMV_INST2(0, 1, 1) GEMV_INST2(0, 2, 0)
 GEMV_INST2(1, 0, 0) GEMV_INST2(1, 0, 1) GEMV_INST2(1, 1, 0) GEMV_INST2(1, 1, 1) GEMV_INST2(1, 2, 0)
 
@@ -426,6 +456,31 @@ extern "C" __global__ void add_rmsnorm(T* __restrict__ x, const T* __restrict__ 
     }
     ss = block_sum(ss, scratch);
     const float denom = sqrtf(ss / (float)H + eps);
+    for (int k = threadIdx.x; k < H; k += blockDim.x) hr[k] = ft(tf(w[k]) * tf(ft(tf(xr[k]) / denom)));
+}
+
+// Tensor parallelism: x[r] (+)= s[r] (+ bias[r]) where s is the float32 sum over ranks of the
+// row-parallel partials (rows x H). Rounded exactly as the single-rank residual epilogue rounds
+// its float32 dot product: y = T(s) (+ bias, rounded), x = T(x + y). With h != 0 the row's RMSNorm
+// follows, as in add_rmsnorm: h[r] = RMSNorm(x[r]) * w. grid rows, block 256.
+extern "C" __global__ void resid_add_f32(T* __restrict__ x, const float* __restrict__ s, const T* __restrict__ bias,
+                                         const T* __restrict__ w, T* __restrict__ h, int H, float eps, int has_bias) {
+    __shared__ float scratch[32];
+    T* xr = x + (size_t)blockIdx.x * H;
+    const float* sr = s + (size_t)blockIdx.x * H;
+    float ss = 0.f;
+    for (int k = threadIdx.x; k < H; k += blockDim.x) {
+        T y = ft(sr[k]);
+        if (has_bias) y = ft(tf(y) + tf(bias[k]));
+        const T nv = ft(tf(xr[k]) + tf(y));
+        xr[k] = nv;
+        const float v = tf(nv);
+        ss = fmaf(v, v, ss);
+    }
+    if (h == nullptr) return;
+    ss = block_sum(ss, scratch);
+    const float denom = sqrtf(ss / (float)H + eps);
+    T* hr = h + (size_t)blockIdx.x * H;
     for (int k = threadIdx.x; k < H; k += blockDim.x) hr[k] = ft(tf(w[k]) * tf(ft(tf(xr[k]) / denom)));
 }
 
@@ -670,7 +725,10 @@ class CudaOps:
             for e in range(3):
                 for b in ((0,) if e == 2 else (0, 1)):
                     self.fn(f"gemv_p{p}_e{e}_b{b}_r2")
-        for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "silu_mul", "argmax_f32"):
+        for name in ("gemv_p0_e4_b0", "gemv_p0_e4_b0_r2", "gemv_p3_e0_b0", "gemv_p3_e0_b1", "gemv_p3_e2_b0",
+                     "gemv_p3_e3_b0", "gemv_p3_e3_b1", "gemv_p3_e0_b0_r2", "gemv_p3_e0_b1_r2", "gemv_p3_e2_b0_r2"):
+            self.fn(name)
+        for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32"):
             self.fn(name)
 
     def attn_fns(self, g: int, d: int):
@@ -710,11 +768,17 @@ class CudaOps:
         return 2 if one > capacity >= two else 1
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
-             rows_per_warp: int | None = None) -> None:
+             rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None) -> None:
+        """pro "resid_rms": the input is xin + T(resid) (+ resid_bias), resid a float32 sum over TP ranks,
+        rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms"."""
         n, k = W.shape
+        if (pro == "resid_rms") != (resid is not None and xout is not None):
+            raise ValueError("pro resid_rms takes resid (float32) and xout")
         if epi == "silu_pair":
             n //= 2  # outputs: one per (gate row, up row) pair
         r = rows_per_warp or self.gemv_rows_per_warp(n, epi, pro)
+        if epi == "partial" and bias is not None:
+            raise ValueError("a partial (row-parallel) product takes its bias after the sum: resid_add_f32")
         b = 1 if (bias is not None and epi != "logits") else 0
         f = self.fn(f"gemv_p{PRO[pro]}_e{EPI[epi]}_b{b}" + ("_r2" if r == 2 else ""))
         smem = k * W.dtype.itemsize
@@ -722,7 +786,8 @@ class CudaOps:
         units = n // r if epi != "silu_pair" else n
         grid = ((units + GEMV_ROWS_PER_BLOCK - 1) // GEMV_ROWS_PER_BLOCK,)
         f(grid, (GEMV_THREADS,), (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf),
-                                  np.int32(n), np.int32(k), np.float32(eps)), shared_mem=smem)
+                                  np.int32(n), np.int32(k), np.float32(eps), self._ptr(resid), self._ptr(resid_bias),
+                                  self._ptr(xout)), shared_mem=smem)
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:
@@ -757,6 +822,13 @@ class CudaOps:
         self.fn("add_rmsnorm")((rows,), (256,), (x, self._ptr(delta), w, h, np.int32(hid), np.float32(eps),
                                                 np.int32(delta is not None)))
 
+    def resid_add_f32(self, x, s, bias=None, w=None, eps: float = 0.0, h=None) -> None:
+        """x (+)= T(s) (+ bias) per row; then h = RMSNorm(x) * w when h is given. x [rows, H] or [H]."""
+        hid = x.shape[-1]
+        rows = x.size // hid
+        self.fn("resid_add_f32")((rows,), (256,), (x, s, self._ptr(bias), self._ptr(w), self._ptr(h), np.int32(hid),
+                                                  np.float32(eps), np.int32(bias is not None)))
+
     def silu_mul(self, gu, out) -> None:
         tn, inter = out.shape
         blocks = min((tn * inter + 255) // 256, 65535)
@@ -770,6 +842,21 @@ class CudaOps:
     def linear(self, x, W):
         """x [T, K] @ W[N, K]^T in T with float32 accumulation (cupy's matmul: cublasGemmEx, no copies)."""
         return x @ W.T
+
+    def linear_f32(self, x, W, out=None):
+        """x [T, K] @ W[N, K]^T with float32 accumulation and a float32 result (no rounding to T):
+        a tensor-parallel rank's partial of a row-parallel product, summed over ranks before rounding."""
+        tn, k = x.shape
+        n = W.shape[0]
+        if out is None:
+            out = self.cp.empty((tn, n), dtype=np.float32)
+        # column-major view: out^T [n, tn] = W [n, k] (col-major: W^T, lda k) op ... as in attn_scores
+        self.cublas.gemmEx(
+            self.cp.cuda.device.get_cublas_handle(), 1, 0, n, tn, k, self._one.ctypes.data,
+            W.data.ptr, self.cuda_dtype, k, x.data.ptr, self.cuda_dtype, k,
+            self._zero.ctypes.data, out.data.ptr, self.runtime.CUDA_R_32F, n,
+            self.cublas.CUBLAS_COMPUTE_32F, self.cublas.CUBLAS_GEMM_DEFAULT)
+        return out
 
     def attn_scores(self, q, kcache, slot: int, t0: int, c: int, lc: int, S) -> None:
         """S[h] = Q[h, t0:t0+c] @ K[h, :lc]^T for every kv head h; q [Hkv, Tn, g, D], S [Hkv, c*g, lc]."""
@@ -848,12 +935,19 @@ class NumpyOps:
         return self.r(self._silu(g) * u)
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
-             rows_per_warp: int | None = None) -> None:
+             rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None) -> None:
         n, k = W.shape
+        if pro == "resid_rms":
+            xout[...] = xin
+            self.resid_add_f32(xout, resid, resid_bias)
+            xin, pro = xout, "rms"
         x = self._prologue(xin.reshape(-1), pro, norm_w, eps, k)
         acc = self.tf(W) @ x
         if epi == "logits":
             outf[...] = self.r(acc)
+            return
+        if epi == "partial":
+            outf[...] = acc.reshape(outf.shape)
             return
         y = self.r(acc)
         if bias is not None:
@@ -938,6 +1032,17 @@ class NumpyOps:
         denom = np.sqrt((xf * xf).sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(x.shape[-1]) + np.float32(eps))
         h[...] = self.ft(self.tf(w) * self.r(xf / denom))
 
+    def resid_add_f32(self, x, s, bias=None, w=None, eps: float = 0.0, h=None) -> None:
+        y = self.r(np.asarray(s, dtype=np.float32))
+        if bias is not None:
+            y = self.r(y + self.tf(bias))
+        x[...] = self.ft(self.tf(x) + y)
+        if h is not None:
+            xf = self.tf(x)
+            denom = np.sqrt((xf * xf).sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(x.shape[-1])
+                            + np.float32(eps))
+            h[...] = self.ft(self.tf(w) * self.r(xf / denom))
+
     def silu_mul(self, gu, out) -> None:
         inter = out.shape[-1]
         out[...] = self.ft(self._silu(self.tf(gu[:, :inter])) * self.tf(gu[:, inter:]))
@@ -947,6 +1052,13 @@ class NumpyOps:
 
     def linear(self, x, W):
         return self.ft(self.tf(x) @ self.tf(W).T)
+
+    def linear_f32(self, x, W, out=None):
+        y = self.tf(x) @ self.tf(W).T
+        if out is not None:
+            out[...] = y
+            return out
+        return y
 
     def attn_scores(self, q, kcache, slot: int, t0: int, c: int, lc: int, S) -> None:
         hkv, tn, g, d = q.shape

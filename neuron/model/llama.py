@@ -107,19 +107,29 @@ class LlamaModel:
         engine_mode = "numpy" if mode == "numpy" else "cuda"
         return fused.new_engine(self.config, self.layout, self.p, self.xp, self.comm, self.cos, self.sin, engine_mode)
 
+    def release_graphs(self) -> None:
+        """Drop captured CUDA graphs (a TP shard's hold its communicator: see comm_nccl)."""
+        if self.fused is not None:
+            self.fused.release_graphs()
+
     def prepare(self, kv: KvCache) -> None:
         """Compile kernels and capture the decode graph for this KV cache (at load, not on the first request)."""
         if self.fused is not None:
             self.fused.prepare(kv)
 
     def next_token(self, feed: list[int], start: int, kv: KvCache, slot: int, sampler, history,
-                   before_read=None, more: bool = True) -> int:
+                   before_read=None, more: bool = True, announce=None) -> int:
         """Run `feed` (the prompt, or the last generated token) at positions start.. and sample the
         next token. `history()` gives the prompt and generated ids (for the repetition penalty);
-        `before_read()`, if given, runs after the step is queued and before the host waits for it;
-        `more` says whether another token will be asked for after this one."""
+        `before_read(ready=None)`, if given, runs after the step is queued and before the host
+        blocks on it (a TP rank bounds the wait there; `ready` polls the result it needs);
+        `more` says whether another token will be asked for after this one; `announce(ids, start,
+        slot)`, on a TP leader, tells the followers each step before it is queued (ids [] is a
+        decode step chained on the device: its input is the token the previous step picked)."""
         if self.fused is not None:
-            return self.fused.next_token(feed, start, kv, slot, sampler, history, before_read, more)
+            return self.fused.next_token(feed, start, kv, slot, sampler, history, before_read, more, announce)
+        if announce is not None:
+            announce(list(feed), start, slot)
         logits = self.forward(self.xp.asarray(feed, dtype=self.xp.int32), start, kv, slot)
         if before_read is not None:
             before_read()
@@ -165,10 +175,10 @@ class LlamaModel:
         keys, values = kv.keys[i][slot], kv.values[i][slot]
         keys[:, start:end] = k.transpose(1, 0, 2)
         values[:, start:end] = v.transpose(1, 0, 2)
-        out = attention(xp, q, keys[:, :end], values[:, :end], start, c.sliding_window) @ p[f"{i}.o"].T
-        if f"{i}.o_bias" in p:
+        out = self.comm.all_reduce(attention(xp, q, keys[:, :end], values[:, :end], start, c.sliding_window) @ p[f"{i}.o"].T)
+        if f"{i}.o_bias" in p:  # a row-parallel bias (every rank holds it): added once, after the sum
             out = out + p[f"{i}.o_bias"]
-        return self.comm.all_reduce(out)
+        return out
 
     def _mlp_block(self, i: int, h):
         xp, p = self.xp, self.p
@@ -176,7 +186,7 @@ class LlamaModel:
         if f"{i}.gate_up_bias" in p:
             gate_up = gate_up + p[f"{i}.gate_up_bias"]
         inter = gate_up.shape[-1] // 2
-        out = (silu(xp, gate_up[:, :inter]) * gate_up[:, inter:]) @ p[f"{i}.down"].T
+        out = self.comm.all_reduce((silu(xp, gate_up[:, :inter]) * gate_up[:, inter:]) @ p[f"{i}.down"].T)
         if f"{i}.down_bias" in p:
             out = out + p[f"{i}.down_bias"]
-        return self.comm.all_reduce(out)
+        return out

@@ -1,8 +1,10 @@
 """Megatron-style tensor-parallel layout: which slice of which checkpoint tensor each rank holds.
 
 q/k/v and gate/up are column-parallel (split by heads / intermediate rows), o_proj and down_proj
-row-parallel (split by input columns, followed by an all-reduce); embeddings, norms and lm_head are
-replicated. With fewer kv heads than ranks, each rank holds the one kv head its q heads use.
+row-parallel (split by input columns, followed by an all-reduce; their biases, if any, on every rank,
+added after the sum); embeddings, norms and lm_head are replicated (the fused decode step uses only
+its own vocab rows of the lm_head and gathers the logits). With fewer kv heads than ranks, each rank
+holds the one kv head its q heads use.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ def parameter_reads(config: ModelConfig, layout: TpLayout, has_lm_head: bool) ->
             reads[f"{i}.qkv_bias"] = [TensorRead(attn + "q_proj.bias", rows=q), TensorRead(attn + "k_proj.bias", rows=kv),
                                       TensorRead(attn + "v_proj.bias", rows=kv)]
         reads[f"{i}.o"] = [TensorRead(attn + "o_proj.weight", cols=q)]
-        if config.o_bias and layout.rank == 0:  # row-parallel bias: added once, before the all-reduce sums ranks
+        if config.o_bias:  # row-parallel bias: every rank holds it and adds it once, after the all-reduce
             reads[f"{i}.o_bias"] = [TensorRead(attn + "o_proj.bias")]
         if config.qk_norm:
             reads[f"{i}.q_norm"] = [TensorRead(attn + "q_norm.weight")]
@@ -96,8 +98,7 @@ def parameter_reads(config: ModelConfig, layout: TpLayout, has_lm_head: bool) ->
         reads[f"{i}.down"] = [TensorRead(mlp + "down_proj.weight", cols=inter)]
         if config.mlp_bias:
             reads[f"{i}.gate_up_bias"] = [TensorRead(mlp + "gate_proj.bias", rows=inter), TensorRead(mlp + "up_proj.bias", rows=inter)]
-            if layout.rank == 0:
-                reads[f"{i}.down_bias"] = [TensorRead(mlp + "down_proj.bias")]
+            reads[f"{i}.down_bias"] = [TensorRead(mlp + "down_proj.bias")]
     return reads
 
 

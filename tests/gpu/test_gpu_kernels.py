@@ -42,8 +42,8 @@ def poison(cp, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("pro", ["none", "rms", "silu"])
-@pytest.mark.parametrize("epi", ["store", "resid", "logits", "silu_pair"])
+@pytest.mark.parametrize("pro", ["none", "rms", "silu", "resid_rms"])
+@pytest.mark.parametrize("epi", ["store", "resid", "logits", "silu_pair", "partial"])
 @pytest.mark.parametrize("shape", [(200, 64), (38, 4096), (300, 14336)])
 @pytest.mark.parametrize("rows_per_warp", [1, 2])
 def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp):
@@ -51,28 +51,42 @@ def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp):
         pytest.skip("no such combination in the model")
     if rows_per_warp == 2 and (epi == "silu_pair" or pro == "silu"):
         pytest.skip("two rows per warp: only for the plain row-wise GEMVs")
+    if epi == "partial" and pro != "none":
+        pytest.skip("a TP rank's row-parallel partial (o, down) has no prologue")
+    if pro == "resid_rms" and epi in ("resid", "partial"):
+        pytest.skip("no such combination in the model")
     dt = DTYPES[dtype_name]
     cu, ref = ops_pair(dtype_name)
     rng = np.random.default_rng(hash((dtype_name, pro, epi, shape)) % 2**32)
     n, k = shape
-    for bias_on in ((False,) if epi == "logits" else (False, True)):
+    f32_out = epi in ("logits", "partial")
+    for bias_on in ((False,) if f32_out else (False, True)):
         W = rnd(rng, (n, k), dt, 0.05)
         xin = rnd(rng, (2 * k if pro == "silu" else k,), dt)
-        norm_w = rnd(rng, (k,), dt, 0.3) if pro == "rms" else None
+        norm_w = rnd(rng, (k,), dt, 0.3) if pro in ("rms", "resid_rms") else None
         bias = rnd(rng, (n,), dt) if bias_on else None
         resid = rnd(rng, (n,), dt)
         n_out = n // 2 if epi == "silu_pair" else n
         out_h = resid.copy() if epi == "resid" else np.zeros(n_out, dt)
         outf_h = np.zeros(n, np.float32)
-        ref.gemv(W, xin, out_h, pro, epi, norm_w=norm_w, eps=1e-5, bias=bias, outf=outf_h)
+        extra_h, extra_d = {}, {}
+        if pro == "resid_rms":
+            s32, rbias = rnd(rng, (k,), np.float32), (rnd(rng, (k,), dt) if bias_on else None)
+            extra_h = dict(resid=s32, resid_bias=rbias, xout=np.zeros(k, dt))
+            extra_d = dict(resid=cp.asarray(s32), resid_bias=None if rbias is None else cp.asarray(rbias),
+                           xout=poison(cp, k, dt))
+        ref.gemv(W, xin, out_h, pro, epi, norm_w=norm_w, eps=1e-5, bias=bias, outf=outf_h, **extra_h)
         out_d = cp.asarray(resid) if epi == "resid" else poison(cp, n_out, dt)
         outf_d = cp.full(n, np.nan, dtype=np.float32)
-        cu.gemv(cp.asarray(W), cp.asarray(xin), out_d if epi != "logits" else None, pro, epi,
+        cu.gemv(cp.asarray(W), cp.asarray(xin), None if f32_out else out_d, pro, epi,
                 norm_w=None if norm_w is None else cp.asarray(norm_w), eps=1e-5,
-                bias=None if bias is None else cp.asarray(bias), outf=outf_d if epi == "logits" else None,
-                rows_per_warp=rows_per_warp)
-        got, want = (outf_d.get(), outf_h) if epi == "logits" else (out_d.get(), out_h)
-        assert rel(got, want) < TOL[dtype_name], (dtype_name, pro, epi, shape, bias_on)
+                bias=None if bias is None else cp.asarray(bias), outf=outf_d if f32_out else None,
+                rows_per_warp=rows_per_warp, **extra_d)
+        if pro == "resid_rms":  # the new residual, stored by block 0: elementwise, bit-exact
+            assert np.array_equal(extra_d["xout"].get().view(np.uint8), extra_h["xout"].view(np.uint8))
+        got, want = (outf_d.get(), outf_h) if f32_out else (out_d.get(), out_h)
+        tol = 1e-5 if epi == "partial" else TOL[dtype_name]  # float32 out: summation order only
+        assert rel(got, want) < tol, (dtype_name, pro, epi, shape, bias_on)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -181,6 +195,26 @@ def test_rows_kernels(cp, dtype_name):
         xd, hd = cp.asarray(x), poison(cp, x.shape, dt)
         cu.add_rmsnorm(xd, cp.asarray(delta) if with_delta else None, cp.asarray(w), 1e-5, hd)
         assert rel(xd.get(), xh) < TOL[dtype_name] and rel(hd.get(), hh) < TOL[dtype_name]
+    s32 = rnd(rng, (rows, hid), np.float32)
+    bias = rnd(rng, (hid,), dt)
+    for with_bias in (False, True):
+        for with_norm in (False, True):
+            xh, hh = x.copy(), np.zeros_like(x)
+            ref.resid_add_f32(xh, s32, bias if with_bias else None, w, 1e-5, hh if with_norm else None)
+            xd, hd = cp.asarray(x), poison(cp, x.shape, dt)
+            cu.resid_add_f32(xd, cp.asarray(s32), cp.asarray(bias) if with_bias else None, cp.asarray(w), 1e-5,
+                             hd if with_norm else None)
+            assert np.array_equal(xd.get().view(np.uint8), xh.view(np.uint8))  # elementwise: bit-exact
+            if with_norm:
+                assert rel(hd.get(), hh) < TOL[dtype_name]
+    xd = cp.asarray(x[0])  # one row (decode): x [H]
+    xh = x[0].copy()
+    ref.resid_add_f32(xh, s32[0], None)
+    cu.resid_add_f32(xd, cp.asarray(s32[0]), None)
+    assert np.array_equal(xd.get().view(np.uint8), xh.view(np.uint8))
+    a, W = rnd(rng, (7, 512), dt), rnd(rng, (300, 512), dt, 0.05)
+    got = cu.linear_f32(cp.asarray(a), cp.asarray(W)).get()
+    assert got.dtype == np.float32 and rel(got, ref.linear_f32(a, W)) < 1e-5
     gu = rnd(rng, (rows, 2 * inter), dt, 3.0)
     oh = np.zeros((rows, inter), dt)
     ref.silu_mul(gu, oh)
