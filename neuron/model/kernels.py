@@ -24,6 +24,8 @@ Layouts (one sequence, T tokens, Hq query heads = Hkv kv heads x g, head_dim D):
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
@@ -32,6 +34,8 @@ EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4}
 GEMV_THREADS = 256
 GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two rows, or a gate/up pair)
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4)
+GEMV_WS_BYTES = GEMV_ROWS_PER_BLOCK * 32 * 8 * 16  # shared memory for the second batch of each warp's first unit
+GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
 
 
@@ -186,125 +190,92 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 CUDA_KERNELS = r"""
 // ---------------------------------------------------------------- GEMV, T = 1
-// out[N] = W[N, K] . prologue(x); one warp per row, 16-byte loads; the prologue builds the input
-// vector in shared memory (copy, RMSNorm * weight, or silu(gate) * up); the epilogue stores,
-// adds into the residual, writes float32 logits, or (E == 4, "partial") writes the raw float32
-// sum: a tensor-parallel rank's share of a row-parallel product, summed over ranks in float32 and
-// rounded once afterwards (resid_add_f32), as the single-rank product is.
-// E == 3 ("silu pair"): W holds [gate; up] (2N rows); the warp of output u computes rows u and
-// N + u and writes silu(gate) * up, so the down projection reads a finished activation.
-// R == 2 otherwise: the warp computes two consecutive rows (fewer blocks: one wave instead of two).
-#define GEMV_PRE 8
-template <int P, int E, int B, int R>
-__device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
-        const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
-        float* __restrict__ outf, int N, int K, float eps,
-        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ float scratch[32];
-    constexpr int PRE = GEMV_PRE / R;              // vectors per row loaded before the prologue
-    uint4* xs = reinterpret_cast<uint4*>(smem_raw);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int unit = blockIdx.x * (blockDim.x >> 5) + warp;
-    const int units = (E == 3 || R == 1) ? N : N / R;
-    const int row = (E == 3 || R == 1) ? unit : unit * R;   // first row of this warp
-    const int NV = K / VEC;
-    const uint4* wr = reinterpret_cast<const uint4*>(W) + (size_t)(unit < units ? row : 0) * NV;
-    const uint4* wr2 = wr + (size_t)(E == 3 ? N : 1) * NV;  // second row: the up row, or the next row
-    uint4 pre[PRE], pre2[R == 2 ? PRE : 1];
-#pragma unroll
-    for (int j = 0; j < PRE; ++j) {
-        const int i = lane + 32 * j;
-        pre[j] = i < NV ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
-        if (R == 2) pre2[j] = i < NV ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    const uint4* xv = reinterpret_cast<const uint4*>(xin);
-    if (P == 0) {
-        for (int i = tid; i < NV; i += blockDim.x) xs[i] = xv[i];
-    } else if (P == 1 || P == 3) {
-        float ss = 0.f;
-        for (int i = tid; i < NV; i += blockDim.x) {
-            uint4 v = xv[i];
-            float f[VEC];
-            unpack(v, f);
-            if (P == 3) {
-                // x = T(x + T(s) [+ bias, rounded]): the residual add of a TP rank's summed float32
-                // partial (as resid_add_f32); block 0 stores the new residual to xo (not xin: the
-                // other blocks are still reading it)
-                const float4* sv = reinterpret_cast<const float4*>(rs) + (size_t)i * (VEC / 4);
-                float b[VEC];
-                unpack(rb != nullptr ? reinterpret_cast<const uint4*>(rb)[i] : make_uint4(0u, 0u, 0u, 0u), b);
-#pragma unroll
-                for (int q = 0; q < VEC / 4; ++q) {
-                    const float4 t = sv[q];
-                    const float r4[4] = {t.x, t.y, t.z, t.w};
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        T y = ft(r4[e]);
-                        if (rb != nullptr) y = ft(tf(y) + b[4 * q + e]);
-                        f[4 * q + e] = tf(ft(f[4 * q + e] + tf(y)));
-                    }
-                }
-                v = pack(f);
-                if (blockIdx.x == 0) reinterpret_cast<uint4*>(xo)[i] = v;
-            }
-            xs[i] = v;
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
-        }
-        ss = block_sum(ss, scratch);
-        const float denom = sqrtf(ss / (float)K + eps);
-        const uint4* wv = reinterpret_cast<const uint4*>(nw);
-        for (int i = tid; i < NV; i += blockDim.x) {
-            float f[VEC], g[VEC];
-            unpack(xs[i], f);
-            unpack(wv[i], g);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
-            xs[i] = pack(f);
-        }
-    } else {
-        for (int i = tid; i < NV; i += blockDim.x) {
-            float g[VEC], u[VEC];
-            unpack(xv[i], g);
-            unpack(xv[NV + i], u);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
-            xs[i] = pack(g);
-        }
-    }
-    __syncthreads();
-    if (unit >= units) return;
-    float acc = 0.f, acc2 = 0.f;
-#pragma unroll
-    for (int j = 0; j < PRE; ++j) {
-        const int i = lane + 32 * j;
-        if (i < NV) {
-            const uint4 xv4 = xs[i];
-            acc = dot_acc(acc, pre[j], xv4);
-            if (R == 2) acc2 = dot_acc(acc2, pre2[j], xv4);
-        }
-    }
+// out[N] = W[N, K] . prologue(x), one warp per unit, 16-byte loads, float32 accumulation. The
+// prologue builds the input vector in shared memory: a copy (P 0), RMSNorm * weight (P 1), silu(gate)
+// * up (P 2), or (P 3, "resid_rms") the residual add of a TP rank's summed float32 partial followed
+// by RMSNorm: x = T(x + T(s) [+ bias, rounded]), as resid_add_f32 rounds; block 0 stores that new
+// residual to xo (not xin: the other blocks are still reading it). The epilogue stores (E 0), adds
+// into the residual (E 1), writes float32 logits (E 2), writes silu(gate) * up (E 3: W holds
+// [gate; up], 2N rows, and the warp of output u computes rows u and N + u), or writes the raw
+// float32 sum (E 4, "partial": a TP rank's share of a row-parallel product, summed over ranks in
+// float32 and rounded once afterwards). R == 2: a warp computes two consecutive rows.
+//
+// Built so that small matrices (a TP rank's q/k/v and o, 25 and 17 MB on the 8B shape) and
+// matrices of a few waves (gate/up, lm_head) run closer to the copy bandwidth:
+// 1. Staged prologue: every input of the prologue (x; the norm weight; the float32 sum and its bias;
+//    gate and up) is copied to shared memory with cp.async, all requests issued at the start, so
+//    the prologue costs one round trip to L2. (The first version loaded them in dependent steps
+//    queued behind the block's weight prefetch, and a register spill right after that prefetch
+//    made every thread wait for its weights before it started the prologue.)
+// 2. The first unit's first batch of weights (BATCH vectors per lane and row) is requested into
+//    registers before the prologue, so it is in flight while the prologue runs. With ws != 0 the
+//    second batch also goes to this warp's slice of shared memory (cp.async, its own commit group)
+//    before the prologue; measured slower on every shape (the extra shared memory comes out of the
+//    L1 that holds loads in flight), so the host asks for it only when told to.
+// 3. Persistent warps: warp w of the grid (W warps) computes units w, w + W, w + 2W, ..., so the
+//    host launches at most one wave and each block does its prologue once (lm_head: 15 waves of
+//    blocks, each with its prologue, before).
+// Every lane sums its vectors i = lane + 32 j in ascending order, as the first version did, so the
+// result is bit-identical to it. Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
+// vector; st [NV] the norm weight (P 1, 3) or up (P 2); P 3 also rss [NV * VEC / 4] (the float32
+// sum) and, with rb, rbs [NV]; then, with ws, 32 * BATCH * R vectors per warp.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N_>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N_)); }
+// One unit of a warp: the dot product(s) of its row(s) with xs, then the epilogue. FIRST: the first
+// batch is already in registers (pw, pw2) and, with ws, the second in this warp's shared slice.
+template <int E, int B, int R, bool FIRST>
+__device__ __forceinline__ void gemv_unit(int unit, const uint4* __restrict__ W4, const uint4* xs, const uint4* wsm,
+        const uint4 (&pw)[8 / R], const uint4 (&pw2)[R == 2 ? 8 / R : 1], int ws, int NV, int N, size_t rstride,
+        int lane, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf) {
     constexpr int BATCH = 8 / R;
-    int i = lane + 32 * PRE;
-    for (; i + 32 * (BATCH - 1) < NV; i += 32 * BATCH) {
+    const int row = (E == 3 || R == 1) ? unit : unit * R;
+    const uint4* wr = W4 + (size_t)row * NV;
+    const uint4* wr2 = wr + rstride;
+    float acc = 0.f, acc2 = 0.f;
+    int i0 = lane;
+    if (FIRST) {
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            if (lane + 32 * j < NV) {
+                const uint4 xv4 = xs[lane + 32 * j];
+                acc = dot_acc(acc, pw[j], xv4);
+                if (R == 2) acc2 = dot_acc(acc2, pw2[j], xv4);
+            }
+        }
+        i0 += 32 * BATCH;
+        if (ws) {
+            cp_async_wait_group<0>();
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+                const int i = i0 + 32 * j;
+                if (i < NV) {
+                    const uint4 xv4 = xs[i];
+                    acc = dot_acc(acc, wsm[j * 32 + lane], xv4);
+                    if (R == 2) acc2 = dot_acc(acc2, wsm[(BATCH + j) * 32 + lane], xv4);
+                }
+            }
+            i0 += 32 * BATCH;
+        }
+    }
+    // the rest in batches of BATCH vectors per lane, all of a batch's loads in flight at once (the
+    // last batch predicated, not a serial tail)
+    for (int i = i0; i < NV; i += 32 * BATCH) {
         uint4 w[BATCH], w2[R == 2 ? BATCH : 1];
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
-            w[j] = __ldg(wr + i + 32 * j);
-            if (R == 2) w2[j] = __ldg(wr2 + i + 32 * j);
+            const bool ok = i + 32 * j < NV;
+            w[j] = ok ? __ldg(wr + i + 32 * j) : make_uint4(0u, 0u, 0u, 0u);
+            if (R == 2) w2[j] = ok ? __ldg(wr2 + i + 32 * j) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
-            const uint4 xv4 = xs[i + 32 * j];
-            acc = dot_acc(acc, w[j], xv4);
-            if (R == 2) acc2 = dot_acc(acc2, w2[j], xv4);
+            if (i + 32 * j < NV) {
+                const uint4 xv4 = xs[i + 32 * j];
+                acc = dot_acc(acc, w[j], xv4);
+                if (R == 2) acc2 = dot_acc(acc2, w2[j], xv4);
+            }
         }
-    }
-    for (; i < NV; i += 32) {
-        const uint4 xv4 = xs[i];
-        acc = dot_acc(acc, __ldg(wr + i), xv4);
-        if (R == 2) acc2 = dot_acc(acc2, __ldg(wr2 + i), xv4);
     }
     acc = warp_sum(acc);
     if (R == 2) acc2 = warp_sum(acc2);
@@ -335,13 +306,128 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
         }
     }
 }
+template <int P, int E, int B, int R>
+__device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
+        const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
+        float* __restrict__ outf, int N, int K, float eps,
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, int ws) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ float scratch[32];
+    constexpr int QV = VEC / 4;                    // float4 per vector of the float32 sum
+    constexpr int BATCH = 8 / R;                   // vectors per lane and row in flight at once
+    const int NV = K / VEC;
+    uint4* xs = reinterpret_cast<uint4*>(smem_raw);
+    uint4* st = xs + NV;
+    uint4* rss = st + NV;
+    uint4* rbs = rss + (size_t)NV * QV;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wpb = blockDim.x >> 5;
+    const int nwarps = gridDim.x * wpb;
+    const int units = (E == 3 || R == 1) ? N : N / R;
+    const size_t rstride = (size_t)(E == 3 ? N : 1) * NV;   // second row of a unit: up, or the next row
+    const uint4* W4 = reinterpret_cast<const uint4*>(W);
+    int unit = blockIdx.x * wpb + warp;
+    // 1. the prologue's inputs -> shared memory, all in flight at once (commit group 1 of 2)
+    {
+        const uint4* xv = reinterpret_cast<const uint4*>(xin);
+        for (int i = tid; i < NV; i += blockDim.x) {
+            cp_async16(xs + i, xv + i);
+            if (P == 1 || P == 3) cp_async16(st + i, reinterpret_cast<const uint4*>(nw) + i);
+            if (P == 2) cp_async16(st + i, xv + NV + i);
+            if (P == 3) {
+                const uint4* sv = reinterpret_cast<const uint4*>(rs) + (size_t)i * QV;
+#pragma unroll
+                for (int q = 0; q < QV; ++q) cp_async16(rss + (size_t)i * QV + q, sv + q);
+                if (rb != nullptr) cp_async16(rbs + i, reinterpret_cast<const uint4*>(rb) + i);
+            }
+        }
+        cp_async_commit();
+    }
+    // 2. the first unit's first batch -> registers; with ws, its second batch -> shared memory
+    const int base_vecs = P == 0 ? NV : (P == 3 ? (2 + QV) * NV + (rb != nullptr ? NV : 0) : 2 * NV);
+    uint4* wsm = xs + base_vecs + (size_t)warp * (32 * BATCH * R);
+    uint4 pw[BATCH], pw2[R == 2 ? BATCH : 1];
+    {
+        const bool has = unit < units;
+        const uint4* wr = W4 + (size_t)(has ? ((E == 3 || R == 1) ? unit : unit * R) : 0) * NV;
+        const uint4* wr2 = wr + rstride;
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const int i = lane + 32 * j;
+            const bool ok = has && i < NV;
+            pw[j] = ok ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+            if (R == 2) pw2[j] = ok ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        if (ws) {
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+                const int i = lane + 32 * (BATCH + j);
+                if (has && i < NV) {
+                    cp_async16(wsm + j * 32 + lane, wr + i);
+                    if (R == 2) cp_async16(wsm + (BATCH + j) * 32 + lane, wr2 + i);
+                }
+            }
+        }
+        cp_async_commit();
+    }
+    // 3. the prologue, on shared memory (a thread first reads back only what it staged itself)
+    cp_async_wait_group<1>();
+    if (P == 1 || P == 3) {
+        float ss = 0.f;
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float f[VEC];
+            unpack(xs[i], f);
+            if (P == 3) {
+                const float* sf = reinterpret_cast<const float*>(rss + (size_t)i * QV);
+                const T* bt = reinterpret_cast<const T*>(rbs + i);   // read only with rb
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    T y = ft(sf[e]);
+                    if (rb != nullptr) y = ft(tf(y) + tf(bt[e]));
+                    f[e] = tf(ft(f[e] + tf(y)));
+                }
+                const uint4 v = pack(f);
+                if (blockIdx.x == 0) reinterpret_cast<uint4*>(xo)[i] = v;
+                xs[i] = v;
+            }
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
+        }
+        ss = block_sum(ss, scratch);
+        const float denom = sqrtf(ss / (float)K + eps);
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float f[VEC], g[VEC];
+            unpack(xs[i], f);
+            unpack(st[i], g);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
+            xs[i] = pack(f);
+        }
+    } else if (P == 2) {
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float g[VEC], u[VEC];
+            unpack(xs[i], g);
+            unpack(st[i], u);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
+            xs[i] = pack(g);
+        }
+    }
+    __syncthreads();
+    // 4. this warp's units: the first one with the batches requested before the prologue
+    if (unit < units) {
+        gemv_unit<E, B, R, true>(unit, W4, xs, wsm, pw, pw2, ws, NV, N, rstride, lane, bias, out, outf);
+        unit += nwarps;
+    }
+    for (; unit < units; unit += nwarps)
+        gemv_unit<E, B, R, false>(unit, W4, xs, wsm, pw, pw2, ws, NV, N, rstride, lane, bias, out, outf);
+}
 #define GEMV_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
     const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
-    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo
+    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, int ws
 #define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv_p##P##_e##E##_b##B(GEMV_ARGS) \
-    { gemv_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
+    { gemv_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo, ws); }
 #define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS) \
-    { gemv_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
+    { gemv_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo, ws); }
 GEMV_INST(0, 0, 0) GEMV_INST(0, 0, 1) GEMV_INST(0, 1, 0) GEMV_INST(0, 1, 1) GEMV_INST(0, 2, 0)
 GEMV_INST(1, 0, 0) GEMV_INST(1, 0, 1) GEMV_INST(1, 1, 0) GEMV_INST(1, 1, 1) GEMV_INST(1, 2, 0)
 GEMV_INST(2, 0, 0) GEMV_INST(2, 0, 1) GEMV_INST(2, 1, 0) GEMV_INST(2, 1, 1) GEMV_INST(2, 2, 0)
@@ -528,6 +614,179 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, int* _
 }
 """
 
+CUDA_GEMV_V1 = r"""
+// ---------------------------------------------------------------- GEMV v1 ("classic"), T = 1
+// The first version of the GEMV, kept in its own module (compiled only when asked for) to compare
+// against: same arguments and results as the GEMV above, one block per 8 units, the prologue in
+// every block. bench/gemv_bench.py times both.
+// out[N] = W[N, K] . prologue(x); one warp per row, 16-byte loads; the prologue builds the input
+// vector in shared memory (copy, RMSNorm * weight, or silu(gate) * up); the epilogue stores,
+// adds into the residual, writes float32 logits, or (E == 4, "partial") writes the raw float32
+// sum: a tensor-parallel rank's share of a row-parallel product, summed over ranks in float32 and
+// rounded once afterwards (resid_add_f32), as the single-rank product is.
+// E == 3 ("silu pair"): W holds [gate; up] (2N rows); the warp of output u computes rows u and
+// N + u and writes silu(gate) * up, so the down projection reads a finished activation.
+// R == 2 otherwise: the warp computes two consecutive rows (fewer blocks: one wave instead of two).
+#define GEMV_PRE 8
+template <int P, int E, int B, int R>
+__device__ __forceinline__ void gemv1_impl(const T* __restrict__ W, const T* __restrict__ xin,
+        const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
+        float* __restrict__ outf, int N, int K, float eps,
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ float scratch[32];
+    constexpr int PRE = GEMV_PRE / R;              // vectors per row loaded before the prologue
+    uint4* xs = reinterpret_cast<uint4*>(smem_raw);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int unit = blockIdx.x * (blockDim.x >> 5) + warp;
+    const int units = (E == 3 || R == 1) ? N : N / R;
+    const int row = (E == 3 || R == 1) ? unit : unit * R;   // first row of this warp
+    const int NV = K / VEC;
+    const uint4* wr = reinterpret_cast<const uint4*>(W) + (size_t)(unit < units ? row : 0) * NV;
+    const uint4* wr2 = wr + (size_t)(E == 3 ? N : 1) * NV;  // second row: the up row, or the next row
+    uint4 pre[PRE], pre2[R == 2 ? PRE : 1];
+#pragma unroll
+    for (int j = 0; j < PRE; ++j) {
+        const int i = lane + 32 * j;
+        pre[j] = i < NV ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+        if (R == 2) pre2[j] = i < NV ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    const uint4* xv = reinterpret_cast<const uint4*>(xin);
+    if (P == 0) {
+        for (int i = tid; i < NV; i += blockDim.x) xs[i] = xv[i];
+    } else if (P == 1 || P == 3) {
+        float ss = 0.f;
+        for (int i = tid; i < NV; i += blockDim.x) {
+            uint4 v = xv[i];
+            float f[VEC];
+            unpack(v, f);
+            if (P == 3) {
+                // x = T(x + T(s) [+ bias, rounded]): the residual add of a TP rank's summed float32
+                // partial (as resid_add_f32); block 0 stores the new residual to xo (not xin: the
+                // other blocks are still reading it)
+                const float4* sv = reinterpret_cast<const float4*>(rs) + (size_t)i * (VEC / 4);
+                float b[VEC];
+                unpack(rb != nullptr ? reinterpret_cast<const uint4*>(rb)[i] : make_uint4(0u, 0u, 0u, 0u), b);
+#pragma unroll
+                for (int q = 0; q < VEC / 4; ++q) {
+                    const float4 t = sv[q];
+                    const float r4[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        T y = ft(r4[e]);
+                        if (rb != nullptr) y = ft(tf(y) + b[4 * q + e]);
+                        f[4 * q + e] = tf(ft(f[4 * q + e] + tf(y)));
+                    }
+                }
+                v = pack(f);
+                if (blockIdx.x == 0) reinterpret_cast<uint4*>(xo)[i] = v;
+            }
+            xs[i] = v;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
+        }
+        ss = block_sum(ss, scratch);
+        const float denom = sqrtf(ss / (float)K + eps);
+        const uint4* wv = reinterpret_cast<const uint4*>(nw);
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float f[VEC], g[VEC];
+            unpack(xs[i], f);
+            unpack(wv[i], g);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
+            xs[i] = pack(f);
+        }
+    } else {
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float g[VEC], u[VEC];
+            unpack(xv[i], g);
+            unpack(xv[NV + i], u);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
+            xs[i] = pack(g);
+        }
+    }
+    __syncthreads();
+    if (unit >= units) return;
+    float acc = 0.f, acc2 = 0.f;
+#pragma unroll
+    for (int j = 0; j < PRE; ++j) {
+        const int i = lane + 32 * j;
+        if (i < NV) {
+            const uint4 xv4 = xs[i];
+            acc = dot_acc(acc, pre[j], xv4);
+            if (R == 2) acc2 = dot_acc(acc2, pre2[j], xv4);
+        }
+    }
+    constexpr int BATCH = 8 / R;
+    int i = lane + 32 * PRE;
+    for (; i + 32 * (BATCH - 1) < NV; i += 32 * BATCH) {
+        uint4 w[BATCH], w2[R == 2 ? BATCH : 1];
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            w[j] = __ldg(wr + i + 32 * j);
+            if (R == 2) w2[j] = __ldg(wr2 + i + 32 * j);
+        }
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const uint4 xv4 = xs[i + 32 * j];
+            acc = dot_acc(acc, w[j], xv4);
+            if (R == 2) acc2 = dot_acc(acc2, w2[j], xv4);
+        }
+    }
+    for (; i < NV; i += 32) {
+        const uint4 xv4 = xs[i];
+        acc = dot_acc(acc, __ldg(wr + i), xv4);
+        if (R == 2) acc2 = dot_acc(acc2, __ldg(wr2 + i), xv4);
+    }
+    acc = warp_sum(acc);
+    if (R == 2) acc2 = warp_sum(acc2);
+    if (lane == 0) {
+        if (E == 3) {
+            T g = ft(acc), u = ft(acc2);
+            if (B) {
+                g = ft(tf(g) + tf(bias[row]));
+                u = ft(tf(u) + tf(bias[N + row]));
+            }
+            out[row] = ft(silu_t(tf(g)) * tf(u));
+        } else {
+#pragma unroll
+            for (int k = 0; k < R; ++k) {
+                const int r = row + k;
+                const float a = k == 0 ? acc : acc2;
+                if (E == 2) {
+                    outf[r] = tf(ft(a));
+                } else if (E == 4) {
+                    outf[r] = a;
+                } else {
+                    T y = ft(a);
+                    if (B) y = ft(tf(y) + tf(bias[r]));
+                    if (E == 1) out[r] = ft(tf(out[r]) + tf(y));
+                    else out[r] = y;
+                }
+            }
+        }
+    }
+}
+#define GEMV1_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
+    const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
+    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, int ws
+#define GEMV1_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv1_p##P##_e##E##_b##B(GEMV1_ARGS) \
+    { gemv1_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
+#define GEMV1_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv1_p##P##_e##E##_b##B##_r2(GEMV1_ARGS) \
+    { gemv1_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
+GEMV1_INST(0, 0, 0) GEMV1_INST(0, 0, 1) GEMV1_INST(0, 1, 0) GEMV1_INST(0, 1, 1) GEMV1_INST(0, 2, 0)
+GEMV1_INST(1, 0, 0) GEMV1_INST(1, 0, 1) GEMV1_INST(1, 1, 0) GEMV1_INST(1, 1, 1) GEMV1_INST(1, 2, 0)
+GEMV1_INST(2, 0, 0) GEMV1_INST(2, 0, 1) GEMV1_INST(2, 1, 0) GEMV1_INST(2, 1, 1) GEMV1_INST(2, 2, 0)
+GEMV1_INST(0, 3, 0) GEMV1_INST(0, 3, 1) GEMV1_INST(1, 3, 0) GEMV1_INST(1, 3, 1)
+GEMV1_INST(0, 4, 0) GEMV1_INST2(0, 4, 0)
+GEMV1_INST(3, 0, 0) GEMV1_INST(3, 0, 1) GEMV1_INST(3, 2, 0) GEMV1_INST(3, 3, 0) GEMV1_INST(3, 3, 1)
+GEMV1_INST2(3, 0, 0) GEMV1_INST2(3, 0, 1) GEMV1_INST2(3, 2, 0)
+GEMV1_INST2(0, 0, 0) GEMV1_INST2(0, 0, 1) GEMV1_INST2(0, 1, 0) GEMV1_INST2(0, 1, 1) GEMV1_INST2(0, 2, 0)
+GEMV1_INST2(1, 0, 0) GEMV1_INST2(1, 0, 1) GEMV1_INST2(1, 1, 0) GEMV1_INST2(1, 1, 1) GEMV1_INST2(1, 2, 0)
+
+"""
+
 # Decode attention (one query token), split over the keys: grid (NS, Hkv), NT threads. Each block
 # copies its chunk of C keys and values into shared memory (cp.async, all in flight at once),
 # scores the g query heads of its kv head (one thread per key), and writes the partial softmax
@@ -703,15 +962,40 @@ class CudaOps:
         self._attn_modules: dict = {}
         self._smem_set: dict = {}
         self.cuda_dtype = {0: runtime.CUDA_R_16BF, 1: runtime.CUDA_R_16F, 2: runtime.CUDA_R_32F}[self.dt]
-        self.sm_count = runtime.getDeviceProperties(runtime.getDevice())["multiProcessorCount"]
+        props = runtime.getDeviceProperties(runtime.getDevice())
+        self.sm_count = props["multiProcessorCount"]
+        # L2 bytes the GEMV may fill with prefetched weights at once (a share of the L2, so that no
+        # prefetched line is evicted before its warp reads it)
+        self._occupancy: dict = {}
+        self._plans: dict = {}
+        self._v1_module = None
+        self.gemv_kernel = os.environ.get("NEURON_GEMV", "v2")
         self._one = np.array(1.0, dtype=np.float32)
         self._zero = np.array(0.0, dtype=np.float32)
 
     def fn(self, name: str):
         f = self._fn.get(name)
         if f is None:
-            f = self._fn[name] = self.module.get_function(name)
+            if name.startswith("gemv1_"):
+                if self._v1_module is None:
+                    self._v1_module = self.cp.RawModule(code=CUDA_BASE + CUDA_GEMV_V1, options=self.options)
+                f = self._fn[name] = self._v1_module.get_function(name)
+            else:
+                f = self._fn[name] = self.module.get_function(name)
         return f
+
+    def _blocks_per_sm(self, f, smem: int) -> int:
+        key = (id(f), smem)
+        n = self._occupancy.get(key)
+        if n is None:
+            self._set_smem(f, smem)
+            try:
+                from cupy_backends.cuda.api import driver
+                n = int(driver.occupancyMaxActiveBlocksPerMultiprocessor(f.kernel.ptr, GEMV_THREADS, smem))
+            except Exception:  # noqa: BLE001 - an estimate: 4 blocks by registers, shared memory permitting
+                n = min(GEMV_BLOCKS_PER_SM, (227 * 1024) // (smem + 1024 + 128))
+            n = self._occupancy[key] = max(1, n)
+        return n
 
     def compile_all(self) -> None:
         """Load every kernel now (compilation is cached on disk by CuPy), not on the first step."""
@@ -749,8 +1033,9 @@ class CudaOps:
         return 0 if a is None else a.data.ptr
 
     def _set_smem(self, f, nbytes: int) -> None:
-        """Kernels that need more than 48 KiB of dynamic shared memory must say so first."""
-        if nbytes > 48 * 1024 and self._smem_set.get(id(f), 0) < nbytes:
+        """Kernels that need more than 48 KiB of shared memory (dynamic plus their static scratch)
+        must say so first."""
+        if nbytes > 46 * 1024 and self._smem_set.get(id(f), 0) < nbytes:
             f.max_dynamic_shared_size_bytes = nbytes
             self._smem_set[id(f)] = nbytes
 
@@ -759,35 +1044,80 @@ class CudaOps:
         h = x.shape[-1]
         self.fn("embed_row")(((h + 255) // 256,), (256,), (table, meta, tokens, x, np.int32(h)))
 
-    def gemv_rows_per_warp(self, n: int, epi: str, pro: str) -> int:
+    def gemv_rows_per_warp(self, n: int, epi: str, pro: str, capacity: int | None = None) -> int:
         """2 when one row per warp would need a second (partial) wave of blocks and two would not."""
         if epi == "silu_pair" or pro == "silu" or n % 2:
             return 1
-        capacity = self.sm_count * GEMV_BLOCKS_PER_SM
+        capacity = capacity or self.sm_count * GEMV_BLOCKS_PER_SM
         one, two = ceil_div(n, GEMV_ROWS_PER_BLOCK), ceil_div(n, 2 * GEMV_ROWS_PER_BLOCK)
         return 2 if one > capacity >= two else 1
 
+    @staticmethod
+    def gemv_smem(pro: str, k: int, item: int, resid_bias: bool) -> int:
+        """Dynamic shared memory of the GEMV: the input vector, plus the staged prologue inputs."""
+        vec_bytes = k * item
+        if pro == "none":
+            return vec_bytes
+        if pro in ("rms", "silu"):
+            return 2 * vec_bytes
+        return 2 * vec_bytes + 4 * k + (vec_bytes if resid_bias else 0)  # resid_rms: + float32 sum, bias
+
+    def gemv_plan(self, n: int, k: int, item: int, pro: str, epi: str, rows_per_warp: int | None = None,
+                  blocks: int | None = None, resid_bias: bool = False, kernel: str | None = None,
+                  ws: bool = False) -> dict:
+        """Kernel name, grid, rows per warp and shared memory of one GEMV launch (n outputs: for
+        "silu_pair" the number of gate/up pairs). ws: also stage the second batch of each warp's
+        first unit in shared memory before the prologue; off unless asked for: it made every shape
+        it applies to slower (q/k/v at TP=2: 11.0 -> 13.3 us), the 32 KiB it adds per block coming
+        out of the L1 that holds the warps' loads in flight (bench/NOTES.md)."""
+        kernel = kernel or self.gemv_kernel
+        base = f"p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
+        if kernel == "v1":
+            r = rows_per_warp or self.gemv_rows_per_warp(n, epi, pro)
+            units = n // r if epi != "silu_pair" else n
+            return dict(kernel=kernel, base="gemv1_" + base, r=r, smem=k * item, units=units,
+                        grid=blocks or ceil_div(units, GEMV_ROWS_PER_BLOCK), ws=0)
+        smem = self.gemv_smem(pro, k, item, resid_bias)
+        if smem > GEMV_SMEM_MAX and k * item <= GEMV_SMEM_MAX:  # staged inputs too large: the first version
+            return self.gemv_plan(n, k, item, pro, epi, rows_per_warp, blocks, resid_bias, "v1")
+        f = self.fn(f"gemv_p{PRO[pro]}_e{EPI[epi]}_b0")
+        capacity = self.sm_count * self._blocks_per_sm(f, smem)
+        r = rows_per_warp or self.gemv_rows_per_warp(n, epi, pro, capacity)
+        units = n // r if epi != "silu_pair" else n
+        needed = ceil_div(units, GEMV_ROWS_PER_BLOCK)
+        if ws and smem + GEMV_WS_BYTES <= GEMV_SMEM_MAX:
+            smem += GEMV_WS_BYTES
+            capacity = self.sm_count * self._blocks_per_sm(f, smem)
+        else:
+            ws = False
+        grid = blocks or min(needed, capacity)
+        return dict(kernel=kernel, base="gemv_" + base, r=r, smem=smem, units=units, grid=grid, ws=int(bool(ws)))
+
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
-             rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None) -> None:
+             rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
+             kernel: str | None = None, blocks: int | None = None, ws: bool = False) -> None:
         """pro "resid_rms": the input is xin + T(resid) (+ resid_bias), resid a float32 sum over TP ranks,
-        rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms"."""
+        rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms".
+        kernel ("v2" unless NEURON_GEMV says otherwise), blocks (the grid; default: at most one wave)
+        and ws (see gemv_plan) choose how, never what, is computed."""
         n, k = W.shape
         if (pro == "resid_rms") != (resid is not None and xout is not None):
             raise ValueError("pro resid_rms takes resid (float32) and xout")
         if epi == "silu_pair":
             n //= 2  # outputs: one per (gate row, up row) pair
-        r = rows_per_warp or self.gemv_rows_per_warp(n, epi, pro)
         if epi == "partial" and bias is not None:
             raise ValueError("a partial (row-parallel) product takes its bias after the sum: resid_add_f32")
+        key = (n, k, W.dtype.itemsize, pro, epi, rows_per_warp, blocks, resid_bias is not None, kernel, ws)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self.gemv_plan(*key)
         b = 1 if (bias is not None and epi != "logits") else 0
-        f = self.fn(f"gemv_p{PRO[pro]}_e{EPI[epi]}_b{b}" + ("_r2" if r == 2 else ""))
-        smem = k * W.dtype.itemsize
-        self._set_smem(f, smem)
-        units = n // r if epi != "silu_pair" else n
-        grid = ((units + GEMV_ROWS_PER_BLOCK - 1) // GEMV_ROWS_PER_BLOCK,)
-        f(grid, (GEMV_THREADS,), (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf),
-                                  np.int32(n), np.int32(k), np.float32(eps), self._ptr(resid), self._ptr(resid_bias),
-                                  self._ptr(xout)), shared_mem=smem)
+        f = self.fn(plan["base"].format(b=b) + ("_r2" if plan["r"] == 2 else ""))
+        self._set_smem(f, plan["smem"])
+        f((plan["grid"],), (GEMV_THREADS,), (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out),
+                                             self._ptr(outf), np.int32(n), np.int32(k), np.float32(eps),
+                                             self._ptr(resid), self._ptr(resid_bias), self._ptr(xout),
+                                             np.int32(plan["ws"])), shared_mem=plan["smem"])
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:
@@ -935,7 +1265,10 @@ class NumpyOps:
         return self.r(self._silu(g) * u)
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
-             rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None) -> None:
+             rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
+             kernel: str | None = None, blocks: int | None = None, ws: bool | None = None) -> None:
+        # rows_per_warp, kernel, blocks, ws: how the CUDA kernel splits the work; the function
+        # (float32 dot products, the same rounding points) is the same for all of them
         n, k = W.shape
         if pro == "resid_rms":
             xout[...] = xin
