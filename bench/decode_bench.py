@@ -37,7 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_checks import commit, generate, generate_async, gpu_name, load, start_worker, wait  # noqa: E402
+from bench.common import commit, gpu_name, time_ms  # noqa: E402
+from bench.gpu_checks import generate, generate_async, load, start_worker, wait  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 
 MODELS = {"1b": "llama-3.2-1b", "8b": "llama-3-8b"}
@@ -51,21 +52,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ ceilings
-
-def time_ms(cp, fn, reps: int = 10, warmup: int = 2) -> float:
-    """Median of per-call device times (CUDA events), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return statistics.median(times)
-
 
 def ceilings() -> dict:
     import cupy as cp

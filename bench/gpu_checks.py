@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import commit, gpu_name  # noqa: E402,F401 - decode_bench imports them from here
 from neuron.device import DeviceSpec  # noqa: E402
 from neuron.generation import ErrorEvent, FinishEvent, Sequence, TokenEvent  # noqa: E402
 from neuron.sampling import SamplingConfig  # noqa: E402
@@ -45,21 +45,6 @@ DTYPES = ["float32", "bfloat16", "float16"]
 FP32_REL_L2 = 1e-4
 HALF_COSINE = 0.999
 MEMORY_SLACK = 64 << 20
-
-
-def commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - the device copy may have no .git
-        return "unknown"
-
-
-def gpu_name(index: int = 0) -> str:
-    import cupy
-    return cupy.cuda.runtime.getDeviceProperties(index)["name"].decode()
 
 
 # ----------------------------------------------------------------- worker helpers

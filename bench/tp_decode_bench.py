@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import commit, gpu_name, time_ms  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -44,33 +45,6 @@ TARGET_TOK_S = 330.0
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def commit() -> str:
-    for key in ("BENCH_COMMIT", "GIT_COMMIT"):
-        if os.environ.get(key):
-            return os.environ[key]
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - the device copy has no .git
-        return "unknown"
-
-
-def time_ms(cp, fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median device time of fn() (CUDA events on the current stream), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------ ceilings
@@ -392,7 +366,7 @@ def main(argv=None) -> int:
     import cupy
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    res = {"commit": commit(), "gpu": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+    res = {"commit": commit(), "gpu": gpu_name(0),
            "gpu1": cupy.cuda.runtime.getDeviceProperties(1)["name"].decode(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args), "hidden": shape.hidden_size,
            "command": "python bench/tp_decode_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import commit, gpu_name  # noqa: E402
 from cortex.client import CortexClient  # noqa: E402
 from cortex.local import cortex_args, neuron_args, start_server  # noqa: E402
 from cortex.tiny_checkpoint import LlamaShape, write_checkpoint  # noqa: E402
@@ -29,16 +28,6 @@ from cortex.tiny_checkpoint import LlamaShape, write_checkpoint  # noqa: E402
 FIXTURES = ["llama2", "llama3", "llama_sharded", "mistral", "qwen2", "qwen3"]
 # A mid-size shape so the all-reduces carry real sums (hidden 2048, 8 layers, GQA 16/4).
 MID = LlamaShape(hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16, num_kv_heads=4)
-
-
-def commit() -> str:
-    env = os.environ.get("BENCH_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,8 +120,7 @@ def main() -> None:
         rows += run_layout(layout, [fixtures / "models", work / "models"], models, work)
     gpu = "cpu dry run"
     if not args.cpu:
-        import cupy
-        gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        gpu = gpu_name(0)
     report = {"commit": commit(), "gpu": gpu, "dtype": DTYPE,
               "command": "python bench/tp_gpu_check.py " + " ".join(sys.argv[1:]), "rows": rows,
               "all_pass": all(r["pass"] for r in rows)}

@@ -1,0 +1,41 @@
+"""What every benchmark script shares: the commit measured, the GPU's name, device timing."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def commit() -> str:
+    """BENCH_COMMIT or GIT_COMMIT when set (the device copy of the tree has no .git), else HEAD."""
+    for key in ("BENCH_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(key):
+            return os.environ[key]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gpu_name(index: int = 0) -> str:
+    import cupy
+    return cupy.cuda.runtime.getDeviceProperties(index)["name"].decode()
+
+
+def time_ms(cp, fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median device time of fn() in ms (CUDA events on the current stream), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return statistics.median(times)
