@@ -111,6 +111,7 @@ async def serve_forever(settings: dict) -> int:
     except ServiceError as err:  # a malformed --neuron address
         raise SystemExit(f"cortex: {err.message}") from None
     models = ModelTable(registry, Placer(), settings["group_timeout_seconds"])
+    registry.after_poll = models.adopt  # models still on the neurons after a cortex restart
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",

@@ -10,6 +10,10 @@ A model's state is derived when asked: READY, UNAVAILABLE while a node holding a
 (it comes back with the node), FAILED once a node answers without the model's shard (the neuron
 restarted) or reports the shard failed (its TP group broke): that is final, and loading the name
 again replaces it.
+
+After a cortex restart the table starts empty while the neurons still hold the models loaded
+before: `adopt` (run after every poll round) takes in the shards no model holds, as READY models
+named as they were loaded (see adoption.py).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from cortex.v1 import cortex_pb2 as cpb
 from neuron.v1 import neuron_pb2 as npb
 from synapse.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
+from .adoption import orphans
 from .groups import destroy_group, form_group, new_group_id, on_all
 from .placement import Estimate, Placer, Target, check_pins, human_bytes, inspect
 from .registry import Registry
@@ -39,6 +44,7 @@ SWEEP_TIMEOUT_S = 10.0  # how long a failed load waits for its cancelled ranks' 
 
 LOADING, READY = cpb.MODEL_STATE_LOADING, cpb.MODEL_STATE_READY
 UNAVAILABLE, FAILED = cpb.MODEL_STATE_UNAVAILABLE, cpb.MODEL_STATE_FAILED
+ADOPTED = "adopted from the neurons after a cortex restart"
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class Model:
     max_context: int = 0
     vocab_size: int = 0
     ready_at: float = 0.0
+    remark: str = ""  # shown as the estimate when there is none (an adopted model)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     listeners: set[asyncio.Queue] = field(default_factory=set)
     task: asyncio.Task | None = None
@@ -140,6 +147,9 @@ class ModelTable:
         self.placer = placer
         self.group_timeout_s = group_timeout_s
         self._models: dict[str, Model] = {}
+        self._releasing = 0        # releases in progress
+        self._released_at = 0.0    # when the last one finished
+        self._refused: set[tuple[str, int]] = set()  # orphans not adopted (name taken), logged once
 
     # ------------------------------------------------------------ reading
 
@@ -179,7 +189,7 @@ class ModelTable:
             max_context=model.max_context or model.spec.max_context, tp=model.spec.tp,
             placement=[cpb.Placement(rank=r.rank, node=r.node, device=r.device, handle=r.handle) for r in model.ranks],
             weight_bytes=sum(r.weight_bytes for r in model.ranks), kv_bytes=sum(r.kv_bytes for r in model.ranks),
-            vocab_size=model.vocab_size, estimate=model.estimate.describe() if model.estimate else "")
+            vocab_size=model.vocab_size, estimate=model.estimate.describe() if model.estimate else model.remark)
 
     def list(self) -> list[cpb.ModelInfo]:
         return [self.info(m) for _, m in sorted(self._models.items())]
@@ -361,6 +371,14 @@ class ModelTable:
         return freed
 
     async def _release(self, model: Model, sweep: bool = False) -> int:
+        self._releasing += 1
+        try:
+            return await self._drop_all(model, sweep)
+        finally:
+            self._releasing -= 1
+            self._released_at = time.monotonic()
+
+    async def _drop_all(self, model: Model, sweep: bool) -> int:
         """Drop every loaded rank and leave the group. Never raises: what cannot be dropped now
         (node unreachable) is dropped when the node answers again. sweep: after a failed load,
         also wait out the shards of LoadShard calls that were cancelled in flight."""
@@ -403,3 +421,36 @@ class ModelTable:
                 return
             await asyncio.sleep(0.05)
 
+
+    # ------------------------------------------------------------ adopting
+
+    def adopt(self) -> None:
+        """Take in the models whose shards are on the neurons but that the table does not hold
+        (loaded before cortex restarted). Shards of any model in the table (loading ones included),
+        of its TP group, or waiting for a deferred drop are not orphans. Nothing is adopted while a
+        release runs, nor from a node last described before one finished: that Describe may still
+        show the shards it dropped."""
+        if self._releasing:
+            return
+        nodes = [n for n in self.registry.up_nodes() if n.described_at and n.described_at > self._released_at]
+        taken = {(r.node, r.handle) for m in self._models.values() for r in m.ranks if r.handle}
+        taken |= {(n.address, h) for n in self.registry.nodes() for h in n.pending_drops}
+        groups = {m.group_id for m in self._models.values() if m.group_id}
+        for ranks in orphans(nodes, taken, groups):
+            lead = ranks[0].shard
+            if lead.model in self._models or not NAME_PATTERN.fullmatch(lead.model):
+                if (ranks[0].node, lead.handle) not in self._refused:
+                    self._refused.add((ranks[0].node, lead.handle))
+                    log.warning("shard not adopted: its model name is taken or not allowed; left as it is",
+                                model=lead.model, node=ranks[0].node, handle=lead.handle)
+                continue
+            spec = LoadSpec(lead.model, lead.path, lead.dtype, max(lead.tp_size, 1), lead.max_context, 0, "", "")
+            model = Model(spec, READY, group_id=lead.group_id, architecture=lead.architecture, dtype=lead.dtype,
+                          max_context=lead.max_context, vocab_size=lead.vocab_size, ready_at=time.monotonic(),
+                          remark=ADOPTED)
+            model.ranks = [Rank(i, f.node, f.device, f.shard.handle, f.shard.weight_bytes, f.shard.kv_bytes)
+                           for i, f in enumerate(ranks)]
+            model.done.set_result(None)
+            self._models[spec.name] = model
+            log.info("model adopted", model=spec.name, ranks=[f"{f.node}/{f.device}" for f in ranks],
+                     handles=[f.shard.handle for f in ranks])

@@ -88,6 +88,7 @@ class Registry:
         self.heartbeat_timeout = heartbeat_timeout
         self._nodes: dict[str, Node] = {}
         self._poller: asyncio.Task | None = None
+        self.after_poll = None  # called after every poll round (the model table adopts orphans)
         for address in static:
             self._add(check_address(address, "--neuron"), "static")
 
@@ -171,6 +172,8 @@ class Registry:
             started = time.monotonic()
             try:
                 await self.poll_all()
+                if self.after_poll is not None:
+                    self.after_poll()
             except Exception:  # noqa: BLE001 - keep polling whatever happened
                 log.exception("poll round failed")
             await asyncio.sleep(max(0.0, self.poll_seconds - (time.monotonic() - started)))

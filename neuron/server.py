@@ -74,7 +74,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         for w in self.workers.values():
             shards = [pb.ShardSummary(handle=h, model=s.request.model, dtype=s.dtype, weight_bytes=s.weight_bytes,
                                       kv_bytes=s.kv.nbytes, tp_rank=s.layout.rank, tp_size=s.layout.size,
-                                      group_id=s.request.group_id)
+                                      group_id=s.request.group_id, path=str(s.request.directory),
+                                      architecture=s.config.architecture, max_context=s.kv.max_context,
+                                      vocab_size=s.config.vocab_size)
                       for h, s in list(w.slab.items())]
             shards += [pb.ShardSummary(handle=h, error=why) for h, why in list(w.failed.items())]
             devices.append(pb.Device(id=w.spec.id, kind=w.spec.kind, name=w.backend.name if w.backend else "",

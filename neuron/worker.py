@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
