@@ -39,3 +39,17 @@ def time_ms(cp, fn, reps: int = 10, warmup: int = 2) -> float:
         end.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, end))
     return statistics.median(times)
+
+
+def time_kernel_groups(cp, groups: dict, reps: int = 20) -> dict:
+    """{name: (fn, bytes read)} -> {name: {ms, bytes, gb_s}}: each group captured as a CUDA graph and
+    replayed, so launch gaps between its kernels count as they do in the decode step."""
+    from neuron.model.cuda_graph import DecodeGraph
+
+    timed = {}
+    for name, (fn, read) in groups.items():
+        graph = DecodeGraph(cp, fn)
+        graph.capture()
+        ms = time_ms(cp, graph.launch, reps=reps)
+        timed[name] = {"ms": ms, "bytes": read, "gb_s": read / ms / 1e6 if read else None}
+    return timed

@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import commit, gpu_name, time_ms  # noqa: E402
+from bench.common import commit, gpu_name, time_kernel_groups, time_ms  # noqa: E402
 from bench.gpu_checks import generate, generate_async, load, start_worker, wait  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 
@@ -142,7 +142,6 @@ def read_probe(path: Path, limit: int = 4 << 30) -> dict:
 def profile_decode(backend, shard, pos: int = 300) -> dict:
     """Device time of one decode step (graph replay) and of each kernel group, each group captured
     as its own graph (so launch gaps are not counted twice), with the bytes each group must read."""
-    from neuron.model.cuda_graph import DecodeGraph
 
     cp = backend.xp
     f, kv = shard.model.fused, shard.kv
@@ -177,12 +176,7 @@ def profile_decode(backend, shard, pos: int = 300) -> dict:
                                                             eps=f.eps, outf=f.logits), ops.argmax(f.logits, f.tokens, f.io.meta)),
                                           int(f.lm_head.nbytes)),
     }
-    res["groups"] = {}
-    for name, (fn, read) in groups.items():
-        graph = DecodeGraph(cp, fn)
-        graph.capture()
-        ms = time_ms(cp, graph.launch, reps=20)
-        res["groups"][name] = {"ms": ms, "bytes": read, "gb_s": read / ms / 1e6 if read else None}
+    res["groups"] = time_kernel_groups(cp, groups)
     res["groups_sum_ms"] = sum(g["ms"] for g in res["groups"].values())
     res["bytes_per_step"] = sum(g["bytes"] for g in res["groups"].values())
     # cuBLAS for the same T=1 product (what the fused GEMV replaced), on the largest weight of a layer

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import commit, gpu_name, time_ms  # noqa: E402
+from bench.common import commit, gpu_name, time_kernel_groups, time_ms  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -258,12 +258,7 @@ def profile_tp(path: Path, pos: int = 300) -> dict:
                 "argmax + embedding row": (lambda: (ops.argmax(f.logits, f.tokens, f.io.meta),
                                                     ops.embed_row(p["embed"], f.io.meta, f.tokens, f.x)), 0),
             }
-            res["groups"] = {}
-            for name, (fn, read) in groups.items():
-                graph = DecodeGraph(cp, fn)
-                graph.capture()
-                ms = time_ms(cp, graph.launch, reps=20)
-                res["groups"][name] = {"ms": ms, "bytes": read, "gb_s": read / ms / 1e6 if read else None}
+            res["groups"] = time_kernel_groups(cp, groups)
             res["groups_sum_ms"] = sum(g["ms"] for g in res["groups"].values())
             # not in the step: what a separate residual-add kernel would cost (folded into the prologues)
             sep = DecodeGraph(cp, lambda: [ops.resid_add_f32(f.x, f.part) for _ in range(2 * L)])

@@ -146,6 +146,24 @@ def test_a_rank_that_never_joins_times_out_and_leaves_nothing(four):
         destroy(ranks, group_id)
 
 
+def kill_follower_mid_stream(leader_stub, handle: int, follower, max_tokens: int, within_s: float) -> None:
+    """Kill the follower while the leader streams: the stream must end UNAVAILABLE within `within_s`,
+    and the leader must report its shard failed (holding no memory)."""
+    stream = leader_stub.Generate(pb.GenerateRequest(
+        handle=handle, prompt=pb.Prompt(tokens=pb.TokenIds(ids=[1, 2, 3])),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)), timeout=60)
+    next(stream)
+    follower.kill()
+    killed_at = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "group" in err.value.details()
+    assert time.monotonic() - killed_at < within_s
+    shards = [s for d in leader_stub.Describe(pb.DescribeRequest()).devices for s in d.shards]
+    assert [s.error != "" for s in shards] == [True]
+
+
 def test_killed_follower_ends_the_stream_unavailable_and_the_model_can_be_reloaded():
     leader = start_neuron(devices="cpu:0", model_roots=[MODELS])
     follower = start_neuron(devices="cpu:0", model_roots=[MODELS])
@@ -155,19 +173,7 @@ def test_killed_follower_ends_the_stream_unavailable_and_the_model_can_be_reload
             sl, sf, ss = (neuron_pb2_grpc.NeuronStub(c) for c in (cl, cf, cs))
             ranks = [(sl, leader.address, "cpu:0"), (sf, follower.address, "cpu:0")]
             group_id, handles = form_group(ranks, "llama2", step_timeout_ms=3000)
-            stream = sl.Generate(pb.GenerateRequest(
-                handle=handles[0], prompt=pb.Prompt(tokens=pb.TokenIds(ids=[1, 2, 3])),
-                sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)), timeout=30)
-            next(stream)
-            follower.kill()
-            killed_at = time.monotonic()
-            with pytest.raises(grpc.RpcError) as err:
-                for _ in stream:
-                    pass
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "group" in err.value.details()
-            assert time.monotonic() - killed_at < 3 + 2
-            shards = [s for d in sl.Describe(pb.DescribeRequest()).devices for s in d.shards]
-            assert [s.error != "" for s in shards] == [True]  # reported, and it holds no memory
+            kill_follower_mid_stream(sl, handles[0], follower, max_tokens=200, within_s=3 + 2)
             with pytest.raises(grpc.RpcError) as again:
                 greedy(sl, handles[0], [1, 2])
             assert again.value.code() == grpc.StatusCode.UNAVAILABLE
