@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from synapse.config import Setting, add_settings, resolve
+from synapse.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
 from synapse.errors import ServiceError
 from synapse.logs import configure_logging
 from synapse.server import ServingServer
@@ -28,7 +28,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 STOP_GRACE_SECONDS = 1.0  # after the drain: lets final statuses reach the callers before the server closes
 
 SETTINGS = [
-    Setting("listen", "0.0.0.0:50051", "address to serve on (HOST:PORT; port 0 picks a free one)"),
+    listen_setting("0.0.0.0:50051"),
     Setting("neuron", [], "neuron to manage besides those that register themselves (HOST:PORT, repeatable)",
             multiple=True),
     Setting("poll_seconds", 2.0, "how often every neuron's Describe is polled", type=float),
@@ -36,10 +36,7 @@ SETTINGS = [
             "a registered neuron without a heartbeat for this long is down (it is asked to send one "
             "every third of it)", type=float),
     Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
-    Setting("drain_seconds", 10.0, "on SIGTERM, how long in-flight requests may finish", type=float),
-    Setting("port_file", "", "write the bound port to this file once serving (for scripts and tests)"),
-    Setting("log_level", "info", "debug, info, warning, error"),
-    Setting("log_format", "auto", "json, console or auto (console on a terminal)"),
+    *SERVER_SETTINGS,
 ]
 
 

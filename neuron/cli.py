@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from synapse.config import Setting, add_settings, resolve
+from synapse.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
 from synapse.logs import configure_logging
 from synapse.server import ServingServer
 
@@ -26,17 +26,14 @@ STOP_GRACE_SECONDS = 2.0    # after the drain: time for the final statuses to re
 WORKER_STOP_SECONDS = 20.0  # a worker that takes longer to stop makes the neuron exit non-zero
 
 SETTINGS = [
-    Setting("listen", "0.0.0.0:50061", "address to serve on (HOST:PORT; port 0 picks a free one)"),
+    listen_setting("0.0.0.0:50061"),
     Setting("devices", "", "devices: cpu | cpu:0,cpu:1,... | 0,1,... (GPU indices); empty: all GPUs, else cpu"),
     Setting("model_root", ["models"], "directory that checkpoints must live under (repeatable)", multiple=True),
     Setting("cortex", "", "cortex address to register with and heartbeat to (HOST:PORT)"),
     Setting("advertise", "", "address cortex should use to reach this neuron; default: the listen host if specific, else HOSTNAME, with the bound port"),
     Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float),
-    Setting("drain_seconds", 10.0, "on SIGTERM, how long in-flight requests may finish", type=float),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
-    Setting("port_file", "", "write the bound port to this file once serving (for scripts and tests)"),
-    Setting("log_level", "info", "debug, info, warning, error"),
-    Setting("log_format", "auto", "json, console or auto (console on a terminal)"),
+    *SERVER_SETTINGS,
 ]
 
 

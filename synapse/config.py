@@ -66,3 +66,16 @@ def resolve(args: argparse.Namespace, settings: list[Setting], env_prefix: str, 
         else:
             values[s.name] = s.default
     return values
+
+
+def listen_setting(default: str) -> Setting:
+    return Setting("listen", default, "address to serve on (HOST:PORT; port 0 picks a free one)")
+
+
+# What every server process takes besides its own settings: shutdown, scripting and logging.
+SERVER_SETTINGS = [
+    Setting("drain_seconds", 10.0, "on SIGTERM, how long in-flight requests may finish", type=float),
+    Setting("port_file", "", "write the bound port to this file once serving (for scripts and tests)"),
+    Setting("log_level", "info", "debug, info, warning, error"),
+    Setting("log_format", "auto", "json, console or auto (console on a terminal)"),
+]
