@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import commit, gpu_name, time_kernel_groups, time_ms  # noqa: E402
+from bench.common import commit, copy_bandwidth, gpu_name, time_kernel_groups, time_ms  # noqa: E402
 from bench.gpu_checks import generate, generate_async, load, start_worker, wait  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 
@@ -59,14 +59,7 @@ def ceilings() -> dict:
     import ml_dtypes
     from cupy_backends.cuda.api import runtime
 
-    out = {}
-    n = 4 << 30
-    a = cp.random.randint(0, 255, n, dtype=cp.uint8)
-    b = cp.empty_like(a)
-    ms = time_ms(cp, lambda: runtime.memcpyAsync(b.data.ptr, a.data.ptr, n, runtime.memcpyDeviceToDevice,
-                                                   cp.cuda.get_current_stream().ptr), reps=20)
-    out["copy_gb_s"] = 2 * n / ms / 1e6
-    del a, b
+    out = {"copy_gb_s": copy_bandwidth(cp)}
     h = cupyx.empty_pinned((1 << 30,), dtype=np.uint8)
     h[:] = 7
     d = cp.empty(1 << 30, dtype=cp.uint8)
@@ -162,8 +155,8 @@ def profile_decode(backend, shard, pos: int = 300) -> dict:
                                                   eps=f.eps) for i in range(L)], nbytes("qkv")),
         "rope + kv write": (lambda: [ops.qkv_post(f.qkv, f.io.meta, 1, None, None, None, f.cos, f.sin, f.q, kv.keys[i],
                                                   kv.values[i], f.hq, f.hkv, f.d, f.eps) for i in range(L)], 0),
-        "attention (split-K + combine)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta, f.window,
-                                                                   f.scale, f.po, f.pm, f.pl, f.attn, f.hq, f.hkv, f.d)
+        "attention (split-K, merged in-kernel)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta, f.window,
+                                                                   f.scale, f.po, f.pm, f.pl, f.attn_done, f.attn, f.hq, f.hkv, f.d)
                                                    for i in range(L)], kv_bytes),
         "o gemv (+residual)": (lambda: [ops.gemv(p[f"{i}.o"], f.attn, f.x, "none", "resid") for i in range(L)],
                                nbytes("o")),

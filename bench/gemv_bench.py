@@ -1,15 +1,15 @@
 """The decode GEMV alone, at the shapes of the 8B (TP=1 and each rank of TP=2) and of the 1B: each
-version of the kernel, timed as the step runs it (a CUDA graph of one launch per layer, every layer
-its own weights, so no launch finds its matrix in the L2), in one process on one GPU.
+build of the kernel, timed as the step runs it (a CUDA graph of one launch per layer, every layer
+its own weights, so no launch finds its matrix in the L2), in one process on one GPU, beside the
+copy bandwidth measured in the same run.
 
     python bench/gemv_bench.py [--out DIR]      # needs a GPU and CuPy
 
-Versions: v1 (the first kernel: one block per 8 units, prologue in every block), v2 (the kernel the
-model uses: staged prologue, first batch of weights requested before it, at most one wave of
-persistent blocks) and v2-ws (v2 with the second batch of each warp's first unit also staged in
-shared memory before the prologue). Each version's result is checked against v1's on fresh random
-inputs (relative L2 error; v2 sums in v1's order, so 0). Prints a table and writes
-gemv_bench-<time>.json.
+Builds: lb4 (the norm-prologue GEMVs at 64 registers, 4 blocks per SM: the build before, which
+spills), lb3 (80 registers, 3 blocks per SM: the default) and lb3+pdl (lb3, each launch a
+programmatic dependent launch on the one before, as the decode step launches most GEMVs). Each
+build's result is checked against lb4's on the same inputs (relative L2 error; all sum in the same
+order, so 0). Prints a table and writes gemv_bench-<time>.json.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import copy_bandwidth  # noqa: E402
 
 # (model, role, rows of W, K, prologue, epilogue, launches per step)
 SHAPES = [
@@ -44,7 +46,9 @@ SHAPES = [
     ("1b-tp1", "down", 2048, 8192, "none", "resid", 16),
     ("1b-tp1", "lm_head", 128256, 2048, "rms", "logits", 1),
 ]
-VARIANTS = {"v1": dict(kernel="v1"), "v2": dict(kernel="v2"), "v2-ws": dict(kernel="v2", ws=True)}
+# build -> (CudaOps arguments, launch with pdl)
+VARIANTS = {"lb4": (dict(norm_min_blocks=4, pdl=False), False), "lb3": (dict(norm_min_blocks=3, pdl=True), False),
+            "lb3+pdl": (dict(norm_min_blocks=3, pdl=True), True)}
 
 
 def time_graph(cp, fn, reps: int = 15) -> float:
@@ -87,7 +91,7 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def bench_shape(cp, ops, model, role, n, k, pro, epi, layers) -> dict:
+def bench_shape(cp, builds: dict, model, role, n, k, pro, epi, layers) -> dict:
     import ml_dtypes
     bf16 = np.dtype(ml_dtypes.bfloat16)
     count = layers if layers > 1 else 2  # lm_head: 2 copies alternate (each far larger than the L2)
@@ -102,14 +106,13 @@ def bench_shape(cp, ops, model, role, n, k, pro, epi, layers) -> dict:
     outf = cp.empty(n_out, dtype=cp.float32) if f32 else None
     res = {"model": model, "role": role, "n": n, "k": k, "pro": pro, "epi": epi, "launches_per_step": layers,
            "bytes_per_launch": n * k * 2, "variants": {}}
-    variants = dict(VARIANTS)
-    res["v2_plan"] = ops.gemv_plan(n_out, k, 2, pro, epi, kernel="v2")
+    res["plans"] = {name: builds[name][0].gemv_plan(n_out, k, 2, pro, epi) for name in VARIANTS}
     ref = None
-    for name, how in variants.items():
-        def run(i, how=how):
+    for name, (ops, pdl) in builds.items():
+        def run(i, ops=ops, pdl=pdl):
             ops.gemv(Ws[i % count], x, out, pro, epi, norm_w=norm_w, eps=1e-5, outf=outf, resid=resid, xout=xout,
-                     **how)
-        # check against v1 on the first matrix (out reset first: "resid" adds into it)
+                     pdl=pdl)
+        # check against the first build on the first matrix (out reset first: "resid" adds into it)
         if out is not None:
             out.view(cp.uint16).fill(0)
         if outf is not None:
@@ -121,7 +124,7 @@ def bench_shape(cp, ops, model, role, n, k, pro, epi, layers) -> dict:
         err = rel(got, ref)
         ms = time_graph(cp, lambda: [run(i) for i in range(layers)])
         us = ms * 1e3 / layers
-        res["variants"][name] = {"us_per_launch": us, "gb_s": n * k * 2 / (us * 1e-6) / 1e9, "rel_err_vs_v1": err}
+        res["variants"][name] = {"us_per_launch": us, "gb_s": n * k * 2 / (us * 1e-6) / 1e9, "rel_err_vs_lb4": err}
     Ws.clear()
     cp.get_default_memory_pool().free_all_blocks()
     return res
@@ -140,17 +143,20 @@ def main() -> int:
     stream = cp.cuda.Stream(non_blocking=True)
     results = []
     with stream:
-        ops = CudaOps("bfloat16")
-        ops.fn("gemv1_p0_e0_b0")  # compile both modules before timing
+        builds = {name: (CudaOps("bfloat16", **kw), pdl) for name, (kw, pdl) in VARIANTS.items()}
+        for ops, _ in builds.values():
+            ops.compile_all()
+        ops = builds["lb3"][0]
         props = cp.cuda.runtime.getDeviceProperties(args.device)
+        copy_gb_s = copy_bandwidth(cp)
         print(f"GPU {props['name'].decode()}, {ops.sm_count} SMs, L2 {props.get('l2CacheSize', 0) / 2**20:.0f} MiB; "
-              f"compiled in {time.time() - t0:.1f} s", flush=True)
+              f"compiled in {time.time() - t0:.1f} s; copy bandwidth {copy_gb_s:.0f} GB/s (read + write)", flush=True)
         for shape in SHAPES:
-            r = bench_shape(cp, ops, *shape)
+            r = bench_shape(cp, builds, *shape)
             results.append(r)
             v = r["variants"]
             print(f"{r['model']:7s} {r['role']:8s} " + "  ".join(
-                f"{name} {x['us_per_launch']:7.2f} us {x['gb_s']:5.0f} GB/s e={x['rel_err_vs_v1']:.1e}"
+                f"{name} {x['us_per_launch']:7.2f} us {x['gb_s']:5.0f} GB/s e={x['rel_err_vs_lb4']:.1e}"
                 for name, x in v.items()), flush=True)
     # totals per step (GEMVs only)
     totals: dict = {}
@@ -160,15 +166,16 @@ def main() -> int:
             totals[key] = totals.get(key, 0.0) + x["us_per_launch"] * r["launches_per_step"] / 1e3
     models = sorted({r["model"] for r in results})
     names = list(VARIANTS)
-    lines = ["", "GEMV ms per decode step (sum over the step's GEMV launches)", f"{'model':8s} " +
-             " ".join(f"{n:>9s}" for n in names)]
+    lines = ["", "GEMV ms per decode step (sum over the step's GEMV launches), and the same bytes at the copy "
+             f"bandwidth ({copy_gb_s:.0f} GB/s)", f"{'model':8s} " + " ".join(f"{n:>9s}" for n in names) + "  at copy bw"]
     for m in models:
-        lines.append(f"{m:8s} " + " ".join(f"{totals[(m, n)]:9.3f}" for n in names))
+        floor = sum(r["bytes_per_launch"] * r["launches_per_step"] for r in results if r["model"] == m) / copy_gb_s / 1e6
+        lines.append(f"{m:8s} " + " ".join(f"{totals[(m, n)]:9.3f}" for n in names) + f"  {floor:9.3f}")
     print("\n".join(lines), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"commit": os.environ.get("BENCH_COMMIT", "unknown"), "gpu": props["name"].decode(),
-              "sm_count": ops.sm_count, "l2_bytes": props.get("l2CacheSize"), "results": results,
+              "sm_count": ops.sm_count, "l2_bytes": props.get("l2CacheSize"), "copy_gb_s": copy_gb_s, "results": results,
               "totals_ms": {f"{m}/{n}": v for (m, n), v in totals.items()},
               "seconds": time.time() - t0}
     (out / f"gemv_bench-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(report, indent=1, default=float))

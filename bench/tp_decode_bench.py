@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import commit, gpu_name, time_kernel_groups, time_ms  # noqa: E402
+from bench.common import commit, copy_bandwidth, gpu_name, time_kernel_groups, time_ms  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -49,18 +49,10 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------ ceilings
 
-def copy_bandwidth(index: int) -> float:
+def copy_bandwidth_of(index: int) -> float:
     import cupy as cp
-    from cupy_backends.cuda.api import runtime
     with cp.cuda.Device(index):
-        n = 4 << 30
-        a = cp.random.randint(0, 255, n, dtype=cp.uint8)
-        b = cp.empty_like(a)
-        ms = time_ms(cp, lambda: runtime.memcpyAsync(b.data.ptr, a.data.ptr, n, runtime.memcpyDeviceToDevice,
-                                                       cp.cuda.get_current_stream().ptr), reps=20)
-        del a, b
-        cp.get_default_memory_pool().free_all_blocks()
-    return 2 * n / ms / 1e6
+        return copy_bandwidth(cp)
 
 
 def start_workers(n: int = 2):
@@ -241,8 +233,8 @@ def profile_tp(path: Path, pos: int = 300) -> dict:
                 "rope + kv write": (lambda: [ops.qkv_post(f.qkv, f.io.meta, 1, None, None, None, f.cos, f.sin, f.q,
                                                           kv.keys[i], kv.values[i], f.hq, f.hkv, f.d, f.eps)
                                              for i in range(L)], 0),
-                "attention (split-K + combine)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta,
-                                                                           f.window, f.scale, f.po, f.pm, f.pl, f.attn,
+                "attention (split-K, merged in-kernel)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta,
+                                                                           f.window, f.scale, f.po, f.pm, f.pl, f.attn_done, f.attn,
                                                                            f.hq, f.hkv, f.d) for i in range(L)],
                                                   kv_bytes),
                 "o gemv (float32 partial)": (lambda: [ops.gemv(p[f"{i}.o"], f.attn, None, "none", "partial",
@@ -366,7 +358,7 @@ def main(argv=None) -> int:
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args), "hidden": shape.hidden_size,
            "command": "python bench/tp_decode_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     log("ceilings: copy bandwidth per GPU")
-    res["copy_gb_s"] = [copy_bandwidth(i) for i in (0, 1)]
+    res["copy_gb_s"] = [copy_bandwidth_of(i) for i in (0, 1)]
     log(f"  {res['copy_gb_s']}")
     vocab = shape.vocab_size
     log("NCCL collective latency")

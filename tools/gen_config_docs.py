@@ -32,8 +32,9 @@ ENV_ONLY = [
      "cortex address for `cortex nodes|models|load|unload|generate|forward` (flag `--cortex`)"),
     ("NEURON_FUSED", "neuron", "auto",
      "fused CUDA kernels: auto (on GPUs when the model's shapes suit them), off, cuda, numpy (tests)"),
-    ("NEURON_GEMV", "neuron", "v2",
-     "decode GEMV kernel of the fused path: v2, or v1 (the first version, kept for comparison)"),
+    ("NEURON_PDL", "neuron", "1",
+     "programmatic dependent launch of the fused decode kernels on sm_90+ GPUs (each may start while "
+     "the one before finishes); 0 launches every kernel normally"),
     ("LOG_FORMAT", "cortex, neuron", "", "overrides `log_format` of both servers (json or console)"),
 ]
 

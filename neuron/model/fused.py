@@ -78,6 +78,7 @@ class FusedLlama:
         self.po = xp.empty((self.hq, ns, self.d), dtype=xp.float32)
         self.pm = xp.empty((self.hq, ns), dtype=xp.float32)
         self.pl = xp.empty((self.hq, ns), dtype=xp.float32)
+        self.attn_done = xp.zeros(self.hkv, dtype=xp.int32)  # per kv head: splits finished (attn_decode)
         vocab = self.lm_head.shape[0]
         if self.tp:
             # size chunks of vchunk logits, gathered in place; a short last chunk is padded with -inf
@@ -99,7 +100,10 @@ class FusedLlama:
 
         Under TP the residual add of each summed row-parallel partial is folded into the next
         GEMV's prologue ("resid_rms": x + T(sum) is formed, normed and used by every block; block
-        0 stores it), so the residual stream alternates between x and x2 (two adds per layer)."""
+        0 stores it), so the residual stream alternates between x and x2 (two adds per layer).
+
+        pdl=True (programmatic dependent launch) only where the launch before is one of ours, never
+        right after a collective."""
         if not self.tp:
             return self._decode_body_single(kv)
         ops, p, c = self.ops, self.p, self.c
@@ -111,7 +115,7 @@ class FusedLlama:
         def normed(W, out, epi, norm_w, bias=None, outf=None):
             nonlocal cur, nxt, pending
             if pending is None:
-                ops.gemv(W, cur, out, "rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf)
+                ops.gemv(W, cur, out, "rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf, pdl=True)
                 return
             ops.gemv(W, cur, out, "resid_rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf,
                      resid=self.part, resid_bias=pending[0], xout=nxt)
@@ -119,16 +123,13 @@ class FusedLlama:
 
         for i in range(c.num_layers):
             normed(p[f"{i}.qkv"], self.qkv, "store", p[f"{i}.input_norm"])
-            ops.qkv_post(self.qkv, meta, 1, p.get(f"{i}.qkv_bias"), p.get(f"{i}.q_norm"), p.get(f"{i}.k_norm"),
-                         self.cos, self.sin, self.q, kv.keys[i], kv.values[i], self.hq, self.hkv, self.d, self.eps)
-            ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale,
-                            self.po, self.pm, self.pl, self.attn, self.hq, self.hkv, self.d)
-            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part)
+            self._attention(i, kv)
+            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part, pdl=True)
             if collectives:
                 self._sum(self.part)
             pending = (p.get(f"{i}.o_bias"),)
             normed(p[f"{i}.gate_up"], self.act, "silu_pair", p[f"{i}.post_norm"], bias=p.get(f"{i}.gate_up_bias"))
-            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part)
+            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part, pdl=True)
             if collectives:
                 self._sum(self.part)
             pending = (p.get(f"{i}.down_bias"),)
@@ -142,17 +143,24 @@ class FusedLlama:
         meta = self.io.meta
         ops.embed_row(p["embed"], meta, self.tokens, self.x)
         for i in range(c.num_layers):
-            ops.gemv(p[f"{i}.qkv"], self.x, self.qkv, "rms", "store", norm_w=p[f"{i}.input_norm"], eps=self.eps)
-            ops.qkv_post(self.qkv, meta, 1, p.get(f"{i}.qkv_bias"), p.get(f"{i}.q_norm"), p.get(f"{i}.k_norm"),
-                         self.cos, self.sin, self.q, kv.keys[i], kv.values[i], self.hq, self.hkv, self.d, self.eps)
-            ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale,
-                            self.po, self.pm, self.pl, self.attn, self.hq, self.hkv, self.d)
-            ops.gemv(p[f"{i}.o"], self.attn, self.x, "none", "resid", bias=p.get(f"{i}.o_bias"))
+            ops.gemv(p[f"{i}.qkv"], self.x, self.qkv, "rms", "store", norm_w=p[f"{i}.input_norm"], eps=self.eps,
+                     pdl=True)
+            self._attention(i, kv)
+            ops.gemv(p[f"{i}.o"], self.attn, self.x, "none", "resid", bias=p.get(f"{i}.o_bias"), pdl=True)
             ops.gemv(p[f"{i}.gate_up"], self.x, self.act, "rms", "silu_pair", norm_w=p[f"{i}.post_norm"], eps=self.eps,
-                     bias=p.get(f"{i}.gate_up_bias"))
-            ops.gemv(p[f"{i}.down"], self.act, self.x, "none", "resid", bias=p.get(f"{i}.down_bias"))
-        ops.gemv(self.lm_head, self.x, None, "rms", "logits", norm_w=p["norm"], eps=self.eps, outf=self.logits)
+                     bias=p.get(f"{i}.gate_up_bias"), pdl=True)
+            ops.gemv(p[f"{i}.down"], self.act, self.x, "none", "resid", bias=p.get(f"{i}.down_bias"), pdl=True)
+        ops.gemv(self.lm_head, self.x, None, "rms", "logits", norm_w=p["norm"], eps=self.eps, outf=self.logits, pdl=True)
         ops.argmax(self.logits, self.tokens, meta)
+
+    def _attention(self, i: int, kv) -> None:
+        """Layer i's decode attention after its q/k/v GEMV: rotary + KV write, then attention."""
+        p, meta = self.p, self.io.meta
+        self.ops.qkv_post(self.qkv, meta, 1, p.get(f"{i}.qkv_bias"), p.get(f"{i}.q_norm"), p.get(f"{i}.k_norm"),
+                          self.cos, self.sin, self.q, kv.keys[i], kv.values[i], self.hq, self.hkv, self.d, self.eps,
+                          pdl=True)
+        self.ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale, self.po, self.pm,
+                             self.pl, self.attn_done, self.attn, self.hq, self.hkv, self.d, pdl=True)
 
     def _sum(self, buf) -> None:
         """In-place all-reduce (the NCCL engine sums in place; the TCP engine returns a new array)."""

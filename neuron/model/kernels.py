@@ -28,13 +28,14 @@ import os
 
 import numpy as np
 
+from .launch import PdlLauncher
+
 DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
 EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4}
 GEMV_THREADS = 256
 GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two rows, or a gate/up pair)
-GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4)
-GEMV_WS_BYTES = GEMV_ROWS_PER_BLOCK * 32 * 8 * 16  # shared memory for the second batch of each warp's first unit
+GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for the norm prologues)
 GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
 
@@ -63,6 +64,11 @@ def supports(config, layout, dtype_name: str) -> str | None:
         return "query heads not a multiple of kv heads"
     if attn_chunk(dtype_name, hq // hkv, d) < 8:
         return f"head_dim {d} x group {hq // hkv} does not fit the attention kernel's shared memory"
+    item = 4 if dtype_name == "float32" else 2
+    for name, smem in (("hidden_size", CudaOps.gemv_smem("resid_rms", config.hidden_size, item, True)),
+                       ("intermediate width", CudaOps.gemv_smem("none", len(layout.intermediate), item, False))):
+        if smem > GEMV_SMEM_MAX:
+            return f"{name}: the GEMV's staged input needs {smem} bytes of shared memory (at most {GEMV_SMEM_MAX})"
     return None
 
 
@@ -186,6 +192,21 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+// Programmatic dependent launch (sm_90+). A kernel launched with it (launch.py) may start while the
+// kernel before it in the stream is still running; pdl_wait() returns once that kernel has completed
+// and its writes are visible, so only reads of what no earlier kernel writes (weights) may precede it.
+// pdl_trigger() lets the next such kernel start as soon as every block of this one has started. Both
+// are no-ops for a kernel launched normally.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
 """
 
 CUDA_KERNELS = r"""
@@ -202,31 +223,28 @@ CUDA_KERNELS = r"""
 //
 // Built so that small matrices (a TP rank's q/k/v and o, 25 and 17 MB on the 8B shape) and
 // matrices of a few waves (gate/up, lm_head) run closer to the copy bandwidth:
-// 1. Staged prologue: every input of the prologue (x; the norm weight; the float32 sum and its bias;
-//    gate and up) is copied to shared memory with cp.async, all requests issued at the start, so
-//    the prologue costs one round trip to L2. (The first version loaded them in dependent steps
-//    queued behind the block's weight prefetch, and a register spill right after that prefetch
-//    made every thread wait for its weights before it started the prologue.)
-// 2. The first unit's first batch of weights (BATCH vectors per lane and row) is requested into
-//    registers before the prologue, so it is in flight while the prologue runs. With ws != 0 the
-//    second batch also goes to this warp's slice of shared memory (cp.async, its own commit group)
-//    before the prologue; measured slower on every shape (the extra shared memory comes out of the
-//    L1 that holds loads in flight), so the host asks for it only when told to.
+// 1. The first unit's first batch of weights (BATCH vectors per lane and row) is requested into
+//    registers first, before the kernel waits for the previous one (pdl_wait) and before the
+//    prologue, so it is in flight while both happen.
+// 2. Staged prologue: every input of the prologue (x; the norm weight; the float32 sum and its bias;
+//    gate and up) is copied to shared memory with cp.async, all requests issued at once, so the
+//    prologue costs one round trip to L2. (The first version loaded them in dependent steps queued
+//    behind the block's weight prefetch.)
 // 3. Persistent warps: warp w of the grid (W warps) computes units w, w + W, w + 2W, ..., so the
 //    host launches at most one wave and each block does its prologue once (lm_head: 15 waves of
 //    blocks, each with its prologue, before).
+// 4. Kernels with a norm prologue (P 1, 3) get 80 registers (__launch_bounds__(256, 3)): at 64 they
+//    spilled a register of the batch requested in 1 and so waited for that load before starting
+//    the prologue (ptxas: 16 bytes of spill stores; at 80 none, 68-72 registers used).
 // Every lane sums its vectors i = lane + 32 j in ascending order, as the first version did, so the
 // result is bit-identical to it. Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
 // vector; st [NV] the norm weight (P 1, 3) or up (P 2); P 3 also rss [NV * VEC / 4] (the float32
-// sum) and, with rb, rbs [NV]; then, with ws, 32 * BATCH * R vectors per warp.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N_>
-__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N_)); }
+// sum) and, with rb, rbs [NV].
 // One unit of a warp: the dot product(s) of its row(s) with xs, then the epilogue. FIRST: the first
-// batch is already in registers (pw, pw2) and, with ws, the second in this warp's shared slice.
+// batch is already in registers (pw, pw2).
 template <int E, int B, int R, bool FIRST>
-__device__ __forceinline__ void gemv_unit(int unit, const uint4* __restrict__ W4, const uint4* xs, const uint4* wsm,
-        const uint4 (&pw)[8 / R], const uint4 (&pw2)[R == 2 ? 8 / R : 1], int ws, int NV, int N, size_t rstride,
+__device__ __forceinline__ void gemv_unit(int unit, const uint4* __restrict__ W4, const uint4* xs,
+        const uint4 (&pw)[8 / R], const uint4 (&pw2)[R == 2 ? 8 / R : 1], int NV, int N, size_t rstride,
         int lane, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf) {
     constexpr int BATCH = 8 / R;
     const int row = (E == 3 || R == 1) ? unit : unit * R;
@@ -244,19 +262,6 @@ __device__ __forceinline__ void gemv_unit(int unit, const uint4* __restrict__ W4
             }
         }
         i0 += 32 * BATCH;
-        if (ws) {
-            cp_async_wait_group<0>();
-#pragma unroll
-            for (int j = 0; j < BATCH; ++j) {
-                const int i = i0 + 32 * j;
-                if (i < NV) {
-                    const uint4 xv4 = xs[i];
-                    acc = dot_acc(acc, wsm[j * 32 + lane], xv4);
-                    if (R == 2) acc2 = dot_acc(acc2, wsm[(BATCH + j) * 32 + lane], xv4);
-                }
-            }
-            i0 += 32 * BATCH;
-        }
     }
     // the rest in batches of BATCH vectors per lane, all of a batch's loads in flight at once (the
     // last batch predicated, not a serial tail)
@@ -310,7 +315,7 @@ template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
-        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, int ws) {
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float scratch[32];
     constexpr int QV = VEC / 4;                    // float4 per vector of the float32 sum
@@ -326,7 +331,23 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     const size_t rstride = (size_t)(E == 3 ? N : 1) * NV;   // second row of a unit: up, or the next row
     const uint4* W4 = reinterpret_cast<const uint4*>(W);
     int unit = blockIdx.x * wpb + warp;
-    // 1. the prologue's inputs -> shared memory, all in flight at once (commit group 1 of 2)
+    pdl_trigger();
+    // 1. the first unit's first batch -> registers (weights: written by no kernel, safe before pdl_wait)
+    uint4 pw[BATCH], pw2[R == 2 ? BATCH : 1];
+    {
+        const bool has = unit < units;
+        const uint4* wr = W4 + (size_t)(has ? ((E == 3 || R == 1) ? unit : unit * R) : 0) * NV;
+        const uint4* wr2 = wr + rstride;
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const int i = lane + 32 * j;
+            const bool ok = has && i < NV;
+            pw[j] = ok ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+            if (R == 2) pw2[j] = ok ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    pdl_wait();
+    // 2. the prologue's inputs -> shared memory, all in flight at once
     {
         const uint4* xv = reinterpret_cast<const uint4*>(xin);
         for (int i = tid; i < NV; i += blockDim.x) {
@@ -340,37 +361,9 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
                 if (rb != nullptr) cp_async16(rbs + i, reinterpret_cast<const uint4*>(rb) + i);
             }
         }
-        cp_async_commit();
-    }
-    // 2. the first unit's first batch -> registers; with ws, its second batch -> shared memory
-    const int base_vecs = P == 0 ? NV : (P == 3 ? (2 + QV) * NV + (rb != nullptr ? NV : 0) : 2 * NV);
-    uint4* wsm = xs + base_vecs + (size_t)warp * (32 * BATCH * R);
-    uint4 pw[BATCH], pw2[R == 2 ? BATCH : 1];
-    {
-        const bool has = unit < units;
-        const uint4* wr = W4 + (size_t)(has ? ((E == 3 || R == 1) ? unit : unit * R) : 0) * NV;
-        const uint4* wr2 = wr + rstride;
-#pragma unroll
-        for (int j = 0; j < BATCH; ++j) {
-            const int i = lane + 32 * j;
-            const bool ok = has && i < NV;
-            pw[j] = ok ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
-            if (R == 2) pw2[j] = ok ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
-        }
-        if (ws) {
-#pragma unroll
-            for (int j = 0; j < BATCH; ++j) {
-                const int i = lane + 32 * (BATCH + j);
-                if (has && i < NV) {
-                    cp_async16(wsm + j * 32 + lane, wr + i);
-                    if (R == 2) cp_async16(wsm + (BATCH + j) * 32 + lane, wr2 + i);
-                }
-            }
-        }
-        cp_async_commit();
+        cp_async_wait_all();
     }
     // 3. the prologue, on shared memory (a thread first reads back only what it staged itself)
-    cp_async_wait_group<1>();
     if (P == 1 || P == 3) {
         float ss = 0.f;
         for (int i = tid; i < NV; i += blockDim.x) {
@@ -413,21 +406,25 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
         }
     }
     __syncthreads();
-    // 4. this warp's units: the first one with the batches requested before the prologue
+    // 4. this warp's units: the first one with the batch requested before the prologue
     if (unit < units) {
-        gemv_unit<E, B, R, true>(unit, W4, xs, wsm, pw, pw2, ws, NV, N, rstride, lane, bias, out, outf);
+        gemv_unit<E, B, R, true>(unit, W4, xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
         unit += nwarps;
     }
     for (; unit < units; unit += nwarps)
-        gemv_unit<E, B, R, false>(unit, W4, xs, wsm, pw, pw2, ws, NV, N, rstride, lane, bias, out, outf);
+        gemv_unit<E, B, R, false>(unit, W4, xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
 }
+#ifndef GEMV_NORM_MIN_BLOCKS
+#define GEMV_NORM_MIN_BLOCKS 3
+#endif
+#define GEMV_MIN_BLOCKS(P) ((P) == 1 || (P) == 3 ? GEMV_NORM_MIN_BLOCKS : 4)
 #define GEMV_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
     const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
-    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, int ws
-#define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv_p##P##_e##E##_b##B(GEMV_ARGS) \
-    { gemv_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo, ws); }
-#define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS) \
-    { gemv_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo, ws); }
+    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo
+#define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
+    gemv_p##P##_e##E##_b##B(GEMV_ARGS) { gemv_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
+#define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
+    gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS) { gemv_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
 GEMV_INST(0, 0, 0) GEMV_INST(0, 0, 1) GEMV_INST(0, 1, 0) GEMV_INST(0, 1, 1) GEMV_INST(0, 2, 0)
 GEMV_INST(1, 0, 0) GEMV_INST(1, 0, 1) GEMV_INST(1, 1, 0) GEMV_INST(1, 1, 1) GEMV_INST(1, 2, 0)
 GEMV_INST(2, 0, 0) GEMV_INST(2, 0, 1) GEMV_INST(2, 1, 0) GEMV_INST(2, 1, 1) GEMV_INST(2, 2, 0)
@@ -457,6 +454,8 @@ extern "C" __global__ void qkv_post(const T* __restrict__ qkv, const T* __restri
         const int* __restrict__ meta, int Tn, int Hq, int Hkv, int D, int maxc, float eps,
         int has_bias, int has_qkn) {
     __shared__ float ss;
+    pdl_trigger();
+    pdl_wait();
     const int t = blockIdx.x, hd = blockIdx.y, i = threadIdx.x, half = D >> 1;
     const int pos = meta[0] + t, slot = meta[1];
     const T* row = qkv + (size_t)t * (Hq + 2 * Hkv) * D;
@@ -614,183 +613,13 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, int* _
 }
 """
 
-CUDA_GEMV_V1 = r"""
-// ---------------------------------------------------------------- GEMV v1 ("classic"), T = 1
-// The first version of the GEMV, kept in its own module (compiled only when asked for) to compare
-// against: same arguments and results as the GEMV above, one block per 8 units, the prologue in
-// every block. bench/gemv_bench.py times both.
-// out[N] = W[N, K] . prologue(x); one warp per row, 16-byte loads; the prologue builds the input
-// vector in shared memory (copy, RMSNorm * weight, or silu(gate) * up); the epilogue stores,
-// adds into the residual, writes float32 logits, or (E == 4, "partial") writes the raw float32
-// sum: a tensor-parallel rank's share of a row-parallel product, summed over ranks in float32 and
-// rounded once afterwards (resid_add_f32), as the single-rank product is.
-// E == 3 ("silu pair"): W holds [gate; up] (2N rows); the warp of output u computes rows u and
-// N + u and writes silu(gate) * up, so the down projection reads a finished activation.
-// R == 2 otherwise: the warp computes two consecutive rows (fewer blocks: one wave instead of two).
-#define GEMV_PRE 8
-template <int P, int E, int B, int R>
-__device__ __forceinline__ void gemv1_impl(const T* __restrict__ W, const T* __restrict__ xin,
-        const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
-        float* __restrict__ outf, int N, int K, float eps,
-        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    __shared__ float scratch[32];
-    constexpr int PRE = GEMV_PRE / R;              // vectors per row loaded before the prologue
-    uint4* xs = reinterpret_cast<uint4*>(smem_raw);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int unit = blockIdx.x * (blockDim.x >> 5) + warp;
-    const int units = (E == 3 || R == 1) ? N : N / R;
-    const int row = (E == 3 || R == 1) ? unit : unit * R;   // first row of this warp
-    const int NV = K / VEC;
-    const uint4* wr = reinterpret_cast<const uint4*>(W) + (size_t)(unit < units ? row : 0) * NV;
-    const uint4* wr2 = wr + (size_t)(E == 3 ? N : 1) * NV;  // second row: the up row, or the next row
-    uint4 pre[PRE], pre2[R == 2 ? PRE : 1];
-#pragma unroll
-    for (int j = 0; j < PRE; ++j) {
-        const int i = lane + 32 * j;
-        pre[j] = i < NV ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
-        if (R == 2) pre2[j] = i < NV ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    const uint4* xv = reinterpret_cast<const uint4*>(xin);
-    if (P == 0) {
-        for (int i = tid; i < NV; i += blockDim.x) xs[i] = xv[i];
-    } else if (P == 1 || P == 3) {
-        float ss = 0.f;
-        for (int i = tid; i < NV; i += blockDim.x) {
-            uint4 v = xv[i];
-            float f[VEC];
-            unpack(v, f);
-            if (P == 3) {
-                // x = T(x + T(s) [+ bias, rounded]): the residual add of a TP rank's summed float32
-                // partial (as resid_add_f32); block 0 stores the new residual to xo (not xin: the
-                // other blocks are still reading it)
-                const float4* sv = reinterpret_cast<const float4*>(rs) + (size_t)i * (VEC / 4);
-                float b[VEC];
-                unpack(rb != nullptr ? reinterpret_cast<const uint4*>(rb)[i] : make_uint4(0u, 0u, 0u, 0u), b);
-#pragma unroll
-                for (int q = 0; q < VEC / 4; ++q) {
-                    const float4 t = sv[q];
-                    const float r4[4] = {t.x, t.y, t.z, t.w};
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        T y = ft(r4[e]);
-                        if (rb != nullptr) y = ft(tf(y) + b[4 * q + e]);
-                        f[4 * q + e] = tf(ft(f[4 * q + e] + tf(y)));
-                    }
-                }
-                v = pack(f);
-                if (blockIdx.x == 0) reinterpret_cast<uint4*>(xo)[i] = v;
-            }
-            xs[i] = v;
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
-        }
-        ss = block_sum(ss, scratch);
-        const float denom = sqrtf(ss / (float)K + eps);
-        const uint4* wv = reinterpret_cast<const uint4*>(nw);
-        for (int i = tid; i < NV; i += blockDim.x) {
-            float f[VEC], g[VEC];
-            unpack(xs[i], f);
-            unpack(wv[i], g);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
-            xs[i] = pack(f);
-        }
-    } else {
-        for (int i = tid; i < NV; i += blockDim.x) {
-            float g[VEC], u[VEC];
-            unpack(xv[i], g);
-            unpack(xv[NV + i], u);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
-            xs[i] = pack(g);
-        }
-    }
-    __syncthreads();
-    if (unit >= units) return;
-    float acc = 0.f, acc2 = 0.f;
-#pragma unroll
-    for (int j = 0; j < PRE; ++j) {
-        const int i = lane + 32 * j;
-        if (i < NV) {
-            const uint4 xv4 = xs[i];
-            acc = dot_acc(acc, pre[j], xv4);
-            if (R == 2) acc2 = dot_acc(acc2, pre2[j], xv4);
-        }
-    }
-    constexpr int BATCH = 8 / R;
-    int i = lane + 32 * PRE;
-    for (; i + 32 * (BATCH - 1) < NV; i += 32 * BATCH) {
-        uint4 w[BATCH], w2[R == 2 ? BATCH : 1];
-#pragma unroll
-        for (int j = 0; j < BATCH; ++j) {
-            w[j] = __ldg(wr + i + 32 * j);
-            if (R == 2) w2[j] = __ldg(wr2 + i + 32 * j);
-        }
-#pragma unroll
-        for (int j = 0; j < BATCH; ++j) {
-            const uint4 xv4 = xs[i + 32 * j];
-            acc = dot_acc(acc, w[j], xv4);
-            if (R == 2) acc2 = dot_acc(acc2, w2[j], xv4);
-        }
-    }
-    for (; i < NV; i += 32) {
-        const uint4 xv4 = xs[i];
-        acc = dot_acc(acc, __ldg(wr + i), xv4);
-        if (R == 2) acc2 = dot_acc(acc2, __ldg(wr2 + i), xv4);
-    }
-    acc = warp_sum(acc);
-    if (R == 2) acc2 = warp_sum(acc2);
-    if (lane == 0) {
-        if (E == 3) {
-            T g = ft(acc), u = ft(acc2);
-            if (B) {
-                g = ft(tf(g) + tf(bias[row]));
-                u = ft(tf(u) + tf(bias[N + row]));
-            }
-            out[row] = ft(silu_t(tf(g)) * tf(u));
-        } else {
-#pragma unroll
-            for (int k = 0; k < R; ++k) {
-                const int r = row + k;
-                const float a = k == 0 ? acc : acc2;
-                if (E == 2) {
-                    outf[r] = tf(ft(a));
-                } else if (E == 4) {
-                    outf[r] = a;
-                } else {
-                    T y = ft(a);
-                    if (B) y = ft(tf(y) + tf(bias[r]));
-                    if (E == 1) out[r] = ft(tf(out[r]) + tf(y));
-                    else out[r] = y;
-                }
-            }
-        }
-    }
-}
-#define GEMV1_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
-    const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
-    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, int ws
-#define GEMV1_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv1_p##P##_e##E##_b##B(GEMV1_ARGS) \
-    { gemv1_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
-#define GEMV1_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, 4) gemv1_p##P##_e##E##_b##B##_r2(GEMV1_ARGS) \
-    { gemv1_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
-GEMV1_INST(0, 0, 0) GEMV1_INST(0, 0, 1) GEMV1_INST(0, 1, 0) GEMV1_INST(0, 1, 1) GEMV1_INST(0, 2, 0)
-GEMV1_INST(1, 0, 0) GEMV1_INST(1, 0, 1) GEMV1_INST(1, 1, 0) GEMV1_INST(1, 1, 1) GEMV1_INST(1, 2, 0)
-GEMV1_INST(2, 0, 0) GEMV1_INST(2, 0, 1) GEMV1_INST(2, 1, 0) GEMV1_INST(2, 1, 1) GEMV1_INST(2, 2, 0)
-GEMV1_INST(0, 3, 0) GEMV1_INST(0, 3, 1) GEMV1_INST(1, 3, 0) GEMV1_INST(1, 3, 1)
-GEMV1_INST(0, 4, 0) GEMV1_INST2(0, 4, 0)
-GEMV1_INST(3, 0, 0) GEMV1_INST(3, 0, 1) GEMV1_INST(3, 2, 0) GEMV1_INST(3, 3, 0) GEMV1_INST(3, 3, 1)
-GEMV1_INST2(3, 0, 0) GEMV1_INST2(3, 0, 1) GEMV1_INST2(3, 2, 0)
-GEMV1_INST2(0, 0, 0) GEMV1_INST2(0, 0, 1) GEMV1_INST2(0, 1, 0) GEMV1_INST2(0, 1, 1) GEMV1_INST2(0, 2, 0)
-GEMV1_INST2(1, 0, 0) GEMV1_INST2(1, 0, 1) GEMV1_INST2(1, 1, 0) GEMV1_INST2(1, 1, 1) GEMV1_INST2(1, 2, 0)
-
-"""
-
-# Decode attention (one query token), split over the keys: grid (NS, Hkv), NT threads. Each block
-# copies its chunk of C keys and values into shared memory (cp.async, all in flight at once),
-# scores the g query heads of its kv head (one thread per key), and writes the partial softmax
-# state (max, sum, sum of p * v) of its chunk; attn_combine merges the chunks of each head.
+# Decode attention (one query token), split over the keys: grid (NS, Hkv), NT threads, one kernel.
+# Each block copies its chunk of C keys and values into shared memory (cp.async, all in flight at
+# once), scores the g query heads of its kv head (one thread per key), and writes the partial
+# softmax state (max, sum, sum of p * v) of its chunk; the last block of a kv head to finish (a
+# counter per kv head) merges the chunks of its g heads, in split order, so the result does not
+# depend on which block that is. (Merging in a second kernel cost a launch per layer: 7.9 us per
+# layer for both at context 301 on a TP=2 rank of the 8B shape.)
 CUDA_ATTN = r"""
 // compile-time: ATT_G (query heads per kv head), ATT_D (head_dim), ATT_C (keys per split), ATT_NT (threads),
 // ATT_JL (key lanes)
@@ -799,129 +628,19 @@ CUDA_ATTN = r"""
 #define C ATT_C
 #define NT ATT_NT
 #define JL ATT_JL
-// q.k takes one thread per key, reading the key row from shared memory in 16-byte pieces (rows
-// padded by 16 bytes, so the reads of a quarter warp hit distinct banks); no warp shuffles. (A
-// first version used a warp per key with shuffle reductions: 13.2 us per layer at context 300 on
-// the 8B shape, against 6.0 us for this one.)
-#define KP (D + 8)
-extern "C" __global__ void __launch_bounds__(NT) attn_split(const T* __restrict__ q, const T* __restrict__ kc,
-        const T* __restrict__ vc, const int* __restrict__ meta, float* __restrict__ po, float* __restrict__ pm,
-        float* __restrict__ pl, int Hkv, int maxc, int window, float scale) {
-    __shared__ __align__(16) T Ks[C * KP];
-    __shared__ __align__(16) T Vs[C * D];
-    __shared__ float qs[G * D];
-    __shared__ float ps[G * C];
-    __shared__ float red[NT * G];
-    const int s = blockIdx.x, h = blockIdx.y, NS = gridDim.x, tid = threadIdx.x;
-    const int pos = meta[0], slot = meta[1];
-    const int first = window > 0 ? max(0, pos - window + 1) : 0;
-    const int lo = max(s * C, first);
-    const int hi = min(s * C + C, pos + 1);
-    const bool whole = lo == first && hi == pos + 1;
-    if (lo >= hi) {
-        for (int g = tid; g < G; g += NT) { pm[(h * G + g) * NS + s] = -INFINITY; pl[(h * G + g) * NS + s] = 0.f; }
-        return;
-    }
-    const int n = hi - lo;
-    const size_t base = (((size_t)slot * Hkv + h) * maxc + lo) * D;
-    const uint4* ksrc = reinterpret_cast<const uint4*>(kc + base);
-    const uint4* vsrc = reinterpret_cast<const uint4*>(vc + base);
-    uint4* kdst = reinterpret_cast<uint4*>(Ks);
-    uint4* vdst = reinterpret_cast<uint4*>(Vs);
-    constexpr int RV = D / VEC, RVP = KP / VEC;   // 16-byte vectors per key row, unpadded / padded
-    const int nvec = n * RV;
-    for (int i = tid; i < nvec; i += NT) {
-        const int j = i / RV, v = i - j * RV;
-        cp_async16(kdst + j * RVP + v, ksrc + i);
-        cp_async16(vdst + i, vsrc + i);
-    }
-    for (int i = tid; i < G * D; i += NT) qs[i] = tf(q[(size_t)h * G * D + i]);
-    cp_async_wait_all();
-    __syncthreads();
-    for (int j = tid; j < n; j += NT) {
-        float acc[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) acc[g] = 0.f;
-#pragma unroll 4
-        for (int v = 0; v < RV; ++v) {
-            float kf[VEC];
-            unpack(kdst[j * RVP + v], kf);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-#pragma unroll
-                for (int g = 0; g < G; ++g) acc[g] = fmaf(qs[g * D + v * VEC + e], kf[e], acc[g]);
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < G; ++g) ps[g * C + j] = tf(ft(acc[g])) * scale;
-    }
-    __syncthreads();
-    const int lane = tid & 31, warp = tid >> 5, NW = NT / 32;
-    for (int g = warp; g < G; g += NW) {
-        float m = -INFINITY;
-        for (int j = lane; j < n; j += 32) m = fmaxf(m, ps[g * C + j]);
-        m = warp_max(m);
-        float l = 0.f;
-        for (int j = lane; j < n; j += 32) {
-            const float p = expf(ps[g * C + j] - m);
-            ps[g * C + j] = p;
-            l += p;
-        }
-        l = warp_sum(l);
-        if (whole) {
-            for (int j = lane; j < n; j += 32) ps[g * C + j] = tf(ft(ps[g * C + j] / l));
-        }
-        if (lane == 0) { pm[(h * G + g) * NS + s] = m; pl[(h * G + g) * NS + s] = whole ? 1.f : l; }
-    }
-    __syncthreads();
-    const int e = tid % D, jl = tid / D;
-    float acc[G];
-#pragma unroll
-    for (int g = 0; g < G; ++g) acc[g] = 0.f;
-    if (jl < JL) {
-        for (int j = jl; j < n; j += JL) {
-            const float v = tf(Vs[j * D + e]);
-#pragma unroll
-            for (int g = 0; g < G; ++g) acc[g] = fmaf(ps[g * C + j], v, acc[g]);
-        }
-    }
-    if (JL == 1) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) po[((size_t)(h * G + g) * NS + s) * D + e] = acc[g];
-    } else {
-        if (jl < JL) {
-#pragma unroll
-            for (int g = 0; g < G; ++g) red[(jl * G + g) * D + e] = acc[g];
-        }
-        __syncthreads();
-        if (jl == 0) {
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-                float r = 0.f;
-                for (int l2 = 0; l2 < JL; ++l2) r += red[(l2 * G + g) * D + e];
-                po[((size_t)(h * G + g) * NS + s) * D + e] = r;
-            }
-        }
-    }
-}
-
-// grid Hq, block NT, dynamic shared memory NS floats: out[j, :] = sum_s w_s acc_s / sum_s w_s l_s,
-// w_s = exp(m_s - M) over the non-empty splits (l_s > 0). Only splits that can hold keys for this
-// position are read; the per-split weights are computed once, in parallel, into shared memory.
-extern "C" __global__ void __launch_bounds__(NT) attn_combine(const float* __restrict__ po,
-        const float* __restrict__ pm, const float* __restrict__ pl, T* __restrict__ out,
-        const int* __restrict__ meta, int NS) {
-    extern __shared__ float wts[];
-    __shared__ float scratch[32];
-    const int j = blockIdx.x, tid = threadIdx.x;
-    const int active = min(NS, meta[0] / C + 1);
+// Head j's output: out[j, :] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - M) over the non-empty
+// splits (l_s > 0) among the first `active`; the weights go to shared memory (wts, NS floats) once.
+// Reads bypass L1 (__ldcg): other blocks wrote the partial states.
+__device__ void attn_merge_head(int j, const float* __restrict__ po, const float* __restrict__ pm,
+        const float* __restrict__ pl, T* __restrict__ out, int NS, int active, float* wts, float* scratch) {
+    const int tid = threadIdx.x;
     float M = -INFINITY;
-    for (int s = tid; s < active; s += NT) if (pl[j * NS + s] > 0.f) M = fmaxf(M, pm[j * NS + s]);
+    for (int s = tid; s < active; s += NT) if (__ldcg(pl + j * NS + s) > 0.f) M = fmaxf(M, __ldcg(pm + j * NS + s));
     M = block_max(M, scratch);
     float den = 0.f;
     for (int s = tid; s < active; s += NT) {
-        const float l = pl[j * NS + s];
-        const float w = l > 0.f ? expf(pm[j * NS + s] - M) : 0.f;
+        const float l = __ldcg(pl + j * NS + s);
+        const float w = l > 0.f ? expf(__ldcg(pm + j * NS + s) - M) : 0.f;
         wts[s] = w;
         den = fmaf(w, l, den);
     }
@@ -932,11 +651,134 @@ extern "C" __global__ void __launch_bounds__(NT) attn_combine(const float* __res
 #pragma unroll 4
         for (int s = 0; s < active; ++s) {
             const float w = wts[s];
-            const float v = src[(size_t)s * D];
+            const float v = __ldcg(src + (size_t)s * D);
             num += w > 0.f ? w * v : 0.f;
         }
         out[(size_t)j * D + tid] = ft(num / den);
     }
+    __syncthreads();   // wts and scratch are reused by the next head
+}
+// q.k takes one thread per key, reading the key row from shared memory in 16-byte pieces (rows
+// padded by 16 bytes, so the reads of a quarter warp hit distinct banks); no warp shuffles. (A
+// first version used a warp per key with shuffle reductions: 13.2 us per layer at context 300 on
+// the 8B shape, against 6.0 us for this one.) done[Hkv]: zero between launches (the merging block
+// resets its own). Dynamic shared memory: NS floats.
+#define KP (D + 8)
+extern "C" __global__ void __launch_bounds__(NT) attn_decode(const T* __restrict__ q, const T* __restrict__ kc,
+        const T* __restrict__ vc, const int* __restrict__ meta, float* __restrict__ po, float* __restrict__ pm,
+        float* __restrict__ pl, int* __restrict__ done, T* __restrict__ out, int Hkv, int maxc, int window,
+        float scale) {
+    __shared__ __align__(16) T Ks[C * KP];
+    __shared__ __align__(16) T Vs[C * D];
+    __shared__ float qs[G * D];
+    __shared__ float ps[G * C];
+    __shared__ float red[NT * G];
+    __shared__ float scratch[32];
+    __shared__ int merging;
+    extern __shared__ float wts[];
+    const int s = blockIdx.x, h = blockIdx.y, NS = gridDim.x, tid = threadIdx.x;
+    pdl_trigger();
+    pdl_wait();   // q and this step's key/value come from the kernel before
+    const int pos = meta[0], slot = meta[1];
+    const int first = window > 0 ? max(0, pos - window + 1) : 0;
+    const int lo = max(s * C, first);
+    const int hi = min(s * C + C, pos + 1);
+    const bool whole = lo == first && hi == pos + 1;
+    if (lo >= hi) {
+        for (int g = tid; g < G; g += NT) { pm[(h * G + g) * NS + s] = -INFINITY; pl[(h * G + g) * NS + s] = 0.f; }
+    } else {
+        const int n = hi - lo;
+        const size_t base = (((size_t)slot * Hkv + h) * maxc + lo) * D;
+        const uint4* ksrc = reinterpret_cast<const uint4*>(kc + base);
+        const uint4* vsrc = reinterpret_cast<const uint4*>(vc + base);
+        uint4* kdst = reinterpret_cast<uint4*>(Ks);
+        uint4* vdst = reinterpret_cast<uint4*>(Vs);
+        constexpr int RV = D / VEC, RVP = KP / VEC;   // 16-byte vectors per key row, unpadded / padded
+        const int nvec = n * RV;
+        for (int i = tid; i < nvec; i += NT) {
+            const int j = i / RV, v = i - j * RV;
+            cp_async16(kdst + j * RVP + v, ksrc + i);
+            cp_async16(vdst + i, vsrc + i);
+        }
+        for (int i = tid; i < G * D; i += NT) qs[i] = tf(q[(size_t)h * G * D + i]);
+        cp_async_wait_all();
+        __syncthreads();
+        for (int j = tid; j < n; j += NT) {
+            float acc[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) acc[g] = 0.f;
+#pragma unroll 4
+            for (int v = 0; v < RV; ++v) {
+                float kf[VEC];
+                unpack(kdst[j * RVP + v], kf);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+#pragma unroll
+                    for (int g = 0; g < G; ++g) acc[g] = fmaf(qs[g * D + v * VEC + e], kf[e], acc[g]);
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < G; ++g) ps[g * C + j] = tf(ft(acc[g])) * scale;
+        }
+        __syncthreads();
+        const int lane = tid & 31, warp = tid >> 5, NW = NT / 32;
+        for (int g = warp; g < G; g += NW) {
+            float m = -INFINITY;
+            for (int j = lane; j < n; j += 32) m = fmaxf(m, ps[g * C + j]);
+            m = warp_max(m);
+            float l = 0.f;
+            for (int j = lane; j < n; j += 32) {
+                const float p = expf(ps[g * C + j] - m);
+                ps[g * C + j] = p;
+                l += p;
+            }
+            l = warp_sum(l);
+            if (whole) {
+                for (int j = lane; j < n; j += 32) ps[g * C + j] = tf(ft(ps[g * C + j] / l));
+            }
+            if (lane == 0) { pm[(h * G + g) * NS + s] = m; pl[(h * G + g) * NS + s] = whole ? 1.f : l; }
+        }
+        __syncthreads();
+        const int e = tid % D, jl = tid / D;
+        float acc[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g] = 0.f;
+        if (jl < JL) {
+            for (int j = jl; j < n; j += JL) {
+                const float v = tf(Vs[j * D + e]);
+#pragma unroll
+                for (int g = 0; g < G; ++g) acc[g] = fmaf(ps[g * C + j], v, acc[g]);
+            }
+        }
+        if (JL == 1) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) po[((size_t)(h * G + g) * NS + s) * D + e] = acc[g];
+        } else {
+            if (jl < JL) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) red[(jl * G + g) * D + e] = acc[g];
+            }
+            __syncthreads();
+            if (jl == 0) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    float r = 0.f;
+                    for (int l2 = 0; l2 < JL; ++l2) r += red[(l2 * G + g) * D + e];
+                    po[((size_t)(h * G + g) * NS + s) * D + e] = r;
+                }
+            }
+        }
+    }
+    // the last block of kv head h to get here merges its G heads (writes fenced before the count)
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) merging = atomicAdd(done + h, 1) == NS - 1;
+    __syncthreads();
+    if (!merging) return;
+    __threadfence();
+    if (tid == 0) done[h] = 0;
+    const int active = min(NS, pos / C + 1);
+    for (int g = 0; g < G; ++g) attn_merge_head(h * G + g, po, pm, pl, out, NS, active, wts, scratch);
 }
 """
 
@@ -946,7 +788,10 @@ extern "C" __global__ void __launch_bounds__(NT) attn_combine(const float* __res
 class CudaOps:
     """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
 
-    def __init__(self, dtype_name: str):
+    def __init__(self, dtype_name: str, norm_min_blocks: int = 3, pdl: bool | None = None):
+        """norm_min_blocks: the GEMVs with a norm prologue are built for this many blocks per SM
+        (3: 80 registers, no spill; 4: 64, the build before); pdl: programmatic dependent launch
+        where the caller asks for it (default: NEURON_PDL, on unless "0", and only on sm_90+)."""
         import cupy
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
@@ -955,7 +800,7 @@ class CudaOps:
         self.dtype_name = dtype_name
         self.dt = DT_CODES[dtype_name]
         self.vec = vec_elems(dtype_name)
-        self.options = ("--std=c++17", f"-DDT={self.dt}")
+        self.options = ("--std=c++17", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}")
         self.module = cupy.RawModule(code=CUDA_BASE + CUDA_KERNELS, options=self.options)
         self._fn: dict = {}
         self._attn: dict = {}
@@ -964,24 +809,22 @@ class CudaOps:
         self.cuda_dtype = {0: runtime.CUDA_R_16BF, 1: runtime.CUDA_R_16F, 2: runtime.CUDA_R_32F}[self.dt]
         props = runtime.getDeviceProperties(runtime.getDevice())
         self.sm_count = props["multiProcessorCount"]
-        # L2 bytes the GEMV may fill with prefetched weights at once (a share of the L2, so that no
-        # prefetched line is evicted before its warp reads it)
+        if pdl is None:
+            pdl = os.environ.get("NEURON_PDL", "1") != "0"
+        self._pdl = PdlLauncher() if pdl and props["major"] >= 9 else None
         self._occupancy: dict = {}
         self._plans: dict = {}
-        self._v1_module = None
-        self.gemv_kernel = os.environ.get("NEURON_GEMV", "v2")
         self._one = np.array(1.0, dtype=np.float32)
         self._zero = np.array(0.0, dtype=np.float32)
+
+    @property
+    def pdl(self) -> bool:
+        return self._pdl is not None
 
     def fn(self, name: str):
         f = self._fn.get(name)
         if f is None:
-            if name.startswith("gemv1_"):
-                if self._v1_module is None:
-                    self._v1_module = self.cp.RawModule(code=CUDA_BASE + CUDA_GEMV_V1, options=self.options)
-                f = self._fn[name] = self._v1_module.get_function(name)
-            else:
-                f = self._fn[name] = self.module.get_function(name)
+            f = self._fn[name] = self.module.get_function(name)
         return f
 
     def _blocks_per_sm(self, f, smem: int) -> int:
@@ -992,8 +835,9 @@ class CudaOps:
             try:
                 from cupy_backends.cuda.api import driver
                 n = int(driver.occupancyMaxActiveBlocksPerMultiprocessor(f.kernel.ptr, GEMV_THREADS, smem))
-            except Exception:  # noqa: BLE001 - an estimate: 4 blocks by registers, shared memory permitting
-                n = min(GEMV_BLOCKS_PER_SM, (227 * 1024) // (smem + 1024 + 128))
+            except Exception:  # noqa: BLE001 - an estimate: blocks by registers, shared memory permitting
+                n = min(65536 // (max(1, f.attributes["num_regs"]) * GEMV_THREADS),
+                        (227 * 1024) // (smem + 1024 + 128))
             n = self._occupancy[key] = max(1, n)
         return n
 
@@ -1023,7 +867,7 @@ class CudaOps:
             jl = max(1, nt // d) if d <= 128 else 1
             opts = self.options + (f"-DATT_G={g}", f"-DATT_D={d}", f"-DATT_C={c}", f"-DATT_NT={nt}", f"-DATT_JL={jl}")
             mod = self.cp.RawModule(code=CUDA_BASE + CUDA_ATTN, options=opts)
-            self._attn[key] = (mod.get_function("attn_split"), mod.get_function("attn_combine"), c, nt)
+            self._attn[key] = (mod.get_function("attn_decode"), c, nt)
             self._attn_modules[key] = mod
         return self._attn[key]
 
@@ -1033,11 +877,20 @@ class CudaOps:
         return 0 if a is None else a.data.ptr
 
     def _set_smem(self, f, nbytes: int) -> None:
-        """Kernels that need more than 48 KiB of shared memory (dynamic plus their static scratch)
-        must say so first."""
-        if nbytes > 46 * 1024 and self._smem_set.get(id(f), 0) < nbytes:
-            f.max_dynamic_shared_size_bytes = nbytes
+        """A kernel whose dynamic plus static shared memory is over 48 KiB must say so first."""
+        if self._smem_set.get(id(f), -1) < nbytes:
+            if nbytes + f.attributes["shared_size_bytes"] > 48 * 1024:
+                f.max_dynamic_shared_size_bytes = nbytes
             self._smem_set[id(f)] = nbytes
+
+    def _launch(self, f, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, pdl: bool = False) -> None:
+        """pdl: the kernel may start while the one before it in the stream finishes (launch.py); only
+        for kernels that call pdl_wait(), after a kernel of this module on the same stream."""
+        if pdl and self._pdl is not None:
+            self._set_smem(f, shared_mem)
+            self._pdl(f.kernel.ptr, grid, block, args, shared_mem, self.cp.cuda.get_current_stream().ptr)
+        else:
+            f(grid, block, args, shared_mem=shared_mem)
 
     # -- kernels
     def embed_row(self, table, meta, tokens, x) -> None:
@@ -1063,43 +916,26 @@ class CudaOps:
         return 2 * vec_bytes + 4 * k + (vec_bytes if resid_bias else 0)  # resid_rms: + float32 sum, bias
 
     def gemv_plan(self, n: int, k: int, item: int, pro: str, epi: str, rows_per_warp: int | None = None,
-                  blocks: int | None = None, resid_bias: bool = False, kernel: str | None = None,
-                  ws: bool = False) -> dict:
+                  blocks: int | None = None, resid_bias: bool = False) -> dict:
         """Kernel name, grid, rows per warp and shared memory of one GEMV launch (n outputs: for
-        "silu_pair" the number of gate/up pairs). ws: also stage the second batch of each warp's
-        first unit in shared memory before the prologue; off unless asked for: it made every shape
-        it applies to slower (q/k/v at TP=2: 11.0 -> 13.3 us), the 32 KiB it adds per block coming
-        out of the L1 that holds the warps' loads in flight (bench/NOTES.md)."""
-        kernel = kernel or self.gemv_kernel
-        base = f"p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
-        if kernel == "v1":
-            r = rows_per_warp or self.gemv_rows_per_warp(n, epi, pro)
-            units = n // r if epi != "silu_pair" else n
-            return dict(kernel=kernel, base="gemv1_" + base, r=r, smem=k * item, units=units,
-                        grid=blocks or ceil_div(units, GEMV_ROWS_PER_BLOCK), ws=0)
+        "silu_pair" the number of gate/up pairs)."""
         smem = self.gemv_smem(pro, k, item, resid_bias)
-        if smem > GEMV_SMEM_MAX and k * item <= GEMV_SMEM_MAX:  # staged inputs too large: the first version
-            return self.gemv_plan(n, k, item, pro, epi, rows_per_warp, blocks, resid_bias, "v1")
-        f = self.fn(f"gemv_p{PRO[pro]}_e{EPI[epi]}_b0")
-        capacity = self.sm_count * self._blocks_per_sm(f, smem)
+        if smem > GEMV_SMEM_MAX:
+            raise ValueError(f"GEMV input of {k} elements needs {smem} bytes of shared memory (at most {GEMV_SMEM_MAX})")
+        base = f"gemv_p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
+        capacity = self.sm_count * self._blocks_per_sm(self.fn(base.format(b=0)), smem)
         r = rows_per_warp or self.gemv_rows_per_warp(n, epi, pro, capacity)
         units = n // r if epi != "silu_pair" else n
-        needed = ceil_div(units, GEMV_ROWS_PER_BLOCK)
-        if ws and smem + GEMV_WS_BYTES <= GEMV_SMEM_MAX:
-            smem += GEMV_WS_BYTES
-            capacity = self.sm_count * self._blocks_per_sm(f, smem)
-        else:
-            ws = False
-        grid = blocks or min(needed, capacity)
-        return dict(kernel=kernel, base="gemv_" + base, r=r, smem=smem, units=units, grid=grid, ws=int(bool(ws)))
+        grid = blocks or min(ceil_div(units, GEMV_ROWS_PER_BLOCK), capacity)
+        return dict(base=base, r=r, smem=smem, units=units, grid=grid)
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             kernel: str | None = None, blocks: int | None = None, ws: bool = False) -> None:
+             blocks: int | None = None, pdl: bool = False) -> None:
         """pro "resid_rms": the input is xin + T(resid) (+ resid_bias), resid a float32 sum over TP ranks,
         rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms".
-        kernel ("v2" unless NEURON_GEMV says otherwise), blocks (the grid; default: at most one wave)
-        and ws (see gemv_plan) choose how, never what, is computed."""
+        rows_per_warp and blocks (the grid; default: at most one wave) choose how, never what, is
+        computed; pdl: see _launch."""
         n, k = W.shape
         if (pro == "resid_rms") != (resid is not None and xout is not None):
             raise ValueError("pro resid_rms takes resid (float32) and xout")
@@ -1107,40 +943,40 @@ class CudaOps:
             n //= 2  # outputs: one per (gate row, up row) pair
         if epi == "partial" and bias is not None:
             raise ValueError("a partial (row-parallel) product takes its bias after the sum: resid_add_f32")
-        key = (n, k, W.dtype.itemsize, pro, epi, rows_per_warp, blocks, resid_bias is not None, kernel, ws)
+        key = (n, k, W.dtype.itemsize, pro, epi, rows_per_warp, blocks, resid_bias is not None)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self.gemv_plan(*key)
         b = 1 if (bias is not None and epi != "logits") else 0
         f = self.fn(plan["base"].format(b=b) + ("_r2" if plan["r"] == 2 else ""))
         self._set_smem(f, plan["smem"])
-        f((plan["grid"],), (GEMV_THREADS,), (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out),
-                                             self._ptr(outf), np.int32(n), np.int32(k), np.float32(eps),
-                                             self._ptr(resid), self._ptr(resid_bias), self._ptr(xout),
-                                             np.int32(plan["ws"])), shared_mem=plan["smem"])
+        self._launch(f, (plan["grid"],), (GEMV_THREADS,),
+                     (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n),
+                      np.int32(k), np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout)),
+                     plan["smem"], pdl)
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
-                 hq: int, hkv: int, d: int, eps: float) -> None:
+                 hq: int, hkv: int, d: int, eps: float, pdl: bool = False) -> None:
         maxc = kcache.shape[2]
-        self.fn("qkv_post")((tn, hq + hkv), (d // 2,), (
+        self._launch(self.fn("qkv_post"), (tn, hq + hkv), (d // 2,), (
             qkv, self._ptr(bias), self._ptr(qn), self._ptr(kn), cos, sin, qout, kcache, vcache, meta,
             np.int32(tn), np.int32(hq), np.int32(hkv), np.int32(d), np.int32(maxc), np.float32(eps),
-            np.int32(bias is not None), np.int32(qn is not None)))
+            np.int32(bias is not None), np.int32(qn is not None)), pdl=pdl)
 
     def attn_splits(self, g: int, d: int, maxc: int) -> int:
         c = attn_chunk(self.dtype_name, g, d)
         return (maxc + c - 1) // c
 
-    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, out,
-                    hq: int, hkv: int, d: int) -> None:
-        g = hq // hkv
-        split, combine, c, nt = self.attn_fns(g, d)
+    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, done, out,
+                    hq: int, hkv: int, d: int, pdl: bool = False) -> None:
+        """po/pm/pl: the splits' partial states [hq, splits(, d)]; done: int32 [hkv], zero (the kernel
+        leaves it zero)."""
+        f, c, nt = self.attn_fns(hq // hkv, d)
         maxc = kcache.shape[2]
         ns = (maxc + c - 1) // c
-        split((ns, hkv), (nt,), (q, kcache, vcache, meta, po, pm, pl, np.int32(hkv), np.int32(maxc),
-                                 np.int32(window or 0), np.float32(scale)))
-        self._set_smem(combine, ns * 4)
-        combine((hq,), (nt,), (po, pm, pl, out, meta, np.int32(ns)), shared_mem=ns * 4)
+        self._set_smem(f, ns * 4)
+        self._launch(f, (ns, hkv), (nt,), (q, kcache, vcache, meta, po, pm, pl, done, out, np.int32(hkv),
+                                           np.int32(maxc), np.int32(window or 0), np.float32(scale)), ns * 4, pdl)
 
     def softmax_rows(self, S, meta, t0: int, g: int, window: int, scale: float) -> None:
         hkv, m, lc = S.shape
@@ -1266,8 +1102,8 @@ class NumpyOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             kernel: str | None = None, blocks: int | None = None, ws: bool | None = None) -> None:
-        # rows_per_warp, kernel, blocks, ws: how the CUDA kernel splits the work; the function
+             blocks: int | None = None, pdl: bool = False) -> None:
+        # rows_per_warp, blocks, pdl: how the CUDA kernel is launched; the function
         # (float32 dot products, the same rounding points) is the same for all of them
         n, k = W.shape
         if pro == "resid_rms":
@@ -1295,7 +1131,7 @@ class NumpyOps:
             out[...] = self.ft(y).reshape(out.shape)
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
-                 hq: int, hkv: int, d: int, eps: float) -> None:
+                 hq: int, hkv: int, d: int, eps: float, pdl: bool = False) -> None:
         start, slot = int(meta[0]), int(meta[1])
         half, g = d // 2, hq // hkv
         x = self.tf(qkv.reshape(tn, -1)).reshape(tn, hq + 2 * hkv, d)
@@ -1315,8 +1151,8 @@ class NumpyOps:
         kcache[slot, :, start:start + tn] = o[:, hq:].transpose(1, 0, 2)
         vcache[slot, :, start:start + tn] = self.ft(x[:, hq + hkv:]).transpose(1, 0, 2)
 
-    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, out,
-                    hq: int, hkv: int, d: int) -> None:
+    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, done, out,
+                    hq: int, hkv: int, d: int, pdl: bool = False) -> None:
         pos, slot = int(meta[0]), int(meta[1])
         g = hq // hkv
         c = attn_chunk(self.dtype_name, g, d)

@@ -46,13 +46,13 @@ def poison(cp, shape, dtype):
 @pytest.mark.parametrize("epi", ["store", "resid", "logits", "silu_pair", "partial"])
 @pytest.mark.parametrize("shape", [(200, 64), (38, 4096), (300, 14336)])
 @pytest.mark.parametrize("rows_per_warp", [1, 2])
-@pytest.mark.parametrize("variant", ["default", "persistent", "v1"])
+@pytest.mark.parametrize("variant", ["default", "persistent", "pdl"])
 def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp, variant):
     """variant "default": the launch the model makes (at most one wave of blocks); "persistent": 3
-    blocks, so every warp loops over several units (or has none), with the second batch of its first
-    unit staged in shared memory (ws); "v1": the first version of the kernel (bf16 only)."""
-    if variant == "v1" and dtype_name != "bfloat16":
-        pytest.skip("the first version is kept for comparison; one dtype is enough")
+    blocks, so every warp loops over several units (or has none); "pdl": a programmatic dependent
+    launch right after the kernels that poisoned its outputs (bf16 only)."""
+    if variant == "pdl" and dtype_name != "bfloat16":
+        pytest.skip("the launch path, not the arithmetic: one dtype is enough")
     if epi == "silu_pair" and pro == "silu":
         pytest.skip("no such combination in the model")
     if rows_per_warp == 2 and (epi == "silu_pair" or pro == "silu"):
@@ -64,7 +64,7 @@ def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp, variant):
     dt = DTYPES[dtype_name]
     cu, ref = ops_pair(dtype_name)
     rng = np.random.default_rng(hash((dtype_name, pro, epi, shape, variant)) % 2**32)
-    how = {"default": {}, "persistent": dict(blocks=3, ws=True), "v1": dict(kernel="v1")}[variant]
+    how = {"default": {}, "persistent": dict(blocks=3), "pdl": dict(pdl=True)}[variant]
     n, k = shape
     f32_out = epi in ("logits", "partial")
     for bias_on in ((False,) if f32_out else (False, True)):
@@ -152,11 +152,19 @@ def test_attn_decode(cp, dtype_name, g, d, pos, window):
     po, pm, pl = (np.zeros((hq, ns, d), np.float32), np.zeros((hq, ns), np.float32), np.zeros((hq, ns), np.float32))
     out_h = np.zeros(hq * d, dt)
     ref.attn_decode(q, kc, vc, meta, window, scale, po, pm, pl, out_h, hq, hkv, d)
-    out_d = poison(cp, hq * d, dt)
     gpo, gpm, gpl = cp.zeros((hq, ns, d), np.float32), cp.zeros((hq, ns), np.float32), cp.zeros((hq, ns), np.float32)
-    cu.attn_decode(cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(meta), window, scale, gpo, gpm, gpl,
-                   out_d, hq, hkv, d)
-    assert rel(out_d.get(), out_h) < TOL[dtype_name]
+    done = cp.zeros(hkv, np.int32)
+    args = (cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(meta), window, scale, gpo, gpm, gpl, done)
+    first = None
+    for pdl in (False, True):  # the second launch finds the counters as the first left them
+        out_d = poison(cp, hq * d, dt)
+        cu.attn_decode(*args, out_d, hq, hkv, d, pdl=pdl)
+        assert rel(out_d.get(), out_h) < TOL[dtype_name]
+        assert (done.get() == 0).all(), "the merging block must leave its counter at zero"
+        if first is None:
+            first = out_d.get()
+        else:  # merged in split order whichever block merges: bit-identical
+            assert np.array_equal(out_d.get().view(np.uint8), first.view(np.uint8))
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -250,3 +258,39 @@ def test_argmax_first_of_ties(cp):
         per_slot = cp.full(4, -1, dtype=np.int32)
         cu.argmax(cp.asarray(x), per_slot, cp.asarray(np.array([0, 2, 0, 0], np.int32)))
         assert per_slot.get().tolist() == [-1, -1, int(np.argmax(x)), -1]
+
+
+def test_pdl_chain_in_a_graph(cp):
+    """Programmatic dependent launches captured in a CUDA graph, each reading what the one before
+    wrote (as the decode step chains them): replayed with new inputs, every result matches the
+    mirror. A kernel that read its input before pdl_wait() would see the previous replay's."""
+    from neuron.model.cuda_graph import DecodeGraph
+    dt = DTYPES["bfloat16"]
+    cu, ref = ops_pair("bfloat16")
+    if not cu.pdl:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    rng = np.random.default_rng(7)
+    k, layers = 2048, 6
+    Ws = [rnd(rng, (k, k), dt, 0.03) for _ in range(layers)]
+    norm_w = rnd(rng, (k,), dt, 0.3)
+    W_d = [cp.asarray(W) for W in Ws]
+    norm_d = cp.asarray(norm_w)
+    bufs = [cp.empty(k, dt) for _ in range(layers + 1)]
+
+    def chain():
+        for i in range(layers):  # alternately a norm prologue and a plain one
+            cu.gemv(W_d[i], bufs[i], bufs[i + 1], "rms" if i % 2 else "none", "store",
+                    norm_w=norm_d if i % 2 else None, eps=1e-5, pdl=True)
+
+    graph = DecodeGraph(cp, chain)
+    assert graph.capture(), graph.failed
+    for rep in range(3):
+        x = rnd(rng, (k,), dt)
+        bufs[0][...] = cp.asarray(x)
+        graph.launch()
+        want = x
+        for i in range(layers):
+            out = np.zeros(k, dt)
+            ref.gemv(Ws[i], want, out, "rms" if i % 2 else "none", "store", norm_w=norm_w if i % 2 else None, eps=1e-5)
+            want = out
+        assert rel(bufs[layers].get(), want) < TOL["bfloat16"], rep
