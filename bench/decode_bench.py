@@ -155,8 +155,8 @@ def profile_decode(backend, shard, pos: int = 300) -> dict:
                                                   eps=f.eps) for i in range(L)], nbytes("qkv")),
         "rope + kv write": (lambda: [ops.qkv_post(f.qkv, f.io.meta, 1, None, None, None, f.cos, f.sin, f.q, kv.keys[i],
                                                   kv.values[i], f.hq, f.hkv, f.d, f.eps) for i in range(L)], 0),
-        "attention (split-K, merged in-kernel)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta, f.window,
-                                                                   f.scale, f.po, f.pm, f.pl, f.attn_done, f.attn, f.hq, f.hkv, f.d)
+        "attention (split-K + combine)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta, f.window,
+                                                                   f.scale, f.po, f.pm, f.pl, f.attn, f.hq, f.hkv, f.d)
                                                    for i in range(L)], kv_bytes),
         "o gemv (+residual)": (lambda: [ops.gemv(p[f"{i}.o"], f.attn, f.x, "none", "resid") for i in range(L)],
                                nbytes("o")),

@@ -233,8 +233,8 @@ def profile_tp(path: Path, pos: int = 300) -> dict:
                 "rope + kv write": (lambda: [ops.qkv_post(f.qkv, f.io.meta, 1, None, None, None, f.cos, f.sin, f.q,
                                                           kv.keys[i], kv.values[i], f.hq, f.hkv, f.d, f.eps)
                                              for i in range(L)], 0),
-                "attention (split-K, merged in-kernel)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta,
-                                                                           f.window, f.scale, f.po, f.pm, f.pl, f.attn_done, f.attn,
+                "attention (split-K + combine)": (lambda: [ops.attn_decode(f.q, kv.keys[i], kv.values[i], f.io.meta,
+                                                                           f.window, f.scale, f.po, f.pm, f.pl, f.attn,
                                                                            f.hq, f.hkv, f.d) for i in range(L)],
                                                   kv_bytes),
                 "o gemv (float32 partial)": (lambda: [ops.gemv(p[f"{i}.o"], f.attn, None, "none", "partial",
@@ -290,7 +290,9 @@ def table(res: dict) -> str:
 
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
-    lines = [f"GPU: {res['gpu']} x2   commit: {res['commit'][:12]}   copy {copy:.0f} GB/s (min of the two GPUs)",
+    prefetch = res.get("env", {}).get("NEURON_TP_PREFETCH_MB", "default")
+    lines = [f"GPU: {res['gpu']} x2   commit: {res['commit'][:12]}   copy {copy:.0f} GB/s (min of the two GPUs)   "
+             f"NEURON_TP_PREFETCH_MB={prefetch}",
              "",
              f"{'8B shape, bf16, batch 1':40s} {'TP=1':>9s} {'TP=2':>9s} {'roofline':>9s} {'target':>8s}",
              f"{'decode tok/s through cortex':40s} {f(tp1.get('decode_tok_s')):>9s} {f(tp2.get('decode_tok_s')):>9s} "
@@ -356,7 +358,8 @@ def main(argv=None) -> int:
     res = {"commit": commit(), "gpu": gpu_name(0),
            "gpu1": cupy.cuda.runtime.getDeviceProperties(1)["name"].decode(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args), "hidden": shape.hidden_size,
-           "command": "python bench/tp_decode_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "command": "python bench/tp_decode_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "env": {k: v for k, v in os.environ.items() if k.startswith(("NEURON_", "NCCL_"))}}
     log("ceilings: copy bandwidth per GPU")
     res["copy_gb_s"] = [copy_bandwidth_of(i) for i in (0, 1)]
     log(f"  {res['copy_gb_s']}")

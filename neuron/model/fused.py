@@ -21,11 +21,26 @@ with the same meta (`follow`), their chained input being the token their own gra
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .kernels import softmax_scale
 
 ATTN_SCORE_BYTES = 128 << 20  # prefill attention: score/probability memory per query chunk
+
+
+def tp_prefetch_bytes() -> int:
+    """NEURON_TP_PREFETCH_MB: how much of the next GEMV's weights a TP rank brings into the L2 while
+    an all-reduce runs (0: none)."""
+    raw = os.environ.get("NEURON_TP_PREFETCH_MB", "24")
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(f"NEURON_TP_PREFETCH_MB must be a whole number of MiB >= 0, got {raw!r}")
+    return mb << 20
 
 
 class FusedLlama:
@@ -47,6 +62,11 @@ class FusedLlama:
         self.vchunk = -(-vocab // self.size)
         lo, hi = min(self.rank * self.vchunk, vocab), min((self.rank + 1) * self.vchunk, vocab)
         self.lm_rows = (lo, hi)
+        # TP on a GPU: weights prefetched into the L2 beside each all-reduce, on a side stream
+        self.prefetch_bytes = tp_prefetch_bytes() if self.tp and hasattr(xp, "cuda") else 0
+        if self.prefetch_bytes:
+            self._side = xp.cuda.Stream(non_blocking=True)
+            self._fork, self._join = xp.cuda.Event(disable_timing=True), xp.cuda.Event(disable_timing=True)
         self.graph_factory = graph_factory
         self._graph = None
         self._graph_kv = None
@@ -78,7 +98,6 @@ class FusedLlama:
         self.po = xp.empty((self.hq, ns, self.d), dtype=xp.float32)
         self.pm = xp.empty((self.hq, ns), dtype=xp.float32)
         self.pl = xp.empty((self.hq, ns), dtype=xp.float32)
-        self.attn_done = xp.zeros(self.hkv, dtype=xp.int32)  # per kv head: splits finished (attn_decode)
         vocab = self.lm_head.shape[0]
         if self.tp:
             # size chunks of vchunk logits, gathered in place; a short last chunk is padded with -inf
@@ -100,10 +119,7 @@ class FusedLlama:
 
         Under TP the residual add of each summed row-parallel partial is folded into the next
         GEMV's prologue ("resid_rms": x + T(sum) is formed, normed and used by every block; block
-        0 stores it), so the residual stream alternates between x and x2 (two adds per layer).
-
-        pdl=True (programmatic dependent launch) only where the launch before is one of ours, never
-        right after a collective."""
+        0 stores it), so the residual stream alternates between x and x2 (two adds per layer)."""
         if not self.tp:
             return self._decode_body_single(kv)
         ops, p, c = self.ops, self.p, self.c
@@ -115,7 +131,7 @@ class FusedLlama:
         def normed(W, out, epi, norm_w, bias=None, outf=None):
             nonlocal cur, nxt, pending
             if pending is None:
-                ops.gemv(W, cur, out, "rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf, pdl=True)
+                ops.gemv(W, cur, out, "rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf)
                 return
             ops.gemv(W, cur, out, "resid_rms", epi, norm_w=norm_w, eps=self.eps, bias=bias, outf=outf,
                      resid=self.part, resid_bias=pending[0], xout=nxt)
@@ -124,14 +140,15 @@ class FusedLlama:
         for i in range(c.num_layers):
             normed(p[f"{i}.qkv"], self.qkv, "store", p[f"{i}.input_norm"])
             self._attention(i, kv)
-            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part, pdl=True)
+            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part)
             if collectives:
-                self._sum(self.part)
+                self._sum(self.part, prefetch=self._first_read(p[f"{i}.gate_up"], pair=True))
             pending = (p.get(f"{i}.o_bias"),)
             normed(p[f"{i}.gate_up"], self.act, "silu_pair", p[f"{i}.post_norm"], bias=p.get(f"{i}.gate_up_bias"))
-            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part, pdl=True)
+            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part)
             if collectives:
-                self._sum(self.part)
+                last = i + 1 == c.num_layers
+                self._sum(self.part, prefetch=self._first_read(self.lm_head_mine if last else p[f"{i + 1}.qkv"]))
             pending = (p.get(f"{i}.down_bias"),)
         normed(self.lm_head_mine, None, "logits", p["norm"], outf=self.logits_mine)
         if collectives:
@@ -143,30 +160,53 @@ class FusedLlama:
         meta = self.io.meta
         ops.embed_row(p["embed"], meta, self.tokens, self.x)
         for i in range(c.num_layers):
-            ops.gemv(p[f"{i}.qkv"], self.x, self.qkv, "rms", "store", norm_w=p[f"{i}.input_norm"], eps=self.eps,
-                     pdl=True)
+            ops.gemv(p[f"{i}.qkv"], self.x, self.qkv, "rms", "store", norm_w=p[f"{i}.input_norm"], eps=self.eps)
             self._attention(i, kv)
-            ops.gemv(p[f"{i}.o"], self.attn, self.x, "none", "resid", bias=p.get(f"{i}.o_bias"), pdl=True)
+            ops.gemv(p[f"{i}.o"], self.attn, self.x, "none", "resid", bias=p.get(f"{i}.o_bias"))
             ops.gemv(p[f"{i}.gate_up"], self.x, self.act, "rms", "silu_pair", norm_w=p[f"{i}.post_norm"], eps=self.eps,
-                     bias=p.get(f"{i}.gate_up_bias"), pdl=True)
-            ops.gemv(p[f"{i}.down"], self.act, self.x, "none", "resid", bias=p.get(f"{i}.down_bias"), pdl=True)
-        ops.gemv(self.lm_head, self.x, None, "rms", "logits", norm_w=p["norm"], eps=self.eps, outf=self.logits, pdl=True)
+                     bias=p.get(f"{i}.gate_up_bias"))
+            ops.gemv(p[f"{i}.down"], self.act, self.x, "none", "resid", bias=p.get(f"{i}.down_bias"))
+        ops.gemv(self.lm_head, self.x, None, "rms", "logits", norm_w=p["norm"], eps=self.eps, outf=self.logits)
         ops.argmax(self.logits, self.tokens, meta)
 
     def _attention(self, i: int, kv) -> None:
         """Layer i's decode attention after its q/k/v GEMV: rotary + KV write, then attention."""
         p, meta = self.p, self.io.meta
         self.ops.qkv_post(self.qkv, meta, 1, p.get(f"{i}.qkv_bias"), p.get(f"{i}.q_norm"), p.get(f"{i}.k_norm"),
-                          self.cos, self.sin, self.q, kv.keys[i], kv.values[i], self.hq, self.hkv, self.d, self.eps,
-                          pdl=True)
+                          self.cos, self.sin, self.q, kv.keys[i], kv.values[i], self.hq, self.hkv, self.d, self.eps)
         self.ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale, self.po, self.pm,
-                             self.pl, self.attn_done, self.attn, self.hq, self.hkv, self.d, pdl=True)
+                             self.pl, self.attn, self.hq, self.hkv, self.d)
 
-    def _sum(self, buf) -> None:
-        """In-place all-reduce (the NCCL engine sums in place; the TCP engine returns a new array)."""
+    def _sum(self, buf, prefetch: tuple = ()) -> None:
+        """In-place all-reduce (the NCCL engine sums in place; the TCP engine returns a new array).
+        prefetch: weights the GEMV after it reads first, brought into the L2 meanwhile on a side
+        stream (forked from and joined back to this one, so a captured graph holds both branches):
+        an all-reduce of the hidden state takes ~7 us and reads almost nothing from the HBM."""
+        if prefetch:
+            main = self.xp.cuda.get_current_stream()
+            self._fork.record(main)
+            self._side.wait_event(self._fork)
+            with self._side:
+                self.ops.l2_prefetch(*prefetch)
+            self._join.record(self._side)
         out = self.comm.all_reduce(buf)
         if out is not buf:
             buf[...] = out
+        if prefetch:
+            main.wait_event(self._join)
+
+    def _first_read(self, W, pair: bool = False) -> tuple:
+        """The rows of W that the GEMV reads first (its warps start at rows 0, 1, 2, ...), at most
+        prefetch_bytes of them; pair: W is [gate; up], whose warp u reads rows u and N + u."""
+        row = W.shape[1] * W.dtype.itemsize
+        if not self.prefetch_bytes:
+            return ()
+        if pair:
+            half = W.shape[0] // 2
+            rows = min(half, self.prefetch_bytes // (2 * row))
+            return (W[:rows], W[half:half + rows]) if rows else ()
+        rows = min(W.shape[0], self.prefetch_bytes // row)
+        return (W[:rows],) if rows else ()
 
     def _share_tokens(self) -> None:
         """Every rank takes rank 0's picked tokens (after an eager prefill's argmax): the chained

@@ -28,7 +28,6 @@ import os
 
 import numpy as np
 
-from .launch import PdlLauncher
 
 DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
@@ -38,6 +37,7 @@ GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two r
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for the norm prologues)
 GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
+L2_PREFETCH_BLOCKS = 8                     # few: the prefetch runs beside an NCCL kernel, which needs SMs
 
 
 def vec_elems(dtype_name: str) -> int:
@@ -192,21 +192,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
-// Programmatic dependent launch (sm_90+). A kernel launched with it (launch.py) may start while the
-// kernel before it in the stream is still running; pdl_wait() returns once that kernel has completed
-// and its writes are visible, so only reads of what no earlier kernel writes (weights) may precede it.
-// pdl_trigger() lets the next such kernel start as soon as every block of this one has started. Both
-// are no-ops for a kernel launched normally.
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::);
-#endif
-}
 """
 
 CUDA_KERNELS = r"""
@@ -223,18 +208,18 @@ CUDA_KERNELS = r"""
 //
 // Built so that small matrices (a TP rank's q/k/v and o, 25 and 17 MB on the 8B shape) and
 // matrices of a few waves (gate/up, lm_head) run closer to the copy bandwidth:
-// 1. The first unit's first batch of weights (BATCH vectors per lane and row) is requested into
-//    registers first, before the kernel waits for the previous one (pdl_wait) and before the
-//    prologue, so it is in flight while both happen.
-// 2. Staged prologue: every input of the prologue (x; the norm weight; the float32 sum and its bias;
-//    gate and up) is copied to shared memory with cp.async, all requests issued at once, so the
+// 1. Staged prologue: every input of the prologue (x; the norm weight; the float32 sum and its bias;
+//    gate and up) is copied to shared memory with cp.async, all requests issued first, so the
 //    prologue costs one round trip to L2. (The first version loaded them in dependent steps queued
-//    behind the block's weight prefetch.)
+//    behind the block's weight prefetch; requesting the weights of 2 first measured 0.8-2.5 us
+//    slower per launch, bench/NOTES.md.)
+// 2. The first unit's first batch of weights (BATCH vectors per lane and row) is requested into
+//    registers before the prologue, so it is in flight while the prologue runs.
 // 3. Persistent warps: warp w of the grid (W warps) computes units w, w + W, w + 2W, ..., so the
 //    host launches at most one wave and each block does its prologue once (lm_head: 15 waves of
 //    blocks, each with its prologue, before).
 // 4. Kernels with a norm prologue (P 1, 3) get 80 registers (__launch_bounds__(256, 3)): at 64 they
-//    spilled a register of the batch requested in 1 and so waited for that load before starting
+//    spilled a register of the batch requested in 2 and so waited for that load before starting
 //    the prologue (ptxas: 16 bytes of spill stores; at 80 none, 68-72 registers used).
 // Every lane sums its vectors i = lane + 32 j in ascending order, as the first version did, so the
 // result is bit-identical to it. Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
@@ -331,23 +316,7 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     const size_t rstride = (size_t)(E == 3 ? N : 1) * NV;   // second row of a unit: up, or the next row
     const uint4* W4 = reinterpret_cast<const uint4*>(W);
     int unit = blockIdx.x * wpb + warp;
-    pdl_trigger();
-    // 1. the first unit's first batch -> registers (weights: written by no kernel, safe before pdl_wait)
-    uint4 pw[BATCH], pw2[R == 2 ? BATCH : 1];
-    {
-        const bool has = unit < units;
-        const uint4* wr = W4 + (size_t)(has ? ((E == 3 || R == 1) ? unit : unit * R) : 0) * NV;
-        const uint4* wr2 = wr + rstride;
-#pragma unroll
-        for (int j = 0; j < BATCH; ++j) {
-            const int i = lane + 32 * j;
-            const bool ok = has && i < NV;
-            pw[j] = ok ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
-            if (R == 2) pw2[j] = ok ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-    pdl_wait();
-    // 2. the prologue's inputs -> shared memory, all in flight at once
+    // 1. the prologue's inputs -> shared memory, all in flight at once
     {
         const uint4* xv = reinterpret_cast<const uint4*>(xin);
         for (int i = tid; i < NV; i += blockDim.x) {
@@ -361,8 +330,22 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
                 if (rb != nullptr) cp_async16(rbs + i, reinterpret_cast<const uint4*>(rb) + i);
             }
         }
-        cp_async_wait_all();
     }
+    // 2. the first unit's first batch -> registers
+    uint4 pw[BATCH], pw2[R == 2 ? BATCH : 1];
+    {
+        const bool has = unit < units;
+        const uint4* wr = W4 + (size_t)(has ? ((E == 3 || R == 1) ? unit : unit * R) : 0) * NV;
+        const uint4* wr2 = wr + rstride;
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            const int i = lane + 32 * j;
+            const bool ok = has && i < NV;
+            pw[j] = ok ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+            if (R == 2) pw2[j] = ok ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    cp_async_wait_all();
     // 3. the prologue, on shared memory (a thread first reads back only what it staged itself)
     if (P == 1 || P == 3) {
         float ss = 0.f;
@@ -435,6 +418,27 @@ GEMV_INST2(3, 0, 0) GEMV_INST2(3, 0, 1) GEMV_INST2(3, 2, 0)
 GEMV_INST2(0, 0, 0) GEMV_INST2(0, 0, 1) GEMV_INST2(0, 1, 0) GEMV_INST2(0, 1, 1) GEMV_INST2(0, 2, 0)
 GEMV_INST2(1, 0, 0) GEMV_INST2(1, 0, 1) GEMV_INST2(1, 1, 0) GEMV_INST2(1, 1, 1) GEMV_INST2(1, 2, 0)
 
+// ---------------------------------------------------------------- L2 prefetch
+// Brings bytes [0, na) of a, then [0, nb) of b, into the L2 cache (sm_90 bulk prefetch, 16 KiB per
+// request, nothing waited for). A TP rank launches it beside an all-reduce, whose ~7 us leave the
+// HBM idle, on the weights the GEMV after the all-reduce reads first. Sizes: multiples of 16 bytes.
+extern "C" __global__ void l2_prefetch(const unsigned char* __restrict__ a, unsigned long long na,
+                                       const unsigned char* __restrict__ b, unsigned long long nb) {
+#if __CUDA_ARCH__ >= 900
+    constexpr unsigned long long CHUNK = 16384;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x * CHUNK;
+    const unsigned long long first = (unsigned long long)(blockIdx.x * blockDim.x + threadIdx.x) * CHUNK;
+    for (int r = 0; r < 2; ++r) {
+        const unsigned char* base = r == 0 ? a : b;
+        const unsigned long long n = r == 0 ? na : nb;
+        for (unsigned long long off = first; off < n; off += stride) {
+            const unsigned int size = (unsigned int)(n - off < CHUNK ? n - off : CHUNK);
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(base + off), "r"(size) : "memory");
+        }
+    }
+#endif
+}
+
 // ---------------------------------------------------------------- embedding row (decode)
 // The token is meta[2], or, when meta[2] < 0 (a chained step), the last token picked for this
 // slot on the device: tokens[meta[1]].
@@ -454,8 +458,6 @@ extern "C" __global__ void qkv_post(const T* __restrict__ qkv, const T* __restri
         const int* __restrict__ meta, int Tn, int Hq, int Hkv, int D, int maxc, float eps,
         int has_bias, int has_qkn) {
     __shared__ float ss;
-    pdl_trigger();
-    pdl_wait();
     const int t = blockIdx.x, hd = blockIdx.y, i = threadIdx.x, half = D >> 1;
     const int pos = meta[0] + t, slot = meta[1];
     const T* row = qkv + (size_t)t * (Hq + 2 * Hkv) * D;
@@ -613,13 +615,10 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ x, int n, int* _
 }
 """
 
-# Decode attention (one query token), split over the keys: grid (NS, Hkv), NT threads, one kernel.
-# Each block copies its chunk of C keys and values into shared memory (cp.async, all in flight at
-# once), scores the g query heads of its kv head (one thread per key), and writes the partial
-# softmax state (max, sum, sum of p * v) of its chunk; the last block of a kv head to finish (a
-# counter per kv head) merges the chunks of its g heads, in split order, so the result does not
-# depend on which block that is. (Merging in a second kernel cost a launch per layer: 7.9 us per
-# layer for both at context 301 on a TP=2 rank of the 8B shape.)
+# Decode attention (one query token), split over the keys: grid (NS, Hkv), NT threads. Each block
+# copies its chunk of C keys and values into shared memory (cp.async, all in flight at once),
+# scores the g query heads of its kv head (one thread per key), and writes the partial softmax
+# state (max, sum, sum of p * v) of its chunk; attn_combine merges the chunks of each head.
 CUDA_ATTN = r"""
 // compile-time: ATT_G (query heads per kv head), ATT_D (head_dim), ATT_C (keys per split), ATT_NT (threads),
 // ATT_JL (key lanes)
@@ -628,19 +627,129 @@ CUDA_ATTN = r"""
 #define C ATT_C
 #define NT ATT_NT
 #define JL ATT_JL
-// Head j's output: out[j, :] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - M) over the non-empty
-// splits (l_s > 0) among the first `active`; the weights go to shared memory (wts, NS floats) once.
-// Reads bypass L1 (__ldcg): other blocks wrote the partial states.
-__device__ void attn_merge_head(int j, const float* __restrict__ po, const float* __restrict__ pm,
-        const float* __restrict__ pl, T* __restrict__ out, int NS, int active, float* wts, float* scratch) {
-    const int tid = threadIdx.x;
+// q.k takes one thread per key, reading the key row from shared memory in 16-byte pieces (rows
+// padded by 16 bytes, so the reads of a quarter warp hit distinct banks); no warp shuffles. (A
+// first version used a warp per key with shuffle reductions: 13.2 us per layer at context 300 on
+// the 8B shape, against 6.0 us for this one.)
+#define KP (D + 8)
+extern "C" __global__ void __launch_bounds__(NT) attn_split(const T* __restrict__ q, const T* __restrict__ kc,
+        const T* __restrict__ vc, const int* __restrict__ meta, float* __restrict__ po, float* __restrict__ pm,
+        float* __restrict__ pl, int Hkv, int maxc, int window, float scale) {
+    __shared__ __align__(16) T Ks[C * KP];
+    __shared__ __align__(16) T Vs[C * D];
+    __shared__ float qs[G * D];
+    __shared__ float ps[G * C];
+    __shared__ float red[NT * G];
+    const int s = blockIdx.x, h = blockIdx.y, NS = gridDim.x, tid = threadIdx.x;
+    const int pos = meta[0], slot = meta[1];
+    const int first = window > 0 ? max(0, pos - window + 1) : 0;
+    const int lo = max(s * C, first);
+    const int hi = min(s * C + C, pos + 1);
+    const bool whole = lo == first && hi == pos + 1;
+    if (lo >= hi) {
+        for (int g = tid; g < G; g += NT) { pm[(h * G + g) * NS + s] = -INFINITY; pl[(h * G + g) * NS + s] = 0.f; }
+        return;
+    }
+    const int n = hi - lo;
+    const size_t base = (((size_t)slot * Hkv + h) * maxc + lo) * D;
+    const uint4* ksrc = reinterpret_cast<const uint4*>(kc + base);
+    const uint4* vsrc = reinterpret_cast<const uint4*>(vc + base);
+    uint4* kdst = reinterpret_cast<uint4*>(Ks);
+    uint4* vdst = reinterpret_cast<uint4*>(Vs);
+    constexpr int RV = D / VEC, RVP = KP / VEC;   // 16-byte vectors per key row, unpadded / padded
+    const int nvec = n * RV;
+    for (int i = tid; i < nvec; i += NT) {
+        const int j = i / RV, v = i - j * RV;
+        cp_async16(kdst + j * RVP + v, ksrc + i);
+        cp_async16(vdst + i, vsrc + i);
+    }
+    for (int i = tid; i < G * D; i += NT) qs[i] = tf(q[(size_t)h * G * D + i]);
+    cp_async_wait_all();
+    __syncthreads();
+    for (int j = tid; j < n; j += NT) {
+        float acc[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g] = 0.f;
+#pragma unroll 4
+        for (int v = 0; v < RV; ++v) {
+            float kf[VEC];
+            unpack(kdst[j * RVP + v], kf);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) acc[g] = fmaf(qs[g * D + v * VEC + e], kf[e], acc[g]);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) ps[g * C + j] = tf(ft(acc[g])) * scale;
+    }
+    __syncthreads();
+    const int lane = tid & 31, warp = tid >> 5, NW = NT / 32;
+    for (int g = warp; g < G; g += NW) {
+        float m = -INFINITY;
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, ps[g * C + j]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            const float p = expf(ps[g * C + j] - m);
+            ps[g * C + j] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (whole) {
+            for (int j = lane; j < n; j += 32) ps[g * C + j] = tf(ft(ps[g * C + j] / l));
+        }
+        if (lane == 0) { pm[(h * G + g) * NS + s] = m; pl[(h * G + g) * NS + s] = whole ? 1.f : l; }
+    }
+    __syncthreads();
+    const int e = tid % D, jl = tid / D;
+    float acc[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[g] = 0.f;
+    if (jl < JL) {
+        for (int j = jl; j < n; j += JL) {
+            const float v = tf(Vs[j * D + e]);
+#pragma unroll
+            for (int g = 0; g < G; ++g) acc[g] = fmaf(ps[g * C + j], v, acc[g]);
+        }
+    }
+    if (JL == 1) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) po[((size_t)(h * G + g) * NS + s) * D + e] = acc[g];
+    } else {
+        if (jl < JL) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) red[(jl * G + g) * D + e] = acc[g];
+        }
+        __syncthreads();
+        if (jl == 0) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float r = 0.f;
+                for (int l2 = 0; l2 < JL; ++l2) r += red[(l2 * G + g) * D + e];
+                po[((size_t)(h * G + g) * NS + s) * D + e] = r;
+            }
+        }
+    }
+}
+
+// grid Hq, block NT, dynamic shared memory NS floats: out[j, :] = sum_s w_s acc_s / sum_s w_s l_s,
+// w_s = exp(m_s - M) over the non-empty splits (l_s > 0). Only splits that can hold keys for this
+// position are read; the per-split weights are computed once, in parallel, into shared memory.
+extern "C" __global__ void __launch_bounds__(NT) attn_combine(const float* __restrict__ po,
+        const float* __restrict__ pm, const float* __restrict__ pl, T* __restrict__ out,
+        const int* __restrict__ meta, int NS) {
+    extern __shared__ float wts[];
+    __shared__ float scratch[32];
+    const int j = blockIdx.x, tid = threadIdx.x;
+    const int active = min(NS, meta[0] / C + 1);
     float M = -INFINITY;
-    for (int s = tid; s < active; s += NT) if (__ldcg(pl + j * NS + s) > 0.f) M = fmaxf(M, __ldcg(pm + j * NS + s));
+    for (int s = tid; s < active; s += NT) if (pl[j * NS + s] > 0.f) M = fmaxf(M, pm[j * NS + s]);
     M = block_max(M, scratch);
     float den = 0.f;
     for (int s = tid; s < active; s += NT) {
-        const float l = __ldcg(pl + j * NS + s);
-        const float w = l > 0.f ? expf(__ldcg(pm + j * NS + s) - M) : 0.f;
+        const float l = pl[j * NS + s];
+        const float w = l > 0.f ? expf(pm[j * NS + s] - M) : 0.f;
         wts[s] = w;
         den = fmaf(w, l, den);
     }
@@ -651,134 +760,11 @@ __device__ void attn_merge_head(int j, const float* __restrict__ po, const float
 #pragma unroll 4
         for (int s = 0; s < active; ++s) {
             const float w = wts[s];
-            const float v = __ldcg(src + (size_t)s * D);
+            const float v = src[(size_t)s * D];
             num += w > 0.f ? w * v : 0.f;
         }
         out[(size_t)j * D + tid] = ft(num / den);
     }
-    __syncthreads();   // wts and scratch are reused by the next head
-}
-// q.k takes one thread per key, reading the key row from shared memory in 16-byte pieces (rows
-// padded by 16 bytes, so the reads of a quarter warp hit distinct banks); no warp shuffles. (A
-// first version used a warp per key with shuffle reductions: 13.2 us per layer at context 300 on
-// the 8B shape, against 6.0 us for this one.) done[Hkv]: zero between launches (the merging block
-// resets its own). Dynamic shared memory: NS floats.
-#define KP (D + 8)
-extern "C" __global__ void __launch_bounds__(NT) attn_decode(const T* __restrict__ q, const T* __restrict__ kc,
-        const T* __restrict__ vc, const int* __restrict__ meta, float* __restrict__ po, float* __restrict__ pm,
-        float* __restrict__ pl, int* __restrict__ done, T* __restrict__ out, int Hkv, int maxc, int window,
-        float scale) {
-    __shared__ __align__(16) T Ks[C * KP];
-    __shared__ __align__(16) T Vs[C * D];
-    __shared__ float qs[G * D];
-    __shared__ float ps[G * C];
-    __shared__ float red[NT * G];
-    __shared__ float scratch[32];
-    __shared__ int merging;
-    extern __shared__ float wts[];
-    const int s = blockIdx.x, h = blockIdx.y, NS = gridDim.x, tid = threadIdx.x;
-    pdl_trigger();
-    pdl_wait();   // q and this step's key/value come from the kernel before
-    const int pos = meta[0], slot = meta[1];
-    const int first = window > 0 ? max(0, pos - window + 1) : 0;
-    const int lo = max(s * C, first);
-    const int hi = min(s * C + C, pos + 1);
-    const bool whole = lo == first && hi == pos + 1;
-    if (lo >= hi) {
-        for (int g = tid; g < G; g += NT) { pm[(h * G + g) * NS + s] = -INFINITY; pl[(h * G + g) * NS + s] = 0.f; }
-    } else {
-        const int n = hi - lo;
-        const size_t base = (((size_t)slot * Hkv + h) * maxc + lo) * D;
-        const uint4* ksrc = reinterpret_cast<const uint4*>(kc + base);
-        const uint4* vsrc = reinterpret_cast<const uint4*>(vc + base);
-        uint4* kdst = reinterpret_cast<uint4*>(Ks);
-        uint4* vdst = reinterpret_cast<uint4*>(Vs);
-        constexpr int RV = D / VEC, RVP = KP / VEC;   // 16-byte vectors per key row, unpadded / padded
-        const int nvec = n * RV;
-        for (int i = tid; i < nvec; i += NT) {
-            const int j = i / RV, v = i - j * RV;
-            cp_async16(kdst + j * RVP + v, ksrc + i);
-            cp_async16(vdst + i, vsrc + i);
-        }
-        for (int i = tid; i < G * D; i += NT) qs[i] = tf(q[(size_t)h * G * D + i]);
-        cp_async_wait_all();
-        __syncthreads();
-        for (int j = tid; j < n; j += NT) {
-            float acc[G];
-#pragma unroll
-            for (int g = 0; g < G; ++g) acc[g] = 0.f;
-#pragma unroll 4
-            for (int v = 0; v < RV; ++v) {
-                float kf[VEC];
-                unpack(kdst[j * RVP + v], kf);
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-#pragma unroll
-                    for (int g = 0; g < G; ++g) acc[g] = fmaf(qs[g * D + v * VEC + e], kf[e], acc[g]);
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < G; ++g) ps[g * C + j] = tf(ft(acc[g])) * scale;
-        }
-        __syncthreads();
-        const int lane = tid & 31, warp = tid >> 5, NW = NT / 32;
-        for (int g = warp; g < G; g += NW) {
-            float m = -INFINITY;
-            for (int j = lane; j < n; j += 32) m = fmaxf(m, ps[g * C + j]);
-            m = warp_max(m);
-            float l = 0.f;
-            for (int j = lane; j < n; j += 32) {
-                const float p = expf(ps[g * C + j] - m);
-                ps[g * C + j] = p;
-                l += p;
-            }
-            l = warp_sum(l);
-            if (whole) {
-                for (int j = lane; j < n; j += 32) ps[g * C + j] = tf(ft(ps[g * C + j] / l));
-            }
-            if (lane == 0) { pm[(h * G + g) * NS + s] = m; pl[(h * G + g) * NS + s] = whole ? 1.f : l; }
-        }
-        __syncthreads();
-        const int e = tid % D, jl = tid / D;
-        float acc[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) acc[g] = 0.f;
-        if (jl < JL) {
-            for (int j = jl; j < n; j += JL) {
-                const float v = tf(Vs[j * D + e]);
-#pragma unroll
-                for (int g = 0; g < G; ++g) acc[g] = fmaf(ps[g * C + j], v, acc[g]);
-            }
-        }
-        if (JL == 1) {
-#pragma unroll
-            for (int g = 0; g < G; ++g) po[((size_t)(h * G + g) * NS + s) * D + e] = acc[g];
-        } else {
-            if (jl < JL) {
-#pragma unroll
-                for (int g = 0; g < G; ++g) red[(jl * G + g) * D + e] = acc[g];
-            }
-            __syncthreads();
-            if (jl == 0) {
-#pragma unroll
-                for (int g = 0; g < G; ++g) {
-                    float r = 0.f;
-                    for (int l2 = 0; l2 < JL; ++l2) r += red[(l2 * G + g) * D + e];
-                    po[((size_t)(h * G + g) * NS + s) * D + e] = r;
-                }
-            }
-        }
-    }
-    // the last block of kv head h to get here merges its G heads (writes fenced before the count)
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) merging = atomicAdd(done + h, 1) == NS - 1;
-    __syncthreads();
-    if (!merging) return;
-    __threadfence();
-    if (tid == 0) done[h] = 0;
-    const int active = min(NS, pos / C + 1);
-    for (int g = 0; g < G; ++g) attn_merge_head(h * G + g, po, pm, pl, out, NS, active, wts, scratch);
 }
 """
 
@@ -788,10 +774,9 @@ extern "C" __global__ void __launch_bounds__(NT) attn_decode(const T* __restrict
 class CudaOps:
     """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
 
-    def __init__(self, dtype_name: str, norm_min_blocks: int = 3, pdl: bool | None = None):
+    def __init__(self, dtype_name: str, norm_min_blocks: int = 3):
         """norm_min_blocks: the GEMVs with a norm prologue are built for this many blocks per SM
-        (3: 80 registers, no spill; 4: 64, the build before); pdl: programmatic dependent launch
-        where the caller asks for it (default: NEURON_PDL, on unless "0", and only on sm_90+)."""
+        (3: 80 registers, no spill; 4: 64 registers, the build before, which spills)."""
         import cupy
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
@@ -809,17 +794,11 @@ class CudaOps:
         self.cuda_dtype = {0: runtime.CUDA_R_16BF, 1: runtime.CUDA_R_16F, 2: runtime.CUDA_R_32F}[self.dt]
         props = runtime.getDeviceProperties(runtime.getDevice())
         self.sm_count = props["multiProcessorCount"]
-        if pdl is None:
-            pdl = os.environ.get("NEURON_PDL", "1") != "0"
-        self._pdl = PdlLauncher() if pdl and props["major"] >= 9 else None
+        self.sm90 = props["major"] >= 9
         self._occupancy: dict = {}
         self._plans: dict = {}
         self._one = np.array(1.0, dtype=np.float32)
         self._zero = np.array(0.0, dtype=np.float32)
-
-    @property
-    def pdl(self) -> bool:
-        return self._pdl is not None
 
     def fn(self, name: str):
         f = self._fn.get(name)
@@ -856,7 +835,8 @@ class CudaOps:
         for name in ("gemv_p0_e4_b0", "gemv_p0_e4_b0_r2", "gemv_p3_e0_b0", "gemv_p3_e0_b1", "gemv_p3_e2_b0",
                      "gemv_p3_e3_b0", "gemv_p3_e3_b1", "gemv_p3_e0_b0_r2", "gemv_p3_e0_b1_r2", "gemv_p3_e2_b0_r2"):
             self.fn(name)
-        for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32"):
+        for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32",
+                     "l2_prefetch"):
             self.fn(name)
 
     def attn_fns(self, g: int, d: int):
@@ -882,15 +862,6 @@ class CudaOps:
             if nbytes + f.attributes["shared_size_bytes"] > 48 * 1024:
                 f.max_dynamic_shared_size_bytes = nbytes
             self._smem_set[id(f)] = nbytes
-
-    def _launch(self, f, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, pdl: bool = False) -> None:
-        """pdl: the kernel may start while the one before it in the stream finishes (launch.py); only
-        for kernels that call pdl_wait(), after a kernel of this module on the same stream."""
-        if pdl and self._pdl is not None:
-            self._set_smem(f, shared_mem)
-            self._pdl(f.kernel.ptr, grid, block, args, shared_mem, self.cp.cuda.get_current_stream().ptr)
-        else:
-            f(grid, block, args, shared_mem=shared_mem)
 
     # -- kernels
     def embed_row(self, table, meta, tokens, x) -> None:
@@ -931,11 +902,11 @@ class CudaOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None, pdl: bool = False) -> None:
+             blocks: int | None = None) -> None:
         """pro "resid_rms": the input is xin + T(resid) (+ resid_bias), resid a float32 sum over TP ranks,
         rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms".
         rows_per_warp and blocks (the grid; default: at most one wave) choose how, never what, is
-        computed; pdl: see _launch."""
+        computed."""
         n, k = W.shape
         if (pro == "resid_rms") != (resid is not None and xout is not None):
             raise ValueError("pro resid_rms takes resid (float32) and xout")
@@ -950,33 +921,40 @@ class CudaOps:
         b = 1 if (bias is not None and epi != "logits") else 0
         f = self.fn(plan["base"].format(b=b) + ("_r2" if plan["r"] == 2 else ""))
         self._set_smem(f, plan["smem"])
-        self._launch(f, (plan["grid"],), (GEMV_THREADS,),
-                     (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n),
-                      np.int32(k), np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout)),
-                     plan["smem"], pdl)
+        f((plan["grid"],), (GEMV_THREADS,),
+          (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n), np.int32(k),
+           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout)), shared_mem=plan["smem"])
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
-                 hq: int, hkv: int, d: int, eps: float, pdl: bool = False) -> None:
+                 hq: int, hkv: int, d: int, eps: float) -> None:
         maxc = kcache.shape[2]
-        self._launch(self.fn("qkv_post"), (tn, hq + hkv), (d // 2,), (
+        self.fn("qkv_post")((tn, hq + hkv), (d // 2,), (
             qkv, self._ptr(bias), self._ptr(qn), self._ptr(kn), cos, sin, qout, kcache, vcache, meta,
             np.int32(tn), np.int32(hq), np.int32(hkv), np.int32(d), np.int32(maxc), np.float32(eps),
-            np.int32(bias is not None), np.int32(qn is not None)), pdl=pdl)
+            np.int32(bias is not None), np.int32(qn is not None)))
 
     def attn_splits(self, g: int, d: int, maxc: int) -> int:
         c = attn_chunk(self.dtype_name, g, d)
         return (maxc + c - 1) // c
 
-    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, done, out,
-                    hq: int, hkv: int, d: int, pdl: bool = False) -> None:
-        """po/pm/pl: the splits' partial states [hq, splits(, d)]; done: int32 [hkv], zero (the kernel
-        leaves it zero)."""
-        f, c, nt = self.attn_fns(hq // hkv, d)
+    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, out,
+                    hq: int, hkv: int, d: int) -> None:
+        g = hq // hkv
+        split, combine, c, nt = self.attn_fns(g, d)
         maxc = kcache.shape[2]
         ns = (maxc + c - 1) // c
-        self._set_smem(f, ns * 4)
-        self._launch(f, (ns, hkv), (nt,), (q, kcache, vcache, meta, po, pm, pl, done, out, np.int32(hkv),
-                                           np.int32(maxc), np.int32(window or 0), np.float32(scale)), ns * 4, pdl)
+        split((ns, hkv), (nt,), (q, kcache, vcache, meta, po, pm, pl, np.int32(hkv), np.int32(maxc),
+                                 np.int32(window or 0), np.float32(scale)))
+        self._set_smem(combine, ns * 4)
+        combine((hq,), (nt,), (po, pm, pl, out, meta, np.int32(ns)), shared_mem=ns * 4)
+
+    def l2_prefetch(self, a, b=None) -> None:
+        """Ask for the bytes of a (and b), contiguous device arrays, to be brought into the L2 cache,
+        without waiting for them (sm_90 bulk prefetch; nothing before sm_90)."""
+        if not self.sm90:
+            return
+        args = (a, np.uint64(a.nbytes // 16 * 16), 0 if b is None else b, np.uint64(0 if b is None else b.nbytes // 16 * 16))
+        self.fn("l2_prefetch")((L2_PREFETCH_BLOCKS,), (128,), args)
 
     def softmax_rows(self, S, meta, t0: int, g: int, window: int, scale: float) -> None:
         hkv, m, lc = S.shape
@@ -1078,6 +1056,9 @@ class NumpyOps:
     def compile_all(self) -> None:
         pass
 
+    def l2_prefetch(self, a, b=None) -> None:
+        pass  # no cache to warm
+
     def attn_splits(self, g: int, d: int, maxc: int) -> int:
         c = attn_chunk(self.dtype_name, g, d)
         return (maxc + c - 1) // c
@@ -1102,8 +1083,8 @@ class NumpyOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None, pdl: bool = False) -> None:
-        # rows_per_warp, blocks, pdl: how the CUDA kernel is launched; the function
+             blocks: int | None = None) -> None:
+        # rows_per_warp, blocks: how the CUDA kernel splits the work; the function
         # (float32 dot products, the same rounding points) is the same for all of them
         n, k = W.shape
         if pro == "resid_rms":
@@ -1131,7 +1112,7 @@ class NumpyOps:
             out[...] = self.ft(y).reshape(out.shape)
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
-                 hq: int, hkv: int, d: int, eps: float, pdl: bool = False) -> None:
+                 hq: int, hkv: int, d: int, eps: float) -> None:
         start, slot = int(meta[0]), int(meta[1])
         half, g = d // 2, hq // hkv
         x = self.tf(qkv.reshape(tn, -1)).reshape(tn, hq + 2 * hkv, d)
@@ -1151,8 +1132,8 @@ class NumpyOps:
         kcache[slot, :, start:start + tn] = o[:, hq:].transpose(1, 0, 2)
         vcache[slot, :, start:start + tn] = self.ft(x[:, hq + hkv:]).transpose(1, 0, 2)
 
-    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, done, out,
-                    hq: int, hkv: int, d: int, pdl: bool = False) -> None:
+    def attn_decode(self, q, kcache, vcache, meta, window: int, scale: float, po, pm, pl, out,
+                    hq: int, hkv: int, d: int) -> None:
         pos, slot = int(meta[0]), int(meta[1])
         g = hq // hkv
         c = attn_chunk(self.dtype_name, g, d)

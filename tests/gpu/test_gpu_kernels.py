@@ -46,13 +46,10 @@ def poison(cp, shape, dtype):
 @pytest.mark.parametrize("epi", ["store", "resid", "logits", "silu_pair", "partial"])
 @pytest.mark.parametrize("shape", [(200, 64), (38, 4096), (300, 14336)])
 @pytest.mark.parametrize("rows_per_warp", [1, 2])
-@pytest.mark.parametrize("variant", ["default", "persistent", "pdl"])
+@pytest.mark.parametrize("variant", ["default", "persistent"])
 def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp, variant):
     """variant "default": the launch the model makes (at most one wave of blocks); "persistent": 3
-    blocks, so every warp loops over several units (or has none); "pdl": a programmatic dependent
-    launch right after the kernels that poisoned its outputs (bf16 only)."""
-    if variant == "pdl" and dtype_name != "bfloat16":
-        pytest.skip("the launch path, not the arithmetic: one dtype is enough")
+    blocks, so every warp loops over several units (or has none)."""
     if epi == "silu_pair" and pro == "silu":
         pytest.skip("no such combination in the model")
     if rows_per_warp == 2 and (epi == "silu_pair" or pro == "silu"):
@@ -64,7 +61,7 @@ def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp, variant):
     dt = DTYPES[dtype_name]
     cu, ref = ops_pair(dtype_name)
     rng = np.random.default_rng(hash((dtype_name, pro, epi, shape, variant)) % 2**32)
-    how = {"default": {}, "persistent": dict(blocks=3), "pdl": dict(pdl=True)}[variant]
+    how = {"default": {}, "persistent": dict(blocks=3)}[variant]
     n, k = shape
     f32_out = epi in ("logits", "partial")
     for bias_on in ((False,) if f32_out else (False, True)):
@@ -152,19 +149,11 @@ def test_attn_decode(cp, dtype_name, g, d, pos, window):
     po, pm, pl = (np.zeros((hq, ns, d), np.float32), np.zeros((hq, ns), np.float32), np.zeros((hq, ns), np.float32))
     out_h = np.zeros(hq * d, dt)
     ref.attn_decode(q, kc, vc, meta, window, scale, po, pm, pl, out_h, hq, hkv, d)
+    out_d = poison(cp, hq * d, dt)
     gpo, gpm, gpl = cp.zeros((hq, ns, d), np.float32), cp.zeros((hq, ns), np.float32), cp.zeros((hq, ns), np.float32)
-    done = cp.zeros(hkv, np.int32)
-    args = (cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(meta), window, scale, gpo, gpm, gpl, done)
-    first = None
-    for pdl in (False, True):  # the second launch finds the counters as the first left them
-        out_d = poison(cp, hq * d, dt)
-        cu.attn_decode(*args, out_d, hq, hkv, d, pdl=pdl)
-        assert rel(out_d.get(), out_h) < TOL[dtype_name]
-        assert (done.get() == 0).all(), "the merging block must leave its counter at zero"
-        if first is None:
-            first = out_d.get()
-        else:  # merged in split order whichever block merges: bit-identical
-            assert np.array_equal(out_d.get().view(np.uint8), first.view(np.uint8))
+    cu.attn_decode(cp.asarray(q), cp.asarray(kc), cp.asarray(vc), cp.asarray(meta), window, scale, gpo, gpm, gpl,
+                   out_d, hq, hkv, d)
+    assert rel(out_d.get(), out_h) < TOL[dtype_name]
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -260,37 +249,38 @@ def test_argmax_first_of_ties(cp):
         assert per_slot.get().tolist() == [-1, -1, int(np.argmax(x)), -1]
 
 
-def test_pdl_chain_in_a_graph(cp):
-    """Programmatic dependent launches captured in a CUDA graph, each reading what the one before
-    wrote (as the decode step chains them): replayed with new inputs, every result matches the
-    mirror. A kernel that read its input before pdl_wait() would see the previous replay's."""
+
+def test_l2_prefetch_beside_work_in_a_graph(cp):
+    """The TP step's shape of use: a prefetch on a side stream forked from and joined back to the
+    main one inside a captured graph, beside a kernel on the main stream; replays leave the
+    prefetched data unchanged and the main branch's result right."""
     from neuron.model.cuda_graph import DecodeGraph
-    dt = DTYPES["bfloat16"]
     cu, ref = ops_pair("bfloat16")
-    if not cu.pdl:
-        pytest.skip("programmatic dependent launch needs sm_90")
-    rng = np.random.default_rng(7)
-    k, layers = 2048, 6
-    Ws = [rnd(rng, (k, k), dt, 0.03) for _ in range(layers)]
-    norm_w = rnd(rng, (k,), dt, 0.3)
-    W_d = [cp.asarray(W) for W in Ws]
-    norm_d = cp.asarray(norm_w)
-    bufs = [cp.empty(k, dt) for _ in range(layers + 1)]
+    dt = DTYPES["bfloat16"]
+    rng = np.random.default_rng(3)
+    W = rnd(rng, (512, 1024), dt)
+    W_d = cp.asarray(W)
+    x = rnd(rng, (1024,), dt)
+    out_d = cp.empty(512, dt)
+    side = cp.cuda.Stream(non_blocking=True)
+    fork, join = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
 
-    def chain():
-        for i in range(layers):  # alternately a norm prologue and a plain one
-            cu.gemv(W_d[i], bufs[i], bufs[i + 1], "rms" if i % 2 else "none", "store",
-                    norm_w=norm_d if i % 2 else None, eps=1e-5, pdl=True)
+    def body():
+        main = cp.cuda.get_current_stream()
+        fork.record(main)
+        side.wait_event(fork)
+        with side:
+            cu.l2_prefetch(W_d[:100], W_d[300:])
+        join.record(side)
+        cu.gemv(W_d, cp.asarray(x), out_d, "none", "store")
+        main.wait_event(join)
 
-    graph = DecodeGraph(cp, chain)
+    graph = DecodeGraph(cp, body)
     assert graph.capture(), graph.failed
-    for rep in range(3):
-        x = rnd(rng, (k,), dt)
-        bufs[0][...] = cp.asarray(x)
+    want = np.zeros(512, dt)
+    ref.gemv(W, x, want, "none", "store")
+    for _ in range(3):
+        out_d.fill(0)
         graph.launch()
-        want = x
-        for i in range(layers):
-            out = np.zeros(k, dt)
-            ref.gemv(Ws[i], want, out, "rms" if i % 2 else "none", "store", norm_w=norm_w if i % 2 else None, eps=1e-5)
-            want = out
-        assert rel(bufs[layers].get(), want) < TOL["bfloat16"], rep
+        assert rel(out_d.get(), want) < TOL["bfloat16"]
+    assert np.array_equal(W_d.get().view(np.uint16), W.view(np.uint16))
