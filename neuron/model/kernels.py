@@ -847,7 +847,7 @@ class CudaOps:
             jl = max(1, nt // d) if d <= 128 else 1
             opts = self.options + (f"-DATT_G={g}", f"-DATT_D={d}", f"-DATT_C={c}", f"-DATT_NT={nt}", f"-DATT_JL={jl}")
             mod = self.cp.RawModule(code=CUDA_BASE + CUDA_ATTN, options=opts)
-            self._attn[key] = (mod.get_function("attn_decode"), c, nt)
+            self._attn[key] = (mod.get_function("attn_split"), mod.get_function("attn_combine"), c, nt)
             self._attn_modules[key] = mod
         return self._attn[key]
 
