@@ -261,6 +261,7 @@ def test_l2_prefetch_beside_work_in_a_graph(cp):
     W = rnd(rng, (512, 1024), dt)
     W_d = cp.asarray(W)
     x = rnd(rng, (1024,), dt)
+    x_d = cp.asarray(x)
     out_d = cp.empty(512, dt)
     side = cp.cuda.Stream(non_blocking=True)
     fork, join = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
@@ -272,7 +273,7 @@ def test_l2_prefetch_beside_work_in_a_graph(cp):
         with side:
             cu.l2_prefetch(W_d[:100], W_d[300:])
         join.record(side)
-        cu.gemv(W_d, cp.asarray(x), out_d, "none", "store")
+        cu.gemv(W_d, x_d, out_d, "none", "store")
         main.wait_event(join)
 
     graph = DecodeGraph(cp, body)
