@@ -136,8 +136,13 @@ class DecodeGraph:
             stream.begin_capture()
             try:
                 self.body()
-            finally:
-                graph = stream.end_capture()
+            except BaseException:
+                try:  # end the capture, but report what broke it (ending says only "invalidated")
+                    stream.end_capture()
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            graph = stream.end_capture()
             graph.upload(stream)
             stream.synchronize()
         except Exception as err:  # noqa: BLE001 - replay is an optimisation; eager launches still work

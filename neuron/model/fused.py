@@ -64,9 +64,7 @@ class FusedLlama:
         self.lm_rows = (lo, hi)
         # TP on a GPU: weights prefetched into the L2 beside each all-reduce, on a side stream
         self.prefetch_bytes = tp_prefetch_bytes() if self.tp and hasattr(xp, "cuda") else 0
-        if self.prefetch_bytes:
-            self._side = xp.cuda.Stream(non_blocking=True)
-            self._fork, self._join = xp.cuda.Event(disable_timing=True), xp.cuda.Event(disable_timing=True)
+        self._side = None  # made on first use, on the device and thread that run the steps
         self.graph_factory = graph_factory
         self._graph = None
         self._graph_kv = None
@@ -184,6 +182,10 @@ class FusedLlama:
         an all-reduce of the hidden state takes ~7 us and reads almost nothing from the HBM."""
         if prefetch:
             main = self.xp.cuda.get_current_stream()
+            if self._side is None:
+                cuda = self.xp.cuda
+                self._side = cuda.Stream(non_blocking=True)
+                self._fork, self._join = cuda.Event(disable_timing=True), cuda.Event(disable_timing=True)
             self._fork.record(main)
             self._side.wait_event(self._fork)
             with self._side:
