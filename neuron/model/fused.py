@@ -182,10 +182,7 @@ class FusedLlama:
         an all-reduce of the hidden state takes ~7 us and reads almost nothing from the HBM."""
         if prefetch:
             main = self.xp.cuda.get_current_stream()
-            if self._side is None:
-                cuda = self.xp.cuda
-                self._side = cuda.Stream(non_blocking=True)
-                self._fork, self._join = cuda.Event(disable_timing=True), cuda.Event(disable_timing=True)
+            self._make_side_stream()
             self._fork.record(main)
             self._side.wait_event(self._fork)
             with self._side:
@@ -196,6 +193,12 @@ class FusedLlama:
             buf[...] = out
         if prefetch:
             main.wait_event(self._join)
+
+    def _make_side_stream(self) -> None:
+        if self._side is None and self.prefetch_bytes:
+            cuda = self.xp.cuda
+            self._side = cuda.Stream(non_blocking=True)
+            self._fork, self._join = cuda.Event(disable_timing=True), cuda.Event(disable_timing=True)
 
     def _first_read(self, W, pair: bool = False) -> tuple:
         """The rows of W that the GEMV reads first (its warps start at rows 0, 1, 2, ...), at most
@@ -224,6 +227,7 @@ class FusedLlama:
         rank waits for another at load. The captured graph holds the NCCL calls."""
         self.ops.compile_all()
         self._decode_buffers(kv)
+        self._make_side_stream()  # not during the capture
         if self.graph_factory is not None and self._graph_kv is not kv:
             self.release_graphs()
             self.io.set_meta(0, 0, 0)
