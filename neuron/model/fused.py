@@ -62,9 +62,8 @@ class FusedLlama:
         self.vchunk = -(-vocab // self.size)
         lo, hi = min(self.rank * self.vchunk, vocab), min((self.rank + 1) * self.vchunk, vocab)
         self.lm_rows = (lo, hi)
-        # TP on a GPU: weights prefetched into the L2 beside each all-reduce, on a side stream
+        # TP on a GPU: weights prefetched into the L2 while each all-reduce runs
         self.prefetch_bytes = tp_prefetch_bytes() if self.tp and hasattr(xp, "cuda") else 0
-        self._side = None  # made on first use, on the device and thread that run the steps
         self.graph_factory = graph_factory
         self._graph = None
         self._graph_kv = None
@@ -138,15 +137,17 @@ class FusedLlama:
         for i in range(c.num_layers):
             normed(p[f"{i}.qkv"], self.qkv, "store", p[f"{i}.input_norm"])
             self._attention(i, kv)
-            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part)
+            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part,
+                     prefetch=self._first_read(p[f"{i}.gate_up"], pair=True))
             if collectives:
-                self._sum(self.part, prefetch=self._first_read(p[f"{i}.gate_up"], pair=True))
+                self._sum(self.part)
             pending = (p.get(f"{i}.o_bias"),)
             normed(p[f"{i}.gate_up"], self.act, "silu_pair", p[f"{i}.post_norm"], bias=p.get(f"{i}.gate_up_bias"))
-            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part)
+            last = i + 1 == c.num_layers
+            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part,
+                     prefetch=self._first_read(self.lm_head_mine if last else p[f"{i + 1}.qkv"]))
             if collectives:
-                last = i + 1 == c.num_layers
-                self._sum(self.part, prefetch=self._first_read(self.lm_head_mine if last else p[f"{i + 1}.qkv"]))
+                self._sum(self.part)
             pending = (p.get(f"{i}.down_bias"),)
         normed(self.lm_head_mine, None, "logits", p["norm"], outf=self.logits_mine)
         if collectives:
@@ -175,34 +176,16 @@ class FusedLlama:
         self.ops.attn_decode(self.q, kv.keys[i], kv.values[i], meta, self.window, self.scale, self.po, self.pm,
                              self.pl, self.attn, self.hq, self.hkv, self.d)
 
-    def _sum(self, buf, prefetch: tuple = ()) -> None:
-        """In-place all-reduce (the NCCL engine sums in place; the TCP engine returns a new array).
-        prefetch: weights the GEMV after it reads first, brought into the L2 meanwhile on a side
-        stream (forked from and joined back to this one, so a captured graph holds both branches):
-        an all-reduce of the hidden state takes ~7 us and reads almost nothing from the HBM."""
-        if prefetch:
-            main = self.xp.cuda.get_current_stream()
-            self._make_side_stream()
-            self._fork.record(main)
-            self._side.wait_event(self._fork)
-            with self._side:
-                self.ops.l2_prefetch(*prefetch)
-            self._join.record(self._side)
+    def _sum(self, buf) -> None:
+        """In-place all-reduce (the NCCL engine sums in place; the TCP engine returns a new array)."""
         out = self.comm.all_reduce(buf)
         if out is not buf:
             buf[...] = out
-        if prefetch:
-            main.wait_event(self._join)
-
-    def _make_side_stream(self) -> None:
-        if self._side is None and self.prefetch_bytes:
-            cuda = self.xp.cuda
-            self._side = cuda.Stream(non_blocking=True)
-            self._fork, self._join = cuda.Event(disable_timing=True), cuda.Event(disable_timing=True)
 
     def _first_read(self, W, pair: bool = False) -> tuple:
         """The rows of W that the GEMV reads first (its warps start at rows 0, 1, 2, ...), at most
-        prefetch_bytes of them; pair: W is [gate; up], whose warp u reads rows u and N + u."""
+        prefetch_bytes of them; pair: W is [gate; up], whose warp u reads rows u and N + u. The GEMV
+        before an all-reduce asks the L2 for them, so they arrive while the all-reduce runs."""
         row = W.shape[1] * W.dtype.itemsize
         if not self.prefetch_bytes:
             return ()
@@ -227,7 +210,6 @@ class FusedLlama:
         rank waits for another at load. The captured graph holds the NCCL calls."""
         self.ops.compile_all()
         self._decode_buffers(kv)
-        self._make_side_stream()  # not during the capture
         if self.graph_factory is not None and self._graph_kv is not kv:
             self.release_graphs()
             self.io.set_meta(0, 0, 0)

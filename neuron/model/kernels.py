@@ -37,7 +37,6 @@ GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two r
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for the norm prologues)
 GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
-L2_PREFETCH_BLOCKS = 8                     # few: the prefetch runs beside an NCCL kernel, which needs SMs
 
 
 def vec_elems(dtype_name: str) -> int:
@@ -225,6 +224,25 @@ CUDA_KERNELS = r"""
 // result is bit-identical to it. Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
 // vector; st [NV] the norm weight (P 1, 3) or up (P 2); P 3 also rss [NV * VEC / 4] (the float32
 // sum) and, with rb, rbs [NV].
+// After its units, the grid asks for [0, na) of pa and [0, nb) of pb to be brought into the L2 (sm_90
+// bulk prefetch, 4 KiB per request, spread over the threads, nothing waited for): a TP rank's o and
+// down GEMVs name the weights the GEMV after the all-reduce reads first, which then arrive while the
+// all-reduce (~7 us, almost no HBM traffic) runs. Sizes and offsets: multiples of 16 bytes.
+__device__ __forceinline__ void l2_prefetch_share(const unsigned char* pa, unsigned long long na,
+                                                  const unsigned char* pb, unsigned long long nb) {
+#if __CUDA_ARCH__ >= 900
+    constexpr unsigned long long CHUNK = 4096;
+    const unsigned long long threads = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long off = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) * CHUNK;
+         off < na + nb; off += threads * CHUNK) {
+        const bool in_a = off < na;
+        const unsigned char* p = in_a ? pa + off : pb + (off - na);
+        const unsigned long long left = in_a ? na - off : na + nb - off;
+        const unsigned int size = (unsigned int)(left < CHUNK ? left : CHUNK);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(p), "r"(size) : "memory");
+    }
+#endif
+}
 // One unit of a warp: the dot product(s) of its row(s) with xs, then the epilogue. FIRST: the first
 // batch is already in registers (pw, pw2).
 template <int E, int B, int R, bool FIRST>
@@ -300,7 +318,8 @@ template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
-        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo,
+        const unsigned char* pa, unsigned long long na, const unsigned char* pb, unsigned long long nb) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float scratch[32];
     constexpr int QV = VEC / 4;                    // float4 per vector of the float32 sum
@@ -396,6 +415,7 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     }
     for (; unit < units; unit += nwarps)
         gemv_unit<E, B, R, false>(unit, W4, xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
+    if (na + nb) l2_prefetch_share(pa, na, pb, nb);
 }
 #ifndef GEMV_NORM_MIN_BLOCKS
 #define GEMV_NORM_MIN_BLOCKS 3
@@ -403,11 +423,13 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
 #define GEMV_MIN_BLOCKS(P) ((P) == 1 || (P) == 3 ? GEMV_NORM_MIN_BLOCKS : 4)
 #define GEMV_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
     const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
-    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo
+    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, \
+    const unsigned char* pa, unsigned long long na, const unsigned char* pb, unsigned long long nb
+#define GEMV_PASS W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo, pa, na, pb, nb
 #define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
-    gemv_p##P##_e##E##_b##B(GEMV_ARGS) { gemv_impl<P, E, B, E == 3 ? 2 : 1>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
+    gemv_p##P##_e##E##_b##B(GEMV_ARGS) { gemv_impl<P, E, B, E == 3 ? 2 : 1>(GEMV_PASS); }
 #define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
-    gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS) { gemv_impl<P, E, B, 2>(W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo); }
+    gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS) { gemv_impl<P, E, B, 2>(GEMV_PASS); }
 GEMV_INST(0, 0, 0) GEMV_INST(0, 0, 1) GEMV_INST(0, 1, 0) GEMV_INST(0, 1, 1) GEMV_INST(0, 2, 0)
 GEMV_INST(1, 0, 0) GEMV_INST(1, 0, 1) GEMV_INST(1, 1, 0) GEMV_INST(1, 1, 1) GEMV_INST(1, 2, 0)
 GEMV_INST(2, 0, 0) GEMV_INST(2, 0, 1) GEMV_INST(2, 1, 0) GEMV_INST(2, 1, 1) GEMV_INST(2, 2, 0)
@@ -417,27 +439,6 @@ GEMV_INST(3, 0, 0) GEMV_INST(3, 0, 1) GEMV_INST(3, 2, 0) GEMV_INST(3, 3, 0) GEMV
 GEMV_INST2(3, 0, 0) GEMV_INST2(3, 0, 1) GEMV_INST2(3, 2, 0)
 GEMV_INST2(0, 0, 0) GEMV_INST2(0, 0, 1) GEMV_INST2(0, 1, 0) GEMV_INST2(0, 1, 1) GEMV_INST2(0, 2, 0)
 GEMV_INST2(1, 0, 0) GEMV_INST2(1, 0, 1) GEMV_INST2(1, 1, 0) GEMV_INST2(1, 1, 1) GEMV_INST2(1, 2, 0)
-
-// ---------------------------------------------------------------- L2 prefetch
-// Brings bytes [0, na) of a, then [0, nb) of b, into the L2 cache (sm_90 bulk prefetch, 16 KiB per
-// request, nothing waited for). A TP rank launches it beside an all-reduce, whose ~7 us leave the
-// HBM idle, on the weights the GEMV after the all-reduce reads first. Sizes: multiples of 16 bytes.
-extern "C" __global__ void l2_prefetch(const unsigned char* __restrict__ a, unsigned long long na,
-                                       const unsigned char* __restrict__ b, unsigned long long nb) {
-#if __CUDA_ARCH__ >= 900
-    constexpr unsigned long long CHUNK = 16384;
-    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x * CHUNK;
-    const unsigned long long first = (unsigned long long)(blockIdx.x * blockDim.x + threadIdx.x) * CHUNK;
-    for (int r = 0; r < 2; ++r) {
-        const unsigned char* base = r == 0 ? a : b;
-        const unsigned long long n = r == 0 ? na : nb;
-        for (unsigned long long off = first; off < n; off += stride) {
-            const unsigned int size = (unsigned int)(n - off < CHUNK ? n - off : CHUNK);
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(base + off), "r"(size) : "memory");
-        }
-    }
-#endif
-}
 
 // ---------------------------------------------------------------- embedding row (decode)
 // The token is meta[2], or, when meta[2] < 0 (a chained step), the last token picked for this
@@ -835,8 +836,7 @@ class CudaOps:
         for name in ("gemv_p0_e4_b0", "gemv_p0_e4_b0_r2", "gemv_p3_e0_b0", "gemv_p3_e0_b1", "gemv_p3_e2_b0",
                      "gemv_p3_e3_b0", "gemv_p3_e3_b1", "gemv_p3_e0_b0_r2", "gemv_p3_e0_b1_r2", "gemv_p3_e2_b0_r2"):
             self.fn(name)
-        for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32",
-                     "l2_prefetch"):
+        for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32"):
             self.fn(name)
 
     def attn_fns(self, g: int, d: int):
@@ -902,11 +902,12 @@ class CudaOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None) -> None:
+             blocks: int | None = None, prefetch: tuple = ()) -> None:
         """pro "resid_rms": the input is xin + T(resid) (+ resid_bias), resid a float32 sum over TP ranks,
         rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms".
         rows_per_warp and blocks (the grid; default: at most one wave) choose how, never what, is
-        computed."""
+        computed. prefetch: up to two contiguous device arrays the kernel asks the L2 to fetch after
+        its own work (l2_prefetch_share; sm_90)."""
         n, k = W.shape
         if (pro == "resid_rms") != (resid is not None and xout is not None):
             raise ValueError("pro resid_rms takes resid (float32) and xout")
@@ -923,7 +924,17 @@ class CudaOps:
         self._set_smem(f, plan["smem"])
         f((plan["grid"],), (GEMV_THREADS,),
           (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n), np.int32(k),
-           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout)), shared_mem=plan["smem"])
+           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout), *self._prefetch_args(prefetch)),
+          shared_mem=plan["smem"])
+
+    def _prefetch_args(self, arrays: tuple) -> tuple:
+        arrays = tuple(arrays) if self.sm90 else ()
+        if len(arrays) > 2:
+            raise ValueError("a GEMV prefetches at most two arrays")
+        args = []
+        for a in arrays + (None,) * (2 - len(arrays)):
+            args += [self._ptr(a), np.uint64(0 if a is None else a.nbytes // 16 * 16)]
+        return tuple(args)
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:
@@ -947,14 +958,6 @@ class CudaOps:
                                  np.int32(window or 0), np.float32(scale)))
         self._set_smem(combine, ns * 4)
         combine((hq,), (nt,), (po, pm, pl, out, meta, np.int32(ns)), shared_mem=ns * 4)
-
-    def l2_prefetch(self, a, b=None) -> None:
-        """Ask for the bytes of a (and b), contiguous device arrays, to be brought into the L2 cache,
-        without waiting for them (sm_90 bulk prefetch; nothing before sm_90)."""
-        if not self.sm90:
-            return
-        args = (a, np.uint64(a.nbytes // 16 * 16), 0 if b is None else b, np.uint64(0 if b is None else b.nbytes // 16 * 16))
-        self.fn("l2_prefetch")((L2_PREFETCH_BLOCKS,), (128,), args)
 
     def softmax_rows(self, S, meta, t0: int, g: int, window: int, scale: float) -> None:
         hkv, m, lc = S.shape
@@ -1056,8 +1059,6 @@ class NumpyOps:
     def compile_all(self) -> None:
         pass
 
-    def l2_prefetch(self, a, b=None) -> None:
-        pass  # no cache to warm
 
     def attn_splits(self, g: int, d: int, maxc: int) -> int:
         c = attn_chunk(self.dtype_name, g, d)
@@ -1083,8 +1084,8 @@ class NumpyOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None) -> None:
-        # rows_per_warp, blocks: how the CUDA kernel splits the work; the function
+             blocks: int | None = None, prefetch: tuple = ()) -> None:
+        # rows_per_warp, blocks, prefetch: how the CUDA kernel works; the function
         # (float32 dot products, the same rounding points) is the same for all of them
         n, k = W.shape
         if pro == "resid_rms":

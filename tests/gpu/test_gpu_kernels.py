@@ -250,38 +250,28 @@ def test_argmax_first_of_ties(cp):
 
 
 
-def test_l2_prefetch_beside_work_in_a_graph(cp):
-    """The TP step's shape of use: a prefetch on a side stream forked from and joined back to the
-    main one inside a captured graph, beside a kernel on the main stream; replays leave the
-    prefetched data unchanged and the main branch's result right."""
+@pytest.mark.parametrize("epi", ["partial", "store"])
+def test_gemv_with_l2_prefetch(cp, epi):
+    """A GEMV that asks the L2 for another matrix's rows after its own work (as a TP rank's o and
+    down GEMVs do for the next GEMV), captured in a graph and replayed: its result is the mirror's,
+    and the prefetched matrix is unchanged."""
     from neuron.model.cuda_graph import DecodeGraph
     cu, ref = ops_pair("bfloat16")
     dt = DTYPES["bfloat16"]
     rng = np.random.default_rng(3)
-    W = rnd(rng, (512, 1024), dt)
-    W_d = cp.asarray(W)
+    W, nxt = rnd(rng, (512, 1024), dt, 0.05), rnd(rng, (1000, 1024), dt)
+    W_d, nxt_d = cp.asarray(W), cp.asarray(nxt)
     x = rnd(rng, (1024,), dt)
     x_d = cp.asarray(x)
-    out_d = cp.empty(512, dt)
-    side = cp.cuda.Stream(non_blocking=True)
-    fork, join = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
-
-    def body():
-        main = cp.cuda.get_current_stream()
-        fork.record(main)
-        side.wait_event(fork)
-        with side:
-            cu.l2_prefetch(W_d[:100], W_d[300:])
-        join.record(side)
-        cu.gemv(W_d, x_d, out_d, "none", "store")
-        main.wait_event(join)
-
-    graph = DecodeGraph(cp, body)
+    f32 = epi == "partial"
+    out_d = cp.empty(512, np.float32 if f32 else dt)
+    graph = DecodeGraph(cp, lambda: cu.gemv(W_d, x_d, None if f32 else out_d, "none", epi, outf=out_d if f32 else None,
+                                            prefetch=(nxt_d[:100], nxt_d[300:])))
     assert graph.capture(), graph.failed
-    want = np.zeros(512, dt)
-    ref.gemv(W, x, want, "none", "store")
+    want = np.zeros(512, np.float32 if f32 else dt)
+    ref.gemv(W, x, None if f32 else want, "none", epi, outf=want if f32 else None)
     for _ in range(3):
-        out_d.fill(0)
+        out_d.fill(np.nan)
         graph.launch()
-        assert rel(out_d.get(), want) < TOL["bfloat16"]
-    assert np.array_equal(W_d.get().view(np.uint16), W.view(np.uint16))
+        assert rel(out_d.get(), want) < (1e-5 if f32 else TOL["bfloat16"])
+    assert np.array_equal(nxt_d.get().view(np.uint16), nxt.view(np.uint16))
