@@ -32,9 +32,6 @@ ENV_ONLY = [
      "cortex address for `cortex nodes|models|load|unload|generate|forward` (flag `--cortex`)"),
     ("NEURON_FUSED", "neuron", "auto",
      "fused CUDA kernels: auto (on GPUs when the model's shapes suit them), off, cuda, numpy (tests)"),
-    ("NEURON_TP_PREFETCH_MB", "neuron", "24",
-     "tensor parallelism on GPUs: MiB of the next GEMV's weights each rank brings into the L2 cache while "
-     "an all-reduce runs (sm_90+); 0 turns it off"),
     ("LOG_FORMAT", "cortex, neuron", "", "overrides `log_format` of both servers (json or console)"),
 ]
 

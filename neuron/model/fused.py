@@ -21,26 +21,12 @@ with the same meta (`follow`), their chained input being the token their own gra
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .kernels import softmax_scale
 
 ATTN_SCORE_BYTES = 128 << 20  # prefill attention: score/probability memory per query chunk
 
-
-def tp_prefetch_bytes() -> int:
-    """NEURON_TP_PREFETCH_MB: how much of the next GEMV's weights a TP rank brings into the L2 while
-    an all-reduce runs (0: none)."""
-    raw = os.environ.get("NEURON_TP_PREFETCH_MB", "24")
-    try:
-        mb = int(raw)
-    except ValueError:
-        mb = -1
-    if mb < 0:
-        raise ValueError(f"NEURON_TP_PREFETCH_MB must be a whole number of MiB >= 0, got {raw!r}")
-    return mb << 20
 
 
 class FusedLlama:
@@ -62,8 +48,6 @@ class FusedLlama:
         self.vchunk = -(-vocab // self.size)
         lo, hi = min(self.rank * self.vchunk, vocab), min((self.rank + 1) * self.vchunk, vocab)
         self.lm_rows = (lo, hi)
-        # TP on a GPU: weights prefetched into the L2 while each all-reduce runs
-        self.prefetch_bytes = tp_prefetch_bytes() if self.tp and hasattr(xp, "cuda") else 0
         self.graph_factory = graph_factory
         self._graph = None
         self._graph_kv = None
@@ -137,15 +121,12 @@ class FusedLlama:
         for i in range(c.num_layers):
             normed(p[f"{i}.qkv"], self.qkv, "store", p[f"{i}.input_norm"])
             self._attention(i, kv)
-            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part,
-                     prefetch=self._first_read(p[f"{i}.gate_up"], pair=True))
+            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part)
             if collectives:
                 self._sum(self.part)
             pending = (p.get(f"{i}.o_bias"),)
             normed(p[f"{i}.gate_up"], self.act, "silu_pair", p[f"{i}.post_norm"], bias=p.get(f"{i}.gate_up_bias"))
-            last = i + 1 == c.num_layers
-            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part,
-                     prefetch=self._first_read(self.lm_head_mine if last else p[f"{i + 1}.qkv"]))
+            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part)
             if collectives:
                 self._sum(self.part)
             pending = (p.get(f"{i}.down_bias"),)
@@ -181,20 +162,6 @@ class FusedLlama:
         out = self.comm.all_reduce(buf)
         if out is not buf:
             buf[...] = out
-
-    def _first_read(self, W, pair: bool = False) -> tuple:
-        """The rows of W that the GEMV reads first (its warps start at rows 0, 1, 2, ...), at most
-        prefetch_bytes of them; pair: W is [gate; up], whose warp u reads rows u and N + u. The GEMV
-        before an all-reduce asks the L2 for them, so they arrive while the all-reduce runs."""
-        row = W.shape[1] * W.dtype.itemsize
-        if not self.prefetch_bytes:
-            return ()
-        if pair:
-            half = W.shape[0] // 2
-            rows = min(half, self.prefetch_bytes // (2 * row))
-            return (W[:rows], W[half:half + rows]) if rows else ()
-        rows = min(W.shape[0], self.prefetch_bytes // row)
-        return (W[:rows],) if rows else ()
 
     def _share_tokens(self) -> None:
         """Every rank takes rank 0's picked tokens (after an eager prefill's argmax): the chained

@@ -24,7 +24,6 @@ Layouts (one sequence, T tokens, Hq query heads = Hkv kv heads x g, head_dim D):
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -224,25 +223,6 @@ CUDA_KERNELS = r"""
 // result is bit-identical to it. Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
 // vector; st [NV] the norm weight (P 1, 3) or up (P 2); P 3 also rss [NV * VEC / 4] (the float32
 // sum) and, with rb, rbs [NV].
-// After its units, the grid asks for [0, na) of pa and [0, nb) of pb to be brought into the L2 (sm_90
-// bulk prefetch, 4 KiB per request, spread over the threads, nothing waited for): a TP rank's o and
-// down GEMVs name the weights the GEMV after the all-reduce reads first, which then arrive while the
-// all-reduce (~7 us, almost no HBM traffic) runs. Sizes and offsets: multiples of 16 bytes.
-__device__ __forceinline__ void l2_prefetch_share(const unsigned char* pa, unsigned long long na,
-                                                  const unsigned char* pb, unsigned long long nb) {
-#if __CUDA_ARCH__ >= 900
-    constexpr unsigned long long CHUNK = 4096;
-    const unsigned long long threads = (unsigned long long)gridDim.x * blockDim.x;
-    for (unsigned long long off = ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x) * CHUNK;
-         off < na + nb; off += threads * CHUNK) {
-        const bool in_a = off < na;
-        const unsigned char* p = in_a ? pa + off : pb + (off - na);
-        const unsigned long long left = in_a ? na - off : na + nb - off;
-        const unsigned int size = (unsigned int)(left < CHUNK ? left : CHUNK);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(p), "r"(size) : "memory");
-    }
-#endif
-}
 // One unit of a warp: the dot product(s) of its row(s) with xs, then the epilogue. FIRST: the first
 // batch is already in registers (pw, pw2).
 template <int E, int B, int R, bool FIRST>
@@ -318,8 +298,7 @@ template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
-        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo,
-        const unsigned char* pa, unsigned long long na, const unsigned char* pb, unsigned long long nb) {
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float scratch[32];
     constexpr int QV = VEC / 4;                    // float4 per vector of the float32 sum
@@ -415,7 +394,6 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     }
     for (; unit < units; unit += nwarps)
         gemv_unit<E, B, R, false>(unit, W4, xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
-    if (na + nb) l2_prefetch_share(pa, na, pb, nb);
 }
 #ifndef GEMV_NORM_MIN_BLOCKS
 #define GEMV_NORM_MIN_BLOCKS 3
@@ -423,9 +401,8 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
 #define GEMV_MIN_BLOCKS(P) ((P) == 1 || (P) == 3 ? GEMV_NORM_MIN_BLOCKS : 4)
 #define GEMV_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
     const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
-    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, \
-    const unsigned char* pa, unsigned long long na, const unsigned char* pb, unsigned long long nb
-#define GEMV_PASS W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo, pa, na, pb, nb
+    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo
+#define GEMV_PASS W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo
 #define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
     gemv_p##P##_e##E##_b##B(GEMV_ARGS) { gemv_impl<P, E, B, E == 3 ? 2 : 1>(GEMV_PASS); }
 #define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
@@ -795,7 +772,6 @@ class CudaOps:
         self.cuda_dtype = {0: runtime.CUDA_R_16BF, 1: runtime.CUDA_R_16F, 2: runtime.CUDA_R_32F}[self.dt]
         props = runtime.getDeviceProperties(runtime.getDevice())
         self.sm_count = props["multiProcessorCount"]
-        self.sm90 = props["major"] >= 9
         self._occupancy: dict = {}
         self._plans: dict = {}
         self._one = np.array(1.0, dtype=np.float32)
@@ -902,12 +878,11 @@ class CudaOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None, prefetch: tuple = ()) -> None:
+             blocks: int | None = None) -> None:
         """pro "resid_rms": the input is xin + T(resid) (+ resid_bias), resid a float32 sum over TP ranks,
         rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms".
         rows_per_warp and blocks (the grid; default: at most one wave) choose how, never what, is
-        computed. prefetch: up to two contiguous device arrays the kernel asks the L2 to fetch after
-        its own work (l2_prefetch_share; sm_90)."""
+        computed."""
         n, k = W.shape
         if (pro == "resid_rms") != (resid is not None and xout is not None):
             raise ValueError("pro resid_rms takes resid (float32) and xout")
@@ -924,17 +899,7 @@ class CudaOps:
         self._set_smem(f, plan["smem"])
         f((plan["grid"],), (GEMV_THREADS,),
           (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n), np.int32(k),
-           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout), *self._prefetch_args(prefetch)),
-          shared_mem=plan["smem"])
-
-    def _prefetch_args(self, arrays: tuple) -> tuple:
-        arrays = tuple(arrays) if self.sm90 else ()
-        if len(arrays) > 2:
-            raise ValueError("a GEMV prefetches at most two arrays")
-        args = []
-        for a in arrays + (None,) * (2 - len(arrays)):
-            args += [self._ptr(a), np.uint64(0 if a is None else a.nbytes // 16 * 16)]
-        return tuple(args)
+           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout)), shared_mem=plan["smem"])
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:
@@ -1084,8 +1049,8 @@ class NumpyOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None, prefetch: tuple = ()) -> None:
-        # rows_per_warp, blocks, prefetch: how the CUDA kernel works; the function
+             blocks: int | None = None) -> None:
+        # rows_per_warp, blocks: how the CUDA kernel splits the work; the function
         # (float32 dot products, the same rounding points) is the same for all of them
         n, k = W.shape
         if pro == "resid_rms":

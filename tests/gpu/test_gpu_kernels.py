@@ -247,31 +247,3 @@ def test_argmax_first_of_ties(cp):
         per_slot = cp.full(4, -1, dtype=np.int32)
         cu.argmax(cp.asarray(x), per_slot, cp.asarray(np.array([0, 2, 0, 0], np.int32)))
         assert per_slot.get().tolist() == [-1, -1, int(np.argmax(x)), -1]
-
-
-
-@pytest.mark.parametrize("epi", ["partial", "store"])
-def test_gemv_with_l2_prefetch(cp, epi):
-    """A GEMV that asks the L2 for another matrix's rows after its own work (as a TP rank's o and
-    down GEMVs do for the next GEMV), captured in a graph and replayed: its result is the mirror's,
-    and the prefetched matrix is unchanged."""
-    from neuron.model.cuda_graph import DecodeGraph
-    cu, ref = ops_pair("bfloat16")
-    dt = DTYPES["bfloat16"]
-    rng = np.random.default_rng(3)
-    W, nxt = rnd(rng, (512, 1024), dt, 0.05), rnd(rng, (1000, 1024), dt)
-    W_d, nxt_d = cp.asarray(W), cp.asarray(nxt)
-    x = rnd(rng, (1024,), dt)
-    x_d = cp.asarray(x)
-    f32 = epi == "partial"
-    out_d = cp.empty(512, np.float32 if f32 else dt)
-    graph = DecodeGraph(cp, lambda: cu.gemv(W_d, x_d, None if f32 else out_d, "none", epi, outf=out_d if f32 else None,
-                                            prefetch=(nxt_d[:100], nxt_d[300:])))
-    assert graph.capture(), graph.failed
-    want = np.zeros(512, np.float32 if f32 else dt)
-    ref.gemv(W, x, None if f32 else want, "none", epi, outf=want if f32 else None)
-    for _ in range(3):
-        out_d.fill(np.nan)
-        graph.launch()
-        assert rel(out_d.get(), want) < (1e-5 if f32 else TOL["bfloat16"])
-    assert np.array_equal(nxt_d.get().view(np.uint16), nxt.view(np.uint16))
