@@ -24,9 +24,7 @@ Layouts (one sequence, T tokens, Hq query heads = Hkv kv heads x g, head_dim D):
 """
 from __future__ import annotations
 
-
 import numpy as np
-
 
 DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
