@@ -290,9 +290,9 @@ def table(res: dict) -> str:
 
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
-    prefetch = res.get("env", {}).get("NEURON_TP_PREFETCH_MB", "default")
-    lines = [f"GPU: {res['gpu']} x2   commit: {res['commit'][:12]}   copy {copy:.0f} GB/s (min of the two GPUs)   "
-             f"NEURON_TP_PREFETCH_MB={prefetch}",
+    env = " ".join(f"{k}={v}" for k, v in sorted(res.get("env", {}).items()) if not k.startswith("NCCL_NVLS"))
+    lines = [f"GPU: {res['gpu']} x2   commit: {res['commit'][:12]}   copy {copy:.0f} GB/s (min of the two GPUs)"
+             + (f"   {env}" if env else ""),
              "",
              f"{'8B shape, bf16, batch 1':40s} {'TP=1':>9s} {'TP=2':>9s} {'roofline':>9s} {'target':>8s}",
              f"{'decode tok/s through cortex':40s} {f(tp1.get('decode_tok_s')):>9s} {f(tp2.get('decode_tok_s')):>9s} "
