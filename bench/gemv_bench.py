@@ -6,9 +6,8 @@ copy bandwidth measured in the same run.
     python bench/gemv_bench.py [--out DIR]      # needs a GPU and CuPy
 
 Builds: lb4 (the norm-prologue GEMVs at 64 registers, 4 blocks per SM: the build before, which
-spills), lb3 (80 registers, 3 blocks per SM: the default) and lb3+pf (lb3, each launch asking the
-L2 for the next launch's norm weight, as the model's o and down GEMVs do for the GEMV after them).
-Every layer has its own norm weight, as in the model. Each build's result is checked against
+spills) and lb3 (80 registers, 3 blocks per SM: the default). Every layer has its own norm
+weight, as in the model. Each build's result is checked against
 lb4's on the same inputs (relative L2 error; all sum in the same order, so 0). Prints a table and
 writes gemv_bench-<time>.json.
 """
@@ -47,9 +46,8 @@ SHAPES = [
     ("1b-tp1", "down", 2048, 8192, "none", "resid", 16),
     ("1b-tp1", "lm_head", 128256, 2048, "rms", "logits", 1),
 ]
-# build -> (CudaOps arguments, prefetch the next launch's norm weight)
-VARIANTS = {"lb4": (dict(norm_min_blocks=4), False), "lb3": (dict(norm_min_blocks=3), False),
-            "lb3+pf": (dict(norm_min_blocks=3), True)}
+# build -> CudaOps arguments
+VARIANTS = {"lb4": dict(norm_min_blocks=4), "lb3": dict(norm_min_blocks=3)}
 
 
 def time_graph(cp, fn, reps: int = 15) -> float:
@@ -107,12 +105,12 @@ def bench_shape(cp, builds: dict, model, role, n, k, pro, epi, layers) -> dict:
     outf = cp.empty(n_out, dtype=cp.float32) if f32 else None
     res = {"model": model, "role": role, "n": n, "k": k, "pro": pro, "epi": epi, "launches_per_step": layers,
            "bytes_per_launch": n * k * 2, "variants": {}}
-    res["plans"] = {name: builds[name][0].gemv_plan(n_out, k, 2, pro, epi) for name in VARIANTS}
+    res["plans"] = {name: builds[name].gemv_plan(n_out, k, 2, pro, epi) for name in VARIANTS}
     ref = None
-    for name, (ops, pf) in builds.items():
-        def run(i, ops=ops, pf=pf):
+    for name, ops in builds.items():
+        def run(i, ops=ops):
             ops.gemv(Ws[i % count], x, out, pro, epi, norm_w=norms[i % count], eps=1e-5, outf=outf, resid=resid,
-                     xout=xout, prefetch=norms[(i + 1) % count] if pf else None)
+                     xout=xout)
         # check against the first build on the first matrix (out reset first: "resid" adds into it)
         if out is not None:
             out.view(cp.uint16).fill(0)
@@ -144,15 +142,10 @@ def main() -> int:
     stream = cp.cuda.Stream(non_blocking=True)
     results = []
     with stream:
-        built = {}
-        builds = {}
-        for name, (kw, pf) in VARIANTS.items():
-            key = tuple(sorted(kw.items()))
-            if key not in built:
-                built[key] = CudaOps("bfloat16", **kw)
-                built[key].compile_all()
-            builds[name] = (built[key], pf)
-        ops = builds["lb3"][0]
+        builds = {name: CudaOps("bfloat16", **kw) for name, kw in VARIANTS.items()}
+        for ops in builds.values():
+            ops.compile_all()
+        ops = builds["lb3"]
         props = cp.cuda.runtime.getDeviceProperties(args.device)
         copy_gb_s = copy_bandwidth(cp)
         print(f"GPU {props['name'].decode()}, {ops.sm_count} SMs, L2 {props.get('l2CacheSize', 0) / 2**20:.0f} MiB; "

@@ -121,12 +121,12 @@ class FusedLlama:
         for i in range(c.num_layers):
             normed(p[f"{i}.qkv"], self.qkv, "store", p[f"{i}.input_norm"])
             self._attention(i, kv)
-            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part, prefetch=p[f"{i}.post_norm"])
+            ops.gemv(p[f"{i}.o"], self.attn, None, "none", "partial", outf=self.part)
             if collectives:
                 self._sum(self.part)
             pending = (p.get(f"{i}.o_bias"),)
             normed(p[f"{i}.gate_up"], self.act, "silu_pair", p[f"{i}.post_norm"], bias=p.get(f"{i}.gate_up_bias"))
-            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part, prefetch=self._next_norm(i))
+            ops.gemv(p[f"{i}.down"], self.act, None, "none", "partial", outf=self.part)
             if collectives:
                 self._sum(self.part)
             pending = (p.get(f"{i}.down_bias"),)
@@ -142,19 +142,12 @@ class FusedLlama:
         for i in range(c.num_layers):
             ops.gemv(p[f"{i}.qkv"], self.x, self.qkv, "rms", "store", norm_w=p[f"{i}.input_norm"], eps=self.eps)
             self._attention(i, kv)
-            ops.gemv(p[f"{i}.o"], self.attn, self.x, "none", "resid", bias=p.get(f"{i}.o_bias"),
-                     prefetch=p[f"{i}.post_norm"])
+            ops.gemv(p[f"{i}.o"], self.attn, self.x, "none", "resid", bias=p.get(f"{i}.o_bias"))
             ops.gemv(p[f"{i}.gate_up"], self.x, self.act, "rms", "silu_pair", norm_w=p[f"{i}.post_norm"], eps=self.eps,
                      bias=p.get(f"{i}.gate_up_bias"))
-            ops.gemv(p[f"{i}.down"], self.act, self.x, "none", "resid", bias=p.get(f"{i}.down_bias"),
-                     prefetch=self._next_norm(i))
+            ops.gemv(p[f"{i}.down"], self.act, self.x, "none", "resid", bias=p.get(f"{i}.down_bias"))
         ops.gemv(self.lm_head, self.x, None, "rms", "logits", norm_w=p["norm"], eps=self.eps, outf=self.logits)
         ops.argmax(self.logits, self.tokens, meta)
-
-    def _next_norm(self, i: int):
-        """The norm weight the GEMV after layer i's down projection reads (its prologue): the GEMVs
-        before a norm prologue ask the L2 for it (kernels.py, GEMV note 5)."""
-        return self.p[f"{i + 1}.input_norm"] if i + 1 < self.c.num_layers else self.p["norm"]
 
     def _attention(self, i: int, kv) -> None:
         """Layer i's decode attention after its q/k/v GEMV: rotary + KV write, then attention."""

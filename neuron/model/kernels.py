@@ -217,11 +217,6 @@ CUDA_KERNELS = r"""
 // 4. Kernels with a norm prologue (P 1, 3) get 80 registers (__launch_bounds__(256, 3)): at 64 they
 //    spilled a register of the batch requested in 2 and so waited for that load before starting
 //    the prologue (ptxas: 16 bytes of spill stores; at 80 none, 68-72 registers used).
-// 5. After its units, block 0 asks the L2 for `pf` (pf_bytes, a multiple of 16; sm_90 bulk prefetch,
-//    nothing waited for): the model passes the norm weight of the next GEMV with a prologue. That
-//    8 KiB is read by no other kernel of the step, so without it every block of that GEMV waits for
-//    a DRAM round trip, queued behind the weight loads of all blocks, before its prologue can start
-//    (the activations it also stages were just written, so they are in the L2).
 // Every lane sums its vectors i = lane + 32 j in ascending order, as the first version did, so the
 // result is bit-identical to it. Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
 // vector; st [NV] the norm weight (P 1, 3) or up (P 2); P 3 also rss [NV * VEC / 4] (the float32
@@ -301,8 +296,7 @@ template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
-        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo,
-        const unsigned char* __restrict__ pf, int pf_bytes) {
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float scratch[32];
     constexpr int QV = VEC / 4;                    // float4 per vector of the float32 sum
@@ -398,10 +392,6 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     }
     for (; unit < units; unit += nwarps)
         gemv_unit<E, B, R, false>(unit, W4, xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
-#if __CUDA_ARCH__ >= 900
-    if (pf_bytes > 0 && blockIdx.x == 0 && tid == 0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(pf), "r"(pf_bytes) : "memory");
-#endif
 }
 #ifndef GEMV_NORM_MIN_BLOCKS
 #define GEMV_NORM_MIN_BLOCKS 3
@@ -409,9 +399,8 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
 #define GEMV_MIN_BLOCKS(P) ((P) == 1 || (P) == 3 ? GEMV_NORM_MIN_BLOCKS : 4)
 #define GEMV_ARGS const T* __restrict__ W, const T* __restrict__ xin, const T* __restrict__ nw, \
     const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ outf, int N, int K, float eps, \
-    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, \
-    const unsigned char* __restrict__ pf, int pf_bytes
-#define GEMV_PASS W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo, pf, pf_bytes
+    const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo
+#define GEMV_PASS W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo
 #define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
     gemv_p##P##_e##E##_b##B(GEMV_ARGS) { gemv_impl<P, E, B, E == 3 ? 2 : 1>(GEMV_PASS); }
 #define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
@@ -887,12 +876,11 @@ class CudaOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None, prefetch=None) -> None:
+             blocks: int | None = None) -> None:
         """pro "resid_rms": the input is xin + T(resid) (+ resid_bias), resid a float32 sum over TP ranks,
         rounded as resid_add_f32 rounds; that new residual is stored to xout, then RMSNorm as "rms".
         rows_per_warp and blocks (the grid; default: at most one wave) choose how, never what, is
-        computed. prefetch: a small contiguous array the kernel asks the L2 for after its work (the
-        next GEMV's norm weight; sm_90 only)."""
+        computed."""
         n, k = W.shape
         if (pro == "resid_rms") != (resid is not None and xout is not None):
             raise ValueError("pro resid_rms takes resid (float32) and xout")
@@ -909,14 +897,7 @@ class CudaOps:
         self._set_smem(f, plan["smem"])
         f((plan["grid"],), (GEMV_THREADS,),
           (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n), np.int32(k),
-           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout), *self._prefetch_args(prefetch)),
-          shared_mem=plan["smem"])
-
-    def _prefetch_args(self, a) -> tuple:
-        """(pointer, bytes) of a bulk L2 prefetch: 16-byte aligned, a multiple of 16 bytes, else none."""
-        if a is None or a.data.ptr % 16 or a.nbytes < 16:
-            return 0, np.int32(0)
-        return a.data.ptr, np.int32(min(a.nbytes, 1 << 20) // 16 * 16)
+           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout)), shared_mem=plan["smem"])
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:
@@ -1066,8 +1047,8 @@ class NumpyOps:
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
-             blocks: int | None = None, prefetch=None) -> None:
-        # rows_per_warp, blocks, prefetch: how the CUDA kernel works; the function
+             blocks: int | None = None) -> None:
+        # rows_per_warp, blocks: how the CUDA kernel splits the work; the function
         # (float32 dot products, the same rounding points) is the same for all of them
         n, k = W.shape
         if pro == "resid_rms":
