@@ -28,7 +28,6 @@ from .kernels import softmax_scale
 ATTN_SCORE_BYTES = 128 << 20  # prefill attention: score/probability memory per query chunk
 
 
-
 class FusedLlama:
     def __init__(self, config, layout, params: dict, xp, comm, cos, sin, ops, io, graph_factory=None):
         self.c, self.p, self.xp, self.comm, self.ops, self.io = config, params, xp, comm, ops, io

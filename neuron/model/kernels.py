@@ -217,8 +217,8 @@ CUDA_KERNELS = r"""
 // 4. Kernels with a norm prologue (P 1, 3) get 80 registers (__launch_bounds__(256, 3)): at 64 they
 //    spilled a register of the batch requested in 2 and so waited for that load before starting
 //    the prologue (ptxas: 16 bytes of spill stores; at 80 none, 68-72 registers used).
-// Every lane sums its vectors i = lane + 32 j in ascending order, as the first version did, so the
-// result is bit-identical to it. Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
+// Every lane sums its vectors i = lane + 32 j in ascending order (as every version since the first
+// has, so their results are bit-identical: gemv_bench checks it). Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
 // vector; st [NV] the norm weight (P 1, 3) or up (P 2); P 3 also rss [NV * VEC / 4] (the float32
 // sum) and, with rb, rbs [NV].
 // One unit of a warp: the dot product(s) of its row(s) with xs, then the epilogue. FIRST: the first
