@@ -151,35 +151,25 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the result.
-__device__ float block_sum(float v, float* scratch) {
+// Sum (MAX false) or maximum (MAX true) over the block (blockDim.x a multiple of 32); every thread
+// gets the result.
+template <bool MAX>
+__device__ float block_reduce(float v, float* scratch) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();
     if (lane == 0) scratch[w] = v;
     __syncthreads();
     if (w == 0) {
-        float r = lane < nw ? scratch[lane] : 0.f;
-        r = warp_sum(r);
+        float r = lane < nw ? scratch[lane] : (MAX ? -INFINITY : 0.f);
+        r = MAX ? warp_max(r) : warp_sum(r);
         if (lane == 0) scratch[0] = r;
     }
     __syncthreads();
     return scratch[0];
 }
-__device__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float r = lane < nw ? scratch[lane] : -INFINITY;
-        r = warp_max(r);
-        if (lane == 0) scratch[0] = r;
-    }
-    __syncthreads();
-    return scratch[0];
-}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce<false>(v, scratch); }
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce<true>(v, scratch); }
 __device__ __forceinline__ float silu_t(float g) { return tf(ft(g / (1.0f + expf(-g)))); }
 // 16-byte global -> shared copies that run in the background (sm_80+): every copy of a tile is in
 // flight at once instead of one load latency per loop iteration.
