@@ -5,11 +5,11 @@ copy bandwidth measured in the same run.
 
     python bench/gemv_bench.py [--out DIR]      # needs a GPU and CuPy
 
-Builds: lb4 (the norm-prologue GEMVs at 64 registers, 4 blocks per SM: the build before, which
-spills) and lb3 (80 registers, 3 blocks per SM: the default). Every layer has its own norm
-weight, as in the model. Each build's result is checked against
-lb4's on the same inputs (relative L2 error; all sum in the same order, so 0). Prints a table and
-writes gemv_bench-<time>.json.
+Builds: reg (weights loaded into registers, the norm-prologue GEMVs at 80 registers, 3 blocks per
+SM: the kernel before sm_90), bulk8 and bulk16 (weights bulk-copied into shared memory by a producer
+warp, 8 or 16 consumer warps per block: the default on sm_90 is bulk8). Every layer has its own norm
+weight, as in the model. Each build's result is checked against reg's on the same inputs (relative
+L2 error; all sum in the same order, so 0). Prints a table and writes gemv_bench-<time>.json.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ SHAPES = [
     ("1b-tp1", "lm_head", 128256, 2048, "rms", "logits", 1),
 ]
 # build -> CudaOps arguments
-VARIANTS = {"lb4": dict(norm_min_blocks=4), "lb3": dict(norm_min_blocks=3)}
+VARIANTS = {"reg": dict(bulk=False), "bulk8": dict(bulk=True, bulk_consumers=8),
+            "bulk16": dict(bulk=True, bulk_consumers=16)}
 
 
 def time_graph(cp, fn, reps: int = 15) -> float:
@@ -123,7 +124,7 @@ def bench_shape(cp, builds: dict, model, role, n, k, pro, epi, layers) -> dict:
         err = rel(got, ref)
         ms = time_graph(cp, lambda: [run(i) for i in range(layers)])
         us = ms * 1e3 / layers
-        res["variants"][name] = {"us_per_launch": us, "gb_s": n * k * 2 / (us * 1e-6) / 1e9, "rel_err_vs_lb4": err}
+        res["variants"][name] = {"us_per_launch": us, "gb_s": n * k * 2 / (us * 1e-6) / 1e9, "rel_err_vs_reg": err}
     Ws.clear()
     cp.get_default_memory_pool().free_all_blocks()
     return res
@@ -145,7 +146,7 @@ def main() -> int:
         builds = {name: CudaOps("bfloat16", **kw) for name, kw in VARIANTS.items()}
         for ops in builds.values():
             ops.compile_all()
-        ops = builds["lb3"]
+        ops = builds["reg"]
         props = cp.cuda.runtime.getDeviceProperties(args.device)
         copy_gb_s = copy_bandwidth(cp)
         print(f"GPU {props['name'].decode()}, {ops.sm_count} SMs, L2 {props.get('l2CacheSize', 0) / 2**20:.0f} MiB; "
@@ -155,7 +156,7 @@ def main() -> int:
             results.append(r)
             v = r["variants"]
             print(f"{r['model']:7s} {r['role']:8s} " + "  ".join(
-                f"{name} {x['us_per_launch']:7.2f} us {x['gb_s']:5.0f} GB/s e={x['rel_err_vs_lb4']:.1e}"
+                f"{name} {x['us_per_launch']:7.2f} us {x['gb_s']:5.0f} GB/s e={x['rel_err_vs_reg']:.1e}"
                 for name, x in v.items()), flush=True)
     # totals per step (GEMVs only)
     totals: dict = {}

@@ -33,6 +33,7 @@ GEMV_THREADS = 256
 GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two rows, or a gate/up pair)
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for the norm prologues)
 GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
+GEMVB_CONSUMERS = 8                        # bulk-copy GEMV (sm_90): consumer warps, plus one producer warp
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
 
 
@@ -211,6 +212,36 @@ CUDA_KERNELS = r"""
 // has, so their results are bit-identical: gemv_bench checks it). Shared memory (16-byte vectors, NV = K / VEC): xs [NV] the input
 // vector; st [NV] the norm weight (P 1, 3) or up (P 2); P 3 also rss [NV * VEC / 4] (the float32
 // sum) and, with rb, rbs [NV].
+// The epilogue of one unit (lane 0): row is the unit's first row; acc (and acc2: the up row of a
+// gate/up pair, or the row after) its float32 dot products.
+template <int E, int B, int R>
+__device__ __forceinline__ void gemv_epilogue(int row, float acc, float acc2, int N, const T* __restrict__ bias,
+                                              T* __restrict__ out, float* __restrict__ outf) {
+    if (E == 3) {
+        T g = ft(acc), u = ft(acc2);
+        if (B) {
+            g = ft(tf(g) + tf(bias[row]));
+            u = ft(tf(u) + tf(bias[N + row]));
+        }
+        out[row] = ft(silu_t(tf(g)) * tf(u));
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+        const int r = row + k;
+        const float a = k == 0 ? acc : acc2;
+        if (E == 2) {
+            outf[r] = tf(ft(a));
+        } else if (E == 4) {
+            outf[r] = a;
+        } else {
+            T y = ft(a);
+            if (B) y = ft(tf(y) + tf(bias[r]));
+            if (E == 1) out[r] = ft(tf(out[r]) + tf(y));
+            else out[r] = y;
+        }
+    }
+}
 // One unit of a warp: the dot product(s) of its row(s) with xs, then the epilogue. FIRST: the first
 // batch is already in registers (pw, pw2).
 template <int E, int B, int R, bool FIRST>
@@ -255,32 +286,85 @@ __device__ __forceinline__ void gemv_unit(int unit, const uint4* __restrict__ W4
     }
     acc = warp_sum(acc);
     if (R == 2) acc2 = warp_sum(acc2);
-    if (lane == 0) {
-        if (E == 3) {
-            T g = ft(acc), u = ft(acc2);
-            if (B) {
-                g = ft(tf(g) + tf(bias[row]));
-                u = ft(tf(u) + tf(bias[N + row]));
-            }
-            out[row] = ft(silu_t(tf(g)) * tf(u));
-        } else {
+    if (lane == 0) gemv_epilogue<E, B, R>(row, acc, acc2, N, bias, out, outf);
+}
+// The staged prologue inputs in shared memory (see above).
+struct GemvStage {
+    uint4 *xs, *st, *rss, *rbs;
+    __device__ GemvStage(unsigned char* smem, int NV) {
+        xs = reinterpret_cast<uint4*>(smem);
+        st = xs + NV;
+        rss = st + NV;
+        rbs = rss + (size_t)NV * (VEC / 4);
+    }
+};
+// 1. the prologue's inputs -> shared memory, all in flight at once (cp.async; the caller waits)
+template <int P>
+__device__ __forceinline__ void gemv_stage(const GemvStage& s, int NV, const T* __restrict__ xin,
+        const T* __restrict__ nw, const float* __restrict__ rs, const T* __restrict__ rb) {
+    constexpr int QV = VEC / 4;                    // float4 per vector of the float32 sum
+    const uint4* xv = reinterpret_cast<const uint4*>(xin);
+    for (int i = threadIdx.x; i < NV; i += blockDim.x) {
+        cp_async16(s.xs + i, xv + i);
+        if (P == 1 || P == 3) cp_async16(s.st + i, reinterpret_cast<const uint4*>(nw) + i);
+        if (P == 2) cp_async16(s.st + i, xv + NV + i);
+        if (P == 3) {
+            const uint4* sv = reinterpret_cast<const uint4*>(rs) + (size_t)i * QV;
 #pragma unroll
-            for (int k = 0; k < R; ++k) {
-                const int r = row + k;
-                const float a = k == 0 ? acc : acc2;
-                if (E == 2) {
-                    outf[r] = tf(ft(a));
-                } else if (E == 4) {
-                    outf[r] = a;
-                } else {
-                    T y = ft(a);
-                    if (B) y = ft(tf(y) + tf(bias[r]));
-                    if (E == 1) out[r] = ft(tf(out[r]) + tf(y));
-                    else out[r] = y;
-                }
-            }
+            for (int q = 0; q < QV; ++q) cp_async16(s.rss + (size_t)i * QV + q, sv + q);
+            if (rb != nullptr) cp_async16(s.rbs + i, reinterpret_cast<const uint4*>(rb) + i);
         }
     }
+}
+// 3. the prologue, on shared memory (a thread first reads back only what it staged itself); xs
+// holds the input vector when it returns (after a __syncthreads).
+template <int P>
+__device__ __forceinline__ void gemv_prologue(const GemvStage& s, int NV, int K, float eps,
+        const T* __restrict__ rb, T* __restrict__ xo, float* scratch) {
+    constexpr int QV = VEC / 4;
+    const int tid = threadIdx.x;
+    if (P == 1 || P == 3) {
+        float ss = 0.f;
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float f[VEC];
+            unpack(s.xs[i], f);
+            if (P == 3) {
+                const float* sf = reinterpret_cast<const float*>(s.rss + (size_t)i * QV);
+                const T* bt = reinterpret_cast<const T*>(s.rbs + i);   // read only with rb
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    T y = ft(sf[e]);
+                    if (rb != nullptr) y = ft(tf(y) + tf(bt[e]));
+                    f[e] = tf(ft(f[e] + tf(y)));
+                }
+                const uint4 v = pack(f);
+                if (blockIdx.x == 0) reinterpret_cast<uint4*>(xo)[i] = v;
+                s.xs[i] = v;
+            }
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
+        }
+        ss = block_sum(ss, scratch);
+        const float denom = sqrtf(ss / (float)K + eps);
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float f[VEC], g[VEC];
+            unpack(s.xs[i], f);
+            unpack(s.st[i], g);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
+            s.xs[i] = pack(f);
+        }
+    } else if (P == 2) {
+        for (int i = tid; i < NV; i += blockDim.x) {
+            float g[VEC], u[VEC];
+            unpack(s.xs[i], g);
+            unpack(s.st[i], u);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
+            s.xs[i] = pack(g);
+        }
+    }
+    __syncthreads();
 }
 template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
@@ -289,34 +373,16 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
         const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float scratch[32];
-    constexpr int QV = VEC / 4;                    // float4 per vector of the float32 sum
     constexpr int BATCH = 8 / R;                   // vectors per lane and row in flight at once
     const int NV = K / VEC;
-    uint4* xs = reinterpret_cast<uint4*>(smem_raw);
-    uint4* st = xs + NV;
-    uint4* rss = st + NV;
-    uint4* rbs = rss + (size_t)NV * QV;
+    const GemvStage s(smem_raw, NV);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wpb = blockDim.x >> 5;
     const int nwarps = gridDim.x * wpb;
     const int units = (E == 3 || R == 1) ? N : N / R;
     const size_t rstride = (size_t)(E == 3 ? N : 1) * NV;   // second row of a unit: up, or the next row
     const uint4* W4 = reinterpret_cast<const uint4*>(W);
     int unit = blockIdx.x * wpb + warp;
-    // 1. the prologue's inputs -> shared memory, all in flight at once
-    {
-        const uint4* xv = reinterpret_cast<const uint4*>(xin);
-        for (int i = tid; i < NV; i += blockDim.x) {
-            cp_async16(xs + i, xv + i);
-            if (P == 1 || P == 3) cp_async16(st + i, reinterpret_cast<const uint4*>(nw) + i);
-            if (P == 2) cp_async16(st + i, xv + NV + i);
-            if (P == 3) {
-                const uint4* sv = reinterpret_cast<const uint4*>(rs) + (size_t)i * QV;
-#pragma unroll
-                for (int q = 0; q < QV; ++q) cp_async16(rss + (size_t)i * QV + q, sv + q);
-                if (rb != nullptr) cp_async16(rbs + i, reinterpret_cast<const uint4*>(rb) + i);
-            }
-        }
-    }
+    gemv_stage<P>(s, NV, xin, nw, rs, rb);
     // 2. the first unit's first batch -> registers
     uint4 pw[BATCH], pw2[R == 2 ? BATCH : 1];
     {
@@ -332,56 +398,125 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
         }
     }
     cp_async_wait_all();
-    // 3. the prologue, on shared memory (a thread first reads back only what it staged itself)
-    if (P == 1 || P == 3) {
-        float ss = 0.f;
-        for (int i = tid; i < NV; i += blockDim.x) {
-            float f[VEC];
-            unpack(xs[i], f);
-            if (P == 3) {
-                const float* sf = reinterpret_cast<const float*>(rss + (size_t)i * QV);
-                const T* bt = reinterpret_cast<const T*>(rbs + i);   // read only with rb
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    T y = ft(sf[e]);
-                    if (rb != nullptr) y = ft(tf(y) + tf(bt[e]));
-                    f[e] = tf(ft(f[e] + tf(y)));
-                }
-                const uint4 v = pack(f);
-                if (blockIdx.x == 0) reinterpret_cast<uint4*>(xo)[i] = v;
-                xs[i] = v;
-            }
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
-        }
-        ss = block_sum(ss, scratch);
-        const float denom = sqrtf(ss / (float)K + eps);
-        for (int i = tid; i < NV; i += blockDim.x) {
-            float f[VEC], g[VEC];
-            unpack(xs[i], f);
-            unpack(st[i], g);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
-            xs[i] = pack(f);
-        }
-    } else if (P == 2) {
-        for (int i = tid; i < NV; i += blockDim.x) {
-            float g[VEC], u[VEC];
-            unpack(xs[i], g);
-            unpack(st[i], u);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
-            xs[i] = pack(g);
-        }
-    }
-    __syncthreads();
+    gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
     // 4. this warp's units: the first one with the batch requested before the prologue
     if (unit < units) {
-        gemv_unit<E, B, R, true>(unit, W4, xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
+        gemv_unit<E, B, R, true>(unit, W4, s.xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
         unit += nwarps;
     }
     for (; unit < units; unit += nwarps)
-        gemv_unit<E, B, R, false>(unit, W4, xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
+        gemv_unit<E, B, R, false>(unit, W4, s.xs, pw, pw2, NV, N, rstride, lane, bias, out, outf);
+}
+
+// ---------------------------------------------------------------- GEMV, T = 1, bulk-copied weights (sm_90)
+// The same function as gemv_* (same prologue, epilogues and per-lane summation order: bit-identical
+// results), with the weights brought into shared memory by the copy engine (cp.async.bulk, TMA)
+// instead of by loads into registers. The register kernel can have at most ~96 KiB of weights in
+// flight per SM, and its second batch waits for the prologue; a TP rank's q/k/v is 190 KiB per SM, so
+// each launch paid two DRAM round trips plus the prologue with the HBM partly idle.
+// Here one block per SM owns a contiguous range of units (a row, or a gate/up pair) and a ring of S
+// slots of one unit each. A producer warp (the last) requests the first S units at the kernel's first
+// instruction, before the prologue, and refills a slot when the consumer warp that read it releases
+// it; mbarriers: full[s] completes when the slot's bytes have landed, empty[s] when its consumer is
+// done. Consumer warp c computes the block's units c, c + GEMVB_CONSUMERS, ... Dynamic shared memory:
+// the staged prologue inputs (as gemv_*), full[S], empty[S] at bar_off, the slots at slot_off.
+#ifndef GEMVB_CONSUMERS
+#define GEMVB_CONSUMERS 8
+#endif
+#define GEMVB_THREADS (32 * (GEMVB_CONSUMERS + 1))
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long* b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(smem_u32(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* b, unsigned parity) {
+    unsigned done = 0;
+    while (!done)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+}
+// bytes (a multiple of 16) global -> shared by the copy engine; completes on bar's transaction count
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+// unit k of the block (row u0 + k; with E 3 also its up row) -> slot k % S
+template <int R>
+__device__ __forceinline__ void gemvb_request(int k, int u0, int S, int N, int NV, const uint4* W4, uint4* slots,
+                                              unsigned long long* full) {
+    const int s = k % S, row = u0 + k;
+    const unsigned row_bytes = (unsigned)NV * 16u;
+    mbar_expect_tx(full + s, R * row_bytes);
+    bulk_copy(slots + (size_t)s * R * NV, W4 + (size_t)row * NV, row_bytes, full + s);
+    if (R == 2) bulk_copy(slots + (size_t)s * R * NV + NV, W4 + (size_t)(N + row) * NV, row_bytes, full + s);
+}
+#endif
+template <int P, int E, int B>
+__device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __restrict__ xin,
+        const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
+        float* __restrict__ outf, int N, int K, float eps,
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo,
+        int upb, int S, int bar_off, int slot_off) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __shared__ float scratch[32];
+    constexpr int R = E == 3 ? 2 : 1;              // rows per unit
+    const int NV = K / VEC;
+    const GemvStage s(smem_raw, NV);
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(smem_raw + bar_off);
+    unsigned long long* empty = full + S;
+    uint4* slots = reinterpret_cast<uint4*>(smem_raw + slot_off);
+    const uint4* W4 = reinterpret_cast<const uint4*>(W);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int u0 = blockIdx.x * upb, nu = min(upb, N - u0);   // this block's units
+    if (tid == 0) {
+        for (int i = 0; i < S; ++i) {
+            mbar_init(full + i, 1);
+            mbar_init(empty + i, 1);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    const bool producer = warp == GEMVB_CONSUMERS;
+    if (producer && lane == 0)
+        for (int k = 0; k < min(S, nu); ++k) gemvb_request<R>(k, u0, S, N, NV, W4, slots, full);
+    gemv_stage<P>(s, NV, xin, nw, rs, rb);
+    cp_async_wait_all();
+    gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
+    if (producer) {
+        if (lane == 0)
+            for (int k = S; k < nu; ++k) {
+                mbar_wait(empty + k % S, (unsigned)(k / S - 1) & 1u);
+                gemvb_request<R>(k, u0, S, N, NV, W4, slots, full);
+            }
+        return;
+    }
+    for (int k = warp; k < nu; k += GEMVB_CONSUMERS) {
+        const int sl = k % S;
+        mbar_wait(full + sl, (unsigned)(k / S) & 1u);
+        const uint4* w = slots + (size_t)sl * R * NV;
+        float acc = 0.f, acc2 = 0.f;
+#pragma unroll 4
+        for (int i = lane; i < NV; i += 32) {
+            const uint4 xv4 = s.xs[i];
+            acc = dot_acc(acc, w[i], xv4);
+            if (R == 2) acc2 = dot_acc(acc2, w[NV + i], xv4);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + sl);
+        acc = warp_sum(acc);
+        if (R == 2) acc2 = warp_sum(acc2);
+        if (lane == 0) gemv_epilogue<E, B, R>(u0 + k, acc, acc2, N, bias, out, outf);
+    }
+#else
+    __trap();   // the host launches gemvb_* only on sm_90 and later
+#endif
 }
 #ifndef GEMV_NORM_MIN_BLOCKS
 #define GEMV_NORM_MIN_BLOCKS 3
@@ -404,6 +539,14 @@ GEMV_INST(3, 0, 0) GEMV_INST(3, 0, 1) GEMV_INST(3, 2, 0) GEMV_INST(3, 3, 0) GEMV
 GEMV_INST2(3, 0, 0) GEMV_INST2(3, 0, 1) GEMV_INST2(3, 2, 0)
 GEMV_INST2(0, 0, 0) GEMV_INST2(0, 0, 1) GEMV_INST2(0, 1, 0) GEMV_INST2(0, 1, 1) GEMV_INST2(0, 2, 0)
 GEMV_INST2(1, 0, 0) GEMV_INST2(1, 0, 1) GEMV_INST2(1, 1, 0) GEMV_INST2(1, 1, 1) GEMV_INST2(1, 2, 0)
+#define GEMVB_INST(P, E, B) extern "C" __global__ void __launch_bounds__(GEMVB_THREADS, 1) \
+    gemvb_p##P##_e##E##_b##B(GEMV_ARGS, int upb, int S, int bar_off, int slot_off) { \
+        gemvb_impl<P, E, B>(GEMV_PASS, upb, S, bar_off, slot_off); }
+GEMVB_INST(0, 0, 0) GEMVB_INST(0, 0, 1) GEMVB_INST(0, 1, 0) GEMVB_INST(0, 1, 1) GEMVB_INST(0, 2, 0)
+GEMVB_INST(1, 0, 0) GEMVB_INST(1, 0, 1) GEMVB_INST(1, 1, 0) GEMVB_INST(1, 1, 1) GEMVB_INST(1, 2, 0)
+GEMVB_INST(2, 0, 0) GEMVB_INST(2, 0, 1) GEMVB_INST(2, 1, 0) GEMVB_INST(2, 1, 1) GEMVB_INST(2, 2, 0)
+GEMVB_INST(0, 3, 0) GEMVB_INST(0, 3, 1) GEMVB_INST(1, 3, 0) GEMVB_INST(1, 3, 1) GEMVB_INST(0, 4, 0)
+GEMVB_INST(3, 0, 0) GEMVB_INST(3, 0, 1) GEMVB_INST(3, 2, 0) GEMVB_INST(3, 3, 0) GEMVB_INST(3, 3, 1)
 
 // ---------------------------------------------------------------- embedding row (decode)
 // The token is meta[2], or, when meta[2] < 0 (a chained step), the last token picked for this
@@ -740,9 +883,12 @@ extern "C" __global__ void __launch_bounds__(NT) attn_combine(const float* __res
 class CudaOps:
     """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
 
-    def __init__(self, dtype_name: str, norm_min_blocks: int = 3):
-        """norm_min_blocks: the GEMVs with a norm prologue are built for this many blocks per SM
-        (3: 80 registers, no spill; 4: 64 registers, the build before, which spills)."""
+    def __init__(self, dtype_name: str, norm_min_blocks: int = 3, bulk: bool | None = None,
+                 bulk_consumers: int = GEMVB_CONSUMERS):
+        """norm_min_blocks: the register GEMVs with a norm prologue are built for this many blocks per
+        SM (3: 80 registers, no spill; 4: 64 registers, which spills). bulk: the decode GEMVs stream
+        their weights into shared memory with bulk copies (gemvb_*; default: on sm_90 and later),
+        bulk_consumers warps computing per block."""
         import cupy
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
@@ -751,7 +897,9 @@ class CudaOps:
         self.dtype_name = dtype_name
         self.dt = DT_CODES[dtype_name]
         self.vec = vec_elems(dtype_name)
-        self.options = ("--std=c++17", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}")
+        self.options = ("--std=c++17", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}",
+                        f"-DGEMVB_CONSUMERS={bulk_consumers}")
+        self.bulk_threads = 32 * (bulk_consumers + 1)
         self.module = cupy.RawModule(code=CUDA_BASE + CUDA_KERNELS, options=self.options)
         self._fn: dict = {}
         self._attn: dict = {}
@@ -760,6 +908,10 @@ class CudaOps:
         self.cuda_dtype = {0: runtime.CUDA_R_16BF, 1: runtime.CUDA_R_16F, 2: runtime.CUDA_R_32F}[self.dt]
         props = runtime.getDeviceProperties(runtime.getDevice())
         self.sm_count = props["multiProcessorCount"]
+        self.bulk = props["major"] >= 9 if bulk is None else bulk
+        if self.bulk and props["major"] < 9:
+            raise ValueError("bulk-copy GEMVs need sm_90 or later")
+        self.smem_optin = int(props.get("sharedMemPerBlockOptin", GEMV_SMEM_MAX))
         self._occupancy: dict = {}
         self._plans: dict = {}
         self._one = np.array(1.0, dtype=np.float32)
@@ -800,6 +952,10 @@ class CudaOps:
         for name in ("gemv_p0_e4_b0", "gemv_p0_e4_b0_r2", "gemv_p3_e0_b0", "gemv_p3_e0_b1", "gemv_p3_e2_b0",
                      "gemv_p3_e3_b0", "gemv_p3_e3_b1", "gemv_p3_e0_b0_r2", "gemv_p3_e0_b1_r2", "gemv_p3_e2_b0_r2"):
             self.fn(name)
+        if self.bulk:
+            for name in list(self._fn):
+                if not name.endswith("_r2"):
+                    self.fn(name.replace("gemv_", "gemvb_"))
         for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32"):
             self.fn(name)
 
@@ -857,12 +1013,41 @@ class CudaOps:
         smem = self.gemv_smem(pro, k, item, resid_bias)
         if smem > GEMV_SMEM_MAX:
             raise ValueError(f"GEMV input of {k} elements needs {smem} bytes of shared memory (at most {GEMV_SMEM_MAX})")
+        if self.bulk and rows_per_warp in (None, 1):
+            plan = self.gemv_bulk_plan(n, k, item, pro, epi, smem, blocks)
+            if plan is not None:
+                return plan
         base = f"gemv_p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
         capacity = self.sm_count * self._blocks_per_sm(self.fn(base.format(b=0)), smem)
         r = rows_per_warp or self.gemv_rows_per_warp(n, epi, pro, capacity)
         units = n // r if epi != "silu_pair" else n
         grid = blocks or min(ceil_div(units, GEMV_ROWS_PER_BLOCK), capacity)
         return dict(base=base, r=r, smem=smem, units=units, grid=grid)
+
+    def gemv_bulk_plan(self, n: int, k: int, item: int, pro: str, epi: str, stage: int,
+                       blocks: int | None) -> dict | None:
+        """The bulk-copy GEMV's launch: one block per SM (or `blocks`), each a contiguous range of
+        units and as many one-unit slots as its shared memory holds after the staged prologue
+        inputs and the 2 mbarriers per slot. None when fewer than 2 slots fit (the register kernel
+        then runs)."""
+        unit_bytes = k * item * (2 if epi == "silu_pair" else 1)
+        grid = min(blocks or self.sm_count, n)
+        upb = ceil_div(n, grid)
+        grid = ceil_div(n, upb)
+        base = f"gemvb_p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
+        budget = self.smem_optin - self.fn(base.format(b=0)).attributes["shared_size_bytes"]
+        bar_off = ceil_div(stage, 8) * 8
+
+        def slot_off(slots: int) -> int:
+            return ceil_div(bar_off + 16 * slots, 128) * 128
+
+        slots = min(upb, (budget - slot_off(0)) // unit_bytes)
+        while slots > 0 and slot_off(slots) + slots * unit_bytes > budget:
+            slots -= 1
+        if slots < 2:
+            return None
+        smem = slot_off(slots) + slots * unit_bytes
+        return dict(base=base, r=1, smem=smem, units=n, grid=grid, bulk=(upb, slots, bar_off, slot_off(slots)))
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
@@ -885,9 +1070,13 @@ class CudaOps:
         b = 1 if (bias is not None and epi != "logits") else 0
         f = self.fn(plan["base"].format(b=b) + ("_r2" if plan["r"] == 2 else ""))
         self._set_smem(f, plan["smem"])
-        f((plan["grid"],), (GEMV_THREADS,),
-          (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n), np.int32(k),
-           np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout)), shared_mem=plan["smem"])
+        args = (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n),
+                np.int32(k), np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout))
+        if "bulk" in plan:
+            f((plan["grid"],), (self.bulk_threads,), args + tuple(np.int32(v) for v in plan["bulk"]),
+              shared_mem=plan["smem"])
+        else:
+            f((plan["grid"],), (GEMV_THREADS,), args, shared_mem=plan["smem"])
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:

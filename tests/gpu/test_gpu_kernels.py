@@ -22,9 +22,9 @@ def cp():
         yield cupy
 
 
-def ops_pair(dtype_name):
+def ops_pair(dtype_name, **kw):
     from neuron.model.kernels import CudaOps, NumpyOps
-    return CudaOps(dtype_name), NumpyOps(dtype_name)
+    return CudaOps(dtype_name, **kw), NumpyOps(dtype_name)
 
 
 def rnd(rng, shape, dtype, scale=1.0):
@@ -47,9 +47,12 @@ def poison(cp, shape, dtype):
 @pytest.mark.parametrize("shape", [(200, 64), (38, 4096), (300, 14336)])
 @pytest.mark.parametrize("rows_per_warp", [1, 2])
 @pytest.mark.parametrize("variant", ["default", "persistent"])
-def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp, variant):
+@pytest.mark.parametrize("kernel", ["bulk", "registers"])
+def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp, variant, kernel):
     """variant "default": the launch the model makes (at most one wave of blocks); "persistent": 3
-    blocks, so every warp loops over several units (or has none)."""
+    blocks, so every warp loops over several units (or has none); with kernel "bulk" each block's
+    ring of slots then wraps many times. kernel: weights through bulk copies into shared memory
+    (sm_90; where the slots do not fit, the plan falls back to registers) or through registers."""
     if epi == "silu_pair" and pro == "silu":
         pytest.skip("no such combination in the model")
     if rows_per_warp == 2 and (epi == "silu_pair" or pro == "silu"):
@@ -58,8 +61,10 @@ def test_gemv(cp, dtype_name, pro, epi, shape, rows_per_warp, variant):
         pytest.skip("a TP rank's row-parallel partial (o, down) has no prologue")
     if pro == "resid_rms" and epi in ("resid", "partial"):
         pytest.skip("no such combination in the model")
+    if kernel == "bulk" and (rows_per_warp == 2 or int(cp.cuda.Device().compute_capability) < 90):
+        pytest.skip("the bulk-copy GEMV: one unit per warp, sm_90 and later")
     dt = DTYPES[dtype_name]
-    cu, ref = ops_pair(dtype_name)
+    cu, ref = ops_pair(dtype_name, bulk=kernel == "bulk")
     rng = np.random.default_rng(hash((dtype_name, pro, epi, shape, variant)) % 2**32)
     how = {"default": {}, "persistent": dict(blocks=3)}[variant]
     n, k = shape
