@@ -6,8 +6,8 @@ copy bandwidth measured in the same run.
     python bench/gemv_bench.py [--out DIR]      # needs a GPU and CuPy
 
 Builds: reg (weights loaded into registers, the norm-prologue GEMVs at 80 registers, 3 blocks per
-SM: the kernel before sm_90), bulk8 and bulk16 (weights bulk-copied into shared memory by a producer
-warp, 8 or 16 consumer warps per block: the default on sm_90 is bulk8). Every layer has its own norm
+SM: the kernel before sm_90), bulk8, bulk16 and bulk24 (weights bulk-copied into shared memory by a
+producer warp, 8, 16 or 24 consumer warps per block: the default on sm_90 is bulk8). Every layer has its own norm
 weight, as in the model. Each build's result is checked against reg's on the same inputs (relative
 L2 error; all sum in the same order, so 0). Prints a table and writes gemv_bench-<time>.json.
 """
@@ -48,7 +48,7 @@ SHAPES = [
 ]
 # build -> CudaOps arguments
 VARIANTS = {"reg": dict(bulk=False), "bulk8": dict(bulk=True, bulk_consumers=8),
-            "bulk16": dict(bulk=True, bulk_consumers=16)}
+            "bulk16": dict(bulk=True, bulk_consumers=16), "bulk24": dict(bulk=True, bulk_consumers=24)}
 
 
 def time_graph(cp, fn, reps: int = 15) -> float:

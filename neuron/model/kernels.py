@@ -418,8 +418,11 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
 // slots of one unit each. A producer warp (the last) requests the first S units at the kernel's first
 // instruction, before the prologue, and refills a slot when the consumer warp that read it releases
 // it; mbarriers: full[s] completes when the slot's bytes have landed, empty[s] when its consumer is
-// done. Consumer warp c computes the block's units c, c + GEMVB_CONSUMERS, ... Dynamic shared memory:
-// the staged prologue inputs (as gemv_*), full[S], empty[S] at bar_off, the slots at slot_off.
+// done. Consumer warp c (of nc <= GEMVB_CONSUMERS) computes the block's units c, c + nc, ..., which
+// sit in slots c + nc j: nc divides S when the ring wraps, so a slot has one consumer, who waits for
+// its phases in order (a parity wait cannot tell phase r from r + 2: a second consumer of the slot,
+// running ahead, would take the previous round's completion for its own). Dynamic shared memory: the
+// staged prologue inputs (as gemv_*), full[S], empty[S] at bar_off, the slots at slot_off.
 #ifndef GEMVB_CONSUMERS
 #define GEMVB_CONSUMERS 8
 #endif
@@ -462,7 +465,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
         const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo,
-        int upb, int S, int bar_off, int slot_off) {
+        int upb, int S, int nc, int bar_off, int slot_off) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ float scratch[32];
@@ -497,7 +500,8 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
             }
         return;
     }
-    for (int k = warp; k < nu; k += GEMVB_CONSUMERS) {
+    if (warp >= nc) return;
+    for (int k = warp; k < nu; k += nc) {
         const int sl = k % S;
         mbar_wait(full + sl, (unsigned)(k / S) & 1u);
         const uint4* w = slots + (size_t)sl * R * NV;
@@ -540,8 +544,8 @@ GEMV_INST2(3, 0, 0) GEMV_INST2(3, 0, 1) GEMV_INST2(3, 2, 0)
 GEMV_INST2(0, 0, 0) GEMV_INST2(0, 0, 1) GEMV_INST2(0, 1, 0) GEMV_INST2(0, 1, 1) GEMV_INST2(0, 2, 0)
 GEMV_INST2(1, 0, 0) GEMV_INST2(1, 0, 1) GEMV_INST2(1, 1, 0) GEMV_INST2(1, 1, 1) GEMV_INST2(1, 2, 0)
 #define GEMVB_INST(P, E, B) extern "C" __global__ void __launch_bounds__(GEMVB_THREADS, 1) \
-    gemvb_p##P##_e##E##_b##B(GEMV_ARGS, int upb, int S, int bar_off, int slot_off) { \
-        gemvb_impl<P, E, B>(GEMV_PASS, upb, S, bar_off, slot_off); }
+    gemvb_p##P##_e##E##_b##B(GEMV_ARGS, int upb, int S, int nc, int bar_off, int slot_off) { \
+        gemvb_impl<P, E, B>(GEMV_PASS, upb, S, nc, bar_off, slot_off); }
 GEMVB_INST(0, 0, 0) GEMVB_INST(0, 0, 1) GEMVB_INST(0, 1, 0) GEMVB_INST(0, 1, 1) GEMVB_INST(0, 2, 0)
 GEMVB_INST(1, 0, 0) GEMVB_INST(1, 0, 1) GEMVB_INST(1, 1, 0) GEMVB_INST(1, 1, 1) GEMVB_INST(1, 2, 0)
 GEMVB_INST(2, 0, 0) GEMVB_INST(2, 0, 1) GEMVB_INST(2, 1, 0) GEMVB_INST(2, 1, 1) GEMVB_INST(2, 2, 0)
@@ -899,6 +903,7 @@ class CudaOps:
         self.vec = vec_elems(dtype_name)
         self.options = ("--std=c++17", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}",
                         f"-DGEMVB_CONSUMERS={bulk_consumers}")
+        self.bulk_consumers = bulk_consumers
         self.bulk_threads = 32 * (bulk_consumers + 1)
         self.module = cupy.RawModule(code=CUDA_BASE + CUDA_KERNELS, options=self.options)
         self._fn: dict = {}
@@ -1046,8 +1051,13 @@ class CudaOps:
             slots -= 1
         if slots < 2:
             return None
+        consumers = self.bulk_consumers
+        if slots < upb:  # the ring wraps: each slot read by one consumer warp (nc divides slots)
+            consumers = min(consumers, slots)
+            slots -= slots % consumers
         smem = slot_off(slots) + slots * unit_bytes
-        return dict(base=base, r=1, smem=smem, units=n, grid=grid, bulk=(upb, slots, bar_off, slot_off(slots)))
+        return dict(base=base, r=1, smem=smem, units=n, grid=grid,
+                    bulk=(upb, slots, consumers, bar_off, slot_off(slots)))
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
