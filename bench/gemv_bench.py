@@ -6,10 +6,11 @@ copy bandwidth measured in the same run.
     python bench/gemv_bench.py [--out DIR]      # needs a GPU and CuPy
 
 Builds: reg (weights loaded into registers, the norm-prologue GEMVs at 80 registers, 3 blocks per
-SM: the kernel before sm_90), bulk8, bulk16 and bulk24 (weights bulk-copied into shared memory by a
-producer warp, 8, 16 or 24 consumer warps per block: the default on sm_90 is bulk8). Every layer has its own norm
-weight, as in the model. Each build's result is checked against reg's on the same inputs (relative
-L2 error; all sum in the same order, so 0). Prints a table and writes gemv_bench-<time>.json.
+SM: the kernel before sm_90), always (every GEMV with weights bulk-copied into shared memory by a
+producer warp, 16 consumer warps per block) and auto (the default: bulk for rows of at most 8 KiB,
+registers for longer ones). Every layer has its own norm weight, as in the model. Each build's
+result is checked against reg's on the same inputs (relative L2 error; all sum in the same order,
+so 0). Prints a table and writes gemv_bench-<time>.json.
 """
 from __future__ import annotations
 
@@ -47,8 +48,7 @@ SHAPES = [
     ("1b-tp1", "lm_head", 128256, 2048, "rms", "logits", 1),
 ]
 # build -> CudaOps arguments
-VARIANTS = {"reg": dict(bulk=False), "bulk8": dict(bulk=True, bulk_consumers=8),
-            "bulk16": dict(bulk=True, bulk_consumers=16), "bulk24": dict(bulk=True, bulk_consumers=24)}
+VARIANTS = {"reg": dict(bulk="never"), "always": dict(bulk="always"), "auto": dict(bulk="auto")}
 
 
 def time_graph(cp, fn, reps: int = 15) -> float:

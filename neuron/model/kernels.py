@@ -33,7 +33,8 @@ GEMV_THREADS = 256
 GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two rows, or a gate/up pair)
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for the norm prologues)
 GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
-GEMVB_CONSUMERS = 8                        # bulk-copy GEMV (sm_90): consumer warps, plus one producer warp
+GEMVB_CONSUMERS = 16                       # bulk-copy GEMV (sm_90): consumer warps, plus one producer warp
+GEMVB_ROW_MAX = 8192                       # "auto": the bulk GEMV for rows of at most this many bytes
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
 
 
@@ -414,8 +415,8 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
 // instead of by loads into registers. The register kernel can have at most ~96 KiB of weights in
 // flight per SM, and its second batch waits for the prologue; a TP rank's q/k/v is 190 KiB per SM, so
 // each launch paid two DRAM round trips plus the prologue with the HBM partly idle.
-// Here one block per SM owns a contiguous range of units (a row, or a gate/up pair) and a ring of S
-// slots of one unit each. A producer warp (the last) requests the first S units at the kernel's first
+// Here one block per SM owns a contiguous range of units (R rows: one, two where a row is under 8 KiB,
+// or a gate/up pair) and a ring of S slots of one unit each. A producer warp (the last) requests the first S units at the kernel's first
 // instruction, before the prologue, and refills a slot when the consumer warp that read it releases
 // it; mbarriers: full[s] completes when the slot's bytes have landed, empty[s] when its consumer is
 // done. Consumer warp c (of nc <= GEMVB_CONSUMERS) computes the block's units c, c + nc, ..., which
@@ -449,18 +450,24 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned b
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                  :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
 }
-// unit k of the block (row u0 + k; with E 3 also its up row) -> slot k % S
-template <int R>
+// unit k of the block -> slot k % S: rows R (u0 + k) ... + R - 1, or with E 3 gate row u0 + k and its
+// up row N + u0 + k
+template <int E, int R>
 __device__ __forceinline__ void gemvb_request(int k, int u0, int S, int N, int NV, const uint4* W4, uint4* slots,
                                               unsigned long long* full) {
-    const int s = k % S, row = u0 + k;
+    const int s = k % S;
     const unsigned row_bytes = (unsigned)NV * 16u;
+    uint4* dst = slots + (size_t)s * R * NV;
     mbar_expect_tx(full + s, R * row_bytes);
-    bulk_copy(slots + (size_t)s * R * NV, W4 + (size_t)row * NV, row_bytes, full + s);
-    if (R == 2) bulk_copy(slots + (size_t)s * R * NV + NV, W4 + (size_t)(N + row) * NV, row_bytes, full + s);
+    if (E == 3) {
+        bulk_copy(dst, W4 + (size_t)(u0 + k) * NV, row_bytes, full + s);
+        bulk_copy(dst + NV, W4 + (size_t)(N + u0 + k) * NV, row_bytes, full + s);
+    } else {
+        bulk_copy(dst, W4 + (size_t)(u0 + k) * R * NV, R * row_bytes, full + s);
+    }
 }
 #endif
-template <int P, int E, int B>
+template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __restrict__ xin,
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
@@ -469,15 +476,15 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ float scratch[32];
-    constexpr int R = E == 3 ? 2 : 1;              // rows per unit
-    const int NV = K / VEC;
+    const int NV = K / VEC;                        // R: rows per unit
+    const int units = E == 3 ? N : N / R;
     const GemvStage s(smem_raw, NV);
     unsigned long long* full = reinterpret_cast<unsigned long long*>(smem_raw + bar_off);
     unsigned long long* empty = full + S;
     uint4* slots = reinterpret_cast<uint4*>(smem_raw + slot_off);
     const uint4* W4 = reinterpret_cast<const uint4*>(W);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int u0 = blockIdx.x * upb, nu = min(upb, N - u0);   // this block's units
+    const int u0 = blockIdx.x * upb, nu = min(upb, units - u0);   // this block's units
     if (tid == 0) {
         for (int i = 0; i < S; ++i) {
             mbar_init(full + i, 1);
@@ -488,7 +495,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     __syncthreads();
     const bool producer = warp == GEMVB_CONSUMERS;
     if (producer && lane == 0)
-        for (int k = 0; k < min(S, nu); ++k) gemvb_request<R>(k, u0, S, N, NV, W4, slots, full);
+        for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, u0, S, N, NV, W4, slots, full);
     gemv_stage<P>(s, NV, xin, nw, rs, rb);
     cp_async_wait_all();
     gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
@@ -496,7 +503,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
         if (lane == 0)
             for (int k = S; k < nu; ++k) {
                 mbar_wait(empty + k % S, (unsigned)(k / S - 1) & 1u);
-                gemvb_request<R>(k, u0, S, N, NV, W4, slots, full);
+                gemvb_request<E, R>(k, u0, S, N, NV, W4, slots, full);
             }
         return;
     }
@@ -516,7 +523,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
         if (lane == 0) mbar_arrive(empty + sl);
         acc = warp_sum(acc);
         if (R == 2) acc2 = warp_sum(acc2);
-        if (lane == 0) gemv_epilogue<E, B, R>(u0 + k, acc, acc2, N, bias, out, outf);
+        if (lane == 0) gemv_epilogue<E, B, R>(E == 3 ? u0 + k : (u0 + k) * R, acc, acc2, N, bias, out, outf);
     }
 #else
     __trap();   // the host launches gemvb_* only on sm_90 and later
@@ -543,14 +550,20 @@ GEMV_INST(3, 0, 0) GEMV_INST(3, 0, 1) GEMV_INST(3, 2, 0) GEMV_INST(3, 3, 0) GEMV
 GEMV_INST2(3, 0, 0) GEMV_INST2(3, 0, 1) GEMV_INST2(3, 2, 0)
 GEMV_INST2(0, 0, 0) GEMV_INST2(0, 0, 1) GEMV_INST2(0, 1, 0) GEMV_INST2(0, 1, 1) GEMV_INST2(0, 2, 0)
 GEMV_INST2(1, 0, 0) GEMV_INST2(1, 0, 1) GEMV_INST2(1, 1, 0) GEMV_INST2(1, 1, 1) GEMV_INST2(1, 2, 0)
+#define GEMVB_ARGS GEMV_ARGS, int upb, int S, int nc, int bar_off, int slot_off
+#define GEMVB_PASS GEMV_PASS, upb, S, nc, bar_off, slot_off
 #define GEMVB_INST(P, E, B) extern "C" __global__ void __launch_bounds__(GEMVB_THREADS, 1) \
-    gemvb_p##P##_e##E##_b##B(GEMV_ARGS, int upb, int S, int nc, int bar_off, int slot_off) { \
-        gemvb_impl<P, E, B>(GEMV_PASS, upb, S, nc, bar_off, slot_off); }
+    gemvb_p##P##_e##E##_b##B(GEMVB_ARGS) { gemvb_impl<P, E, B, E == 3 ? 2 : 1>(GEMVB_PASS); }
+#define GEMVB_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(GEMVB_THREADS, 1) \
+    gemvb_p##P##_e##E##_b##B##_r2(GEMVB_ARGS) { gemvb_impl<P, E, B, 2>(GEMVB_PASS); }
 GEMVB_INST(0, 0, 0) GEMVB_INST(0, 0, 1) GEMVB_INST(0, 1, 0) GEMVB_INST(0, 1, 1) GEMVB_INST(0, 2, 0)
 GEMVB_INST(1, 0, 0) GEMVB_INST(1, 0, 1) GEMVB_INST(1, 1, 0) GEMVB_INST(1, 1, 1) GEMVB_INST(1, 2, 0)
 GEMVB_INST(2, 0, 0) GEMVB_INST(2, 0, 1) GEMVB_INST(2, 1, 0) GEMVB_INST(2, 1, 1) GEMVB_INST(2, 2, 0)
 GEMVB_INST(0, 3, 0) GEMVB_INST(0, 3, 1) GEMVB_INST(1, 3, 0) GEMVB_INST(1, 3, 1) GEMVB_INST(0, 4, 0)
 GEMVB_INST(3, 0, 0) GEMVB_INST(3, 0, 1) GEMVB_INST(3, 2, 0) GEMVB_INST(3, 3, 0) GEMVB_INST(3, 3, 1)
+GEMVB_INST2(0, 0, 0) GEMVB_INST2(0, 0, 1) GEMVB_INST2(0, 1, 0) GEMVB_INST2(0, 1, 1) GEMVB_INST2(0, 2, 0)
+GEMVB_INST2(1, 0, 0) GEMVB_INST2(1, 0, 1) GEMVB_INST2(1, 1, 0) GEMVB_INST2(1, 1, 1) GEMVB_INST2(1, 2, 0)
+GEMVB_INST2(0, 4, 0) GEMVB_INST2(3, 0, 0) GEMVB_INST2(3, 0, 1) GEMVB_INST2(3, 2, 0)
 
 // ---------------------------------------------------------------- embedding row (decode)
 // The token is meta[2], or, when meta[2] < 0 (a chained step), the last token picked for this
@@ -887,12 +900,14 @@ extern "C" __global__ void __launch_bounds__(NT) attn_combine(const float* __res
 class CudaOps:
     """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
 
-    def __init__(self, dtype_name: str, norm_min_blocks: int = 3, bulk: bool | None = None,
+    def __init__(self, dtype_name: str, norm_min_blocks: int = 3, bulk: str = "auto",
                  bulk_consumers: int = GEMVB_CONSUMERS):
         """norm_min_blocks: the register GEMVs with a norm prologue are built for this many blocks per
-        SM (3: 80 registers, no spill; 4: 64 registers, which spills). bulk: the decode GEMVs stream
-        their weights into shared memory with bulk copies (gemvb_*; default: on sm_90 and later),
-        bulk_consumers warps computing per block."""
+        SM (3: 80 registers, no spill; 4: 64 registers, which spills). bulk: which decode GEMVs stream
+        their weights into shared memory with bulk copies (gemvb_*, sm_90 and later) with
+        bulk_consumers warps computing per block: "auto" those with rows of at most GEMVB_ROW_MAX
+        bytes (measured faster there; slower on the longer rows of down, bench/NOTES.md),
+        "always" every one whose slots fit, "never" none."""
         import cupy
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
@@ -913,9 +928,11 @@ class CudaOps:
         self.cuda_dtype = {0: runtime.CUDA_R_16BF, 1: runtime.CUDA_R_16F, 2: runtime.CUDA_R_32F}[self.dt]
         props = runtime.getDeviceProperties(runtime.getDevice())
         self.sm_count = props["multiProcessorCount"]
-        self.bulk = props["major"] >= 9 if bulk is None else bulk
-        if self.bulk and props["major"] < 9:
+        if bulk not in ("auto", "always", "never"):
+            raise ValueError(f"bulk: auto, always or never, not {bulk!r}")
+        if bulk == "always" and props["major"] < 9:
             raise ValueError("bulk-copy GEMVs need sm_90 or later")
+        self.bulk = "never" if props["major"] < 9 else bulk
         self.smem_optin = int(props.get("sharedMemPerBlockOptin", GEMV_SMEM_MAX))
         self._occupancy: dict = {}
         self._plans: dict = {}
@@ -957,10 +974,9 @@ class CudaOps:
         for name in ("gemv_p0_e4_b0", "gemv_p0_e4_b0_r2", "gemv_p3_e0_b0", "gemv_p3_e0_b1", "gemv_p3_e2_b0",
                      "gemv_p3_e3_b0", "gemv_p3_e3_b1", "gemv_p3_e0_b0_r2", "gemv_p3_e0_b1_r2", "gemv_p3_e2_b0_r2"):
             self.fn(name)
-        if self.bulk:
+        if self.bulk != "never":
             for name in list(self._fn):
-                if not name.endswith("_r2"):
-                    self.fn(name.replace("gemv_", "gemvb_"))
+                self.fn(name.replace("gemv_", "gemvb_"))
         for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32"):
             self.fn(name)
 
@@ -1018,8 +1034,8 @@ class CudaOps:
         smem = self.gemv_smem(pro, k, item, resid_bias)
         if smem > GEMV_SMEM_MAX:
             raise ValueError(f"GEMV input of {k} elements needs {smem} bytes of shared memory (at most {GEMV_SMEM_MAX})")
-        if self.bulk and rows_per_warp in (None, 1):
-            plan = self.gemv_bulk_plan(n, k, item, pro, epi, smem, blocks)
+        if self.bulk == "always" or (self.bulk == "auto" and k * item <= GEMVB_ROW_MAX):
+            plan = self.gemv_bulk_plan(n, k, item, pro, epi, smem, blocks, rows_per_warp)
             if plan is not None:
                 return plan
         base = f"gemv_p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
@@ -1030,17 +1046,23 @@ class CudaOps:
         return dict(base=base, r=r, smem=smem, units=units, grid=grid)
 
     def gemv_bulk_plan(self, n: int, k: int, item: int, pro: str, epi: str, stage: int,
-                       blocks: int | None) -> dict | None:
+                       blocks: int | None, rows_per_warp: int | None) -> dict | None:
         """The bulk-copy GEMV's launch: one block per SM (or `blocks`), each a contiguous range of
         units and as many one-unit slots as its shared memory holds after the staged prologue
-        inputs and the 2 mbarriers per slot. None when fewer than 2 slots fit (the register kernel
-        then runs)."""
-        unit_bytes = k * item * (2 if epi == "silu_pair" else 1)
-        grid = min(blocks or self.sm_count, n)
-        upb = ceil_div(n, grid)
-        grid = ceil_div(n, upb)
+        inputs and the 2 mbarriers per slot. A unit is two rows where rows are under 8 KiB (one
+        copy, two independent sums per warp), or rows_per_warp. None when fewer than 2 slots fit
+        (the register kernel then runs)."""
+        r = rows_per_warp or (2 if k * item < 8192 and n % 2 == 0 else 1)
+        if epi == "silu_pair" or pro == "silu" or n % r:
+            r = 1
+        unit_bytes = k * item * (2 if epi == "silu_pair" else r)
+        units = n // r
+        grid = min(blocks or self.sm_count, units)
+        upb = ceil_div(units, grid)
+        grid = ceil_div(units, upb)
         base = f"gemvb_p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
-        budget = self.smem_optin - self.fn(base.format(b=0)).attributes["shared_size_bytes"]
+        name = base.format(b=0) + ("_r2" if r == 2 else "")
+        budget = self.smem_optin - self.fn(name).attributes["shared_size_bytes"]
         bar_off = ceil_div(stage, 8) * 8
 
         def slot_off(slots: int) -> int:
@@ -1056,7 +1078,7 @@ class CudaOps:
             consumers = min(consumers, slots)
             slots -= slots % consumers
         smem = slot_off(slots) + slots * unit_bytes
-        return dict(base=base, r=1, smem=smem, units=n, grid=grid,
+        return dict(base=base, r=r, smem=smem, units=units, grid=grid,
                     bulk=(upb, slots, consumers, bar_off, slot_off(slots)))
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
