@@ -35,7 +35,6 @@ GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for th
 GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
 GEMVB_CONSUMERS = 16                       # bulk-copy GEMV (sm_90): consumer warps, plus one producer warp
 GEMVB_ROW_MAX = 8192                       # "auto": the bulk GEMV for rows of at most this many bytes
-GEMVB_CHUNK = 8192                         # bytes of a row per slot of the bulk GEMV, at most
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
 
 
@@ -417,17 +416,16 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
 // flight per SM, and its second batch waits for the prologue; a TP rank's q/k/v is 190 KiB per SM, so
 // each launch paid two DRAM round trips plus the prologue with the HBM partly idle.
 // Here one block per SM owns a contiguous range of units (R rows: one, two where a row is under 8 KiB,
-// or a gate/up pair), each cut into C chunks of columns (a row of down is 14-28 KiB: the ring then
-// refills after each chunk, not each row), and a ring of S one-chunk slots. A producer warp (the
-// last) requests the first S chunks at the kernel's first instruction, before the prologue, and
-// refills a slot when the consumer warp that read it releases it. mbarriers: full[s] completes when
-// the slot's bytes have landed, empty[s] when its consumer is done with it. Consumer warp c (of
-// nc <= GEMVB_CONSUMERS) computes the block's units c, c + nc, ..., chunk by chunk (a lane's vectors
-// still summed in ascending order). When the ring wraps, nc C divides S, so slot s is only ever read
-// by warp (s / C) mod nc, which waits for its phases in order: a parity wait cannot tell phase r from
-// r + 2, and a second reader running ahead would take the previous round's completion for its own.
-// Dynamic shared memory: the staged prologue inputs (as gemv_*), full[S] and empty[S] at bar_off,
-// the slots at slot_off.
+// or a gate/up pair) and a ring of S one-unit slots. A producer warp (the last) requests the first S
+// units at the kernel's first instruction, before the prologue, and refills a slot when the consumer
+// warp that read it releases it. mbarriers: full[s] completes when the slot's bytes have landed,
+// empty[s] when its consumer is done with it. Consumer warp c (of nc <= GEMVB_CONSUMERS) computes the
+// block's units c, c + nc, ... When the ring wraps, nc divides S, so slot s is only ever read by warp
+// s mod nc, which waits for its phases in order: a parity wait cannot tell phase r from r + 2, and a
+// second reader running ahead would take the previous round's completion for its own. Dynamic shared
+// memory: the staged prologue inputs (as gemv_*), full[S] and empty[S] at bar_off, the slots at
+// slot_off. (Rows cut into column chunks, one slot each, to refill the ring sooner on down: measured
+// slower, bench/NOTES.md.)
 #ifndef GEMVB_CONSUMERS
 #define GEMVB_CONSUMERS 8
 #endif
@@ -454,19 +452,21 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned b
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                  :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
 }
-// chunk q of the block (chunk q % C of unit q / C) -> slot q % S: CV vectors of each of the unit's
-// rows (rows R (u0 + k) ... + R - 1, or with E 3 gate row u0 + k and its up row N + u0 + k)
+// unit k of the block -> slot k % S: rows R (u0 + k) ... + R - 1, or with E 3 gate row u0 + k and its
+// up row N + u0 + k
 template <int E, int R>
-__device__ __forceinline__ void gemvb_request(int q, int u0, int S, int C, int N, int NV, const uint4* W4,
-                                              uint4* slots, unsigned long long* full) {
-    const int s = q % S, k = q / C, CV = NV / C;
-    const unsigned bytes = (unsigned)CV * 16u;
-    uint4* dst = slots + (size_t)s * R * CV;
-    const uint4* src = W4 + (size_t)(E == 3 ? u0 + k : (u0 + k) * R) * NV + (size_t)(q % C) * CV;
-    mbar_expect_tx(full + s, R * bytes);
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-        bulk_copy(dst + r * CV, src + (size_t)r * (E == 3 ? N : 1) * NV, bytes, full + s);
+__device__ __forceinline__ void gemvb_request(int k, int u0, int S, int N, int NV, const uint4* W4, uint4* slots,
+                                              unsigned long long* full) {
+    const int s = k % S;
+    const unsigned row_bytes = (unsigned)NV * 16u;
+    uint4* dst = slots + (size_t)s * R * NV;
+    mbar_expect_tx(full + s, R * row_bytes);
+    if (E == 3) {
+        bulk_copy(dst, W4 + (size_t)(u0 + k) * NV, row_bytes, full + s);
+        bulk_copy(dst + NV, W4 + (size_t)(N + u0 + k) * NV, row_bytes, full + s);
+    } else {
+        bulk_copy(dst, W4 + (size_t)(u0 + k) * R * NV, R * row_bytes, full + s);
+    }
 }
 #endif
 template <int P, int E, int B, int R>
@@ -474,7 +474,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
         const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo,
-        int upb, int S, int nc, int C, int bar_off, int slot_off) {
+        int upb, int S, int nc, int bar_off, int slot_off) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ float scratch[32];
@@ -497,36 +497,32 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     __syncthreads();
     const bool producer = warp == GEMVB_CONSUMERS;
     if (producer && lane == 0)
-        for (int q = 0; q < min(S, nu * C); ++q) gemvb_request<E, R>(q, u0, S, C, N, NV, W4, slots, full);
+        for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, u0, S, N, NV, W4, slots, full);
     gemv_stage<P>(s, NV, xin, nw, rs, rb);
     cp_async_wait_all();
     gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
     if (producer) {
         if (lane == 0)
-            for (int q = S; q < nu * C; ++q) {
-                mbar_wait(empty + q % S, (unsigned)(q / S - 1) & 1u);
-                gemvb_request<E, R>(q, u0, S, C, N, NV, W4, slots, full);
+            for (int k = S; k < nu; ++k) {
+                mbar_wait(empty + k % S, (unsigned)(k / S - 1) & 1u);
+                gemvb_request<E, R>(k, u0, S, N, NV, W4, slots, full);
             }
         return;
     }
     if (warp >= nc) return;
-    const int CV = NV / C;                         // vectors per row and chunk, a multiple of 32
     for (int k = warp; k < nu; k += nc) {
+        const int sl = k % S;
+        mbar_wait(full + sl, (unsigned)(k / S) & 1u);
+        const uint4* w = slots + (size_t)sl * R * NV;
         float acc = 0.f, acc2 = 0.f;
-        for (int c = 0; c < C; ++c) {
-            const int q = k * C + c, sl = q % S;
-            mbar_wait(full + sl, (unsigned)(q / S) & 1u);
-            const uint4* w = slots + (size_t)sl * R * CV;
-            const uint4* xc = s.xs + c * CV;
 #pragma unroll 4
-            for (int i = lane; i < CV; i += 32) {
-                const uint4 xv4 = xc[i];
-                acc = dot_acc(acc, w[i], xv4);
-                if (R == 2) acc2 = dot_acc(acc2, w[CV + i], xv4);
-            }
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty + sl);
+        for (int i = lane; i < NV; i += 32) {
+            const uint4 xv4 = s.xs[i];
+            acc = dot_acc(acc, w[i], xv4);
+            if (R == 2) acc2 = dot_acc(acc2, w[NV + i], xv4);
         }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + sl);
         acc = warp_sum(acc);
         if (R == 2) acc2 = warp_sum(acc2);
         if (lane == 0) gemv_epilogue<E, B, R>(E == 3 ? u0 + k : (u0 + k) * R, acc, acc2, N, bias, out, outf);
@@ -556,8 +552,8 @@ GEMV_INST(3, 0, 0) GEMV_INST(3, 0, 1) GEMV_INST(3, 2, 0) GEMV_INST(3, 3, 0) GEMV
 GEMV_INST2(3, 0, 0) GEMV_INST2(3, 0, 1) GEMV_INST2(3, 2, 0)
 GEMV_INST2(0, 0, 0) GEMV_INST2(0, 0, 1) GEMV_INST2(0, 1, 0) GEMV_INST2(0, 1, 1) GEMV_INST2(0, 2, 0)
 GEMV_INST2(1, 0, 0) GEMV_INST2(1, 0, 1) GEMV_INST2(1, 1, 0) GEMV_INST2(1, 1, 1) GEMV_INST2(1, 2, 0)
-#define GEMVB_ARGS GEMV_ARGS, int upb, int S, int nc, int C, int bar_off, int slot_off
-#define GEMVB_PASS GEMV_PASS, upb, S, nc, C, bar_off, slot_off
+#define GEMVB_ARGS GEMV_ARGS, int upb, int S, int nc, int bar_off, int slot_off
+#define GEMVB_PASS GEMV_PASS, upb, S, nc, bar_off, slot_off
 #define GEMVB_INST(P, E, B) extern "C" __global__ void __launch_bounds__(GEMVB_THREADS, 1) \
     gemvb_p##P##_e##E##_b##B(GEMVB_ARGS) { gemvb_impl<P, E, B, E == 3 ? 2 : 1>(GEMVB_PASS); }
 #define GEMVB_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(GEMVB_THREADS, 1) \
@@ -1054,18 +1050,14 @@ class CudaOps:
     def gemv_bulk_plan(self, n: int, k: int, item: int, pro: str, epi: str, stage: int,
                        blocks: int | None, rows_per_warp: int | None) -> dict | None:
         """The bulk-copy GEMV's launch: one block per SM (or `blocks`), each a contiguous range of
-        units, and as many one-chunk slots as its shared memory holds after the staged prologue
+        units and as many one-unit slots as its shared memory holds after the staged prologue
         inputs and the 2 mbarriers per slot. A unit is two rows where rows are under 8 KiB (one
-        copy, two independent sums per warp; or rows_per_warp), a chunk at most 8 KiB of each of a
-        unit's rows where the row's vectors split into equal multiples of 32. None when the slots
-        do not fit (the register kernel then runs)."""
-        r = rows_per_warp or (2 if k * item < GEMVB_CHUNK and n % 2 == 0 else 1)
+        copy, two independent sums per warp), or rows_per_warp. None when fewer than 2 slots fit
+        (the register kernel then runs)."""
+        r = rows_per_warp or (2 if k * item < 8192 and n % 2 == 0 else 1)
         if epi == "silu_pair" or pro == "silu" or n % r:
             r = 1
-        nv = k * item // 16
-        chunks = next((c for c in range(ceil_div(k * item, GEMVB_CHUNK), nv // 32 + 1)
-                       if nv % c == 0 and (nv // c) % 32 == 0), 1)
-        chunk_bytes = k * item // chunks * (2 if epi == "silu_pair" else r)
+        unit_bytes = k * item * (2 if epi == "silu_pair" else r)
         units = n // r
         grid = min(blocks or self.sm_count, units)
         upb = ceil_div(units, grid)
@@ -1078,20 +1070,18 @@ class CudaOps:
         def slot_off(slots: int) -> int:
             return ceil_div(bar_off + 16 * slots, 128) * 128
 
-        slots = min(upb * chunks, (budget - slot_off(0)) // chunk_bytes)
-        while slots > 0 and slot_off(slots) + slots * chunk_bytes > budget:
+        slots = min(upb, (budget - slot_off(0)) // unit_bytes)
+        while slots > 0 and slot_off(slots) + slots * unit_bytes > budget:
             slots -= 1
-        consumers = self.bulk_consumers
-        if slots < upb * chunks:  # the ring wraps: slot s read by warp (s / chunks) mod nc only
-            consumers = min(consumers, slots // chunks)
-            if consumers < 1:
-                return None
-            slots -= slots % (consumers * chunks)
         if slots < 2:
             return None
-        smem = slot_off(slots) + slots * chunk_bytes
+        consumers = self.bulk_consumers
+        if slots < upb:  # the ring wraps: each slot read by one consumer warp (nc divides slots)
+            consumers = min(consumers, slots)
+            slots -= slots % consumers
+        smem = slot_off(slots) + slots * unit_bytes
         return dict(base=base, r=r, smem=smem, units=units, grid=grid,
-                    bulk=(upb, slots, consumers, chunks, bar_off, slot_off(slots)))
+                    bulk=(upb, slots, consumers, bar_off, slot_off(slots)))
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
