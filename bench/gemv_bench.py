@@ -6,9 +6,9 @@ copy bandwidth measured in the same run.
     python bench/gemv_bench.py [--out DIR]      # needs a GPU and CuPy
 
 Builds: reg (weights loaded into registers, the norm-prologue GEMVs at 80 registers, 3 blocks per
-SM: the kernel before sm_90), always (every GEMV with weights bulk-copied into shared memory by a
-producer warp, 16 consumer warps per block) and auto (the default: bulk for rows of at most 8 KiB,
-registers for longer ones). Every layer has its own norm weight, as in the model. Each build's
+SM: the kernel before sm_90), auto (the default: weights bulk-copied into shared memory by a
+producer warp, 16 consumer warps per block, for rows of at most 8 KiB; two rows per unit under 8
+KiB; registers for longer rows) and pairs8k (auto with two rows per unit up to 8 KiB rows). Every layer has its own norm weight, as in the model. Each build's
 result is checked against reg's on the same inputs (relative L2 error; all sum in the same order,
 so 0). Prints a table and writes gemv_bench-<time>.json.
 """
@@ -48,7 +48,7 @@ SHAPES = [
     ("1b-tp1", "lm_head", 128256, 2048, "rms", "logits", 1),
 ]
 # build -> CudaOps arguments
-VARIANTS = {"reg": dict(bulk="never"), "always": dict(bulk="always"), "auto": dict(bulk="auto")}
+VARIANTS = {"reg": dict(bulk="never"), "auto": dict(bulk="auto"), "pairs8k": dict(bulk="auto", bulk_pair_below=8193)}
 
 
 def time_graph(cp, fn, reps: int = 15) -> float:

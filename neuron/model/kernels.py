@@ -452,12 +452,11 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned b
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
                  :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
 }
-// unit k of the block -> slot k % S: rows R (u0 + k) ... + R - 1, or with E 3 gate row u0 + k and its
+// unit k of the block -> slot s: rows R (u0 + k) ... + R - 1, or with E 3 gate row u0 + k and its
 // up row N + u0 + k
 template <int E, int R>
-__device__ __forceinline__ void gemvb_request(int k, int u0, int S, int N, int NV, const uint4* W4, uint4* slots,
+__device__ __forceinline__ void gemvb_request(int k, int s, int u0, int N, int NV, const uint4* W4, uint4* slots,
                                               unsigned long long* full) {
-    const int s = k % S;
     const unsigned row_bytes = (unsigned)NV * 16u;
     uint4* dst = slots + (size_t)s * R * NV;
     mbar_expect_tx(full + s, R * row_bytes);
@@ -497,22 +496,30 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     __syncthreads();
     const bool producer = warp == GEMVB_CONSUMERS;
     if (producer && lane == 0)
-        for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, u0, S, N, NV, W4, slots, full);
+        for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, k, u0, N, NV, W4, slots, full);
     gemv_stage<P>(s, NV, xin, nw, rs, rb);
     cp_async_wait_all();
     gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
     if (producer) {
-        if (lane == 0)
-            for (int k = S; k < nu; ++k) {
-                mbar_wait(empty + k % S, (unsigned)(k / S - 1) & 1u);
-                gemvb_request<E, R>(k, u0, S, N, NV, W4, slots, full);
+        unsigned phase = 0;                        // of empty[sl]: the previous round's release
+        for (int k = S, sl = 0; lane == 0 && k < nu; ++k) {
+            mbar_wait(empty + sl, phase);
+            gemvb_request<E, R>(k, sl, u0, N, NV, W4, slots, full);
+            if (++sl == S) {
+                sl = 0;
+                phase ^= 1u;
             }
+        }
         return;
     }
     if (warp >= nc) return;
-    for (int k = warp; k < nu; k += nc) {
-        const int sl = k % S;
-        mbar_wait(full + sl, (unsigned)(k / S) & 1u);
+    unsigned phase = 0;                            // of full[sl]: unit k's round of its slot
+    for (int k = warp, sl = warp; k < nu; k += nc, sl += nc) {
+        if (sl >= S) {                             // nc <= S when the ring wraps
+            sl -= S;
+            phase ^= 1u;
+        }
+        mbar_wait(full + sl, phase);
         const uint4* w = slots + (size_t)sl * R * NV;
         float acc = 0.f, acc2 = 0.f;
 #pragma unroll 4
@@ -903,13 +910,14 @@ class CudaOps:
     """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
 
     def __init__(self, dtype_name: str, norm_min_blocks: int = 3, bulk: str = "auto",
-                 bulk_consumers: int = GEMVB_CONSUMERS):
+                 bulk_consumers: int = GEMVB_CONSUMERS, bulk_pair_below: int = 8192):
         """norm_min_blocks: the register GEMVs with a norm prologue are built for this many blocks per
         SM (3: 80 registers, no spill; 4: 64 registers, which spills). bulk: which decode GEMVs stream
         their weights into shared memory with bulk copies (gemvb_*, sm_90 and later) with
         bulk_consumers warps computing per block: "auto" those with rows of at most GEMVB_ROW_MAX
         bytes (measured faster there; slower on the longer rows of down, bench/NOTES.md),
-        "always" every one whose slots fit, "never" none."""
+        "always" every one whose slots fit, "never" none. Rows of fewer than bulk_pair_below bytes
+        are computed two per warp."""
         import cupy
         from cupy_backends.cuda.api import runtime
         from cupy_backends.cuda.libs import cublas
@@ -921,6 +929,7 @@ class CudaOps:
         self.options = ("--std=c++17", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}",
                         f"-DGEMVB_CONSUMERS={bulk_consumers}")
         self.bulk_consumers = bulk_consumers
+        self.bulk_pair_below = bulk_pair_below
         self.bulk_threads = 32 * (bulk_consumers + 1)
         self.module = cupy.RawModule(code=CUDA_BASE + CUDA_KERNELS, options=self.options)
         self._fn: dict = {}
@@ -1051,10 +1060,10 @@ class CudaOps:
                        blocks: int | None, rows_per_warp: int | None) -> dict | None:
         """The bulk-copy GEMV's launch: one block per SM (or `blocks`), each a contiguous range of
         units and as many one-unit slots as its shared memory holds after the staged prologue
-        inputs and the 2 mbarriers per slot. A unit is two rows where rows are under 8 KiB (one
-        copy, two independent sums per warp), or rows_per_warp. None when fewer than 2 slots fit
+        inputs and the 2 mbarriers per slot. A unit is two rows where rows are under
+        bulk_pair_below bytes (one copy, two independent sums per warp), or rows_per_warp. None when fewer than 2 slots fit
         (the register kernel then runs)."""
-        r = rows_per_warp or (2 if k * item < 8192 and n % 2 == 0 else 1)
+        r = rows_per_warp or (2 if k * item < self.bulk_pair_below and n % 2 == 0 else 1)
         if epi == "silu_pair" or pro == "silu" or n % r:
             r = 1
         unit_bytes = k * item * (2 if epi == "silu_pair" else r)
