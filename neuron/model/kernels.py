@@ -24,6 +24,8 @@ Layouts (one sequence, T tokens, Hq query heads = Hkv kv heads x g, head_dim D):
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
@@ -35,6 +37,7 @@ GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for th
 GEMV_SMEM_MAX = 227 * 1024                 # dynamic shared memory of one block, at most (sm_80, sm_90)
 GEMVB_CONSUMERS = 16                       # bulk-copy GEMV (sm_90): consumer warps, plus one producer warp
 GEMVB_ROW_MAX = 8192                       # "auto": the bulk GEMV for rows of at most this many bytes
+GEMVB_PAIR_BELOW = 8192                    # bulk GEMV: rows of fewer bytes go two per unit
 ATTN_SMEM_BUDGET = 40 * 1024              # static shared memory of the decode-attention kernel
 
 
@@ -68,6 +71,12 @@ def supports(config, layout, dtype_name: str) -> str | None:
         if smem > GEMV_SMEM_MAX:
             return f"{name}: the GEMV's staged input needs {smem} bytes of shared memory (at most {GEMV_SMEM_MAX})"
     return None
+
+
+def gemv_kernel_names() -> list[str]:
+    """The GEMV kernels the CUDA source instantiates (GEMV_INST / GEMVB_INST lines)."""
+    return [f"{kind.lower()}_p{p}_e{e}_b{b}{'_r2' if r2 else ''}"
+            for kind, r2, p, e, b in re.findall(r"\b(GEMVB?)_INST(2?)\((\d), (\d), (\d)\)", CUDA_KERNELS)]
 
 
 def attn_threads(d: int) -> int:
@@ -910,7 +919,7 @@ class CudaOps:
     """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
 
     def __init__(self, dtype_name: str, norm_min_blocks: int = 3, bulk: str = "auto",
-                 bulk_consumers: int = GEMVB_CONSUMERS, bulk_pair_below: int = 8192):
+                 bulk_consumers: int = GEMVB_CONSUMERS, bulk_pair_below: int = GEMVB_PAIR_BELOW):
         """norm_min_blocks: the register GEMVs with a norm prologue are built for this many blocks per
         SM (3: 80 registers, no spill; 4: 64 registers, which spills). bulk: which decode GEMVs stream
         their weights into shared memory with bulk copies (gemvb_*, sm_90 and later) with
@@ -972,22 +981,9 @@ class CudaOps:
 
     def compile_all(self) -> None:
         """Load every kernel now (compilation is cached on disk by CuPy), not on the first step."""
-        for p in range(3):
-            for e in range(3):
-                for b in ((0,) if e == 2 else (0, 1)):
-                    self.fn(f"gemv_p{p}_e{e}_b{b}")
-        for p in range(2):
-            for b in (0, 1):
-                self.fn(f"gemv_p{p}_e3_b{b}")
-            for e in range(3):
-                for b in ((0,) if e == 2 else (0, 1)):
-                    self.fn(f"gemv_p{p}_e{e}_b{b}_r2")
-        for name in ("gemv_p0_e4_b0", "gemv_p0_e4_b0_r2", "gemv_p3_e0_b0", "gemv_p3_e0_b1", "gemv_p3_e2_b0",
-                     "gemv_p3_e3_b0", "gemv_p3_e3_b1", "gemv_p3_e0_b0_r2", "gemv_p3_e0_b1_r2", "gemv_p3_e2_b0_r2"):
-            self.fn(name)
-        if self.bulk != "never":
-            for name in list(self._fn):
-                self.fn(name.replace("gemv_", "gemvb_"))
+        for name in gemv_kernel_names():
+            if self.bulk != "never" or not name.startswith("gemvb_"):
+                self.fn(name)
         for name in ("embed_row", "qkv_post", "softmax_rows", "add_rmsnorm", "resid_add_f32", "silu_mul", "argmax_f32"):
             self.fn(name)
 
@@ -1090,7 +1086,7 @@ class CudaOps:
             slots -= slots % consumers
         smem = slot_off(slots) + slots * unit_bytes
         return dict(base=base, r=r, smem=smem, units=units, grid=grid,
-                    bulk=(upb, slots, consumers, bar_off, slot_off(slots)))
+                    bulk=tuple(np.int32(v) for v in (upb, slots, consumers, bar_off, slot_off(slots))))
 
     def gemv(self, W, xin, out, pro: str, epi: str, norm_w=None, eps: float = 0.0, bias=None, outf=None,
              rows_per_warp: int | None = None, resid=None, resid_bias=None, xout=None,
@@ -1116,8 +1112,7 @@ class CudaOps:
         args = (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n),
                 np.int32(k), np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout))
         if "bulk" in plan:
-            f((plan["grid"],), (self.bulk_threads,), args + tuple(np.int32(v) for v in plan["bulk"]),
-              shared_mem=plan["smem"])
+            f((plan["grid"],), (self.bulk_threads,), args + plan["bulk"], shared_mem=plan["smem"])
         else:
             f((plan["grid"],), (GEMV_THREADS,), args, shared_mem=plan["smem"])
 
