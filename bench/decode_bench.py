@@ -263,11 +263,11 @@ def neuron_servers(path: Path, tokens: int, prompt: list[int], vocab: int, devic
     """`neuron serve` and `cortex serve` as processes; Generate through each; client-side timings."""
     import grpc
 
-    from cortex.v1 import cortex_pb2 as cpb
-    from cortex.v1 import cortex_pb2_grpc
-    from neuron.v1 import neuron_pb2 as npb
-    from neuron.v1 import neuron_pb2_grpc
-    from synapse.server import CHANNEL_OPTIONS
+    from common.proto.cortex.v1 import cortex_pb2 as cpb
+    from common.proto.cortex.v1 import cortex_pb2_grpc
+    from common.proto.neuron.v1 import neuron_pb2 as npb
+    from common.proto.neuron.v1 import neuron_pb2_grpc
+    from common.server import CHANNEL_OPTIONS
     from tests.helpers import start_cortex, start_neuron, wait_until
 
     res = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from neuron.v1 import neuron_pb2 as npb
+from common.proto.neuron.v1 import neuron_pb2 as npb
 
 from .registry import Node
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import structlog
 
-from synapse.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
-from synapse.errors import ServiceError
-from synapse.logs import configure_logging
-from synapse.server import ServingServer
+from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
+from common.errors import ServiceError
+from common.logs import configure_logging
+from common.server import ServingServer
 
 log = structlog.get_logger("cortex")
 
@@ -101,7 +101,7 @@ async def serve_forever(settings: dict) -> int:
     from .placement import Placer
     from .registry import Registry
     from .server import CortexService, FleetService
-    from .v1 import cortex_pb2_grpc
+    from common.proto.cortex.v1 import cortex_pb2_grpc
 
     try:
         registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"])

@@ -21,10 +21,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cortex.v1 import cortex_pb2 as cpb
-from cortex.v1 import cortex_pb2_grpc
-from neuron.v1 import neuron_pb2 as npb
-from synapse.server import CHANNEL_OPTIONS
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.server import CHANNEL_OPTIONS
 
 
 def check_health(address: str, timeout: float = 3.0, service: str = "") -> str:

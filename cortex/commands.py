@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from neuron.v1 import neuron_pb2 as npb
+from common.proto.neuron.v1 import neuron_pb2 as npb
 
 from .client import CortexClient, check_health
 from .placement import human_bytes
-from .v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2 as cpb
 
 NODE_STATES = {cpb.NODE_STATE_UP: "UP", cpb.NODE_STATE_DOWN: "DOWN"}
 MODEL_STATES = {cpb.MODEL_STATE_LOADING: "LOADING", cpb.MODEL_STATE_READY: "READY",

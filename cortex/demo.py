@@ -21,7 +21,7 @@ from .commands import MODEL_STATES, NODE_STATES, ProgressBar
 from .local import LocalServer, ServerFailed, cortex_args, neuron_args, start_server
 from .placement import human_bytes
 from .tiny_checkpoint import SHAPES, write_checkpoint
-from .v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2 as cpb
 
 NEURONS = 2
 STARTUP_TIMEOUT_S = 60.0

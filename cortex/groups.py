@@ -18,8 +18,8 @@ from typing import Awaitable, Callable
 import grpc
 import structlog
 
-from neuron.v1 import neuron_pb2 as npb
-from synapse.errors import FailedPrecondition, ServiceError, from_rpc_error
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.errors import FailedPrecondition, ServiceError, from_rpc_error
 
 from .placement import Target
 from .registry import Registry

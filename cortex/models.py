@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from cortex.v1 import cortex_pb2 as cpb
-from neuron.v1 import neuron_pb2 as npb
-from synapse.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from .adoption import orphans
 from .groups import destroy_group, form_group, new_group_id, on_all

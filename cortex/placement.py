@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from neuron.v1 import neuron_pb2 as npb
-from synapse.errors import InvalidArgument, ResourceExhausted, Unavailable, from_rpc_error
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.errors import InvalidArgument, ResourceExhausted, Unavailable, from_rpc_error
 
 from .registry import Node
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from cortex.v1 import cortex_pb2 as cpb
-from neuron.v1 import neuron_pb2 as npb
-from neuron.v1 import neuron_pb2_grpc
-from synapse.errors import InvalidArgument
-from synapse.server import CHANNEL_OPTIONS
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.proto.neuron.v1 import neuron_pb2_grpc
+from common.errors import InvalidArgument
+from common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
 

@@ -13,10 +13,10 @@ import uuid
 import grpc
 import structlog
 
-from cortex.v1 import cortex_pb2 as cpb
-from cortex.v1 import cortex_pb2_grpc
-from neuron.v1 import neuron_pb2 as npb
-from synapse.errors import InvalidArgument, ServiceError, from_rpc_error, rpc_method
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.errors import InvalidArgument, ServiceError, from_rpc_error, rpc_method
 
 from .models import ModelTable, Route
 from .registry import Registry

@@ -4,7 +4,7 @@
 #   docker build -f docker/cortex.Dockerfile -t cortex-neuron/cortex .      (from the repo root)
 #   docker run -p 50051:50051 cortex-neuron/cortex
 #
-# The image carries the whole distribution (cortex, neuron, synapse): cortex's stubs import the
+# The image carries the whole distribution (cortex, neuron, common): cortex's stubs import the
 # neuron protos, `cortex health` is the HEALTHCHECK of both images and `cortex demo` runs neurons.
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
@@ -17,7 +17,7 @@ WORKDIR /src
 # Every dependency ships manylinux wheels, so no compiler is needed here either; the separate stage
 # keeps pip's caches, the sources and the build backend out of the final image.
 COPY pyproject.toml README.md ./
-COPY synapse ./synapse
+COPY common ./common
 COPY cortex ./cortex
 COPY neuron ./neuron
 # Byte-compile once here: the non-root user cannot write __pycache__ into /opt/venv later.

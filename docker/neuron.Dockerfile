@@ -26,7 +26,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY synapse ./synapse
+COPY common ./common
 COPY cortex ./cortex
 COPY neuron ./neuron
 # Byte-compile once here: the non-root user cannot write __pycache__ into /opt/venv later.

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import structlog
 
-from synapse.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
-from synapse.logs import configure_logging
-from synapse.server import ServingServer
+from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
+from common.logs import configure_logging
+from common.server import ServingServer
 
 from .device import parse_devices, system_memory_bytes
 from .registration import keep_registered
 from .server import NeuronService
-from .v1 import neuron_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2_grpc
 from .worker import DeviceWorker
 
 log = structlog.get_logger("neuron")

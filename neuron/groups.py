@@ -14,11 +14,11 @@ from typing import Callable
 import grpc
 import structlog
 
-from synapse.server import CHANNEL_OPTIONS
+from common.server import CHANNEL_OPTIONS
 
 from .collectives import Communicator
-from .v1 import neuron_pb2 as pb
-from .v1 import neuron_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as pb
+from common.proto.neuron.v1 import neuron_pb2_grpc
 
 log = structlog.get_logger(__name__)
 

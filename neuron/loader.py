@@ -15,7 +15,7 @@ import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy so safetensors ca
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from synapse.errors import InvalidArgument, NotFound, PermissionDenied
+from common.errors import InvalidArgument, NotFound, PermissionDenied
 
 from .model.sharding import TensorRead
 

@@ -8,9 +8,9 @@ import socket
 import grpc
 import structlog
 
-from cortex.v1 import cortex_pb2 as cpb
-from cortex.v1 import cortex_pb2_grpc
-from synapse.server import CHANNEL_OPTIONS
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2_grpc
+from common.server import CHANNEL_OPTIONS
 
 from . import __version__
 

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from neuron.v1 import neuron_pb2
-from synapse.errors import InvalidArgument
+from common.proto.neuron.v1 import neuron_pb2
+from common.errors import InvalidArgument
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 1_000_000

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from synapse.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+from common.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                             Unavailable, rpc_method)
-from synapse.server import MAX_MESSAGE_BYTES
+from common.server import MAX_MESSAGE_BYTES
 
 from . import __version__, comm_nccl, comm_tcp
 from .collectives import UNIQUE_ID_BYTES, CollectiveError
@@ -24,8 +24,8 @@ from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
 from .shard import LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
-from .v1 import neuron_pb2 as pb
-from .v1 import neuron_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as pb
+from common.proto.neuron.v1 import neuron_pb2_grpc
 from .worker import (CallJob, ClearKvJob, DeviceWorker, DropShardJob, FollowerStepJob, ForwardJob, GenerateJob,
                      LoadShardJob)
 

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from synapse.errors import Cancelled, InvalidArgument, ResourceExhausted
+from common.errors import Cancelled, InvalidArgument, ResourceExhausted
 
 from .collectives import Communicator, SingleRank
 from .device import DTYPES, resolve_dtype

@@ -18,7 +18,7 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
-from synapse.errors import FailedPrecondition, InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument
 
 # Special tokens of tokenizer_config.json that chat templates may refer to by name.
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synapse.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 CHUNK_BYTES = 64 << 20

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
-from synapse.errors import NotFound, ResourceExhausted, Unavailable
+from common.errors import NotFound, ResourceExhausted, Unavailable
 
 from .collectives import CollectiveError
 from .device import CpuBackend, CudaBackend, DeviceSpec

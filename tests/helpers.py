@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from synapse.server import CHANNEL_OPTIONS
+from common.server import CHANNEL_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -3,7 +3,7 @@
     python tools/gen_config_docs.py           # rewrite the generated part of docs/configuration.md
     python tools/gen_config_docs.py --check   # exit 1 if it is stale (tests/unit/test_config_docs.py)
 
-The table comes from `cortex.cli.SETTINGS` and `neuron.cli.SETTINGS` (the lists `synapse.config`
+The table comes from `cortex.cli.SETTINGS` and `neuron.cli.SETTINGS` (the lists `common.config`
 turns into flags, environment variables and TOML keys) plus ENV_ONLY below: variables read straight
 from the environment. Only the part between the BEGIN/END markers is generated; the prose around it
 is written by hand.

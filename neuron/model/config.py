@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from synapse.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 # Hugging Face architecture name -> what differs from plain Llama.
 SUPPORTED_ARCHITECTURES = {

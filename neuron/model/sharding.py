@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from synapse.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 from .config import ModelConfig
 

@@ -10,8 +10,8 @@ import pytest
 
 from cortex.tiny_checkpoint import LlamaShape, write_checkpoint
 from neuron.device import cuda_device_count
-from neuron.v1 import neuron_pb2 as pb
-from neuron.v1 import neuron_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as pb
+from common.proto.neuron.v1 import neuron_pb2_grpc
 from tests.helpers import start_neuron
 from tests.integration.test_tensor_parallel import destroy, form_group, greedy, kill_follower_mid_stream
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cortex.client import CortexClient, check_health
-from cortex.v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2 as cpb
 from tests.helpers import MODELS, REFERENCE, ROOT, free_port, start_cortex, start_neuron, wait_until
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from cortex.client import CortexClient
-from cortex.v1 import cortex_pb2 as cpb
-from neuron.v1 import neuron_pb2 as npb
-from neuron.v1 import neuron_pb2_grpc
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.proto.neuron.v1 import neuron_pb2_grpc
 from tests.helpers import MODELS, free_port, start_cortex, start_neuron, wait_until
 
 pytestmark = pytest.mark.slow

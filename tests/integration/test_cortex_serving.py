@@ -14,10 +14,10 @@ import pytest
 
 from cortex.client import CortexClient
 from cortex.tiny_checkpoint import LlamaShape, write_checkpoint
-from cortex.v1 import cortex_pb2 as cpb
-from cortex.v1 import cortex_pb2_grpc
-from neuron.v1 import neuron_pb2 as npb
-from neuron.v1 import neuron_pb2_grpc
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.proto.neuron.v1 import neuron_pb2_grpc
 from tests.helpers import FIXTURE_NAMES, MODELS, REFERENCE, start_cortex, start_neuron, wait_until
 
 pytestmark = pytest.mark.slow

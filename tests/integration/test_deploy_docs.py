@@ -35,7 +35,7 @@ def servers(tmp_path_factory):
     cortex = start_cortex([neuron.address], extra=["--poll-seconds", "0.5"])
     try:
         from cortex.client import CortexClient
-        from cortex.v1 import cortex_pb2 as cpb
+        from common.proto.cortex.v1 import cortex_pb2 as cpb
         with CortexClient(cortex.address, timeout=10) as client:
             wait_until(lambda: any(n.state == cpb.NODE_STATE_UP for n in client.nodes()), what="neuron UP")
         yield {"$C": cortex.address, "$N": neuron.address}

@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cortex.v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2 as cpb
 from tests.helpers import MODELS, ROOT
 
 pytestmark = pytest.mark.slow
@@ -316,7 +316,7 @@ def test_tp1_model_survives_a_cut_link(fleet):
 
 def tensor_parallel_available() -> str | None:
     from neuron.server import NeuronService
-    from neuron.v1 import neuron_pb2_grpc
+    from common.proto.neuron.v1 import neuron_pb2_grpc
     if NeuronService.InitGroup is neuron_pb2_grpc.NeuronServicer.InitGroup:
         return "the neuron does not implement InitGroup yet (tensor parallelism not landed)"
     return None

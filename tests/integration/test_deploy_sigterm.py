@@ -23,8 +23,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from neuron.v1 import neuron_pb2 as pb
-from neuron.v1 import neuron_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as pb
+from common.proto.neuron.v1 import neuron_pb2_grpc
 from tests.helpers import MODELS, ROOT, start_neuron
 
 pytestmark = pytest.mark.slow

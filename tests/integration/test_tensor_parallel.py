@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from neuron.server import logits_from_tensor
-from neuron.v1 import neuron_pb2 as pb
-from neuron.v1 import neuron_pb2_grpc
+from common.proto.neuron.v1 import neuron_pb2 as pb
+from common.proto.neuron.v1 import neuron_pb2_grpc
 from tests.helpers import FIXTURE_NAMES, MODELS, REFERENCE, start_neuron
 
 POOL = concurrent.futures.ThreadPoolExecutor(8)

@@ -2,7 +2,7 @@
 
 Static checks (no Docker engine needed): every command and ENTRYPOINT/CMD parses with the real
 argparse parser of `cortex` / `neuron`, and the settings a container ends up with (image ENV, then
-compose environment, then command flags, resolved by synapse.config exactly as the process does)
+compose environment, then command flags, resolved by common.config exactly as the process does)
 are consistent: health checks probe the port the server listens on, neurons advertise the address
 other services reach them at and register with cortex's port, the drain time fits in the stop
 grace period, every CORTEX_*/NEURON_* variable is a real setting. The compose files need PyYAML;
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from synapse.config import resolve
+from common.config import resolve
 from tests.helpers import ROOT
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the compose files (pip install pyyaml)")
@@ -204,7 +204,7 @@ def test_dockerignore_keeps_the_context_small_but_complete():
                 if p.strip() and not p.startswith("#")]
     for needed_out in (".git", ".venv"):
         assert needed_out in patterns, f".dockerignore should leave out {needed_out}"
-    for needed_in in ("pyproject.toml", "README.md", "cortex", "neuron", "synapse"):
+    for needed_in in ("pyproject.toml", "README.md", "cortex", "neuron", "common"):
         assert needed_in not in patterns and f"/{needed_in}" not in patterns, f"the images need {needed_in}"
     copied = set()
     for path in DOCKERFILES.values():

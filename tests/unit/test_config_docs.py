@@ -16,7 +16,7 @@ def test_every_environment_variable_the_code_reads_is_documented():
     doc = gen_config_docs.DOC.read_text()
     literal = re.compile(r"""["'`]((?:CORTEX|NEURON)_[A-Z0-9_]+)["'`]""")
     read = set()
-    for package in ("cortex", "neuron", "synapse"):
+    for package in ("cortex", "neuron", "common"):
         for path in (ROOT / package).rglob("*.py"):
             if "/v1/" in path.as_posix():
                 continue

@@ -9,8 +9,8 @@ import shlex
 import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
 
-import cortex.v1.cortex_pb2  # noqa: F401 - registers the descriptors
-import neuron.v1.neuron_pb2  # noqa: F401
+import common.proto.cortex.v1.cortex_pb2  # noqa: F401 - registers the descriptors
+import common.proto.neuron.v1.neuron_pb2  # noqa: F401
 from grpc_health.v1 import health_pb2  # noqa: F401
 from tests.helpers import ROOT
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from neuron.sampling import Sampler, SamplingConfig, resolve_sampling
-from neuron.v1 import neuron_pb2
-from synapse.errors import InvalidArgument
+from common.proto.neuron.v1 import neuron_pb2
+from common.errors import InvalidArgument
 
 VOCAB = 1000
 LLAMA3_GENERATION_CONFIG = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128009],

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from cortex.v1 import cortex_pb2 as cortex_dot_v1_dot_cortex__pb2
-from neuron.v1 import neuron_pb2 as neuron_dot_v1_dot_neuron__pb2
+from common.proto.cortex.v1 import cortex_pb2 as cortex_dot_v1_dot_cortex__pb2
+from common.proto.neuron.v1 import neuron_pb2 as neuron_dot_v1_dot_neuron__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__

@@ -1,4 +1,4 @@
-from neuron.v1 import neuron_pb2 as _neuron_pb2
+from common.proto.neuron.v1 import neuron_pb2 as _neuron_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from neuron.v1 import neuron_pb2 as neuron_dot_v1_dot_neuron__pb2
+from common.proto.neuron.v1 import neuron_pb2 as neuron_dot_v1_dot_neuron__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
