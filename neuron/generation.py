@@ -6,6 +6,7 @@ that the worker posts to it, and may set `cancelled`, which the worker honours b
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,9 @@ from .sampling import Sampler, SamplingConfig
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
+    # When the token was sampled (time.perf_counter on the device thread): TTFT and decode rate are
+    # measured from these, not from when the caller happened to read the event.
+    sampled_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)

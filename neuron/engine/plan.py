@@ -1,0 +1,39 @@
+"""The plain data that crosses the engine's seams each turn:
+`plan = scheduler.schedule()` -> `out = runner.execute(plan)` -> `scheduler.update(plan, out)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One request's share of a turn: compute KV for `token_ids` at positions start.. and, when the
+    chunk reaches the last known token, sample the next one (or return logits for a scoring request)."""
+    request: Request
+    token_ids: list[int]
+    start: int                 # position of token_ids[0] (= the request's num_computed_tokens)
+    block_ids: list[int]       # the request's whole block table, covering start + len(token_ids) tokens
+    sample: bool               # True: this chunk ends at the request's last known token
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[str] = field(default_factory=list)   # request ids whose blocks were freed this turn
+    finished: list[str] = field(default_factory=list)    # request ids that left since the last turn
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)       # request id -> next token id
+    logits: dict[str, object] = field(default_factory=dict)     # request id -> float32 [rows, vocab] (scoring)
