@@ -22,6 +22,7 @@ from .groups import Followers, Group, GroupTable
 from .generation import ErrorEvent, FinishEvent, Sequence, TokenEvent
 from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
+from .service.convert import sampling_request
 from .shard import LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
 from common.proto.neuron.v1 import neuron_pb2 as pb
@@ -199,7 +200,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         worker, shard = self._lookup(request.handle)
         prompt_ids = prompt_token_ids(shard, request.prompt)
         context_left = shard.kv.max_context - len(prompt_ids)
-        sampling = resolve_sampling(request.sampling, shard.generation_config, context_left=context_left,
+        sampling = resolve_sampling(sampling_request(request.sampling), shard.generation_config, context_left=context_left,
                                     vocab_size=shard.config.vocab_size)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
