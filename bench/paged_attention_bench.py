@@ -41,6 +41,34 @@ def gather_attention(cp, q, k_cache, v_cache, tables, lens, scale, max_ctx):
     return cp.einsum("bhgj,bjhd->bhgd", p, values).reshape(batch, q_heads, d).astype(q.dtype)
 
 
+def measure(cp, kernel, batch: int, ctx: int, bandwidth: float, kv_heads: int = 8, group: int = 4, d: int = 128,
+            block_size: int = 16) -> dict:
+    dt, item = ml_dtypes.bfloat16, 2
+    blocks_per_seq = math.ceil(ctx / block_size)
+    num_blocks = batch * blocks_per_seq
+    rng = np.random.default_rng(0)
+    k = cp.asarray(rng.standard_normal((num_blocks, block_size, kv_heads, d), dtype=np.float32)).astype(dt)
+    v = cp.asarray(rng.standard_normal((num_blocks, block_size, kv_heads, d), dtype=np.float32)).astype(dt)
+    tables = cp.asarray(rng.permutation(num_blocks).astype(np.int32).reshape(batch, blocks_per_seq))
+    lens = cp.full((batch,), ctx, dtype=cp.int32)
+    q = cp.asarray(rng.standard_normal((batch, kv_heads * group, d), dtype=np.float32)).astype(dt)
+    splits = num_splits(ctx)
+    out = cp.empty_like(q)
+    ws = kernel.workspace(batch, kv_heads * group, splits)
+    scale = d ** -0.5
+    us = 1e3 * time_ms(cp, lambda: kernel.decode(q, k, v, tables, lens, scale, 0, splits, out=out, workspace=ws),
+                       reps=20)
+    nbytes = 2 * batch * ctx * kv_heads * d * item
+    gather_us = None
+    if 2 * batch * ctx * kv_heads * d * (item + 8) < 24e9:  # the gather path's float32 copies fit
+        got = gather_attention(cp, q, k, v, tables, lens, scale, ctx).astype(cp.float32)
+        err = float(cp.linalg.norm(got - out.astype(cp.float32)) / cp.linalg.norm(got))
+        assert err < 2e-2, f"kernel and gather path disagree: rel L2 {err}"
+        gather_us = 1e3 * time_ms(cp, lambda: gather_attention(cp, q, k, v, tables, lens, scale, ctx), reps=5)
+    return {"batch": batch, "context": ctx, "kernel_us": us, "kernel_gb_s": nbytes / us / 1e3,
+            "gather_us": gather_us, "limit_us": nbytes / bandwidth / 1e3, "bytes": nbytes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -49,9 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     import cupy as cp
 
-    kv_heads, group, d, block_size = 8, 4, 128, 16
-    dt = ml_dtypes.bfloat16
-    item = 2
+    kv_heads, group, d = 8, 4, 128
     bandwidth = copy_bandwidth(cp)
     kernel = PagedAttentionCuda("bfloat16", d, group)
     rows = []
@@ -59,36 +85,11 @@ def main() -> None:
     print(f"{'batch':>5} {'context':>7} {'kernel us':>10} {'GB/s':>7} {'% copy':>7} {'gather us':>10} {'limit us':>9}")
     for batch in [int(b) for b in args.batches.split(",")]:
         for ctx in [int(c) for c in args.contexts.split(",")]:
-            blocks_per_seq = math.ceil(ctx / block_size)
-            num_blocks = batch * blocks_per_seq
-            rng = np.random.default_rng(0)
-            k = cp.asarray(rng.standard_normal((num_blocks, block_size, kv_heads, d), dtype=np.float32)).astype(dt)
-            v = cp.asarray(rng.standard_normal((num_blocks, block_size, kv_heads, d), dtype=np.float32)).astype(dt)
-            tables = cp.asarray(rng.permutation(num_blocks).astype(np.int32).reshape(batch, blocks_per_seq))
-            lens = cp.full((batch,), ctx, dtype=cp.int32)
-            q = cp.asarray(rng.standard_normal((batch, kv_heads * group, d), dtype=np.float32)).astype(dt)
-            splits = num_splits(ctx)
-            out = cp.empty_like(q)
-            ws = kernel.workspace(batch, kv_heads * group, splits)
-            scale = d ** -0.5
-            us = 1e3 * time_ms(cp, lambda: kernel.decode(q, k, v, tables, lens, scale, 0, splits, out=out, workspace=ws),
-                               reps=20)
-            nbytes = 2 * batch * ctx * kv_heads * d * item
-            gather_bytes = 2 * batch * ctx * kv_heads * d * (item + 4 + 4)
-            gather_us = None
-            if gather_bytes < 24e9:
-                got = gather_attention(cp, q, k, v, tables, lens, scale, ctx)
-                err = float(cp.linalg.norm((got.astype(cp.float32) - out.astype(cp.float32)))
-                            / cp.linalg.norm(got.astype(cp.float32)))
-                assert err < 2e-2, f"kernel and gather path disagree: rel L2 {err}"
-                gather_us = 1e3 * time_ms(cp, lambda: gather_attention(cp, q, k, v, tables, lens, scale, ctx), reps=5)
-            limit_us = nbytes / bandwidth / 1e3
-            gbs = nbytes / us / 1e3
-            rows.append({"batch": batch, "context": ctx, "kernel_us": us, "kernel_gb_s": gbs,
-                         "gather_us": gather_us, "limit_us": limit_us, "bytes": nbytes})
-            print(f"{batch:>5} {ctx:>7} {us:>10.1f} {gbs:>7.0f} {100 * gbs / bandwidth:>6.0f}% "
-                  f"{gather_us if gather_us is None else round(gather_us, 1)!s:>10} {limit_us:>9.1f}")
-            del k, v, q, out, ws
+            row = measure(cp, kernel, batch, ctx, bandwidth)
+            rows.append(row)
+            gather = "-" if row["gather_us"] is None else f"{row['gather_us']:.1f}"
+            print(f"{batch:>5} {ctx:>7} {row['kernel_us']:>10.1f} {row['kernel_gb_s']:>7.0f} "
+                  f"{100 * row['kernel_gb_s'] / bandwidth:>6.0f}% {gather:>10} {row['limit_us']:>9.1f}")
             cp.get_default_memory_pool().free_all_blocks()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"paged_attention_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
