@@ -12,10 +12,11 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from common.dtypes import DTYPES
 from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.units import human_bytes
 
 from .client import CortexClient, check_health
-from .placement import human_bytes
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 
 NODE_STATES = {cpb.NODE_STATE_UP: "UP", cpb.NODE_STATE_DOWN: "DOWN"}
@@ -33,7 +34,7 @@ def add_subcommands(sub, client_options: argparse.ArgumentParser) -> None:
     load = add("load", "load a checkpoint under a name (shows progress)")
     load.add_argument("path", help="checkpoint directory, as the neurons see it (relative: under their model root)")
     load.add_argument("--name", required=True, help="the name clients will use")
-    load.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
+    load.add_argument("--dtype", default="", choices=["", *DTYPES],
                       help="weights dtype (default: the checkpoint's on GPUs, float32 on CPU)")
     load.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (devices)")
     load.add_argument("--max-context", type=int, default=0, help="longest sequence (default: the neuron's)")

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import grpc
 
+from common.units import human_bytes
+
 from .client import CortexClient
 from .commands import MODEL_STATES, NODE_STATES, ProgressBar
 from .local import LocalServer, ServerFailed, cortex_args, neuron_args, start_server
-from .placement import human_bytes
 from .tiny_checkpoint import SHAPES, write_checkpoint
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 

@@ -28,7 +28,9 @@ import re
 
 import numpy as np
 
-DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
+from common.dtypes import DTYPES
+from common.dtypes import KERNEL_CODES as DT_CODES
+
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
 EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4}
 GEMV_THREADS = 256
@@ -1221,10 +1223,8 @@ class NumpyOps:
     """The kernels' arithmetic in NumPy (same rounding points, same split-K attention)."""
 
     def __init__(self, dtype_name: str):
-        import ml_dtypes
         self.dtype_name = dtype_name
-        self.T = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-                  "float32": np.dtype(np.float32)}[dtype_name]
+        self.T = DTYPES[dtype_name]
 
     def ft(self, a):
         return np.asarray(a, dtype=np.float32).astype(self.T)
