@@ -255,15 +255,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 
     @rpc_method
     async def InitGroup(self, request, context):
-        if not request.group_id:
-            raise InvalidArgument("group_id is empty")
-        if request.world_size < 2 or request.rank >= request.world_size:
-            raise InvalidArgument(f"need world_size >= 2 and rank < world_size; got rank {request.rank} of {request.world_size}")
-        if len(request.unique_id) != UNIQUE_ID_BYTES:
-            raise InvalidArgument(f"unique_id must be {UNIQUE_ID_BYTES} bytes (from CreateGroupId), got {len(request.unique_id)}")
-        if len(request.members) != request.world_size:
-            raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}: "
-                                  "give every rank's neuron address and device, in rank order")
+        _check_init_group(request)
         worker = self._pick_device(request.device)
         if (request.group_id, request.rank) in self.groups.groups:
             raise FailedPrecondition(f"rank {request.rank} of group {request.group_id!r} already joined")
@@ -348,6 +340,18 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                     if g.handle is not None and g.handle in g.worker.slab:
                         g.worker.submit(DropShardJob(g.handle))
             raise
+
+
+def _check_init_group(request: pb.InitGroupRequest) -> None:
+    if not request.group_id:
+        raise InvalidArgument("group_id is empty")
+    if request.world_size < 2 or request.rank >= request.world_size:
+        raise InvalidArgument(f"need world_size >= 2 and rank < world_size; got rank {request.rank} of {request.world_size}")
+    if len(request.unique_id) != UNIQUE_ID_BYTES:
+        raise InvalidArgument(f"unique_id must be {UNIQUE_ID_BYTES} bytes (from CreateGroupId), got {len(request.unique_id)}")
+    if len(request.members) != request.world_size:
+        raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}: "
+                              "give every rank's neuron address and device, in rank order")
 
 
 def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:
