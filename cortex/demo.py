@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from .client import CortexClient
-from .commands import MODEL_STATES, NODE_STATES, ProgressBar
+from .client import CortexClient, model_state, node_state
+from .commands import ProgressBar
 from .local import LocalServer, ServerFailed, cortex_args, neuron_args, start_server
 from .placement import human_bytes
 from .tiny_checkpoint import SHAPES, write_checkpoint
@@ -114,14 +114,14 @@ def _wait_for_fleet(client: CortexClient) -> None:
         time.sleep(0.1)
     for n in nodes:
         devices = ", ".join(f"{d.id} ({human_bytes(d.free_bytes)} free)" for d in n.devices)
-        say("fleet", f"{n.address} {NODE_STATES.get(n.state, '?')} {n.reason} devices: {devices}")
+        say("fleet", f"{n.address} {node_state(n)} {n.reason} devices: {devices}")
 
 
 def _load(client: CortexClient, path: str, name: str) -> None:
     started = time.perf_counter()
     bar = ProgressBar(sys.stdout)
     info = None
-    for event in client.load(path, name):
+    for event in client.load_stream(path, name):
         if isinstance(event, cpb.ModelInfo):
             info = event
         elif event.message:
@@ -130,7 +130,7 @@ def _load(client: CortexClient, path: str, name: str) -> None:
             bar.update(event)
     bar.clear()
     where = ", ".join(f"node {p.node} device {p.device} (handle {p.handle})" for p in info.placement)
-    say("load", f"{name} {MODEL_STATES.get(info.state, '?')} on {where}: {human_bytes(info.weight_bytes)} weights + "
+    say("load", f"{name} {model_state(info)} on {where}: {human_bytes(info.weight_bytes)} weights + "
                 f"{human_bytes(info.kv_bytes)} KV cache, context {info.max_context}, "
                 f"in {time.perf_counter() - started:.2f}s")
 

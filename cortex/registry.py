@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.proto.neuron.v1 import neuron_pb2_grpc
 from common.errors import InvalidArgument
@@ -73,12 +72,6 @@ class Node:
 
     def device(self, device_id: str) -> npb.Device | None:
         return next((d for d in self.devices if d.id == device_id), None)
-
-    def to_proto(self, now: float) -> cpb.Node:
-        return cpb.Node(address=self.address, state=cpb.NODE_STATE_UP if self.up else cpb.NODE_STATE_DOWN,
-                        reason="" if self.up else self.reason, source=self.source, host=self.host,
-                        version=self.version, devices=self.devices,
-                        last_seen_seconds_ago=(now - self.last_seen) if self.last_seen is not None else -1.0)
 
 
 class Registry:

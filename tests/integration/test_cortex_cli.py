@@ -158,7 +158,7 @@ def test_sigterm_drains_streams_in_flight_refuses_new_calls_and_exits_zero(tmp_p
     try:
         with CortexClient(cortex.address, timeout=30) as client:
             wait_until(lambda: client.nodes()[0].state == cpb.NODE_STATE_UP, what="the neuron UP")
-            client.load_wait("long", name="long", max_context=65536)
+            client.load("long", name="long", max_context=65536)
             stats = list(client.generate("long", token_ids=[1, 2], max_tokens=200, ignore_eos=True))[-1]
             # A stream that runs about two seconds: long enough to SIGTERM in its middle.
             n = min(60000, max(200, int(stats.timing.decode_tokens_per_second * 2)))
