@@ -7,6 +7,7 @@ shuts everything down with SIGTERM, checking that every process exits cleanly.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -90,9 +91,13 @@ def _checkpoint(work: Path, model: str | None) -> tuple[Path, str]:
 
 def _start_fleet(root: Path, logs: Path) -> list[LocalServer]:
     servers = []
+    # The neurons share this machine's memory: each gets its share as its CPU device's budget,
+    # rather than each advertising all of it.
+    share_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / NEURONS / 1e9, 3)
     for i in range(1, NEURONS + 1):
         started = time.perf_counter()
-        neuron = start_server(f"neuron-{i}", "neuron.cli", neuron_args("cpu:0", [root]), logs, STARTUP_TIMEOUT_S)
+        neuron = start_server(f"neuron-{i}", "neuron.cli", neuron_args("cpu:0", [root], cpu_memory_gb=share_gb),
+                              logs, STARTUP_TIMEOUT_S)
         servers.append(neuron)
         say(f"neuron {i}", f"{neuron.address}  device cpu:0  pid {neuron.pid}  "
                            f"serving after {time.perf_counter() - started:.2f}s")
@@ -152,16 +157,18 @@ def _generate(client: CortexClient, name: str, prompt: str, max_tokens: int) -> 
 
 
 def _wait_for_interrupt(cortex: LocalServer, name: str) -> None:
-    print(f"\nservers keep running; try, in another terminal:\n"
-          f"    cortex --cortex {cortex.address} nodes\n"
-          f"    cortex --cortex {cortex.address} models\n"
-          f"    cortex --cortex {cortex.address} generate {name} --prompt 'Hello'\n"
-          f"press Ctrl-C to unload and shut down", flush=True)
+    # The servers run in sessions of their own (local.py): Ctrl-C reaches only this process, so
+    # the model is unloaded and the servers stopped in order, while they are still serving.
     try:
+        print(f"\nservers keep running; try, in another terminal:\n"
+              f"    cortex --cortex {cortex.address} nodes\n"
+              f"    cortex --cortex {cortex.address} models\n"
+              f"    cortex --cortex {cortex.address} generate {name} --prompt 'Hello'\n"
+              f"press Ctrl-C to unload and shut down", flush=True)
         while cortex.alive():
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print()
+        print("\ninterrupted: unloading and shutting down", flush=True)
 
 
 def _shutdown(servers: list[LocalServer]) -> bool:

@@ -167,7 +167,9 @@ class ModelTable:
                                             "load the model again")
         for r, node in nodes:
             if node is None or not node.up:
-                return UNAVAILABLE, f"node {r.node} (rank {r.rank}) is down: {node.reason if node else 'unknown node'}"
+                why = node.reason if node else ("it is no longer in the fleet (down longer than the expiry, so "
+                                                "forgotten); it returns when the neuron registers again")
+                return UNAVAILABLE, f"node {r.node} (rank {r.rank}) is down: {why}"
         for r, node in nodes:
             # Only a Describe asked after the load finished can tell that a shard is gone.
             if node.shard(r.handle) is None and node.described_at is not None and node.described_at > model.ready_at:
