@@ -15,9 +15,9 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.errors import InvalidArgument, ServiceError, from_rpc_error, rpc_method
 
+from .api import convert
 from .models import ModelTable, Route
 from .registry import Registry
 
@@ -29,7 +29,7 @@ def _require_model(name: str) -> None:
         raise InvalidArgument("model is empty: give the name of a loaded model (ListModels shows them)")
 
 
-def _check_prompt(prompt: npb.Prompt) -> None:
+def _check_prompt(prompt: cpb.Prompt) -> None:
     kind = prompt.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
@@ -67,7 +67,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     @rpc_method
     async def ListNodes(self, request, context):
         now = time.monotonic()
-        return cpb.ListNodesResponse(nodes=[n.to_proto(now) for n in self.registry.nodes()])
+        return cpb.ListNodesResponse(nodes=[convert.node(n, now) for n in self.registry.nodes()])
 
     @rpc_method
     async def ListModels(self, request, context):
@@ -103,9 +103,8 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         route = self.models.route(request.model)
         request_id = request.request_id or uuid.uuid4().hex[:16]
         entry = _RequestLog("generate", model=request.model, node=route.node, request_id=request_id)
-        downstream = npb.GenerateRequest(handle=route.handle, prompt=request.prompt, sampling=request.sampling,
-                                         request_id=request_id)
-        call = route.stub.Generate(downstream, timeout=context.time_remaining())
+        call = route.stub.Generate(convert.generate_request(request, route.handle, request_id),
+                                   timeout=context.time_remaining())
         first_token_at, completion, final = None, 0, None
         try:
             async for chunk in call:
@@ -114,7 +113,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
                 completion += len(chunk.token_ids)
                 if chunk.finish_reason:
                     final = chunk
-                yield chunk
+                yield convert.generate_response(chunk, request_id)
             entry.code = "OK"
         except grpc.aio.AioRpcError as err:
             error = _relay(err, route)
@@ -134,13 +133,11 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         route = self.models.route(request.model)
         entry = _RequestLog("forward", model=request.model, node=route.node, tokens=len(request.token_ids),
                             all_positions=request.all_positions)
-        call = route.stub.Forward(npb.ForwardRequest(handle=route.handle, token_ids=request.token_ids,
-                                                     all_positions=request.all_positions),
-                                  timeout=context.time_remaining())
+        call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=context.time_remaining())
         try:
             reply = await call
             entry.code = "OK"
-            return reply
+            return convert.forward_response(reply)
         except grpc.aio.AioRpcError as err:
             error = _relay(err, route)
             entry.fail(error)

@@ -24,7 +24,7 @@ from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
 from .service.convert import sampling_request
 from .service.responses import ResponseBuilder, responses
-from .shard import LoadRequest, Shard, plan_load
+from .shard import DEFAULT_KV_SLOTS, LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
 from common.proto.neuron.v1 import neuron_pb2 as pb
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -105,7 +105,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             path=str(directory), architecture=plan.config.architecture, dtype=plan.dtype,
             num_parameters=plan.num_parameters, weight_bytes_per_rank=plan.weight_bytes,
             kv_bytes_per_slot=plan.kv_bytes_per_slot, max_context=plan.max_context,
-            vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe())
+            vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe(),
+            default_kv_slots=DEFAULT_KV_SLOTS)
 
     @rpc_method
     async def LoadShard(self, request, context):

@@ -97,7 +97,7 @@ class InspectRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
-    __slots__ = ("path", "architecture", "dtype", "num_parameters", "weight_bytes_per_rank", "kv_bytes_per_slot", "max_context", "vocab_size", "workspace_bytes", "estimate")
+    __slots__ = ("path", "architecture", "dtype", "num_parameters", "weight_bytes_per_rank", "kv_bytes_per_slot", "max_context", "vocab_size", "workspace_bytes", "estimate", "default_kv_slots")
     PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class InspectResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
     path: str
     architecture: str
     dtype: str
@@ -118,7 +119,8 @@ class InspectResponse(_message.Message):
     vocab_size: int
     workspace_bytes: int
     estimate: str
-    def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes_per_rank: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., workspace_bytes: _Optional[int] = ..., estimate: _Optional[str] = ...) -> None: ...
+    default_kv_slots: int
+    def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes_per_rank: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., workspace_bytes: _Optional[int] = ..., estimate: _Optional[str] = ..., default_kv_slots: _Optional[int] = ...) -> None: ...
 
 class TensorParallel(_message.Message):
     __slots__ = ("group_id", "rank", "size")
