@@ -154,6 +154,10 @@ class ServingServer:
                 await result
 
     @property
+    def draining(self) -> bool:
+        return self._drain.draining
+
+    @property
     def inflight(self) -> int:
         """Calls running now (health and reflection not counted)."""
         return self._drain.inflight

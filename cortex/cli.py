@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def serve_forever(settings: dict) -> int:
+    from .model_health import ModelHealth
     from .models import ModelTable
     from .placement import Placer
     from .registry import Registry
@@ -108,11 +109,16 @@ async def serve_forever(settings: dict) -> int:
     except ServiceError as err:  # a malformed --neuron address
         raise SystemExit(f"cortex: {err.message}") from None
     models = ModelTable(registry, Placer(), settings["group_timeout_seconds"])
-    registry.after_poll = models.adopt  # models still on the neurons after a cortex restart
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
         "/cortex.v1.Fleet/Heartbeat"))
+    model_health = ModelHealth(server.health)
+
+    async def after_poll() -> None:
+        models.adopt()  # models still on the neurons after a cortex restart
+        await model_health.publish(models.states())  # health service `model/<name>`
+    registry.after_poll = after_poll
     server.add(cortex_pb2_grpc.add_CortexServicer_to_server, CortexService(registry, models), "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()

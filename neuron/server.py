@@ -19,6 +19,7 @@ from common.server import MAX_MESSAGE_BYTES
 from . import __version__, comm_nccl, comm_tcp
 from .collectives import UNIQUE_ID_BYTES, CollectiveError
 from .groups import Followers, Group, GroupTable
+from .health import device_error
 from .generation import ErrorEvent, FinishEvent, Sequence, TokenEvent
 from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
@@ -42,6 +43,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         self._handle_owner: dict[int, DeviceWorker] = {}
         self.groups = GroupTable()
         self._issued: set[int] = set()
+        self.stall_seconds = 0.0  # the progress watchdog's time (0: off); Describe reports stalls past it
 
     # ------------------------------------------------------------ helpers
 
@@ -80,7 +82,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                       for h, s in list(w.slab.items())]
             shards += [pb.ShardSummary(handle=h, error=why) for h, why in list(w.failed.items())]
             devices.append(pb.Device(id=w.spec.id, kind=w.spec.kind, name=w.backend.name if w.backend else "",
-                                     total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy))
+                                     total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy,
+                                     error=device_error(w, self.stall_seconds)))
         return devices
 
     # ------------------------------------------------------------ RPCs
