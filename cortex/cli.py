@@ -36,6 +36,10 @@ SETTINGS = [
             "a registered neuron without a heartbeat for this long is down (it is asked to send one "
             "every third of it)", type=float),
     Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
+    Setting("max_prompt_bytes", 1 << 20, "largest text or chat prompt in bytes cortex forwards; larger ones are "
+            "INVALID_ARGUMENT", type=int),
+    Setting("max_logits_bytes", 64 << 20, "largest float32 logits one Forward may return (positions x vocab x 4); "
+            "larger asks are RESOURCE_EXHAUSTED", type=int),
     *SERVER_SETTINGS,
 ]
 
@@ -119,7 +123,10 @@ async def serve_forever(settings: dict) -> int:
         models.adopt()  # models still on the neurons after a cortex restart
         await model_health.publish(models.states())  # health service `model/<name>`
     registry.after_poll = after_poll
-    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, CortexService(registry, models), "cortex.v1.Cortex")
+    cortex_service = CortexService(registry, models)
+    cortex_service.max_prompt_bytes, cortex_service.max_logits_bytes = (settings["max_prompt_bytes"],
+                                                                        settings["max_logits_bytes"])
+    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, cortex_service, "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()
     try:

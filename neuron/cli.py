@@ -16,6 +16,7 @@ from common.server import ServingServer
 
 from .device import parse_devices, system_memory_bytes
 from .health import DeviceWatch
+from .limits import LIMIT_SETTINGS, Limits
 from .registration import keep_registered
 from .server import NeuronService
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -38,6 +39,7 @@ SETTINGS = [
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
             "later so the supervisor restarts the neuron", type=float),
+    *LIMIT_SETTINGS,
     *SERVER_SETTINGS,
 ]
 
@@ -93,6 +95,7 @@ async def serve_forever(settings: dict) -> int:
     server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",))
     service = NeuronService(workers, roots)
     service.stall_seconds = settings["watchdog_seconds"]
+    service.limits = Limits.from_settings(settings)
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)

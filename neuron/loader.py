@@ -24,7 +24,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 # The files besides the weights that loading reads from a checkpoint directory.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "model.safetensors.index.json")
+              "chat_template.jinja", "model.safetensors.index.json")
 INDEX_FILE = "model.safetensors.index.json"
 
 

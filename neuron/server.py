@@ -7,6 +7,7 @@ import secrets
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from . import __version__, comm_nccl, comm_tcp
 from .collectives import UNIQUE_ID_BYTES, CollectiveError
 from .groups import Followers, Group, GroupTable
 from .health import device_error
+from .limits import Limits
 from .generation import ErrorEvent, FinishEvent, Sequence, TokenEvent
 from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
@@ -44,6 +46,10 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         self.groups = GroupTable()
         self._issued: set[int] = set()
         self.stall_seconds = 0.0  # the progress watchdog's time (0: off); Describe reports stalls past it
+        self.limits = Limits()
+        # Tokenizing and chat templating run here, never on the event loop (a few threads: a flood
+        # of long prompts queues instead of taking every core).
+        self._prompt_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt")
 
     # ------------------------------------------------------------ helpers
 
@@ -200,7 +206,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     @rpc_method
     async def Generate(self, request, context):
         worker, shard = self._lookup(request.handle)
-        prompt_ids = prompt_token_ids(shard, request.prompt)
+        prompt_ids = await self._prompt_ids(shard, request.prompt)
         context_left = shard.kv.max_context - len(prompt_ids)
         sampling = resolve_sampling(request.sampling, shard.generation_config, context_left=context_left,
                                     vocab_size=shard.config.vocab_size)
@@ -244,6 +250,15 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                 return
         finally:
             seq.cancel()  # no-op when finished; stops the device work when the caller went away
+
+    async def _prompt_ids(self, shard: Shard, prompt: pb.Prompt) -> list[int]:
+        check_prompt_size(prompt, self.limits)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._prompt_pool, prompt_token_ids, shard, prompt, self.limits.template_seconds)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens, more than the limit of "
+                                  f"{self.limits.max_prompt_tokens} (--max-prompt-tokens); send a shorter prompt")
+        return ids
 
     @staticmethod
     def _final(ids, delta, end: FinishEvent, prompt_tokens, completion, started, first_token_at) -> pb.GenerateResponse:
@@ -396,7 +411,18 @@ def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:
                               "send fewer tokens or load the model with a larger max_context")
 
 
-def prompt_token_ids(shard: Shard, prompt: pb.Prompt) -> list[int]:
+def check_prompt_size(prompt: pb.Prompt, limits: Limits) -> None:
+    kind = prompt.WhichOneof("kind")
+    if kind == "tokens" and len(prompt.tokens.ids) > limits.max_prompt_tokens:
+        raise InvalidArgument(f"prompt.tokens has {len(prompt.tokens.ids)} ids, more than the limit of "
+                              f"{limits.max_prompt_tokens} (--max-prompt-tokens); send a shorter prompt")
+    if kind in ("text", "chat") and (size := prompt.ByteSize()) > limits.max_prompt_bytes:
+        raise InvalidArgument(f"prompt.{kind} is {size} bytes, more than the limit of {limits.max_prompt_bytes} "
+                              "(--max-prompt-bytes); send a shorter prompt")
+
+
+def prompt_token_ids(shard: Shard, prompt: pb.Prompt, template_seconds: float = 2.0) -> list[int]:
+    """Token ids of a prompt (tokenizing or templating it: call it off the event loop)."""
     kind = prompt.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
@@ -411,7 +437,7 @@ def prompt_token_ids(shard: Shard, prompt: pb.Prompt) -> list[int]:
             messages = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
             if not messages:
                 raise InvalidArgument("prompt.chat.messages is empty")
-            ids = shard.tokenizer.encode_chat(messages)
+            ids = shard.tokenizer.encode_chat(messages, template_seconds)
     _check_token_ids(ids, shard, f"prompt.{kind}")
     if len(ids) >= shard.kv.max_context:
         raise InvalidArgument(f"the prompt has {len(ids)} tokens but the context holds {shard.kv.max_context}, "
