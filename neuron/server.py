@@ -7,6 +7,7 @@ import secrets
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,14 @@ from common.server import MAX_MESSAGE_BYTES
 from . import __version__, comm_nccl, comm_tcp
 from .collectives import UNIQUE_ID_BYTES, CollectiveError
 from .groups import Followers, Group, GroupTable
+from .health import device_error
+from .limits import Limits
 from .generation import Sequence
 from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
 from .service.convert import sampling_request
 from .service.responses import ResponseBuilder, responses
-from .shard import LoadRequest, Shard, plan_load
+from .shard import DEFAULT_KV_SLOTS, LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
 from common.proto.neuron.v1 import neuron_pb2 as pb
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -41,6 +44,11 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         self._handle_owner: dict[int, DeviceWorker] = {}
         self.groups = GroupTable()
         self._issued: set[int] = set()
+        self.stall_seconds = 0.0  # the progress watchdog's time (0: off); Describe reports stalls past it
+        self.limits = Limits()
+        # Tokenizing and chat templating run here, never on the event loop (a few threads: a flood
+        # of long prompts queues instead of taking every core).
+        self._prompt_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt")
 
     # ------------------------------------------------------------ helpers
 
@@ -79,7 +87,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                       for h, s in list(w.slab.items())]
             shards += [pb.ShardSummary(handle=h, error=why) for h, why in list(w.failed.items())]
             devices.append(pb.Device(id=w.spec.id, kind=w.spec.kind, name=w.backend.name if w.backend else "",
-                                     total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy))
+                                     total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy,
+                                     error=device_error(w, self.stall_seconds)))
         return devices
 
     # ------------------------------------------------------------ RPCs
@@ -105,7 +114,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             path=str(directory), architecture=plan.config.architecture, dtype=plan.dtype,
             num_parameters=plan.num_parameters, weight_bytes_per_rank=plan.weight_bytes,
             kv_bytes_per_slot=plan.kv_bytes_per_slot, max_context=plan.max_context,
-            vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe())
+            vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe(),
+            default_kv_slots=DEFAULT_KV_SLOTS)
 
     @rpc_method
     async def LoadShard(self, request, context):
@@ -197,7 +207,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     async def Generate(self, request, context):
         started = time.perf_counter()
         worker, shard = self._lookup(request.handle)
-        prompt_ids = prompt_token_ids(shard, request.prompt)
+        prompt_ids = await self._prompt_ids(shard, request.prompt)
         context_left = shard.kv.max_context - len(prompt_ids)
         sampling = resolve_sampling(sampling_request(request.sampling), shard.generation_config, context_left=context_left,
                                     vocab_size=shard.config.vocab_size)
@@ -221,6 +231,15 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         finally:
             # No-op when the device finished; stops its work after a stop string, or when the caller went away.
             seq.cancel()
+
+    async def _prompt_ids(self, shard: Shard, prompt: pb.Prompt) -> list[int]:
+        check_prompt_size(prompt, self.limits)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._prompt_pool, prompt_token_ids, shard, prompt, self.limits.template_seconds)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens, more than the limit of "
+                                  f"{self.limits.max_prompt_tokens} (--max-prompt-tokens); send a shorter prompt")
+        return ids
 
     # ------------------------------------------------------------ tensor parallelism
 
@@ -366,7 +385,18 @@ def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:
                               "send fewer tokens or load the model with a larger max_context")
 
 
-def prompt_token_ids(shard: Shard, prompt: pb.Prompt) -> list[int]:
+def check_prompt_size(prompt: pb.Prompt, limits: Limits) -> None:
+    kind = prompt.WhichOneof("kind")
+    if kind == "tokens" and len(prompt.tokens.ids) > limits.max_prompt_tokens:
+        raise InvalidArgument(f"prompt.tokens has {len(prompt.tokens.ids)} ids, more than the limit of "
+                              f"{limits.max_prompt_tokens} (--max-prompt-tokens); send a shorter prompt")
+    if kind in ("text", "chat") and (size := prompt.ByteSize()) > limits.max_prompt_bytes:
+        raise InvalidArgument(f"prompt.{kind} is {size} bytes, more than the limit of {limits.max_prompt_bytes} "
+                              "(--max-prompt-bytes); send a shorter prompt")
+
+
+def prompt_token_ids(shard: Shard, prompt: pb.Prompt, template_seconds: float = 2.0) -> list[int]:
+    """Token ids of a prompt (tokenizing or templating it: call it off the event loop)."""
     kind = prompt.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
@@ -381,7 +411,7 @@ def prompt_token_ids(shard: Shard, prompt: pb.Prompt) -> list[int]:
             messages = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
             if not messages:
                 raise InvalidArgument("prompt.chat.messages is empty")
-            ids = shard.tokenizer.encode_chat(messages)
+            ids = shard.tokenizer.encode_chat(messages, template_seconds)
     _check_token_ids(ids, shard, f"prompt.{kind}")
     if len(ids) >= shard.kv.max_context:
         raise InvalidArgument(f"the prompt has {len(ids)} tokens but the context holds {shard.kv.max_context}, "

@@ -7,18 +7,16 @@ way transformers renders them, so a chat prompt gives the same token ids as
 """
 from __future__ import annotations
 
-import functools
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
 
 from common.errors import FailedPrecondition, InvalidArgument
+
+from .chat_template import RENDER_SECONDS, compile_template, render
 
 # Special tokens of tokenizer_config.json that chat templates may refer to by name.
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -43,31 +41,6 @@ def _pick_chat_template(value: str | list | None) -> str | None:
     if isinstance(value, list):
         return next((t["template"] for t in value if t.get("name") == "default"), None)
     return value
-
-
-def _raise_exception(message: str):
-    # Templates call this to reject a conversation (e.g. roles that do not alternate).
-    raise InvalidArgument(f"prompt.chat was rejected by the model's chat template: {message}")
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson escapes HTML characters and non-ASCII text; templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
 
 
 class Tokenizer:
@@ -109,12 +82,15 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it tokenizes (encode does not): a long prompt
+        # tokenized on a worker thread then leaves the event loop running.
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    seconds: float = RENDER_SECONDS) -> str:
         if not self.chat_template:
             raise FailedPrecondition(
                 "prompt.chat cannot be used: the model has no chat template (tokenizer_config.json "
@@ -122,17 +98,17 @@ class Tokenizer:
         if not messages:
             raise InvalidArgument("prompt.chat.messages is empty; send at least one message")
         try:
-            template = _compile_template(self.chat_template)
+            template = compile_template(self.chat_template)
         except jinja2.TemplateSyntaxError as err:
             raise FailedPrecondition(
                 f"the model's chat template does not compile ({err.message}, line {err.lineno}); "
                 "fix the model's chat template, or send prompt.text or prompt.tokens") from err
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
+            return render(template, seconds, messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
         except jinja2.TemplateError as err:
             raise InvalidArgument(f"prompt.chat could not be rendered with the model's chat template: {err}") from err
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], seconds: float = RENDER_SECONDS) -> list[int]:
         """Token ids of a chat prompt, ending with the assistant turn's opening.
 
         The template writes every special token itself (BOS included, where the model wants one),
@@ -140,7 +116,8 @@ class Tokenizer:
         apply_chat_template does. Adding them would give a second BOS, or a BOS the template
         deliberately left out.
         """
-        return self.encode(self.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt=True, seconds=seconds),
+                           add_special_tokens=False)
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)

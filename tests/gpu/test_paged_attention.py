@@ -14,7 +14,7 @@ TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("d,group,kv_heads", [(64, 4, 8), (128, 4, 8), (128, 7, 4), (128, 1, 2)])
+@pytest.mark.parametrize("d,group,kv_heads", [(64, 4, 8), (128, 4, 8), (128, 7, 4), (128, 1, 2), (256, 2, 2)])
 @pytest.mark.parametrize("window", [0, 100])
 def test_kernel_matches_mirror(dtype_name, d, group, kv_heads, window):
     import cupy as cp
