@@ -38,6 +38,10 @@ SETTINGS = [
     Setting("down_expiry_seconds", 600.0, "a registered neuron that stays down this long is forgotten (it is listed "
             "again when it registers again); 0: never", type=float, minimum=0.0),
     Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
+    Setting("max_prompt_bytes", 1 << 20, "largest text or chat prompt in bytes cortex forwards; larger ones are "
+            "INVALID_ARGUMENT", type=int),
+    Setting("max_logits_bytes", 64 << 20, "largest float32 logits one Forward may return (positions x vocab x 4); "
+            "larger asks are RESOURCE_EXHAUSTED", type=int),
     *SERVER_SETTINGS,
 ]
 
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def serve_forever(settings: dict) -> int:
+    from .model_health import ModelHealth
     from .models import ModelTable
     from .placement import Placer
     from .registry import Registry
@@ -116,12 +121,20 @@ async def serve_forever(settings: dict) -> int:
         print(f"cortex: {err.message}", file=sys.stderr)
         return EXIT_USAGE
     models = ModelTable(registry, Placer(), settings["group_timeout_seconds"])
-    registry.after_poll = models.adopt  # models still on the neurons after a cortex restart
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
         "/cortex.v1.Fleet/Heartbeat"))
-    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, CortexService(registry, models), "cortex.v1.Cortex")
+    model_health = ModelHealth(server.health)
+
+    async def after_poll() -> None:
+        models.adopt()  # models still on the neurons after a cortex restart
+        await model_health.publish(models.states())  # health service `model/<name>`
+    registry.after_poll = after_poll
+    cortex_service = CortexService(registry, models)
+    cortex_service.max_prompt_bytes, cortex_service.max_logits_bytes = (settings["max_prompt_bytes"],
+                                                                        settings["max_logits_bytes"])
+    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, cortex_service, "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()
     try:

@@ -171,6 +171,10 @@ class ModelTable:
                                                 "forgotten); it returns when the neuron registers again")
                 return UNAVAILABLE, f"node {r.node} (rank {r.rank}) is down: {why}"
         for r, node in nodes:
+            device = node.device(r.device)
+            if device is not None and device.error:
+                return UNAVAILABLE, f"device {r.device} of node {r.node} (rank {r.rank}) is unhealthy: {device.error}"
+        for r, node in nodes:
             # Only a Describe asked after the load finished can tell that a shard is gone.
             if node.shard(r.handle) is None and node.described_at is not None and node.described_at > model.ready_at:
                 return self._fail(model, r, f"node {r.node} no longer holds rank {r.rank} (shard {r.handle}): the "
@@ -193,6 +197,10 @@ class ModelTable:
             placement=[cpb.Placement(rank=r.rank, node=r.node, device=r.device, handle=r.handle) for r in model.ranks],
             weight_bytes=sum(r.weight_bytes for r in model.ranks), kv_bytes=sum(r.kv_bytes for r in model.ranks),
             vocab_size=model.vocab_size, estimate=model.estimate.describe() if model.estimate else model.remark)
+
+    def states(self) -> dict[str, int]:
+        """{name: state} of every model in the table (per-model health reads it)."""
+        return {name: self.state_of(m)[0] for name, m in sorted(self._models.items())}
 
     def list(self) -> list[cpb.ModelInfo]:
         return [self.info(m) for _, m in sorted(self._models.items())]

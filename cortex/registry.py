@@ -190,7 +190,9 @@ class Registry:
                 await self.poll_all()
                 await self.expire()
                 if self.after_poll is not None:
-                    self.after_poll()
+                    done = self.after_poll()
+                    if asyncio.iscoroutine(done):
+                        await done
             except Exception:  # noqa: BLE001 - keep polling whatever happened
                 log.exception("poll round failed")
             await asyncio.sleep(max(0.0, self.poll_seconds - (time.monotonic() - started)))

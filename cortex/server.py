@@ -15,7 +15,7 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.errors import InvalidArgument, ServiceError, from_rpc_error, rpc_method
+from common.errors import InvalidArgument, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
 
 from .api import convert
 from .models import ModelTable, Route
@@ -29,8 +29,15 @@ def _require_model(name: str) -> None:
         raise InvalidArgument("model is empty: give the name of a loaded model (ListModels shows them)")
 
 
-def _check_prompt(prompt: cpb.Prompt) -> None:
+MAX_PROMPT_BYTES = 1 << 20  # the default of cortex's --max-prompt-bytes
+MAX_LOGITS_BYTES = 64 << 20  # the default of cortex's --max-logits-bytes
+
+
+def _check_prompt(prompt: cpb.Prompt, max_bytes: int = MAX_PROMPT_BYTES) -> None:
     kind = prompt.WhichOneof("kind")
+    if kind in ("text", "chat") and (size := prompt.ByteSize()) > max_bytes:
+        raise InvalidArgument(f"prompt.{kind} is {size} bytes, more than cortex's limit of {max_bytes} "
+                              "(--max-prompt-bytes); send a shorter prompt")
     if kind is None:
         raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
     if kind == "tokens" and not prompt.tokens.ids:
@@ -63,6 +70,8 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     def __init__(self, registry: Registry, models: ModelTable):
         self.registry = registry
         self.models = models
+        self.max_prompt_bytes = MAX_PROMPT_BYTES
+        self.max_logits_bytes = MAX_LOGITS_BYTES
 
     @rpc_method
     async def ListNodes(self, request, context):
@@ -99,7 +108,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     @rpc_method
     async def Generate(self, request, context):
         _require_model(request.model)
-        _check_prompt(request.prompt)
+        _check_prompt(request.prompt, self.max_prompt_bytes)
         route = self.models.route(request.model)
         request_id = request.request_id or uuid.uuid4().hex[:16]
         entry = _RequestLog("generate", model=request.model, node=route.node, request_id=request_id)
@@ -131,6 +140,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         if not request.token_ids:
             raise InvalidArgument("token_ids is empty: give at least one token id")
         route = self.models.route(request.model)
+        self._check_logits(request)
         entry = _RequestLog("forward", model=request.model, node=route.node, tokens=len(request.token_ids),
                             all_positions=request.all_positions)
         call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=context.time_remaining())
@@ -145,6 +155,15 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         finally:
             call.cancel()
             entry.emit()
+
+
+    def _check_logits(self, request) -> None:
+        vocab = self.models.get(request.model).vocab_size
+        rows = len(request.token_ids) if request.all_positions else 1
+        if vocab and rows * vocab * 4 > self.max_logits_bytes:
+            raise ResourceExhausted(f"logits for {rows} positions x {vocab} vocab are {rows * vocab * 4} bytes, over "
+                                    f"cortex's limit of {self.max_logits_bytes} (--max-logits-bytes); ask for fewer "
+                                    "positions (all_positions=false returns the last one)")
 
 
 class FleetService(cortex_pb2_grpc.FleetServicer):
