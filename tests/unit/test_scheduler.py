@@ -153,9 +153,12 @@ def test_aborting_a_running_request_frees_its_blocks():
     scheduler.add(make_request("r", range(10), ignore_eos=True))
     turn(scheduler)
     assert scheduler.block_manager.num_free_blocks == 13
-    scheduler.abort("r")
+    request = scheduler.get("r")
+    scheduler.abort("r", "error", "deadline")
+    scheduler.abort("r")                                       # the first abort's reasons stand
     plan, updates = turn(scheduler)
     assert plan.finished == ["r"] and plan.chunks == [] and updates == []
+    assert (request.finish_reason, request.stop_reason) == ("error", "deadline")
     assert scheduler.block_manager.num_free_blocks == 16 and not scheduler.has_work()
 
 
