@@ -259,6 +259,8 @@ class DeviceWorker:
     def _admit_waiting(self) -> None:
         for _ in range(len(self._waiting)):
             job = self._waiting.popleft()
+            if job.future.cancelled():
+                continue  # the caller gave up while it waited
             shard = self.slab.get(self._handle_of(job))
             if shard is None:
                 self._reject(job, NotFound("the model was dropped while this request waited"))
@@ -267,6 +269,10 @@ class DeviceWorker:
             if slot is None:
                 self._waiting.appendleft(job)
                 return
+            # From here the future cannot be cancelled under us (a cancelled one is not started).
+            if not job.future.set_running_or_notify_cancel():
+                shard.kv.release(slot)
+                continue
             try:
                 result = self._start(job, shard, slot)
                 if result is not _PENDING:
