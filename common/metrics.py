@@ -7,7 +7,11 @@ servers in one process (tests, the demo) keep separate figures.
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
+
+# No `*_created` series beside every counter and histogram: scrapers do not need them, and they
+# double the exposition. (A process-wide switch of prometheus_client.)
+disable_created_metrics()
 
 OFF_VALUES = ("", "off", "none")  # an empty environment variable reads as unset, so "off" is accepted too
 

@@ -36,7 +36,7 @@ class CortexMetrics:
         self.ttft = Histogram("cortex_time_to_first_token_seconds", "from the request reaching cortex to its first "
                               "token", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("cortex_inter_token_latency_seconds", "gap between consecutive tokens of a "
-                                     "generation, once per token after the first message", ["model"], buckets=LATENCY_BUCKETS,
+                                     "generation as cortex receives them, once per token after the first", ["model"], buckets=LATENCY_BUCKETS,
                                      registry=r)
         self.e2e = Histogram("cortex_request_duration_seconds", "end-to-end time of generations that finished",
                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
@@ -73,13 +73,15 @@ class GenerationTimer:
             return
         m, now = self.metrics, time.perf_counter()
         m.generation_tokens.labels(self.model).inc(count)
+        gaps, gap = count, 0.0
         if self.last_token_at is None:
             m.ttft.labels(self.model).observe(now - self.started)
+            gaps -= 1  # the first token has no gap before it; those that came with it have none either
         else:
-            # Tokens that arrive in one message share the gap since the previous message.
-            gap, hist = (now - self.last_token_at) / count, m.inter_token.labels(self.model)
-            for _ in range(count):
-                hist.observe(gap)
+            gap = (now - self.last_token_at) / count  # tokens in one message share its gap
+        hist = m.inter_token.labels(self.model)
+        for _ in range(gaps):
+            hist.observe(gap)
         self.last_token_at = now
 
     def end(self, code: str, prompt_tokens: int | None) -> None:

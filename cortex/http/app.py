@@ -22,7 +22,7 @@ from common.metrics import metrics_response, start_site
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 
 from . import openai_api
-from .errors import ApiError, bad_request, from_service_error, internal_error, routing_error
+from .errors import ApiError, bad_request, failed_model_error, from_service_error, internal_error
 
 log = structlog.get_logger("cortex.http")
 
@@ -141,10 +141,6 @@ class HttpFront:
         request_id = request["request_id"]
         completion.request.request_id = request_id
         timeout = _timeout(request)
-        try:
-            self.service.models.route(completion.model)  # refused here with the routing's own statuses
-        except ServiceError as err:
-            raise routing_error(err) from None
         chunks = self.service.generate(completion.request, timeout, "http")
         if completion.stream:
             return await self._stream(request, completion, chunks, request_id)
@@ -157,8 +153,17 @@ class HttpFront:
                         finish = openai_api.finish_reason(chunk)
                         used = openai_api.usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
         except ServiceError as err:
-            raise from_service_error(err) from None
+            raise self._api_error(err, completion.model) from None
         return web.json_response(openai_api.full_response(completion, request_id, "".join(text), finish, used))
+
+    def _api_error(self, err: ServiceError, model: str) -> ApiError:
+        """FAILED_PRECONDITION is a 400 (the request cannot work, e.g. stop strings without a
+        tokenizer) unless the model itself failed: then the service cannot serve it, a 503."""
+        try:
+            failed = self.service.models.state_of(self.service.models.get(model))[0] == cpb.MODEL_STATE_FAILED
+        except ServiceError:
+            failed = False
+        return failed_model_error(err) if failed and err.code.name == "FAILED_PRECONDITION" else from_service_error(err)
 
     async def _stream(self, request, completion, chunks, request_id: str) -> web.StreamResponse:
         """Server-sent events: one `data:` line per chunk, an error event if it fails midway, then [DONE]."""
@@ -181,8 +186,8 @@ class HttpFront:
                                 chunk.usage.prompt_tokens, chunk.usage.completion_tokens)))
             except ServiceError as err:
                 if not response.prepared:
-                    raise from_service_error(err) from None
-                await _send(response, from_service_error(err).body())
+                    raise self._api_error(err, completion.model) from None
+                await _send(response, self._api_error(err, completion.model).body())
         if not response.prepared:
             await response.prepare(request)
         await response.write(b"data: [DONE]\n\n")

@@ -14,7 +14,7 @@ from common.errors import ServiceError
 STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),  # about the request (see routing_error)
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),  # see failed_model_error
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
@@ -46,19 +46,15 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
 
 def from_service_error(err: ServiceError) -> ApiError:
     status, kind = STATUS.get(err.code, (500, "server_error"))
-    code = "model_not_found" if err.code == grpc.StatusCode.NOT_FOUND else err.code.name.lower()
-    return ApiError(status, err.message, kind, None, code)
+    if err.code == grpc.StatusCode.NOT_FOUND:
+        return ApiError(status, err.message, kind, "model", "model_not_found")
+    return ApiError(status, err.message, kind, None, err.code.name.lower())
 
 
-def routing_error(err: ServiceError) -> ApiError:
-    """An error from finding the model's node. There FAILED_PRECONDITION means the model failed
-    (its shard or group is gone): the service cannot serve it, so 503, not a bad request."""
-    if err.code == grpc.StatusCode.FAILED_PRECONDITION:
-        return ApiError(503, err.message, "service_unavailable_error", "model", "model_failed")
-    api = from_service_error(err)
-    if api.status == 404:
-        api.param = "model"
-    return api
+def failed_model_error(err: ServiceError) -> ApiError:
+    """The model failed (its shard or group is gone): the service cannot serve it until it is
+    loaded again, so 503 rather than the 400 of other FAILED_PRECONDITIONs."""
+    return ApiError(503, err.message, "service_unavailable_error", "model", "model_failed")
 
 
 def internal_error(err: BaseException) -> ApiError:
