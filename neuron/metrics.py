@@ -68,6 +68,8 @@ class DeviceCollector(Collector):
         slots = family("neuron_kv_slots", "KV cache slots of a shard (concurrent sequences it can hold)",
                        ["device", "model"])
         slots_used = family("neuron_kv_slots_used", "KV cache slots held by running sequences", ["device", "model"])
+        usage = family("neuron_kv_cache_usage_ratio", "fraction of the device's KV cache slots in use (0 to 1; "
+                       "0 with no shard)", ["device"])
         for f in (device_figures(w) for w in self.workers):
             total.add_metric([f.device, f.kind], f.total_bytes)
             used.add_metric([f.device, f.kind], f.total_bytes - f.free_bytes)
@@ -77,7 +79,9 @@ class DeviceCollector(Collector):
                 kv_bytes.add_metric([f.device, s.model], s.kv_bytes)
                 slots.add_metric([f.device, s.model], s.kv_slots)
                 slots_used.add_metric([f.device, s.model], s.kv_slots_used)
-        yield from (total, used, running, waiting, kv_bytes, slots, slots_used)
+            held, held_used = sum(s.kv_slots for s in f.shards), sum(s.kv_slots_used for s in f.shards)
+            usage.add_metric([f.device], held_used / held if held else 0.0)
+        yield from (total, used, running, waiting, kv_bytes, slots, slots_used, usage)
 
 
 class NeuronMetrics:

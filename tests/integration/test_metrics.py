@@ -116,4 +116,5 @@ def test_fleet_and_device_gauges_show_what_is_there(fleet):
     assert total > 0 and info.weight_bytes + info.kv_bytes <= used <= total
     assert neuron.value("neuron_kv_slots", model="llama3") >= 1 and neuron.value("neuron_kv_slots_used") == 0
     assert neuron.value("neuron_requests_running") == 0 and neuron.value("neuron_requests_waiting") == 0
+    assert neuron.value("neuron_kv_cache_usage_ratio", device="cpu") == 0
     assert not any(name.endswith("_created") for name in neuron.names() | cortex.names())
