@@ -281,3 +281,33 @@ def test_model_on_a_down_node_is_503_and_health_stays_ok(fleet, client):
     assert http_get(fleet["base"] + "/health")[0] == 200
     assert "victim" not in {m.id for m in client.models.list().data}
     assert client.completions.create(model="llama3", prompt=PROMPT, max_tokens=1).usage.completion_tokens == 1
+
+
+# ---------------------------------------------------------------- the guide's curl commands
+
+def guide_curl_commands() -> list[list[str]]:
+    from tests.unit.test_operations_doc import DOC, shell_commands
+    return [words for words in shell_commands(DOC.read_text()) if words[0] == "curl"
+            and any("localhost:8000" in w for w in words)]
+
+
+def test_the_guides_curl_commands_work_streaming_included(fleet):
+    """Every `curl localhost:8000...` line of docs/operations.md, against this cortex (model "llama")."""
+    import shutil
+    import subprocess
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    fleet["grpc"].load_wait("llama3", name="llama", node=fleet["a"].address)
+    commands = guide_curl_commands()
+    assert any("-N" in c for c in commands), "the guide shows streaming with curl -N"
+    port = fleet["base"].rsplit(":", 1)[1]
+    for words in commands:
+        argv = [w.replace("localhost:8000", f"127.0.0.1:{port}") for w in words] + ["--fail-with-body",
+                                                                                     "--max-time", "60"]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+        assert result.returncode == 0, f"{' '.join(words)}\n{result.stdout}\n{result.stderr}"
+        if "-N" in words:
+            events = [e for e in result.stdout.split("\n\n") if e]
+            assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["total_tokens"] > 0
+        else:
+            assert "error" not in json.loads(result.stdout)
