@@ -311,3 +311,18 @@ def test_the_guides_curl_commands_work_streaming_included(fleet):
             assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["total_tokens"] > 0
         else:
             assert "error" not in json.loads(result.stdout)
+
+
+def test_sigterm_drains_http_streams_finish_new_requests_get_503(fleet, client):
+    """Last: it stops this module's cortex."""
+    import signal
+    stream = client.completions.create(model="slow", prompt=PROMPT, max_tokens=600, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = [next(iter(stream))]
+    fleet["cortex"].proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: http_get(fleet["base"] + "/health")[0] == 503, what="health 503 while draining")
+    err = status_error(lambda: client.completions.create(model="llama3", prompt=PROMPT, max_tokens=1))
+    assert err.status_code == 503 and err.body["code"] == "draining"
+    chunks += list(stream)
+    assert chunks[-1].usage.completion_tokens == 600 and chunks[-2].choices[0].finish_reason == "length"
+    assert fleet["cortex"].proc.wait(30) == 0
