@@ -15,9 +15,9 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.proto.neuron.v1 import neuron_pb2 as npb
-from common.errors import InvalidArgument, NotFound, ServiceError, from_rpc_error, rpc_method
+from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
 
+from .api import convert
 from .metrics import CortexMetrics
 from .models import ModelTable, Route
 from .registry import Registry
@@ -30,8 +30,15 @@ def _require_model(name: str) -> None:
         raise InvalidArgument("model is empty: give the name of a loaded model (ListModels shows them)")
 
 
-def _check_prompt(prompt: npb.Prompt) -> None:
+MAX_PROMPT_BYTES = 1 << 20  # the default of cortex's --max-prompt-bytes
+MAX_LOGITS_BYTES = 64 << 20  # the default of cortex's --max-logits-bytes
+
+
+def _check_prompt(prompt: cpb.Prompt, max_bytes: int = MAX_PROMPT_BYTES) -> None:
     kind = prompt.WhichOneof("kind")
+    if kind in ("text", "chat") and (size := prompt.ByteSize()) > max_bytes:
+        raise InvalidArgument(f"prompt.{kind} is {size} bytes, more than cortex's limit of {max_bytes} "
+                              "(--max-prompt-bytes); send a shorter prompt")
     if kind is None:
         raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
     if kind == "tokens" and not prompt.tokens.ids:
@@ -68,6 +75,8 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         self.registry = registry
         self.models = models
         self.metrics = metrics or CortexMetrics()
+        self.max_prompt_bytes = MAX_PROMPT_BYTES
+        self.max_logits_bytes = MAX_LOGITS_BYTES
 
     def _model_label(self, name: str) -> str:
         try:
@@ -78,7 +87,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     @rpc_method
     async def ListNodes(self, request, context):
         now = time.monotonic()
-        return cpb.ListNodesResponse(nodes=[n.to_proto(now) for n in self.registry.nodes()])
+        return cpb.ListNodesResponse(nodes=[convert.node(n, now) for n in self.registry.nodes()])
 
     @rpc_method
     async def ListModels(self, request, context):
@@ -123,13 +132,11 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         first_token_at, completion, final = None, 0, None
         try:
             _require_model(request.model)
-            _check_prompt(request.prompt)
+            _check_prompt(request.prompt, self.max_prompt_bytes)
             route = self.models.route(request.model)
             request_id = request.request_id or uuid.uuid4().hex[:16]
             entry.fields.update(node=route.node, request_id=request_id)
-            downstream = npb.GenerateRequest(handle=route.handle, prompt=request.prompt, sampling=request.sampling,
-                                             request_id=request_id)
-            call = route.stub.Generate(downstream, timeout=timeout)
+            call = route.stub.Generate(convert.generate_request(request, route.handle, request_id), timeout=timeout)
             timer.begin()
             try:
                 async for chunk in call:
@@ -139,7 +146,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
                     timer.tokens(len(chunk.token_ids))
                     if chunk.finish_reason:
                         final = chunk
-                    yield chunk
+                    yield convert.generate_response(chunk, request_id)
                 entry.code = "OK"
             except grpc.aio.AioRpcError as err:
                 raise _relay(err, route) from None
@@ -166,9 +173,9 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             if not request.token_ids:
                 raise InvalidArgument("token_ids is empty: give at least one token id")
             route = self.models.route(request.model)
+            self._check_logits(request)
             entry.fields.update(node=route.node)
-            call = route.stub.Forward(npb.ForwardRequest(handle=route.handle, token_ids=request.token_ids,
-                                                         all_positions=request.all_positions), timeout=timeout)
+            call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=timeout)
             try:
                 reply = await call
             except grpc.aio.AioRpcError as err:
@@ -176,13 +183,21 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             finally:
                 call.cancel()
             entry.code = "OK"
-            return reply
+            return convert.forward_response(reply)
         except Exception as err:
             entry.fail(err)
             raise
         finally:
             self.metrics.forward_done(self._model_label(request.model), front, entry.code)
             entry.emit()
+
+    def _check_logits(self, request) -> None:
+        vocab = self.models.get(request.model).vocab_size
+        rows = len(request.token_ids) if request.all_positions else 1
+        if vocab and rows * vocab * 4 > self.max_logits_bytes:
+            raise ResourceExhausted(f"logits for {rows} positions x {vocab} vocab are {rows * vocab * 4} bytes, over "
+                                    f"cortex's limit of {self.max_logits_bytes} (--max-logits-bytes); ask for fewer "
+                                    "positions (all_positions=false returns the last one)")
 
 
 class FleetService(cortex_pb2_grpc.FleetServicer):
