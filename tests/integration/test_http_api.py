@@ -262,9 +262,11 @@ def test_full_queue_is_429_and_disconnect_frees_the_neuron(fleet, client):
     try:
         wait_until(lambda: neuron_gauge(fleet, "neuron_requests_waiting") == MAX_WAITING, timeout=60,
                    what="the device queue full")
+        refused = neuron_gauge(fleet, "neuron_requests", model="slow", code="RESOURCE_EXHAUSTED")
         err = status_error(lambda: client.completions.create(model="slow", prompt=PROMPT, max_tokens=2))
         assert isinstance(err, openai.RateLimitError) and err.body["code"] == "resource_exhausted"
         assert "waiting for a KV slot" in err.message
+        assert neuron_gauge(fleet, "neuron_requests", model="slow", code="RESOURCE_EXHAUSTED") == refused + 1
     finally:
         for call in calls:
             call.cancel()
