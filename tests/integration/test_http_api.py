@@ -235,6 +235,18 @@ def test_deadline_is_504(client):
     assert err.status_code == 504 and err.body["code"] == "deadline_exceeded"
 
 
+def test_an_error_after_the_stream_started_is_a_last_error_event(fleet):
+    request = urllib.request.Request(fleet["base"] + "/v1/completions", json.dumps(
+        {"model": "slow", "prompt": PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True, "stream": True}).encode(),
+        {"X-Request-Timeout": "2"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.status == 200
+        events = [e for e in reply.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and len(events) > 2
+    assert json.loads(events[-2][6:])["error"]["code"] == "deadline_exceeded"
+    assert all("choices" in json.loads(e[6:]) for e in events[:-2])
+
+
 def test_full_queue_is_429_and_disconnect_frees_the_neuron(fleet, client):
     """The slow model has one KV slot. A stream holds it; the HTTP client disconnects mid-stream and
     the slot is free again at once (the neuron stopped). Then the slot is held again and 256
