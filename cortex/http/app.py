@@ -29,7 +29,7 @@ log = structlog.get_logger("cortex.http")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TIMEOUT_HEADER = "X-Request-Timeout"  # seconds: the HTTP counterpart of a gRPC deadline
 # Served while draining, so probes and scrapers see the shutdown instead of a refused connection.
-ALWAYS_SERVED = ("/health", "/metrics", "/v1/models")
+ALWAYS_SERVED = ("/health", "/metrics", "/v1/models")  # and /v1/models/NAME
 MAX_BODY_BYTES = 16 * 1024 * 1024  # long token-id prompts exceed aiohttp's 1 MiB default
 
 
@@ -47,6 +47,7 @@ class HttpFront:
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", lambda request: metrics_response(self.service.metrics.registry))
         self.app.router.add_get("/v1/models", self.list_models)
+        self.app.router.add_get("/v1/models/{name:.+}", self.get_model)  # names may hold "/"
         self.app.router.add_post("/v1/completions", lambda request: self.complete(request, chat=False))
         self.app.router.add_post("/v1/chat/completions", lambda request: self.complete(request, chat=True))
 
@@ -98,7 +99,7 @@ class HttpFront:
 
     @web.middleware
     async def _track(self, request: web.Request, handler):
-        if request.path in ALWAYS_SERVED:
+        if request.path in ALWAYS_SERVED or request.path.startswith("/v1/models/"):
             return await handler(request)
         if self.draining:
             raise ApiError(503, "cortex is shutting down (draining): it takes no new requests; retry against "
@@ -126,11 +127,22 @@ class HttpFront:
             return web.json_response({"status": "ok", "nodes_up": up})
         raise ApiError(503, reason, "service_unavailable_error", None, "not_serving")
 
+    def _ready_models(self) -> dict[str, dict]:
+        return {m.name: {"id": m.name, "object": "model", "created": self.started, "owned_by": "cortex",
+                         "max_model_len": m.max_context}
+                for m in self.service.models.list() if m.state == cpb.MODEL_STATE_READY}
+
     async def list_models(self, request: web.Request) -> web.Response:
-        ready = [m for m in self.service.models.list() if m.state == cpb.MODEL_STATE_READY]
-        return web.json_response({"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": self.started, "owned_by": "cortex",
-             "max_model_len": m.max_context} for m in ready]})
+        return web.json_response({"object": "list", "data": list(self._ready_models().values())})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        ready = self._ready_models()
+        name = request.match_info["name"]
+        if name not in ready:
+            raise ApiError(404, f"model {name!r} is not ready (ready: {', '.join(sorted(ready)) or 'none'}); "
+                           "GET /v1/models lists the models that can serve", "invalid_request_error", "model",
+                           "model_not_found")
+        return web.json_response(ready[name])
 
     async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:

@@ -93,6 +93,8 @@ def test_models_lists_the_ready_models_in_openai_shape(client):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"llama3", "slow", "victim"}
     assert models["llama3"].object == "model" and models["llama3"].owned_by == "cortex"
+    assert client.models.retrieve("llama3").id == "llama3"
+    assert isinstance(status_error(lambda: client.models.retrieve("nope")), openai.NotFoundError)
 
 
 def test_health_is_ok_with_a_neuron_up(fleet):
