@@ -14,9 +14,12 @@ from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add
 from common.logs import configure_logging
 from common.server import ServingServer
 
+from common.metrics import listen_or_off, serve_metrics
+
 from .device import parse_devices, system_memory_bytes
 from .health import DeviceWatch
 from .limits import LIMIT_SETTINGS, Limits
+from .metrics import NeuronMetrics
 from .registration import keep_registered
 from .server import NeuronService
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -36,6 +39,8 @@ SETTINGS = [
     Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float,
             minimum=0.0),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
+    Setting("metrics_listen", "0.0.0.0:9400", "address of the Prometheus /metrics endpoint (HOST:PORT; port 0 "
+            "picks a free one; empty or off: none)"),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
@@ -107,12 +112,22 @@ async def serve_forever(settings: dict) -> int:
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
     # Describe stays answerable while draining, so cortex and operators can still see the node.
-    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",))
     service = NeuronService(workers, roots)
     service.stall_seconds = settings["watchdog_seconds"]
     service.limits = Limits.from_settings(settings)
+    metrics = NeuronMetrics(workers, service.model_of)
+    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
+                           interceptors=(metrics.interceptor,))
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
+    metrics_runner, metrics_listen = None, listen_or_off(settings["metrics_listen"])
+    if metrics_listen:
+        try:
+            metrics_runner, metrics_port = await serve_metrics(metrics.registry, metrics_listen)
+        except OSError as err:
+            await server.stop(0)
+            raise OSError(f"--metrics-listen: {err}") from None
+        log.info("metrics serving", listen=metrics_listen, port=metrics_port)
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
@@ -139,7 +154,11 @@ async def serve_forever(settings: dict) -> int:
             keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"]))
     await stop.wait()
     watching.cancel()
-    code = await shut_down(server, workers, registration, settings["drain_seconds"])
+    try:
+        code = await shut_down(server, workers, registration, settings["drain_seconds"])
+    finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
     return max(code, exit_code)
 
 

@@ -69,6 +69,12 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             raise NotFound(f"unknown shard handle {handle}: it was dropped or never loaded on this neuron")
         return worker, shard
 
+    def model_of(self, handle: int) -> str:
+        """The model name of a shard handle, "" if it is not loaded here (metrics' label)."""
+        worker = self._handle_owner.get(handle)
+        shard = worker.slab.get(handle) if worker else None
+        return shard.request.model if shard else ""
+
     def _pick_device(self, device: str) -> DeviceWorker:
         if device:
             if device not in self.workers:
