@@ -212,3 +212,29 @@ def test_build_batch_maps_each_token_to_its_block_slot():
     assert inputs.block_tables.tolist() == [[9, 3], [4, 0]]
     assert inputs.logits_rows.tolist() == [6] and [(s.chunk.request.request_id, s.lo, s.hi) for s in spans] == [("y", 0, 1)]
     assert inputs.for_follower().logits_rows.tolist() == []
+
+
+def test_scheduler_and_runner_give_reference_tokens_through_preemption_and_prefix_hits():
+    from neuron.engine.kv_blocks import KVBlockManager
+    from neuron.engine.scheduler import Scheduler
+    ref = np.load(REFERENCE / "qwen3.npz")
+    model, _, config = build("qwen3")
+    kv = PagedKvCache(np, config.num_layers, 24, BLOCK, model.layout.local_kv_heads, config.head_dim, np.float32,
+                      MAX_CONTEXT)
+    manager = KVBlockManager(kv.num_blocks, BLOCK)
+    scheduler = Scheduler(manager, max_batched_tokens=16, max_seqs=8)
+    runner = ModelRunner(model, kv, config.vocab_size)
+    prompt = ref["prompt_ids"].tolist()
+    requests = [request(f"r{i}", prompt, max_tokens=32, ignore_eos=True) for i in range(5)]
+    for r in requests:
+        scheduler.add(r)
+    preempted = 0
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        preempted += len(plan.preempted)
+        scheduler.update(plan, runner.execute(plan))
+    assert preempted > 0  # 24 blocks of 4 cannot hold five requests of 40+ tokens at once
+    assert manager.stats.hits > 0
+    for r in requests:
+        assert r.output_ids == [int(t) for t in ref["greedy_ids"]], r.request_id
+    assert manager.num_free_blocks == kv.num_blocks
