@@ -46,7 +46,8 @@ SETTINGS = [
     Setting("max_waiting", DEFAULT_ENGINE.max_waiting,
             "requests queued per shard beyond max_seqs; more are refused with RESOURCE_EXHAUSTED", type=int),
     Setting("prefix_caching", DEFAULT_ENGINE.prefix_caching,
-            "keep full KV blocks by content so a repeated prompt prefix is not recomputed", type=bool),
+            "keep full KV blocks by content so a repeated prompt prefix is not recomputed; "
+            "--no-prefix-caching (or NEURON_PREFIX_CACHING=0) turns it off", type=bool),
     *SERVER_SETTINGS,
 ]
 
