@@ -44,7 +44,7 @@ SETTINGS = [
             "tokens one engine turn computes over all requests (prefills are chunked to fit)", type=int),
     Setting("max_seqs", DEFAULT_ENGINE.max_seqs, "requests running at once per shard (a load may ask fewer)", type=int),
     Setting("max_waiting", DEFAULT_ENGINE.max_waiting,
-            "requests queued per shard beyond max_seqs; more are refused with RESOURCE_EXHAUSTED", type=int),
+            "requests per shard waiting to start (not yet running); more are refused with RESOURCE_EXHAUSTED", type=int),
     Setting("prefix_caching", DEFAULT_ENGINE.prefix_caching,
             "keep full KV blocks by content so a repeated prompt prefix is not recomputed; "
             "--no-prefix-caching (or NEURON_PREFIX_CACHING=0) turns it off", type=bool),
