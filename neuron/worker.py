@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from common.errors import NotFound, Unavailable
 
 from .collectives import CollectiveError
 from .device import CpuBackend, CudaBackend, DeviceSpec
-from .engine.core import Caller
+from .engine.core import Caller, settle
 from .engine.request import Request
 from .engine.settings import EngineSettings
 from .runner.batch import BatchInputs
@@ -112,6 +113,8 @@ class DeviceWorker:
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._ready = Future()
         self._next_request = 0
+        self.failure = ""  # why the device thread ended, if it ended other than by stop()
+        self.progress_at = time.monotonic()  # when the last turn (or load progress) finished
         self._thread = threading.Thread(target=self._main, name=f"device-{spec.id}", daemon=True)
         self._handlers = {
             LoadShardJob: self._load, DropShardJob: self._drop, ForwardJob: self._forward,
@@ -127,10 +130,19 @@ class DeviceWorker:
 
     def submit(self, job: Job) -> Future:
         if not self._thread.is_alive():
-            job.future.set_exception(Unavailable(f"device {self.spec.id} worker is not running"))
+            why = f": {self.failure}" if self.failure else ""
+            job.future.set_exception(Unavailable(f"device {self.spec.id} worker is not running{why}"))
         else:
             self._jobs.put(job)
         return job.future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def holds_work(self) -> bool:
+        """Running or waiting requests, or a job in progress: the watchdog expects turns to finish."""
+        return self.busy or any(shard.engine.has_work() for shard in list(self.slab.values()))
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread.is_alive():
@@ -147,6 +159,13 @@ class DeviceWorker:
             self._ready.set_exception(err)
             return
         self._ready.set_result(None)
+        try:
+            self._serve()
+        except BaseException as err:  # a bug: recorded so health, Describe and submit() can say why
+            self.failure = f"device thread died: {err!r}"
+            log.critical("device worker died", device=self.spec.id, error=repr(err), exc_info=True)
+
+    def _serve(self) -> None:
         while True:
             # Between turns: every job that arrived; sleep on the queue only when no shard has work.
             block = not any(shard.engine.has_work() for shard in self.slab.values())
@@ -155,8 +174,12 @@ class DeviceWorker:
                     self._shutdown(job)
                     return
                 self._run_job(job)
-            self._turn()
-            self._refresh_memory()
+            try:
+                self._turn()
+                self._refresh_memory()
+            except Exception:  # noqa: BLE001 - one turn's bug must not end the device thread
+                log.exception("device turn failed", device=self.spec.id)
+            self.progress_at = time.monotonic()
 
     def _take_jobs(self, block: bool) -> list[Job]:
         jobs = [self._jobs.get()] if block else []
@@ -172,11 +195,10 @@ class DeviceWorker:
         self.busy = True
         try:
             result = self._handlers[type(job)](job)
-            if result is not _PENDING and not job.future.done():
-                job.future.set_result(result)
+            if result is not _PENDING:
+                settle(job.future, result)
         except Exception as err:  # noqa: BLE001 - delivered to the caller
-            if not job.future.done():
-                job.future.set_exception(err)
+            settle(job.future, error=err)
         finally:
             self.busy = False
 
@@ -210,7 +232,11 @@ class DeviceWorker:
     # -- load / drop
 
     def _load(self, job: LoadShardJob) -> Shard:
-        shard = load_shard(self.backend, job.request, job.handle, job.progress, job.cancelled, job.comm, self.settings)
+        def progress(p: LoadProgress) -> None:
+            self.progress_at = time.monotonic()  # a long load is progress, not a stall
+            job.progress(p)
+
+        shard = load_shard(self.backend, job.request, job.handle, progress, job.cancelled, job.comm, self.settings)
         self.slab[job.handle] = shard
         self.backend.used += shard.nbytes
         log.info("shard loaded", model=job.request.model, handle=job.handle, device=self.spec.id, dtype=shard.dtype,
@@ -283,4 +309,4 @@ class DeviceWorker:
             shard.comm.close()
         self.slab.clear()
         self.backend.close()
-        job.future.set_result(None)
+        settle(job.future, None)

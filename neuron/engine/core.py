@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import structlog
@@ -23,6 +23,20 @@ from .request import Request
 from .scheduler import RequestUpdate, Scheduler, SchedulerStats
 
 log = structlog.get_logger(__name__)
+
+
+def settle(future: Future, result: Any = None, error: Exception | None = None) -> None:
+    """Complete a future unless its caller already gave up on it (cancelled, or a deadline passed):
+    completing a cancelled future raises InvalidStateError on the device thread."""
+    try:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled by the caller's thread between the check and the set
+        pass
 
 
 @dataclass
@@ -48,8 +62,8 @@ class Caller:
     def fail(self, error: Exception) -> None:
         if self.emit is not None:
             self.post(ErrorEvent(error))
-        elif self.future is not None and not self.future.done():
-            self.future.set_exception(error)
+        elif self.future is not None:
+            settle(self.future, error=error)
 
 
 class ShardEngine:
@@ -107,9 +121,9 @@ class ShardEngine:
                 caller.post(TokenEvent(token, sampled_at))
             if update.finished:
                 caller.post(FinishEvent(request.finish_reason, request.stop_reason))
-        elif update.finished and caller.future is not None and not caller.future.done():
+        elif update.finished and caller.future is not None:
             logits = np.asarray(update.logits, dtype=np.float32)
-            caller.future.set_result(logits if request.all_positions else logits[0])
+            settle(caller.future, logits if request.all_positions else logits[0])
         if update.finished:
             self._callers.pop(request.request_id, None)
 

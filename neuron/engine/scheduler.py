@@ -77,14 +77,17 @@ class Scheduler:
         """Queue a new request (FCFS). Raises ResourceExhausted when max_waiting requests already wait,
         InvalidArgument when the request could never fit the KV pool; nothing changes then."""
         capacity = self.block_manager.capacity_tokens
-        most_new = 0 if request.want_logits else max(request.sampling.max_tokens, 1)
-        longest = min(request.max_context, len(request.prompt_ids) + most_new)
+        # KV is needed for every token but a generated request's last one, which is never fed back.
+        if request.want_logits:
+            most_kv = len(request.prompt_ids)
+        else:
+            most_kv = min(request.max_context, len(request.prompt_ids) + max(request.sampling.max_tokens, 1)) - 1
         with self._lock:
             if request.request_id in self._requests:
                 raise InvalidArgument(f"request id {request.request_id!r} is already in use; give each request "
                                       f"its own id")
-            if longest > capacity:
-                raise InvalidArgument(f"request {request.request_id!r} may reach {longest} tokens but the KV cache "
+            if most_kv > capacity:
+                raise InvalidArgument(f"request {request.request_id!r} may need KV for {most_kv} tokens but the KV cache "
                                       f"holds {capacity}; shorten the prompt or lower max_tokens")
             if len(self._waiting) >= self.max_waiting:
                 raise ResourceExhausted(f"{len(self._waiting)} requests are already waiting on this shard (the bound "
@@ -275,7 +278,7 @@ class Scheduler:
         if not sampling.ignore_eos and token in request.eos_ids:
             return "stop", "eos"
         if len(request.output_ids) >= sampling.max_tokens:
-            return "length", "max_tokens"
+            return "length", sampling.length_limit  # "context" when the context left bound max_tokens
         if request.num_tokens >= request.max_context:
             return "length", "context"
         return None
