@@ -5,6 +5,10 @@ query_start[r]:query_start[r+1] and, after this turn, has context_lens[r] tokens
 tokens plus this chunk). The chunk's keys and values are written into their slots first, then each
 request attends over its own blocks, causally within the chunk. A long chunk is cut into query
 pieces so the score tensor [heads, q, L] stays under SCORE_ELEMENTS_CAP.
+
+With a `DecodeAttention` (the paged decode kernel on GPUs, its NumPy mirror in tests), every request
+with one query row this turn is attended in one launch for the whole batch; chunks of several rows
+take the gather path.
 """
 from __future__ import annotations
 
@@ -25,10 +29,56 @@ class AttentionMetadata:
     query_start: np.ndarray           # host [N + 1]
     context_lens: np.ndarray          # host [N]
     block_size: int
+    # The requests with one query row (decode), for a DecodeAttention; None: none, or no kernel.
+    decode: "DecodeBatch | None" = None
 
     @property
     def num_requests(self) -> int:
         return len(self.context_lens)
+
+
+@dataclass
+class DecodeBatch:
+    requests: np.ndarray              # host: their indices among the turn's requests
+    others: np.ndarray                # host: the other requests' indices (the gather path)
+    rows: Any                         # device int64: their rows of the flat batch
+    block_tables: Any                 # device int32 [n, max_blocks]
+    context_lens: Any                 # device int32 [n]
+
+    @classmethod
+    def select(cls, xp, query_start: np.ndarray, context_lens: np.ndarray, block_tables: np.ndarray):
+        single = np.diff(query_start) == 1
+        requests = np.flatnonzero(single)
+        if len(requests) == 0:
+            return None
+        return cls(requests, np.flatnonzero(~single), xp.asarray(query_start[requests].astype(np.int64)),
+                   xp.asarray(np.ascontiguousarray(block_tables[requests])),
+                   xp.asarray(context_lens[requests].astype(np.int32)))
+
+
+class DecodeAttention:
+    """One query token per request over its blocks, for a batch of requests at once. Its split of
+    the keys is fixed per shard (from max_context), so a request's result does not depend on what
+    else is in the batch."""
+
+    def __init__(self, run, max_context: int):
+        from neuron.kernels.paged_attention import num_splits
+        self.run, self.splits = run, num_splits(max_context)
+
+    @classmethod
+    def cuda(cls, dtype_name: str, head_dim: int, group: int, max_context: int) -> "DecodeAttention":
+        from neuron.kernels.paged_attention import PagedAttentionCuda
+        return cls(PagedAttentionCuda(dtype_name, head_dim, group).decode, max_context)
+
+    @classmethod
+    def numpy_mirror(cls, max_context: int) -> "DecodeAttention":
+        from neuron.kernels.paged_attention import paged_decode_attention_numpy
+        return cls(paged_decode_attention_numpy, max_context)
+
+    def __call__(self, q, layer_keys, layer_values, batch: DecodeBatch, window: int | None):
+        scale = 1.0 / float(q.shape[-1]) ** 0.5
+        return self.run(q, layer_keys, layer_values, batch.block_tables, batch.context_lens, scale, window or 0,
+                        splits=self.splits)
 
 
 def _bmm(xp, a, b):
@@ -66,11 +116,17 @@ def write_kv(flat_keys, flat_values, k, v, slot_mapping) -> None:
     flat_values[slot_mapping] = v
 
 
-def paged_attention(xp, q, layer_keys, layer_values, meta: AttentionMetadata, window: int | None):
+def paged_attention(xp, q, layer_keys, layer_values, meta: AttentionMetadata, window: int | None,
+                    decode: DecodeAttention | None = None):
     """q [T, Hq, d] of the whole batch over each request's blocks; returns [T, Hq * d]."""
     T, hq, d = q.shape
     out = xp.empty((T, hq * d), dtype=q.dtype)
-    for r in range(meta.num_requests):
+    others = range(meta.num_requests)
+    if decode is not None and meta.decode is not None:
+        rows = meta.decode.rows
+        out[rows] = decode(q[rows], layer_keys, layer_values, meta.decode, window).reshape(-1, hq * d)
+        others = meta.decode.others
+    for r in others:
         q_lo, q_hi = int(meta.query_start[r]), int(meta.query_start[r + 1])
         length = int(meta.context_lens[r])
         start = length - (q_hi - q_lo)                 # position of the chunk's first token

@@ -18,7 +18,7 @@ import structlog
 from ..collectives import Communicator
 from ..engine.kv_cache import PagedKvCache
 from ..kv_cache import KvCache
-from ..layers.attention import AttentionMetadata, causal_attention, paged_attention, write_kv
+from ..layers.attention import AttentionMetadata, DecodeAttention, causal_attention, paged_attention, write_kv
 from .config import ModelConfig
 from .rope import cos_sin_tables
 from .sharding import TpLayout
@@ -56,7 +56,7 @@ class LlamaModel:
     fused engine on the kernels' NumPy mirror: for tests). NEURON_FUSED overrides "auto"."""
 
     def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int,
-                 fused: str = "auto"):
+                 fused: str = "auto", decode_attention: str = "auto"):
         self.config, self.layout, self.p, self.xp, self.comm = config, layout, params, xp, comm
         cos, sin = cos_sin_tables(config, max_context)
         self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
@@ -64,6 +64,23 @@ class LlamaModel:
         self.q_size = layout.local_heads * config.head_dim
         self.kv_size = layout.local_kv_heads * config.head_dim
         self.fused = self._fused_engine(fused)
+        self.decode_attention = self._decode_attention(decode_attention, max_context)
+
+    def _decode_attention(self, mode: str, max_context: int) -> DecodeAttention | None:
+        """forward_batch's attention for decode rows: "auto" (the paged decode kernel on a GPU when
+        the shapes suit it, else the gather path), "off", or "numpy" (the kernel's NumPy mirror: tests)."""
+        if mode == "numpy":
+            return DecodeAttention.numpy_mirror(max_context)
+        if mode == "off" or self.xp is np:
+            return None
+        from ..kernels.paged_attention import MAX_GROUP
+        group = self.layout.local_heads // self.layout.local_kv_heads
+        dtype_name = np.dtype(self.p["embed"].dtype).name
+        if group > MAX_GROUP or self.config.head_dim % (4 if dtype_name == "float32" else 8):
+            log.info("paged decode kernel off for this model; decode attention gathers blocks", group=group,
+                     head_dim=self.config.head_dim)
+            return None
+        return DecodeAttention.cuda(dtype_name, self.config.head_dim, group, max_context)
 
     def _fused_engine(self, mode: str):
         if mode == "auto":
@@ -200,7 +217,8 @@ class LlamaModel:
         q, k, v = self._qkv(i, h, cos, sin)
         flat_keys, flat_values = kv.flat_keys(i), kv.flat_values(i)
         write_kv(flat_keys, flat_values, k, v, meta.slot_mapping)
-        attended = paged_attention(self.xp, q, kv.keys[i], kv.values[i], meta, self.config.sliding_window)
+        attended = paged_attention(self.xp, q, kv.keys[i], kv.values[i], meta, self.config.sliding_window,
+                                   self.decode_attention)
         out = self.comm.all_reduce(attended @ self.p[f"{i}.o"].T)
         if f"{i}.o_bias" in self.p:  # a row-parallel bias (every rank holds it): added once, after the sum
             out = out + self.p[f"{i}.o_bias"]

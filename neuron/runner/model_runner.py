@@ -13,7 +13,7 @@ import numpy as np
 
 from neuron.engine.kv_cache import PagedKvCache
 from neuron.engine.plan import RunnerOutput, SchedulerOutput
-from neuron.layers.attention import AttentionMetadata
+from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, build_batch
 from .sampler import RowSampler, SampleRow, sample_rows
@@ -59,9 +59,12 @@ class ModelRunner:
 
     def _run(self, inputs: BatchInputs):
         xp = self.xp
+        decode = None
+        if self.model.decode_attention is not None:
+            decode = DecodeBatch.select(xp, inputs.query_start, inputs.context_lens, inputs.block_tables)
         meta = AttentionMetadata(slot_mapping=xp.asarray(inputs.slot_mapping), block_tables=xp.asarray(inputs.block_tables),
                                  query_start=inputs.query_start, context_lens=inputs.context_lens,
-                                 block_size=self.kv.block_size)
+                                 block_size=self.kv.block_size, decode=decode)
         rows = xp.asarray(inputs.logits_rows) if len(inputs.logits_rows) else None
         logits = self.model.forward_batch(xp.asarray(inputs.token_ids), xp.asarray(inputs.positions), meta, self.kv,
                                           rows)

@@ -28,8 +28,9 @@ def batch_cases(name: str) -> list[tuple[list[int], list[int]]]:
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_batched_greedy_equals_alone_on_the_gpu(worker, name, dtype):
     ref = np.load(FIXTURES / "reference" / f"{name}.npz")
-    handle, _ = load(worker, FIXTURES / "models" / name, dtype, max_context=256, max_seqs=16)
+    handle, shard = load(worker, FIXTURES / "models" / name, dtype, max_context=256, max_seqs=16)
     try:
+        assert shard.model.decode_attention is not None  # decode rows through the paged decode kernel
         logits = forward(worker, handle, ref["prompt_ids"], all_positions=True)
         if dtype == "float32":
             assert rel_l2(logits, ref["logits_all"]) < FP32_REL_L2

@@ -29,7 +29,7 @@ BLOCK = 4
 MAX_CONTEXT = 256
 
 
-def build(name: str, sliding_window: int | None = None):
+def build(name: str, sliding_window: int | None = None, decode: str = "off"):
     directory = MODELS / name
     config = ModelConfig.from_dir(directory)
     if sliding_window is not None:
@@ -40,7 +40,7 @@ def build(name: str, sliding_window: int | None = None):
     for key, reads in parameter_reads(config, layout, "lm_head.weight" in ckpt.tensors).items():
         parts = [ckpt.read(r) for r in reads]
         params[key] = (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.float32)
-    model = LlamaModel(config, layout, params, np, SingleRank(), MAX_CONTEXT, fused="off")
+    model = LlamaModel(config, layout, params, np, SingleRank(), MAX_CONTEXT, fused="off", decode_attention=decode)
     kv = PagedKvCache(np, config.num_layers, 200, BLOCK, layout.local_kv_heads, config.head_dim, np.float32, MAX_CONTEXT)
     return model, kv, config
 
@@ -96,10 +96,12 @@ def run_to(runner, sched, requests, steps: int, late: dict[int, list[Request]] |
     return active
 
 
+# "numpy": decode rows through the paged decode kernel's mirror, as the GPU runs them.
+@pytest.mark.parametrize("decode", ["off", "numpy"])
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_batched_greedy_tokens_equal_transformers_for_each_request(name):
+def test_batched_greedy_tokens_equal_transformers_for_each_request(name, decode):
     ref = np.load(REFERENCE / f"{name}.npz")
-    model, kv, config = build(name)
+    model, kv, config = build(name, decode=decode)
     runner = ModelRunner(model, kv, config.vocab_size)
     prompt, long_prompt = ref["prompt_ids"].tolist(), ref["long_prompt_ids"].tolist()
     # the same prompt three times (two join mid-flight), beside a long prompt prefilled in chunks
@@ -111,10 +113,11 @@ def test_batched_greedy_tokens_equal_transformers_for_each_request(name):
             assert r.output_ids == [int(t) for t in ref["greedy_ids"]], r.request_id
 
 
+@pytest.mark.parametrize("decode", ["off", "numpy"])
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_batched_logits_equal_the_single_sequence_pass(name):
+def test_batched_logits_equal_the_single_sequence_pass(name, decode):
     ref = np.load(REFERENCE / f"{name}.npz")
-    model, kv, config = build(name)
+    model, kv, config = build(name, decode=decode)
     prompt, long_prompt = ref["prompt_ids"].tolist(), ref["long_prompt_ids"].tolist()
     slot_kv = KvCache(np, config.num_layers, 1, model.layout.local_kv_heads, MAX_CONTEXT, config.head_dim, np.float32)
     alone = model.forward(np.asarray(long_prompt, np.int32), 0, slot_kv, 0, all_positions=True)
@@ -156,16 +159,18 @@ def test_prefill_attention_in_query_pieces_gives_the_same_logits(monkeypatch):
     assert rel(out.logits["score"], alone) < 1e-5
 
 
+@pytest.mark.parametrize("decode", ["off", "numpy"])
 @pytest.mark.parametrize("window", [5, 8, 13])
-def test_sliding_window_over_blocks_equals_the_single_sequence_pass(window):
+def test_sliding_window_over_blocks_equals_the_single_sequence_pass(window, decode):
     ids = np.load(REFERENCE / "mistral.npz")["long_prompt_ids"][:40].tolist()
-    model, kv, config = build("mistral", sliding_window=window)
+    model, kv, config = build("mistral", sliding_window=window, decode=decode)
     slot_kv = KvCache(np, config.num_layers, 1, model.layout.local_kv_heads, MAX_CONTEXT, config.head_dim, np.float32)
     alone = model.forward(np.asarray(ids, np.int32), 0, slot_kv, 0, all_positions=True)
     scoring = request("score", ids)
     scoring.want_logits = scoring.all_positions = True
     sched, runner, rows = HandScheduler(kv, chunk=6, seed=1), ModelRunner(model, kv, config.vocab_size), []
     while scoring.num_computed_tokens < len(ids):
+        sched.chunk = 6 if scoring.num_computed_tokens < 24 else 1  # chunks, then one row a turn (decode rows)
         plan = sched.plan([scoring])
         out = runner.execute(plan)
         sched.update(plan, out)
