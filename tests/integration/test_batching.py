@@ -218,3 +218,30 @@ def test_callers_that_leave_while_queued_do_not_stop_the_device(long_root):
         assert srv.terminate() == 0, srv.log()
     finally:
         srv.kill()
+
+
+def test_a_follower_that_fails_fails_the_leaders_requests_at_once(one, other):
+    """The follower rank's shard dropped under a running stream: the leader's requests end
+    UNAVAILABLE well inside the 10 s step deadline, and the leader reports its shard failed."""
+    with one.channel() as ca, other.channel() as cb:
+        sa, sb = neuron_pb2_grpc.NeuronStub(ca), neuron_pb2_grpc.NeuronStub(cb)
+        ranks = [(sa, one.address, "cpu:0"), (sb, other.address, "cpu:0")]
+        group_id, handles = form_group(ranks, "llama2", step_timeout_ms=10_000)
+        try:
+            streams = [sa.Generate(pb.GenerateRequest(
+                handle=handles[0], prompt=pb.Prompt(tokens=pb.TokenIds(ids=[1, 2 + i, 3])),
+                sampling=pb.SamplingParams(max_tokens=240, ignore_eos=True)), timeout=60) for i in range(3)]
+            for stream in streams:
+                next(stream)
+            sb.DropShard(pb.DropShardRequest(handle=handles[1]))
+            dropped_at = time.monotonic()
+            for stream in streams:
+                with pytest.raises(grpc.RpcError) as err:
+                    for _ in stream:
+                        pass
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "group" in err.value.details()
+            assert time.monotonic() - dropped_at < 5
+            shards = [s for d in sa.Describe(pb.DescribeRequest()).devices for s in d.shards if s.handle == handles[0]]
+            assert [s.error != "" for s in shards] == [True]
+        finally:
+            destroy(ranks, group_id)
