@@ -245,7 +245,7 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
     runner = ModelRunner(model, kv, config.vocab_size, bound=bound)
     scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
                           settings.max_batched_tokens, max_seqs, settings.max_waiting)
-    return Shard(handle, req, config, dtype, layout, model, kv, ShardEngine(scheduler, runner), max_seqs, tokenizer,
+    return Shard(handle, req, config, dtype, layout, model, kv, ShardEngine(scheduler, runner, layout.size > 1), max_seqs, tokenizer,
                  generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm)
 
 

@@ -268,6 +268,9 @@ class DeviceWorker:
             shard.engine.runner.follow(job.inputs)
         except CollectiveError as err:
             raise self._fail_shard(shard, err) from None
+        except Exception as err:  # noqa: BLE001 - a rank that missed a turn is out of step with its group
+            log.exception("follower turn failed", handle=shard.handle, device=self.spec.id)
+            raise self._fail_shard(shard, CollectiveError(f"a turn failed on this follower: {err!r}")) from None
 
     def _fail_shard(self, shard: Shard, err: Exception) -> Unavailable:
         """A broken TP group: fail its requests, free the shard, keep why (Describe reports it)."""

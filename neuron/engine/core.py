@@ -67,8 +67,10 @@ class Caller:
 
 
 class ShardEngine:
-    def __init__(self, scheduler: Scheduler, runner):
-        self.scheduler, self.runner = scheduler, runner
+    def __init__(self, scheduler: Scheduler, runner, lockstep: bool = False):
+        """lockstep: a TP rank, whose every turn must run on all ranks; a turn that fails there
+        leaves the ranks' collectives out of step, so it fails the group (CollectiveError)."""
+        self.scheduler, self.runner, self.lockstep = scheduler, runner, lockstep
         self._callers: dict[str, Caller] = {}
         self.stats: SchedulerStats = scheduler.stats()   # refreshed after every turn, read by Describe
 
@@ -83,7 +85,8 @@ class ShardEngine:
 
     def step(self) -> None:
         """One turn. A CollectiveError propagates (the TP group is broken: the worker fails the
-        shard); any other failure fails this turn's requests and the engine serves on."""
+        shard); any other failure fails this turn's requests and the engine serves on (on a TP
+        rank it is a CollectiveError too)."""
         for request_id, caller in list(self._callers.items()):
             if caller.gone:
                 self.scheduler.abort(request_id)
@@ -97,6 +100,8 @@ class ShardEngine:
         except CollectiveError:
             raise
         except Exception as err:  # noqa: BLE001 - a bad turn fails its requests, not the device thread
+            if self.lockstep:
+                raise CollectiveError(f"a turn failed on the leader: {err!r}") from err
             log.exception("engine turn failed", requests=len(plan.chunks))
             for chunk in plan.chunks:
                 self._fail(chunk.request.request_id, err)
