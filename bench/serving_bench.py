@@ -226,14 +226,17 @@ async def _streams(address: str, model: str, prompts: list[list[int]], tokens: i
     from common.proto.cortex.v1 import cortex_pb2_grpc
     from common.server import CHANNEL_OPTIONS
 
-    sampling = cpb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = cortex_pb2_grpc.CortexStub(channel)
         await channel.channel_ready()
 
         async def one(ids: list[int]) -> dict:
-            request = cpb.GenerateRequest(model=model, prompt=cpb.Prompt(tokens=cpb.TokenIds(ids=ids)),
-                                          sampling=sampling)
+            # Fields set through the request, whichever proto package defines its sub-messages.
+            request = cpb.GenerateRequest(model=model)
+            request.prompt.tokens.ids.extend(ids)
+            request.sampling.max_tokens = tokens
+            request.sampling.temperature = 0.0
+            request.sampling.ignore_eos = True
             submitted, arrivals = time.monotonic(), []
             try:
                 async for message in stub.Generate(request, timeout=STREAM_TIMEOUT_S):

@@ -179,7 +179,14 @@ class KVBlockManager:
         from get_computed_blocks, only for a request that holds no blocks yet) and `num_new_tokens`
         more. Returns False, changing nothing, when the pool is short. The caller advances
         request.num_computed_tokens by the hit (len(computed_blocks) * block_size)."""
-        if computed_blocks and (request.block_ids or request.num_computed_tokens):
+        if not computed_blocks:      # the common case (decode, next chunk): only fresh blocks
+            missing = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+            if missing > self.num_free_blocks:
+                return False
+            for _ in range(missing):
+                request.block_ids.append(self._take_fresh())
+            return True
+        if request.block_ids or request.num_computed_tokens:
             raise ValueError(f"request {request.request_id}: computed blocks are only for a request "
                              f"that holds no blocks (it holds {len(request.block_ids)})")
         if not self.can_allocate(request, num_new_tokens, computed_blocks):
@@ -190,10 +197,8 @@ class KVBlockManager:
                 del self._free_cached[block_id]
             block.ref_count += 1
             request.block_ids.append(block_id)
-        if computed_blocks:
-            self._num_registered[request] = len(computed_blocks)
-        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
-        while len(request.block_ids) < self.blocks_for(total):
+        self._num_registered[request] = len(computed_blocks)   # registered by whoever computed them
+        while len(request.block_ids) < self.blocks_for(len(computed_blocks) * self.block_size + num_new_tokens):
             request.block_ids.append(self._take_fresh())
         return True
 

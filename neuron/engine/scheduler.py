@@ -66,7 +66,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._requests: dict[str, Request] = {}      # every request not yet finished, by id
-        self._aborted: set[str] = set()              # ids to remove at the next schedule()
+        self._aborted: dict[str, tuple[str, str]] = {}  # id -> (finish, stop reason), applied at the next schedule()
         self._finished_ids: list[str] = []           # left since the last schedule(), for the plan
         self._logit_rows: dict[Request, list[Any]] = {}  # an all-positions scoring request's chunks so far
         self._lock = threading.RLock()
@@ -96,12 +96,13 @@ class Scheduler:
             self._waiting.append(request)
             self._requests[request.request_id] = request
 
-    def abort(self, request_id: str) -> None:
-        """The request leaves at the next schedule(); a token sampled for it meanwhile is dropped.
-        Unknown or finished ids are ignored."""
+    def abort(self, request_id: str, finish_reason: str = "abort", stop_reason: str = "abort") -> None:
+        """The request leaves at the next schedule() with these reasons (the caller left: "abort";
+        a deadline or a failure may say "error"); a token sampled for it meanwhile is dropped.
+        Unknown or finished ids are ignored; the first abort of a request decides its reasons."""
         with self._lock:
             if request_id in self._requests:
-                self._aborted.add(request_id)
+                self._aborted.setdefault(request_id, (finish_reason, stop_reason))
 
     def finish_all(self, finish_reason: str, stop_reason: str) -> list[Request]:
         """Finish every request at once (the model is being dropped, or the device failed)."""
@@ -148,10 +149,10 @@ class Scheduler:
             return SchedulerOutput(chunks=chunks, preempted=preempted, finished=finished)
 
     def _remove_aborted(self) -> None:
-        for request_id in self._aborted:
+        for request_id, reasons in self._aborted.items():
             request = self._requests.get(request_id)
             if request is not None:
-                self._finish(request, "abort", "abort")
+                self._finish(request, *reasons)
         self._aborted.clear()
 
     def _schedule_running(self, chunks: list[ScheduledChunk], budget: int) -> tuple[int, list[str]]:

@@ -153,9 +153,12 @@ def test_aborting_a_running_request_frees_its_blocks():
     scheduler.add(make_request("r", range(10), ignore_eos=True))
     turn(scheduler)
     assert scheduler.block_manager.num_free_blocks == 13
-    scheduler.abort("r")
+    request = scheduler.get("r")
+    scheduler.abort("r", "error", "deadline")
+    scheduler.abort("r")                                       # the first abort's reasons stand
     plan, updates = turn(scheduler)
     assert plan.finished == ["r"] and plan.chunks == [] and updates == []
+    assert (request.finish_reason, request.stop_reason) == ("error", "deadline")
     assert scheduler.block_manager.num_free_blocks == 16 and not scheduler.has_work()
 
 
@@ -386,3 +389,32 @@ def test_random_arrivals_aborts_and_preemptions_keep_every_invariant_and_lose_no
             assert finished_updates[request_id] == 1
             assert len(request.output_ids) <= request.sampling.max_tokens
     assert manager.stats.hits > 0
+
+
+def test_finish_all_ends_every_request_frees_every_block_and_announces_the_ids():
+    scheduler = make_scheduler(num_blocks=16, max_batched_tokens=8)
+    for i in range(3):
+        scheduler.add(make_request(f"r{i}", range(6), ignore_eos=True))
+    turn(scheduler)                                            # r0 runs, r1 half prefilled, r2 waits
+    assert (scheduler.num_running, scheduler.num_waiting) == (2, 1)
+    requests = scheduler.finish_all("error", "device failed")
+    assert sorted(r.request_id for r in requests) == ["r0", "r1", "r2"]
+    assert all((r.finish_reason, r.stop_reason) == ("error", "device failed") for r in requests)
+    assert scheduler.block_manager.num_free_blocks == 16
+    assert scheduler.has_work()                                # the ids still go out in one plan
+    plan = scheduler.schedule()
+    assert plan.is_empty and sorted(plan.finished) == ["r0", "r1", "r2"]
+    assert not scheduler.has_work()
+
+
+def test_stats_report_queues_blocks_and_prefix_hits():
+    scheduler = make_scheduler(num_blocks=16, max_seqs=1)
+    scheduler.add(make_request("a", range(9), ignore_eos=True))
+    scheduler.add(make_request("b", range(9), ignore_eos=True))
+    turn(scheduler)
+    stats = scheduler.stats()
+    assert (stats.running, stats.waiting) == (1, 1)
+    assert (stats.kv.blocks_total, stats.kv.blocks_used, stats.kv.blocks_cached) == (16, 3, 2)
+    scheduler.abort("a")
+    turn(scheduler)                                            # b starts from a's two cached blocks
+    assert scheduler.stats().kv.hits == 8
