@@ -243,3 +243,16 @@ def test_scheduler_and_runner_give_reference_tokens_through_preemption_and_prefi
     for r in requests:
         assert r.output_ids == [int(t) for t in ref["greedy_ids"]], r.request_id
     assert manager.num_free_blocks == kv.num_blocks
+
+
+def test_a_turn_travels_to_remote_followers_unchanged():
+    from neuron.groups import inputs_of, step_command
+    r1, r2 = request("x", list(range(1, 11))), request("y", [5, 6, 7])
+    plan = SchedulerOutput([ScheduledChunk(r1, list(range(1, 7)), 0, [9, 3], sample=False),
+                            ScheduledChunk(r2, [5, 6, 7], 0, [4], sample=True)])
+    inputs, _ = build_batch(plan, BLOCK)
+    command = step_command("g", 12, inputs.for_follower())
+    copy = inputs_of(type(command).FromString(command.SerializeToString()))
+    for field in dataclasses.fields(inputs):
+        expected = getattr(inputs.for_follower(), field.name)
+        assert np.array_equal(getattr(copy, field.name), expected) and getattr(copy, field.name).dtype == expected.dtype
