@@ -245,3 +245,17 @@ def test_a_follower_that_fails_fails_the_leaders_requests_at_once(one, other):
             assert [s.error != "" for s in shards] == [True]
         finally:
             destroy(ranks, group_id)
+
+
+def test_prefix_caching_can_be_turned_off():
+    srv = start_neuron(devices="cpu:0", model_roots=[MODELS], env={"NEURON_PREFIX_CACHING": "0"})
+    try:
+        with srv.channel() as channel:
+            stub = neuron_pb2_grpc.NeuronStub(channel)
+            info = load(stub, "llama2")
+            prompt = list(range(5, 45))  # two full blocks
+            assert greedy(stub, info.handle, prompt, 4) == greedy(stub, info.handle, prompt, 4)
+            shard = stub.Describe(pb.DescribeRequest()).devices[0].shards[0]
+            assert shard.prefix_cache_hits == 0
+    finally:
+        srv.kill()
