@@ -20,7 +20,8 @@ from .sampler import RowSampler, SampleRow, sample_rows
 
 
 def to_host(array) -> np.ndarray:
-    return array.get() if hasattr(array, "get") else np.asarray(array)
+    """A device array's copy on the host (a NumPy array is already there)."""
+    return array if isinstance(array, np.ndarray) else array.get()
 
 
 class ModelRunner:

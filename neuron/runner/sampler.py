@@ -55,7 +55,7 @@ def sample_rows(xp, logits, rows: list[SampleRow]) -> list[int]:
     for j, r in enumerate(rows):
         if not r.sampler.config.greedy:
             ids[j] = _draw(xp, scores[j], r.sampler)
-    host = ids.get() if hasattr(ids, "get") else ids
+    host = ids if isinstance(ids, np.ndarray) else ids.get()  # the turn's one copy back
     return [int(t) for t in host]
 
 
