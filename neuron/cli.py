@@ -96,6 +96,9 @@ async def serve_forever(settings: dict) -> int:
     service = NeuronService(workers, roots)
     service.stall_seconds = settings["watchdog_seconds"]
     service.limits = Limits.from_settings(settings)
+    listen_host = settings["listen"].rsplit(":", 1)[0].strip("[]")
+    if listen_host not in ("", "0.0.0.0", "::", "*"):
+        service.bind_host = listen_host  # group listeners stay on the neuron's own address
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)

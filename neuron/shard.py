@@ -20,7 +20,7 @@ from .kv_cache import KvCache
 from .loader import DTYPE_BYTES, Checkpoint
 from .model.config import ModelConfig
 from .model.llama import LlamaModel
-from .model.sharding import TpLayout, expected_shapes, parameter_reads
+from .model.sharding import TpLayout, check_config_against_headers, expected_shapes, parameter_reads
 from .tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -133,6 +133,7 @@ def _read_generation_config(directory: Path) -> dict:
 
 
 def _check_shapes(config: ModelConfig, ckpt: Checkpoint) -> None:
+    check_config_against_headers(config, {n: m.shape for n, m in ckpt.tensors.items()}, str(ckpt.directory))
     problems = []
     for name, shape in expected_shapes(config).items():
         meta = ckpt.tensors.get(name)
