@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
+from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.errors import ServiceError
 from common.logs import configure_logging
 from common.server import ServingServer
@@ -35,6 +35,8 @@ SETTINGS = [
     Setting("heartbeat_timeout_seconds", 6.0,
             "a registered neuron without a heartbeat for this long is down (it is asked to send one "
             "every third of it)", type=float),
+    Setting("down_expiry_seconds", 600.0, "a registered neuron that stays down this long is forgotten (it is listed "
+            "again when it registers again); 0: never", type=float, minimum=0.0),
     Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
     Setting("max_prompt_bytes", 1 << 20, "largest text or chat prompt in bytes cortex forwards; larger ones are "
             "INVALID_ARGUMENT", type=int),
@@ -86,7 +88,11 @@ def _add_client_options(parser: argparse.ArgumentParser, suppress: bool) -> None
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        settings = resolve(args, SETTINGS, "CORTEX", args.config)
+        try:
+            settings = resolve(args, SETTINGS, "CORTEX", args.config)
+        except ConfigError as err:
+            print(f"cortex: {err}", file=sys.stderr)
+            return EXIT_USAGE
         configure_logging(settings["log_level"], settings["log_format"])
         try:
             return asyncio.run(serve_forever(settings))
@@ -109,9 +115,11 @@ async def serve_forever(settings: dict) -> int:
     from common.proto.cortex.v1 import cortex_pb2_grpc
 
     try:
-        registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"])
+        registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"],
+                            settings["down_expiry_seconds"])
     except ServiceError as err:  # a malformed --neuron address
-        raise SystemExit(f"cortex: {err.message}") from None
+        print(f"cortex: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
     models = ModelTable(registry, Placer(), settings["group_timeout_seconds"])
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(

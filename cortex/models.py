@@ -30,6 +30,7 @@ from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from .adoption import orphans
+from .api import convert
 from .groups import destroy_group, form_group, new_group_id, on_all
 from .placement import Estimate, Placer, Target, check_pins, human_bytes, inspect
 from .registry import Registry
@@ -166,7 +167,9 @@ class ModelTable:
                                             "load the model again")
         for r, node in nodes:
             if node is None or not node.up:
-                return UNAVAILABLE, f"node {r.node} (rank {r.rank}) is down: {node.reason if node else 'unknown node'}"
+                why = node.reason if node else ("it is no longer in the fleet (down longer than the expiry, so "
+                                                "forgotten); it returns when the neuron registers again")
+                return UNAVAILABLE, f"node {r.node} (rank {r.rank}) is down: {why}"
         for r, node in nodes:
             device = node.device(r.device)
             if device is not None and device.error:
@@ -356,7 +359,8 @@ class ModelTable:
                         continue
                     p = event.progress
                     done[t.rank], total[t.rank] = p.bytes_done, p.bytes_total
-                    model.publish(cpb.LoadModelProgress(rank=t.rank, node=t.node, device=t.device, shard=p,
+                    model.publish(cpb.LoadModelProgress(rank=t.rank, node=t.node, device=t.device,
+                                                        shard=convert.load_progress(p),
                                                         bytes_done=sum(done.values()), bytes_total=sum(total.values())))
             finally:
                 call.cancel()  # no-op when finished; stops the neuron's load when this rank is abandoned

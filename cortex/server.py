@@ -15,9 +15,9 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.errors import InvalidArgument, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
 
+from .api import convert
 from .models import ModelTable, Route
 from .registry import Registry
 
@@ -33,7 +33,7 @@ MAX_PROMPT_BYTES = 1 << 20  # the default of cortex's --max-prompt-bytes
 MAX_LOGITS_BYTES = 64 << 20  # the default of cortex's --max-logits-bytes
 
 
-def _check_prompt(prompt: npb.Prompt, max_bytes: int = MAX_PROMPT_BYTES) -> None:
+def _check_prompt(prompt: cpb.Prompt, max_bytes: int = MAX_PROMPT_BYTES) -> None:
     kind = prompt.WhichOneof("kind")
     if kind in ("text", "chat") and (size := prompt.ByteSize()) > max_bytes:
         raise InvalidArgument(f"prompt.{kind} is {size} bytes, more than cortex's limit of {max_bytes} "
@@ -76,7 +76,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     @rpc_method
     async def ListNodes(self, request, context):
         now = time.monotonic()
-        return cpb.ListNodesResponse(nodes=[n.to_proto(now) for n in self.registry.nodes()])
+        return cpb.ListNodesResponse(nodes=[convert.node(n, now) for n in self.registry.nodes()])
 
     @rpc_method
     async def ListModels(self, request, context):
@@ -112,9 +112,8 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         route = self.models.route(request.model)
         request_id = request.request_id or uuid.uuid4().hex[:16]
         entry = _RequestLog("generate", model=request.model, node=route.node, request_id=request_id)
-        downstream = npb.GenerateRequest(handle=route.handle, prompt=request.prompt, sampling=request.sampling,
-                                         request_id=request_id)
-        call = route.stub.Generate(downstream, timeout=context.time_remaining())
+        call = route.stub.Generate(convert.generate_request(request, route.handle, request_id),
+                                   timeout=context.time_remaining())
         first_token_at, completion, final = None, 0, None
         try:
             async for chunk in call:
@@ -123,7 +122,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
                 completion += len(chunk.token_ids)
                 if chunk.finish_reason:
                     final = chunk
-                yield chunk
+                yield convert.generate_response(chunk, request_id)
             entry.code = "OK"
         except grpc.aio.AioRpcError as err:
             error = _relay(err, route)
@@ -144,13 +143,11 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         self._check_logits(request)
         entry = _RequestLog("forward", model=request.model, node=route.node, tokens=len(request.token_ids),
                             all_positions=request.all_positions)
-        call = route.stub.Forward(npb.ForwardRequest(handle=route.handle, token_ids=request.token_ids,
-                                                     all_positions=request.all_positions),
-                                  timeout=context.time_remaining())
+        call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=context.time_remaining())
         try:
             reply = await call
             entry.code = "OK"
-            return reply
+            return convert.forward_response(reply)
         except grpc.aio.AioRpcError as err:
             error = _relay(err, route)
             entry.fail(error)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
+from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.logs import configure_logging
 from common.server import ServingServer
 
@@ -33,7 +33,8 @@ SETTINGS = [
     Setting("model_root", ["models"], "directory that checkpoints must live under (repeatable)", multiple=True),
     Setting("cortex", "", "cortex address to register with and heartbeat to (HOST:PORT)"),
     Setting("advertise", "", "address cortex should use to reach this neuron; default: the listen host if specific, else HOSTNAME, with the bound port"),
-    Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float),
+    Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float,
+            minimum=0.0),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
@@ -56,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = resolve(args, SETTINGS, "NEURON", args.config)
+    try:
+        settings = resolve(args, SETTINGS, "NEURON", args.config)
+        check_model_roots(settings["model_root"])
+    except ConfigError as err:
+        print(f"neuron: {err}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings["log_level"], settings["log_format"])
     try:
         return asyncio.run(serve_forever(settings))
@@ -65,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
         print(f"neuron: {err}", file=sys.stderr)
         return 1
+
+
+def check_model_roots(roots: list[str]) -> None:
+    """Refuse to start with a model root that is not a directory: every load would be NOT_FOUND."""
+    for root in roots:
+        if not Path(root).is_dir():
+            what = "is not a directory" if Path(root).exists() else "does not exist"
+            raise ConfigError(f"model root {root!r} {what} (--model-root / NEURON_MODEL_ROOT): give the directory "
+                              "that holds the checkpoints")
 
 
 def build_workers(settings: dict) -> list[DeviceWorker]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jinja2
 import tokenizers
@@ -130,15 +130,31 @@ class Tokenizer:
         return ids
 
 
-class TextStream:
-    """Turns generated token ids into text deltas that are safe to send while streaming.
+class StreamDelta(NamedTuple):
+    """What one push or finish of a TextStream gives back."""
+    text: str                 # text safe to send now
+    stop: str | None = None   # the stop string that ended the stream, or None
+    tokens: int = 0           # how many of the pushed ids belong to the output: all of them, or,
+    #                           when a stop string matched, those up to the one that completed it
 
-    Decodes a sliding window of the generated ids (as TGI and vLLM do): `prefix` marks the start
+
+class TextStream:
+    """Turns generated token ids into text deltas that are safe to send while streaming, and ends
+    the stream at the first stop string.
+
+    Decoding: a sliding window of the generated ids (as TGI and vLLM do): `prefix` marks the start
     of the window, `read` the end of what was already turned into text. The delta is the window's
     text minus the text of its first part, so decoders that treat the first token specially (e.g.
     strip a leading space) treat both the same. Text that ends in U+FFFD (an incomplete UTF-8
-    character) is held until the character is complete, and so is a tail that could be the start
-    of a stop string.
+    character) is held until the character is complete. (tokenizers' DecodeStream does the same
+    job but does not fit: on byte-fallback tokenizers it raises on an invalid byte run, which a
+    sampled model can produce, and it never flushes an incomplete character at the end.)
+
+    Stops: ids are taken one at a time, so the token that completed a stop string is known
+    whatever grouping the ids arrive in. The stop string completed first wins (on a tie, the
+    longer one); the text before it is the output. A tail that could be the start of a stop string
+    is held back; so is a tail held for an incomplete character, but the complete text before that
+    tail is already checked for stops, so a stop never waits for the next character.
 
     The deltas and finish() add up to decode(all ids), with one exception no stream can avoid:
     byte-fallback (SentencePiece) decoders replace each token of an invalid UTF-8 byte run with
@@ -154,49 +170,74 @@ class TextStream:
         self._pending = ""          # decoded text held back because it may start a stop string
         self._stopped = False
 
-    def push(self, token_ids: list[int]) -> tuple[str, str | None]:
-        """Add generated tokens. Returns (text to emit now, the stop string that matched or None).
+    def push(self, token_ids: list[int]) -> StreamDelta:
+        """Add generated tokens. After a stop string matched, the stream is over: later pushes
+        give StreamDelta("", None, 0)."""
+        released = []
+        for used, token_id in enumerate(token_ids, start=1):
+            if self._stopped:
+                break
+            self._ids.append(token_id)
+            text, stop = self._step()
+            released.append(text)
+            if stop is not None:
+                return StreamDelta("".join(released), stop, used)
+        return StreamDelta("".join(released), None, 0 if self._stopped else len(token_ids))
 
-        After a stop string matched, the stream is over: later pushes return ("", None).
-        """
+    def finish(self) -> StreamDelta:
+        """The text still held back, once generation ended; a stop string found in it still ends
+        the output there (StreamDelta.tokens is 0: finish takes no new ids)."""
         if self._stopped:
-            return "", None
-        self._ids.extend(token_ids)
-        self._pending += self._new_text(final=False)
-        return self._release()
+            return StreamDelta("")
+        self._pending += self._window_text(final=True)
+        self._stopped = True
+        match = self._first_stop(self._pending)
+        if match is None:
+            text, self._pending = self._pending, ""
+            return StreamDelta(text)
+        start, stop = match
+        text, self._pending = self._pending[:start], ""
+        return StreamDelta(text, stop)
 
-    def finish(self) -> str:
-        """The text still held back, once generation ended without a stop string."""
-        if self._stopped:
-            return ""
-        text = self._pending + self._new_text(final=True)
-        self._pending = ""
-        return text
+    def _step(self) -> tuple[str, str | None]:
+        """Text released by the newest id, and the stop string it completed, if any."""
+        new_text = self._window_text(final=False)
+        if new_text is None:
+            # An incomplete character at the end: the complete text before it is final already.
+            unsettled = self._tokenizer.decode(self._ids[self._prefix:])
+            settled = unsettled[len(self._tokenizer.decode(self._ids[self._prefix:self._read])):].rstrip("\ufffd")
+            match = self._first_stop(self._pending + settled)
+            if match is None:
+                return "", None
+            self._stopped = True
+            text, self._pending = self._pending + settled, ""
+            return text[:match[0]], match[1]
+        self._pending += new_text
+        match = self._first_stop(self._pending)
+        if match is not None:
+            self._stopped = True
+            text, self._pending = self._pending[:match[0]], ""
+            return text, match[1]
+        cut = len(self._pending) - self._stop_prefix_length()
+        text, self._pending = self._pending[:cut], self._pending[cut:]
+        return text, None
 
-    def _new_text(self, final: bool) -> str:
+    def _window_text(self, final: bool) -> str | None:
+        """The window's new text, moving the window on; None (and the window stays) while the
+        text ends in an incomplete character and more ids may complete it."""
         prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read])
         text = self._tokenizer.decode(self._ids[self._prefix:])
-        if len(text) <= len(prefix_text) or (text.endswith("\ufffd") and not final):
+        if text.endswith("\ufffd") and not final:
+            return None
+        if len(text) <= len(prefix_text):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(prefix_text):]
 
-    def _release(self) -> tuple[str, str | None]:
-        match = self._first_stop()
-        if match is not None:
-            index, stop = match
-            self._stopped = True
-            text, self._pending = self._pending[:index], ""
-            return text, stop
-        keep = self._stop_prefix_length()
-        cut = len(self._pending) - keep
-        text, self._pending = self._pending[:cut], self._pending[cut:]
-        return text, None
-
-    def _first_stop(self) -> tuple[int, str] | None:
-        """The earliest stop string in the held text, as (position, stop string)."""
-        found = [(index, stop) for stop in self._stop if (index := self._pending.find(stop)) >= 0]
-        return min(found, key=lambda item: item[0], default=None)
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        """The stop string in `text` that is completed first, as (position, stop string)."""
+        found = [(index, stop) for stop in self._stop if (index := text.find(stop)) >= 0]
+        return min(found, key=lambda item: (item[0] + len(item[1]), item[0]), default=None)
 
     def _stop_prefix_length(self) -> int:
         """Length of the longest tail of the held text that is the start of some stop string."""
