@@ -15,19 +15,30 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # their own, smaller, settings); only responses (logits) need MAX_MESSAGE_BYTES.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
+# HTTP/2 keepalive: a peer that stops answering pings (hung, SIGSTOPped, cut off) is noticed within
+# KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS and its calls fail with UNAVAILABLE, instead of hanging until
+# TCP gives up. Servers accept pings this often (with or without calls) and ping their clients too.
+KEEPALIVE_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 2 * KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),
 ]
 

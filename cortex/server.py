@@ -7,6 +7,7 @@ error comes back with its own status code and the node named in the message.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -15,7 +16,7 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.errors import InvalidArgument, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
+from common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable, from_rpc_error, rpc_method
 
 from .api import convert
 from .models import ModelTable, Route
@@ -114,6 +115,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         entry = _RequestLog("generate", model=request.model, node=route.node, request_id=request_id)
         call = route.stub.Generate(convert.generate_request(request, route.handle, request_id),
                                    timeout=context.time_remaining())
+        tracked = self.registry.track(route.node, call)  # ended with UNAVAILABLE if the node goes DOWN
         first_token_at, completion, final = None, 0, None
         try:
             async for chunk in call:
@@ -128,7 +130,13 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             error = _relay(err, route)
             entry.fail(error)
             raise error from None
+        except asyncio.CancelledError:
+            if not tracked.cut:
+                raise  # our client went away
+            entry.fail(error := Unavailable(tracked.cut))
+            raise error from None
         finally:
+            self.registry.untrack(route.node, tracked)
             call.cancel()  # no-op when finished; stops the neuron's work when our client went away
             entry.emit(prompt_tokens=final.usage.prompt_tokens if final else None, completion_tokens=completion,
                        ttft_ms=round((first_token_at - entry.started) * 1e3, 2) if first_token_at else None,
@@ -144,6 +152,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         entry = _RequestLog("forward", model=request.model, node=route.node, tokens=len(request.token_ids),
                             all_positions=request.all_positions)
         call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=context.time_remaining())
+        tracked = self.registry.track(route.node, call)
         try:
             reply = await call
             entry.code = "OK"
@@ -152,10 +161,15 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             error = _relay(err, route)
             entry.fail(error)
             raise error from None
+        except asyncio.CancelledError:
+            if not tracked.cut:
+                raise
+            entry.fail(error := Unavailable(tracked.cut))
+            raise error from None
         finally:
+            self.registry.untrack(route.node, tracked)
             call.cancel()
             entry.emit()
-
 
     def _check_logits(self, request) -> None:
         vocab = self.models.get(request.model).vocab_size
