@@ -9,6 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .decode_guard import DecodeGuardInterceptor
+
 # Logits ([tokens, vocab] float32) and load traffic exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # What a server accepts in one request: requests are prompts and small commands (prompt sizes have
@@ -137,7 +139,7 @@ class ServingServer:
     def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = ()):
         self.listen = listen
         self._drain = _DrainInterceptor(tuple(allow_while_draining))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._drain])
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[DecodeGuardInterceptor(), self._drain])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

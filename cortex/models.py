@@ -27,7 +27,8 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.neuron.v1 import neuron_pb2 as npb
-from common.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from common.errors import (AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable,
+                           clip)
 
 from .adoption import orphans
 from .api import convert
@@ -209,7 +210,7 @@ class ModelTable:
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
-            raise NotFound(f"model {name!r} is not loaded (loaded: {known}); load it with LoadModel first")
+            raise NotFound(f"model {clip(name)!r} is not loaded (loaded: {clip(known, 1000)}); load it with LoadModel first")
         return model
 
     def route(self, name: str) -> Route:

@@ -28,7 +28,7 @@ import structlog
 
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.proto.neuron.v1 import neuron_pb2_grpc
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, clip
 from common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
@@ -51,7 +51,7 @@ def check_address(address: str, field_name: str = "address") -> str:
     address = address.strip()
     host, sep, port = address.rpartition(":")
     if not address or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"{field_name} {address!r} is not HOST:PORT (e.g. 10.0.0.5:50061)")
+        raise InvalidArgument(f"{field_name} {clip(address)!r} is not HOST:PORT (e.g. 10.0.0.5:50061)")
     return address
 
 

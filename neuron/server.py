@@ -14,7 +14,7 @@ import numpy as np
 import structlog
 
 from common.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
-                            Unavailable, rpc_method)
+                            Unavailable, clip, rpc_method)
 from common.server import MAX_MESSAGE_BYTES
 
 from . import __version__, comm_nccl, comm_tcp
@@ -73,7 +73,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     def _pick_device(self, device: str) -> DeviceWorker:
         if device:
             if device not in self.workers:
-                raise InvalidArgument(f"device {device!r} is not on this neuron; devices: {', '.join(self.workers)}")
+                raise InvalidArgument(f"device {clip(device)!r} is not on this neuron; devices: {', '.join(self.workers)}")
             return self.workers[device]
         return max(self.workers.values(), key=lambda w: w.memory.free)
 
@@ -318,7 +318,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     def _ranks(self, group_id: str) -> list[Group]:
         ranks = self.groups.ranks_of(group_id)
         if not ranks:
-            raise NotFound(f"this neuron holds no rank of group {group_id!r}")
+            raise NotFound(f"this neuron holds no rank of group {clip(group_id)!r}")
         return ranks
 
     @rpc_method
