@@ -66,3 +66,25 @@ def test_a_stream_on_a_hung_node_ends_unavailable_and_new_requests_are_refused(f
     chunks = list(_generate(stub, 3, timeout=30))
     assert sum(len(c.token_ids) for c in chunks) == 3
     channel.close()
+
+
+def test_a_client_stream_on_a_hung_cortex_ends_unavailable_by_keepalive(fleet):
+    cortex, _ = fleet
+    channel = cortex.channel()  # the project's channel options (keepalive)
+    stub = cortex_pb2_grpc.CortexStub(channel)
+    wait_until(lambda: any(m.name == "long" and m.state == cpb.MODEL_STATE_READY
+                           for m in stub.ListModels(cpb.ListModelsRequest()).models), timeout=30, what="long READY")
+    stream = _generate(stub, 8000, timeout=90)
+    next(stream)
+    os.kill(cortex.proc.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        took = time.monotonic() - stopped
+    finally:
+        os.kill(cortex.proc.pid, signal.SIGCONT)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+    assert took < 20, f"the stream on the hung cortex took {took:.1f}s to end"
+    channel.close()
