@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -347,7 +348,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="load-test-"))
     root = workdir / "models"
     write_checkpoint(root / "long", LlamaShape(max_position_embeddings=8192))
-    os.symlink(MODELS / "llama2", root / "tiny")
+    shutil.copytree(MODELS / "llama2", root / "tiny")
     fleet = Fleet(workdir, [root], args.poll_seconds)
     report = {"commit": commit(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
               "poll_seconds": args.poll_seconds}

@@ -124,7 +124,7 @@ async def serve_forever(settings: dict) -> int:
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
-        "/cortex.v1.Fleet/Heartbeat"))
+        "/cortex.v1.Fleet/Heartbeat"), max_inflight=settings["max_inflight_calls"])
     model_health = ModelHealth(server.health)
 
     async def after_poll() -> None:

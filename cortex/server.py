@@ -58,13 +58,23 @@ class _RequestLog:
         self.rpc, self.fields = rpc, fields
         self.started = time.perf_counter()
         self.code = "CANCELLED"  # what it stays if the client goes away mid-call
+        self.cancelled_by = "client"
 
     def fail(self, err: BaseException) -> None:
         self.code = err.code.name if isinstance(err, ServiceError) else "INTERNAL"
+        if self.code == "CANCELLED":
+            self.cancelled_by = "node"  # the neuron ended the call, not our client
 
     def emit(self, **fields) -> None:
-        log.info(self.rpc, **self.fields, **fields, code=self.code,
-                 total_ms=round((time.perf_counter() - self.started) * 1e3, 2))
+        if self.code == "CANCELLED":
+            # A cancellation gets its own warning line saying who cancelled: a client that gave up,
+            # or the neuron (e.g. it was overloaded); both are worth noticing under load.
+            fields["cancelled_by"] = self.cancelled_by
+            emit = log.warning
+        else:
+            emit = log.info
+        emit(self.rpc, **self.fields, **fields, code=self.code,
+             total_ms=round((time.perf_counter() - self.started) * 1e3, 2))
 
 
 class CortexService(cortex_pb2_grpc.CortexServicer):

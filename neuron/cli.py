@@ -107,7 +107,8 @@ async def serve_forever(settings: dict) -> int:
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
     # Describe stays answerable while draining, so cortex and operators can still see the node.
-    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",))
+    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
+                           max_inflight=settings["max_inflight_calls"])
     service = NeuronService(workers, roots)
     service.stall_seconds = settings["watchdog_seconds"]
     service.limits = Limits.from_settings(settings)
