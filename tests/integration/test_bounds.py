@@ -1,5 +1,5 @@
 """Bounds on what a client or a checkpoint controls: KV slots per shard, logits per Forward (neuron
-and cortex), prompt bytes on cortex, config sizes checked against the safetensors headers before
+and cortex), prompt bytes on cortex (and cortex's per-model health, `model/<name>`), config sizes checked against the safetensors headers before
 anything is sized from them, InitGroup's timeout capped, and CreateGroupId leaving no socket pile."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
 from common.proto.neuron.v1 import neuron_pb2 as pb
 from common.proto.neuron.v1 import neuron_pb2_grpc
+from cortex.client import check_health
 from tests.helpers import MODELS, start_cortex, start_neuron, wait_until
 
 LOGIT_LIMIT = 100_000  # llama2's vocabulary is 450: 55 positions of float32 logits fit
@@ -127,12 +128,21 @@ def cortex(neuron):
     srv.kill()
 
 
+def _model_health(address: str, name: str) -> str:
+    try:
+        return check_health(address, service=f"model/{name}")
+    except grpc.RpcError as err:
+        return err.code().name  # NOT_FOUND: never published
+
+
 def test_cortex_bounds_logits_and_prompt_bytes(cortex):
     channel = cortex.channel()
     stub = cortex_pb2_grpc.CortexStub(channel)
     wait_until(lambda: any(n.state == cpb.NODE_STATE_UP for n in stub.ListNodes(cpb.ListNodesRequest()).nodes),
                what="the neuron UP")
     list(stub.LoadModel(cpb.LoadModelRequest(name="bounded", path="llama2", kv_slots=2), timeout=60))
+    # Per-model health (published after each poll round).
+    wait_until(lambda: _model_health(cortex.address, "bounded") == "SERVING", what="model/bounded")
     code, details = _code(lambda: stub.Forward(cpb.ForwardRequest(model="bounded", token_ids=list(range(1, 101)),
                                                                   all_positions=True), timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cortex's limit" in details
@@ -143,4 +153,7 @@ def test_cortex_bounds_logits_and_prompt_bytes(cortex):
                                                     sampling=pb.SamplingParams(max_tokens=2, ignore_eos=True)),
                                 timeout=30))
     assert sum(len(c.token_ids) for c in chunks) == 2
+    stub.UnloadModel(cpb.UnloadModelRequest(name="bounded"), timeout=30)
+    wait_until(lambda: _model_health(cortex.address, "bounded") == "SERVICE_UNKNOWN",
+               what="model/bounded gone")
     channel.close()

@@ -63,3 +63,43 @@ def test_requests_that_give_up_while_waiting_for_a_slot_leave_the_device_serving
     device = stub.Describe(pb.DescribeRequest()).devices[0]
     assert not device.error
     stub.DropShard(pb.DropShardRequest(handle=shard.handle))
+
+
+def test_requests_cancelled_or_expired_at_random_stages_leave_the_device_serving(channel):
+    """Hundreds of requests, each given up at a random moment (queued for a slot, prefilling,
+    decoding, just finished) by a deadline or a cancel; then the device still serves."""
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    stub = neuron_pb2_grpc.NeuronStub(channel)
+    shard = list(stub.LoadShard(pb.LoadShardRequest(path="llama2", model="random-stages", kv_slots=2)))[-1].loaded
+    rng = random.Random(1)
+    plans = [(rng.choice(["deadline", "cancel", "finish"]), rng.uniform(0.001, 0.08), rng.randint(1, 60))
+             for _ in range(300)]
+
+    def one(plan):
+        how, after, max_tokens = plan
+        request = pb.GenerateRequest(handle=shard.handle, prompt=PROMPT,
+                                     sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        call = stub.Generate(request, timeout=after if how == "deadline" else 30)
+        if how == "cancel":
+            threading.Timer(after, call.cancel).start()
+        try:
+            for _ in call:
+                pass
+            return "OK"
+        except grpc.RpcError as err:
+            return err.code().name
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, plans))
+    assert set(codes) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, set(codes)
+    assert "OK" in codes and ("CANCELLED" in codes or "DEADLINE_EXCEEDED" in codes)
+    chunks = list(stub.Generate(pb.GenerateRequest(handle=shard.handle, prompt=PROMPT,
+                                                   sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True)),
+                                timeout=30))
+    assert sum(len(c.token_ids) for c in chunks) == 3
+    assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert not stub.Describe(pb.DescribeRequest()).devices[0].error
+    stub.DropShard(pb.DropShardRequest(handle=shard.handle))
