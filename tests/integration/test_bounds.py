@@ -146,11 +146,11 @@ def test_cortex_bounds_logits_and_prompt_bytes(cortex):
     code, details = _code(lambda: stub.Forward(cpb.ForwardRequest(model="bounded", token_ids=list(range(1, 101)),
                                                                   all_positions=True), timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cortex's limit" in details
-    code, details = _code(lambda: stub.Generate(cpb.GenerateRequest(model="bounded", prompt=pb.Prompt(text="x" * 20_000)),
+    code, details = _code(lambda: stub.Generate(cpb.GenerateRequest(model="bounded", prompt=cpb.Prompt(text="x" * 20_000)),
                                                 timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "cortex's limit" in details
-    chunks = list(stub.Generate(cpb.GenerateRequest(model="bounded", prompt=pb.Prompt(text="hello"),
-                                                    sampling=pb.SamplingParams(max_tokens=2, ignore_eos=True)),
+    chunks = list(stub.Generate(cpb.GenerateRequest(model="bounded", prompt=cpb.Prompt(text="hello"),
+                                                    sampling=cpb.SamplingParams(max_tokens=2, ignore_eos=True)),
                                 timeout=30))
     assert sum(len(c.token_ids) for c in chunks) == 2
     stub.UnloadModel(cpb.UnloadModelRequest(name="bounded"), timeout=30)
