@@ -131,6 +131,13 @@ async def serve_forever(settings: dict) -> int:
         models.adopt()  # models still on the neurons after a cortex restart
         await model_health.publish(models.states())  # health service `model/<name>`
     registry.after_poll = after_poll
+    publishing: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references)
+
+    def publish_model_health() -> None:
+        task = asyncio.ensure_future(model_health.publish(models.states()))
+        publishing.add(task)
+        task.add_done_callback(publishing.discard)
+    models.on_change = publish_model_health
     cortex_service = CortexService(registry, models)
     cortex_service.max_prompt_bytes, cortex_service.max_logits_bytes = (settings["max_prompt_bytes"],
                                                                         settings["max_logits_bytes"])
