@@ -103,3 +103,52 @@ def test_requests_cancelled_or_expired_at_random_stages_leave_the_device_serving
     assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
     assert not stub.Describe(pb.DescribeRequest()).devices[0].error
     stub.DropShard(pb.DropShardRequest(handle=shard.handle))
+
+
+class _Bug(BaseException):
+    """Escapes every `except Exception`: stands for a bug that ends a device thread."""
+
+
+def test_a_neuron_whose_device_worker_died_says_so_and_exits_non_zero(monkeypatch, tmp_path):
+    """The serving process's own wiring (in-process, a real gRPC server): health NOT_SERVING,
+    Describe names the failure, exit code 1 after --worker-failure-exit-seconds."""
+    import asyncio
+
+    from common.config import resolve
+    from neuron import cli
+    from neuron.device import parse_devices
+    from neuron.worker import CallJob, DeviceWorker
+
+    worker = DeviceWorker(parse_devices("cpu")[0], 1 << 30)
+    worker.start()
+    monkeypatch.setattr(cli, "build_workers", lambda settings: [worker])
+    port_file = tmp_path / "port"
+    args = cli.build_parser().parse_args(["serve", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+                                          "--model-root", str(MODELS), "--worker-failure-exit-seconds", "1",
+                                          "--drain-seconds", "0"])
+    settings = resolve(args, cli.SETTINGS, "NEURON")
+
+    def crash(backend):
+        raise _Bug("simulated bug in the device thread")
+
+    async def scenario():
+        serving = asyncio.create_task(cli.serve_forever(settings))
+        while not (port_file.exists() and port_file.read_text()):
+            await asyncio.sleep(0.02)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port_file.read_text()}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            worker.submit(CallJob(crash))
+            for _ in range(100):
+                if (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == \
+                        health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("health stayed SERVING with a dead device worker")
+            device = (await neuron_pb2_grpc.NeuronStub(ch).Describe(pb.DescribeRequest(), timeout=5)).devices[0]
+            assert "simulated bug" in device.error
+        return await asyncio.wait_for(serving, 30)
+
+    assert asyncio.run(scenario()) == 1
