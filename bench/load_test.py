@@ -6,7 +6,8 @@
 
 1. **Load**: N concurrent Generate streams (over several channels) through cortex to one CPU neuron
    serving a tiny model. Every accepted request must complete or get RESOURCE_EXHAUSTED (the
-   bounded waiting queue); health of both servers is probed every 50 ms throughout (p50/p99/max);
+   bounded waiting queue); health of both servers is probed every 50 ms throughout, from a process
+   of its own (p50/p99/max);
    peak RSS of both processes is sampled.
 2. **Fault matrix**: with streams in flight on a model that generates for many seconds, each fault
    (kill -9, SIGSTOP, then restart / SIGCONT) of each process. Measured from the fault: when the
@@ -32,7 +33,6 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,17 +125,53 @@ def load_model(stub, name: str, path: str, **fields) -> None:
 
 # ------------------------------------------------------------------------------------------ load
 
-async def _health_probe(address: str, stop: asyncio.Event, latencies: list[float], failures: Counter) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                latencies.append((time.perf_counter() - started) * 1e3)
-            except grpc.aio.AioRpcError as err:
-                failures[err.code().name] += 1
-            await asyncio.sleep(0.05)
+PROBE = """
+import json, sys, time, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+stub = health_pb2_grpc.HealthStub(channel)
+for line in sys.stdin:  # one line per probe asked for; an empty line ends it
+    if not line.strip():
+        break
+    started = time.perf_counter()
+    try:
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        print(json.dumps({"ms": (time.perf_counter() - started) * 1e3}), flush=True)
+    except grpc.RpcError as err:
+        print(json.dumps({"error": err.code().name}), flush=True)
+"""
+
+
+class HealthProbe:
+    """Health checks every 50 ms from a process of their own, so that the latency measured is the
+    server's and not the load generator's busy event loop."""
+
+    def __init__(self, address: str):
+        import subprocess
+        self.proc = subprocess.Popen([sys.executable, "-c", PROBE, address], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.latencies: list[float] = []
+        self.failures: Counter = Counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.proc.stdin.write("probe\n")
+            reply = json.loads(self.proc.stdout.readline())
+            if "ms" in reply:
+                self.latencies.append(reply["ms"])
+            else:
+                self.failures[reply["error"]] += 1
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.proc.stdin.write("\n")
+        self.proc.stdin.close()
+        self.proc.wait(10)
 
 
 async def _one_stream(stub, max_tokens: int, outcome: Counter, errors: Counter) -> None:
@@ -152,10 +188,9 @@ async def _one_stream(stub, max_tokens: int, outcome: Counter, errors: Counter) 
 
 
 async def run_load(fleet: Fleet, streams: int, channels: int, max_tokens: int) -> dict:
-    stop = asyncio.Event()
-    health = {"cortex": ([], Counter()), "neuron": ([], Counter())}
-    probes = [asyncio.create_task(_health_probe(f"127.0.0.1:{port}", stop, *health[name]))
-              for name, port in (("cortex", fleet.cortex_port), ("neuron", fleet.neuron_port))]
+    stop = threading.Event()
+    probes = {name: HealthProbe(f"127.0.0.1:{port}")
+              for name, port in (("cortex", fleet.cortex_port), ("neuron", fleet.neuron_port))}
     peak = {"cortex": rss_bytes(fleet.cortex.pid), "neuron": rss_bytes(fleet.neuron.pid)}
     start_rss = dict(peak)
 
@@ -173,7 +208,8 @@ async def run_load(fleet: Fleet, streams: int, channels: int, max_tokens: int) -
     await asyncio.gather(*(_one_stream(stubs[i % channels], max_tokens, outcome, errors) for i in range(streams)))
     seconds = time.perf_counter() - started
     stop.set()
-    await asyncio.gather(*probes)
+    for probe in probes.values():
+        probe.close()
     sampler.join()
     for channel in pool:
         await channel.close()
@@ -182,9 +218,10 @@ async def run_load(fleet: Fleet, streams: int, channels: int, max_tokens: int) -
     return {
         "streams": streams, "channels": channels, "max_tokens": max_tokens, "seconds": round(seconds, 2),
         "outcome": dict(outcome), "unexpected": unexpected, "errors": dict(errors.most_common(8)),
-        "health_ms": {name: {"n": len(lat), "p50": round(percentile(lat, 0.5), 2),
-                             "p99": round(percentile(lat, 0.99), 2), "max": round(max(lat, default=0), 2),
-                             "failures": dict(fail)} for name, (lat, fail) in health.items()},
+        "health_ms": {name: {"n": len(p.latencies), "p50": round(percentile(p.latencies, 0.5), 2),
+                             "p99": round(percentile(p.latencies, 0.99), 2),
+                             "max": round(max(p.latencies, default=0), 2), "failures": dict(p.failures)}
+                      for name, p in probes.items()},
         "rss_mb": {name: {"start": start_rss[name] >> 20, "peak": peak[name] >> 20, "after": after[name] >> 20}
                    for name in peak},
     }
