@@ -134,6 +134,8 @@ def listen_setting(default: str) -> Setting:
 # What every server process takes besides its own settings: shutdown, scripting and logging.
 SERVER_SETTINGS = [
     Setting("drain_seconds", 10.0, "on SIGTERM, how long in-flight requests may finish", type=float),
+    Setting("max_inflight_calls", 8192, "calls served at once (health, listings and the fleet's own calls "
+            "excepted); more are RESOURCE_EXHAUSTED", type=int),
     Setting("port_file", "", "write the bound port to this file once serving (for scripts and tests)"),
     Setting("log_level", "info", "debug, info, warning, error", choices=("debug", "info", "warning", "error")),
     Setting("log_format", "auto", "json, console or auto (console on a terminal)",

@@ -74,16 +74,19 @@ class Cancelled(ServiceError):
 
 def from_rpc_error(err: grpc.RpcError, prefix: str = "") -> ServiceError:
     """Re-raise a downstream status with the same code, the message prefixed (e.g. the node)."""
-    error = ServiceError(f"{prefix}{err.details()}")
+    error = ServiceError(clip(f"{prefix}{err.details()}", MESSAGE_CHARS))
     error.code = err.code()
     return error
 
 
 async def _abort(context, err: Exception, method: str):
     if isinstance(err, ServiceError):
-        await context.abort(err.code, err.message)
+        # Capped: a status message travels in the trailers, and trailers past gRPC's metadata limit
+        # reach the client as RESOURCE_EXHAUSTED instead of the real code.
+        await context.abort(err.code, clip(err.message, MESSAGE_CHARS))
     log.exception("internal error", method=method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {err!r} (a bug: please report it)")
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error in {method}: {clip(repr(err), 1000)} (a bug: please report it)")
 
 
 def rpc_method(fn):

@@ -6,8 +6,13 @@ import asyncio
 import inspect
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from .decode_guard import DecodeGuardInterceptor
+
+log = structlog.get_logger(__name__)
 
 # Logits ([tokens, vocab] float32) and load traffic exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -15,20 +20,41 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # their own, smaller, settings); only responses (logits) need MAX_MESSAGE_BYTES.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
+# HTTP/2 keepalive: a peer that stops answering pings (hung, SIGSTOPped, cut off) is noticed within
+# KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS and its calls fail with UNAVAILABLE, instead of hanging until
+# TCP gives up. Servers accept pings this often (with or without calls) and ping their clients too.
+KEEPALIVE_MS = 5_000
+MAX_INFLIGHT_CALLS = 8192   # default of --max-inflight-calls
+PENDING_CALLS = 4 * MAX_INFLIGHT_CALLS
+KEEPALIVE_TIMEOUT_MS = 5_000
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),  # what grpc >= 1.6x waits for a ping's ack
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 2 * KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),
+    # Calls the transport accepted but the application has not picked up yet. Past grpc's default
+    # (1,000) the core cancels new calls with a bare CANCELLED the application never sees (no log
+    # line): 2,048 streams at once lost ~120 that way. The application's own bound is
+    # --max-inflight-calls (RESOURCE_EXHAUSTED, said why); this one must stay above it.
+    ("grpc.server.max_pending_requests", PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
 ]
 
 
@@ -37,10 +63,12 @@ DRAIN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class _DrainInterceptor(grpc.aio.ServerInterceptor):
-    """Counts in-flight calls and, once draining, refuses new ones with UNAVAILABLE."""
+    """Counts in-flight calls; refuses new ones with UNAVAILABLE once draining, and with
+    RESOURCE_EXHAUSTED while `max_inflight` are running (the allowed methods excepted)."""
 
-    def __init__(self, allow_while_draining: tuple[str, ...]):
+    def __init__(self, allow_while_draining: tuple[str, ...], max_inflight: int = MAX_INFLIGHT_CALLS):
         self.allow = allow_while_draining
+        self.max_inflight = max_inflight
         self.draining = False
         self.message = "the server is shutting down; retry on another node"
         self.inflight = 0
@@ -68,20 +96,13 @@ class _DrainInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(DRAIN_EXEMPT_PREFIXES):
             return handler
         if self.draining and method not in self.allow:
-            return rewrap_handler(handler, self._refuse)
+            return rewrap_handler(handler, lambda b: _refuse(b, grpc.StatusCode.UNAVAILABLE, self.message))
+        if 0 < self.max_inflight <= self.inflight and method not in self.allow:
+            log.warning("call refused: too many in flight", method=method, inflight=self.inflight)
+            message = (f"this server has {self.inflight} calls in flight, its limit (--max-inflight-calls); "
+                       "retry later or on another node")
+            return rewrap_handler(handler, lambda b: _refuse(b, grpc.StatusCode.RESOURCE_EXHAUSTED, message))
         return rewrap_handler(handler, self._track)
-
-    def _refuse(self, behavior):
-        message = self.message
-        if inspect.isasyncgenfunction(behavior):
-            async def refuse_stream(request, context):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
-                yield  # pragma: no cover - makes this an async generator
-            return refuse_stream
-
-        async def refuse(request, context):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, message)
-        return refuse
 
     def _track(self, behavior):
         if inspect.isasyncgenfunction(behavior):
@@ -104,6 +125,18 @@ class _DrainInterceptor(grpc.aio.ServerInterceptor):
         return behavior  # a sync handler (not used with grpc.aio servicers): left alone
 
 
+def _refuse(behavior, code: grpc.StatusCode, message: str):
+    if inspect.isasyncgenfunction(behavior):
+        async def refuse_stream(request, context):
+            await context.abort(code, message)
+            yield  # pragma: no cover - makes this an async generator
+        return refuse_stream
+
+    async def refuse(request, context):
+        await context.abort(code, message)
+    return refuse
+
+
 def rewrap_handler(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
     kinds = {
         (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -123,11 +156,14 @@ class ServingServer:
     with UNAVAILABLE (health, reflection and the `allow_while_draining` methods excepted) and waits,
     up to a bound, for the calls in flight to finish."""
 
-    def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = (), interceptors: tuple = ()):
+    def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = (), interceptors: tuple = (),
+                 max_inflight: int = MAX_INFLIGHT_CALLS):
         self.listen = listen
-        self._drain = _DrainInterceptor(tuple(allow_while_draining))
-        # The drain check comes first: a refused call reaches no other interceptor (nor the metrics).
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._drain, *interceptors])
+        self._drain = _DrainInterceptor(tuple(allow_while_draining), max_inflight)
+        # Undecodable requests become INVALID_ARGUMENT first; then the drain and in-flight checks, so a
+        # refused call reaches no other interceptor (nor the metrics).
+        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+                                      interceptors=[DecodeGuardInterceptor(), self._drain, *interceptors])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

@@ -129,13 +129,20 @@ async def serve_forever(settings: dict) -> int:
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
-        "/cortex.v1.Fleet/Heartbeat"))
+        "/cortex.v1.Fleet/Heartbeat"), max_inflight=settings["max_inflight_calls"])
     model_health = ModelHealth(server.health)
 
     async def after_poll() -> None:
         models.adopt()  # models still on the neurons after a cortex restart
         await model_health.publish(models.states())  # health service `model/<name>`
     registry.after_poll = after_poll
+    publishing: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references)
+
+    def publish_model_health() -> None:
+        task = asyncio.ensure_future(model_health.publish(models.states()))
+        publishing.add(task)
+        task.add_done_callback(publishing.discard)
+    models.on_change = publish_model_health
     metrics = CortexMetrics()
     metrics.watch_fleet(registry, models)
     service = CortexService(registry, models, metrics)

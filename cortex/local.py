@@ -2,13 +2,12 @@
 
 Each server listens on a port it picks itself (`--listen 127.0.0.1:0`) and writes it to a port
 file, so nothing races for ports. Output goes to a log file (a pipe nobody reads would block the
-server once full). On Linux the children are killed if this process dies, so an interrupted run
+server once full). On Linux the children are killed if this process dies (cortex/child_launch.py), so an interrupted run
 leaves no servers behind. Each child runs in its own session, so a Ctrl-C at the terminal reaches
 only this process, which then shuts the children down in its own order (unload first, then SIGTERM).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -16,16 +15,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
 
 class ServerFailed(RuntimeError):
     pass
@@ -87,9 +76,10 @@ def start_server(name: str, module: str, args: list[str], workdir: Path, timeout
     argv = [sys.executable, "-m", module, "serve", *args, "--port-file", str(port_file)]
     environment = {**os.environ, "LOG_FORMAT": "json", **(env or {})}
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=environment, start_new_session=True,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        # No preexec_fn: child_launch sets "die with this process" itself, after exec (fork-safe).
+        launch = [sys.executable, "-m", "cortex.child_launch", str(os.getpid()), *argv[1:]]
+        process = subprocess.Popen(launch, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=environment, start_new_session=True)
     server = LocalServer(name, argv, process, log_path, host=host)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -28,7 +28,8 @@ import structlog
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.dtypes import DTYPES
-from common.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from common.errors import (AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable,
+                           clip)
 
 from .adoption import orphans
 from .api import convert
@@ -153,6 +154,11 @@ class ModelTable:
         self._releasing = 0        # releases in progress
         self._released_at = 0.0    # when the last one finished
         self._refused: set[tuple[str, int]] = set()  # orphans not adopted (name taken), logged once
+        self.on_change = None  # called when a model becomes READY or leaves the table (per-model health)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # ------------------------------------------------------------ reading
 
@@ -211,7 +217,7 @@ class ModelTable:
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
-            raise NotFound(f"model {name!r} is not loaded (loaded: {known}); load it with LoadModel first")
+            raise NotFound(f"model {clip(name)!r} is not loaded (loaded: {clip(known, 1000)}); load it with LoadModel first")
         return model
 
     def route(self, name: str) -> Route:
@@ -292,6 +298,7 @@ class ModelTable:
             model.state, model.ready_at = READY, time.monotonic()
             await self.registry.refresh(t.node for t in targets)  # placement must see the memory it took
             model.done.set_result(None)
+            self._changed()
             log.info("model loaded", model=spec.name, ranks=[f"{r.node}/{r.device}" for r in model.ranks],
                      handles=[r.handle for r in model.ranks], seconds=round(time.perf_counter() - started, 3))
         except BaseException as err:  # noqa: BLE001 - including cancellation: clean up, then report
@@ -379,6 +386,7 @@ class ModelTable:
             raise FailedPrecondition(f"model {name} is still loading; unload it once the load finished "
                                      "(cancelling every LoadModel call of it also stops the load)")
         del self._models[name]  # new requests get NOT_FOUND from here on
+        self._changed()
         freed = await asyncio.shield(self._release(model))  # finishes even if the caller goes away
         await self.registry.refresh(r.node for r in model.ranks)
         log.info("model unloaded", model=name, freed_bytes=freed)

@@ -28,7 +28,7 @@ import structlog
 
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.proto.neuron.v1 import neuron_pb2_grpc
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, clip
 from common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
@@ -51,8 +51,15 @@ def check_address(address: str, field_name: str = "address") -> str:
     address = address.strip()
     host, sep, port = address.rpartition(":")
     if not address or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"{field_name} {address!r} is not HOST:PORT (e.g. 10.0.0.5:50061)")
+        raise InvalidArgument(f"{field_name} {clip(address)!r} is not HOST:PORT (e.g. 10.0.0.5:50061)")
     return address
+
+
+@dataclass(eq=False)
+class InFlight:
+    """A call cortex has open on a node; `cut` says why cortex ended it (the node went DOWN)."""
+    call: object
+    cut: str = ""
 
 
 @dataclass
@@ -73,6 +80,7 @@ class Node:
     last_error: str = ""
     down_since: float | None = None      # when it was last seen going DOWN (or was added); None while UP
     pending_drops: set[int] = field(default_factory=set)
+    inflight: set[InFlight] = field(default_factory=set)
 
     def handles(self) -> set[int]:
         return {s.handle for d in self.devices for s in d.shards}
@@ -213,9 +221,34 @@ class Registry:
             if up:
                 log.info("node up", node=node.address, devices=[d.id for d in node.devices])
             else:
-                log.warning("node down", node=node.address, reason=reason)
+                log.warning("node down", node=node.address, reason=reason, calls_ended=len(node.inflight))
             node.down_since = None if up else now
         node.up, node.reason = up, reason
+        if not up and node.inflight:
+            self._cut_calls(node, reason)
+
+    # ------------------------------------------------------------ calls in flight
+
+    def track(self, address: str, call) -> InFlight:
+        """Note a call open on this node, so that it ends as soon as the node is marked DOWN (a hung
+        node would otherwise hold it until keepalive or the client's deadline gives up)."""
+        entry = InFlight(call)
+        node = self._nodes.get(address)
+        if node is not None:
+            node.inflight.add(entry)
+        return entry
+
+    def untrack(self, address: str, entry: InFlight) -> None:
+        node = self._nodes.get(address)
+        if node is not None:
+            node.inflight.discard(entry)
+
+    @staticmethod
+    def _cut_calls(node: Node, reason: str) -> None:
+        for entry in list(node.inflight):
+            entry.cut = f"node {node.address} went down while serving this call ({reason}); retry"
+            entry.call.cancel()
+        node.inflight.clear()
 
     # ------------------------------------------------------------ deferred drops
 

@@ -7,6 +7,7 @@ error comes back with its own status code and the node named in the message.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -15,7 +16,7 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
+from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable, from_rpc_error, rpc_method
 
 from .api import convert
 from .metrics import CortexMetrics
@@ -58,13 +59,23 @@ class _RequestLog:
         self.rpc, self.fields = rpc, fields
         self.started = time.perf_counter()
         self.code = "CANCELLED"  # what it stays if the client goes away mid-call
+        self.cancelled_by = "client"
 
     def fail(self, err: BaseException) -> None:
         self.code = err.code.name if isinstance(err, ServiceError) else "INTERNAL"
+        if self.code == "CANCELLED":
+            self.cancelled_by = "node"  # the neuron ended the call, not our client
 
     def emit(self, **fields) -> None:
-        log.info(self.rpc, **self.fields, **fields, code=self.code,
-                 total_ms=round((time.perf_counter() - self.started) * 1e3, 2))
+        if self.code == "CANCELLED":
+            # A cancellation gets its own warning line saying who cancelled: a client that gave up,
+            # or the neuron (e.g. it was overloaded); both are worth noticing under load.
+            fields["cancelled_by"] = self.cancelled_by
+            emit = log.warning
+        else:
+            emit = log.info
+        emit(self.rpc, **self.fields, **fields, code=self.code,
+             total_ms=round((time.perf_counter() - self.started) * 1e3, 2))
 
 
 class CortexService(cortex_pb2_grpc.CortexServicer):
@@ -137,6 +148,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             request_id = request.request_id or uuid.uuid4().hex[:16]
             entry.fields.update(node=route.node, request_id=request_id)
             call = route.stub.Generate(convert.generate_request(request, route.handle, request_id), timeout=timeout)
+            tracked = self.registry.track(route.node, call)  # ended with UNAVAILABLE if the node goes DOWN
             timer.begin()
             try:
                 async for chunk in call:
@@ -150,7 +162,12 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
                 entry.code = "OK"
             except grpc.aio.AioRpcError as err:
                 raise _relay(err, route) from None
+            except asyncio.CancelledError:
+                if not tracked.cut:
+                    raise  # our client went away
+                raise Unavailable(tracked.cut) from None
             finally:
+                self.registry.untrack(route.node, tracked)
                 call.cancel()  # no-op when finished; stops the neuron's work when our client went away
         except Exception as err:
             entry.fail(err)
@@ -176,11 +193,17 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             self._check_logits(request)
             entry.fields.update(node=route.node)
             call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=timeout)
+            tracked = self.registry.track(route.node, call)
             try:
                 reply = await call
             except grpc.aio.AioRpcError as err:
                 raise _relay(err, route) from None
+            except asyncio.CancelledError:
+                if not tracked.cut:
+                    raise
+                raise Unavailable(tracked.cut) from None
             finally:
+                self.registry.untrack(route.node, tracked)
                 call.cancel()
             entry.code = "OK"
             return convert.forward_response(reply)

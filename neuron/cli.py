@@ -137,9 +137,12 @@ async def serve_forever(settings: dict) -> int:
     service = NeuronService(workers, roots)
     service.stall_seconds = settings["watchdog_seconds"]
     service.limits = Limits.from_settings(settings)
+    listen_host = settings["listen"].rsplit(":", 1)[0].strip("[]")
+    if listen_host not in ("", "0.0.0.0", "::", "*"):
+        service.bind_host = listen_host  # group listeners stay on the neuron's own address
     metrics = NeuronMetrics(workers, service.model_of)
     server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
-                           interceptors=(metrics.interceptor,))
+                           interceptors=(metrics.interceptor,), max_inflight=settings["max_inflight_calls"])
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
     metrics_runner, metrics_listen = None, listen_or_off(settings["metrics_listen"])

@@ -1,6 +1,6 @@
 """The CPU collectives engine: a star over TCP rooted at rank 0.
 
-Rank 0's neuron opens a listener when it creates the group id; the id carries its address and a
+Rank 0's neuron opens a listener when it creates the group id (a bounded number, expiring); the id carries its address and a
 random token, like an NCCL unique id carries the root's bootstrap address. Reductions are summed at
 the root in rank order and sent back, so every rank gets bit-identical results.
 """
@@ -17,29 +17,62 @@ import numpy as np
 from .collectives import UNIQUE_ID_BYTES, CollectiveError, Communicator
 
 _PREFIX = b"tcp1 "
-_listeners: dict[str, socket.socket] = {}   # token -> rank 0's listening socket, until the group forms
+# token -> (rank 0's listening socket, when it was opened), until the group forms. Bounded: ids
+# that no InitGroup claimed expire, and past MAX_PENDING_IDS the oldest listener is closed, so
+# CreateGroupId calls cannot pile up sockets.
+_listeners: dict[str, tuple[socket.socket, float]] = {}
 _lock = threading.Lock()
+MAX_PENDING_IDS = 16
+PENDING_ID_SECONDS = 300.0
 
 
-def create_group_id(advertise_host: str) -> bytes:
-    listener = socket.create_server(("0.0.0.0", 0), backlog=64)
+def create_group_id(advertise_host: str, bind_host: str = "0.0.0.0") -> bytes:
+    """A group id naming a listener on `bind_host` (the neuron's own address when it has one)."""
+    if len(_PREFIX) + len(f"{advertise_host}:65535/") + 32 > UNIQUE_ID_BYTES:
+        raise ValueError(f"advertised host {advertise_host!r} is too long for a group id")
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    listener = socket.create_server((bind_host, 0), family=family, backlog=64)
     token = secrets.token_hex(16)
     with _lock:
-        _listeners[token] = listener
+        _expire(time.monotonic())
+        _listeners[token] = (listener, time.monotonic())
     uid = _PREFIX + f"{advertise_host}:{listener.getsockname()[1]}/{token}".encode()
-    if len(uid) > UNIQUE_ID_BYTES:
-        raise ValueError(f"advertised host {advertise_host!r} is too long for a group id")
     return uid.ljust(UNIQUE_ID_BYTES, b"\0")
+
+
+def _expire(now: float) -> None:
+    """Close listeners past their time, and the oldest beyond the cap (caller holds _lock)."""
+    by_age = sorted(_listeners.items(), key=lambda item: item[1][1])
+    for i, (token, (listener, opened)) in enumerate(by_age):
+        if now - opened > PENDING_ID_SECONDS or len(by_age) - i >= MAX_PENDING_IDS:
+            listener.close()
+            del _listeners[token]
+
+
+def pending_ids() -> int:
+    with _lock:
+        return len(_listeners)
 
 
 def is_tcp_group_id(uid: bytes) -> bool:
     return uid.startswith(_PREFIX)
 
 
+def check_group_id(uid: bytes) -> None:
+    """Raise ValueError unless uid is a well-formed TCP group id (HOST:PORT/TOKEN)."""
+    _parse(uid)
+
+
 def _parse(uid: bytes) -> tuple[str, int, str]:
-    address, token = uid[len(_PREFIX):].rstrip(b"\0").decode().rsplit("/", 1)
-    host, port = address.rsplit(":", 1)
-    return host, int(port), token
+    try:
+        address, token = uid[len(_PREFIX):].rstrip(b"\0").decode().rsplit("/", 1)
+        host, port = address.rsplit(":", 1)
+        port_number = int(port)
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("the group id is malformed: it is not HOST:PORT/TOKEN from CreateGroupId") from None
+    if not host or not 0 < port_number < 65536 or not token:
+        raise ValueError("the group id is malformed: it is not HOST:PORT/TOKEN from CreateGroupId")
+    return host, port_number, token
 
 
 def _send(sock: socket.socket, payload: bytes) -> None:
@@ -78,9 +111,10 @@ class TcpCommunicator(Communicator):
 
     def _accept_all(self, token: str, deadline: float) -> None:
         with _lock:
-            listener = _listeners.pop(token, None)
+            listener, _ = _listeners.pop(token, (None, 0.0))
         if listener is None:
-            raise CollectiveError("rank 0 must join on the neuron that created the group id")
+            raise CollectiveError("rank 0 must join on the neuron that created the group id (and within "
+                                  f"{PENDING_ID_SECONDS:g} s of creating it)")
         try:
             while len(self._peers) < self.size - 1:
                 listener.settimeout(max(deadline - time.monotonic(), 0.001))

@@ -14,7 +14,7 @@ import numpy as np
 import structlog
 
 from common.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
-                            Unavailable, rpc_method)
+                            Unavailable, clip, rpc_method)
 from common.server import MAX_MESSAGE_BYTES
 
 from . import __version__, comm_nccl, comm_tcp
@@ -48,6 +48,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         self._issued: set[int] = set()
         self.stall_seconds = 0.0  # the progress watchdog's time (0: off); Describe reports stalls past it
         self.limits = Limits()
+        self.bind_host = "0.0.0.0"  # where group listeners bind: the neuron's own listen host when specific
         # Tokenizing and chat templating run here, never on the event loop (a few threads: a flood
         # of long prompts queues instead of taking every core).
         self._prompt_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt")
@@ -80,7 +81,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     def _pick_device(self, device: str) -> DeviceWorker:
         if device:
             if device not in self.workers:
-                raise InvalidArgument(f"device {device!r} is not on this neuron; devices: {', '.join(self.workers)}")
+                raise InvalidArgument(f"device {clip(device)!r} is not on this neuron; devices: {', '.join(self.workers)}")
             return self.workers[device]
         return max(self.workers.values(), key=lambda w: w.memory.free)
 
@@ -125,6 +126,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         worker = self._pick_device(request.device)
         directory = resolve_checkpoint(request.path, self.model_roots)
         tp_size = max(request.tp.size, 1)
+        if request.max_seqs > self.limits.max_seqs_limit:
+            raise InvalidArgument(f"max_seqs {request.max_seqs} is more than this neuron's limit of "
+                                  f"{self.limits.max_seqs_limit} running requests per shard (--max-seqs-limit)")
         if request.tp.rank >= tp_size:
             raise InvalidArgument(f"tp.rank {request.tp.rank} must be below tp.size {tp_size}")
         load = LoadRequest(directory=directory, model=request.model or directory.name, dtype=request.dtype,
@@ -201,9 +205,11 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         _check_token_ids(ids, shard, "token_ids")
         rows = len(ids) if request.all_positions else 1
         size = rows * shard.config.vocab_size * 4
-        if size > MAX_MESSAGE_BYTES - (1 << 20):
-            raise ResourceExhausted(f"logits for {rows} positions x {shard.config.vocab_size} vocab are {size >> 20} MiB, "
-                                    f"over the {MAX_MESSAGE_BYTES >> 20} MiB message limit; ask for fewer positions")
+        limit = min(self.limits.max_logits_bytes, MAX_MESSAGE_BYTES - (1 << 20))
+        if size > limit:
+            raise ResourceExhausted(f"logits for {rows} positions x {shard.config.vocab_size} vocab are {size} bytes, "
+                                    f"over the limit of {limit} (--max-logits-bytes); ask for fewer positions "
+                                    "(all_positions=false returns the last one)")
         logits = await asyncio.wrap_future(worker.submit(ForwardJob(request.handle, ids, request.all_positions)))
         return pb.ForwardResponse(logits=pb.Tensor(shape=list(logits.shape), dtype="float32",
                                                    data=logits.astype("<f4", copy=False).tobytes()))
@@ -281,7 +287,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         if worker.spec.kind == "cuda":
             return pb.CreateGroupIdResponse(unique_id=comm_nccl.create_group_id())
         host = self.advertise.rsplit(":", 1)[0] if self.advertise else "127.0.0.1"
-        return pb.CreateGroupIdResponse(unique_id=comm_tcp.create_group_id(host))
+        return pb.CreateGroupIdResponse(unique_id=comm_tcp.create_group_id(host, self.bind_host))
 
     @rpc_method
     async def InitGroup(self, request, context):
@@ -295,8 +301,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             # group's follower job sits behind), so a device serves one group at a time.
             raise FailedPrecondition(f"device {worker.spec.id} is already rank {busy.rank} of group {busy.id!r}; "
                                      "one tensor-parallel group per device")
-        join_timeout = (request.timeout_ms or 30_000) / 1000
-        step_timeout = (request.step_timeout_ms or 30_000) / 1000
+        cap = self.limits.max_group_timeout_ms
+        join_timeout = min(request.timeout_ms or 30_000, cap) / 1000  # a huge timeout would hold the device
+        step_timeout = min(request.step_timeout_ms or 30_000, cap) / 1000
         uid, rank, size = bytes(request.unique_id), request.rank, request.world_size
 
         def connect(backend):
@@ -322,7 +329,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     def _ranks(self, group_id: str) -> list[Group]:
         ranks = self.groups.ranks_of(group_id)
         if not ranks:
-            raise NotFound(f"this neuron holds no rank of group {group_id!r}")
+            raise NotFound(f"this neuron holds no rank of group {clip(group_id)!r}")
         return ranks
 
     @rpc_method
@@ -375,10 +382,17 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 def _check_init_group(request: pb.InitGroupRequest) -> None:
     if not request.group_id:
         raise InvalidArgument("group_id is empty")
+    if len(request.group_id) > 256:
+        raise InvalidArgument(f"group_id is {len(request.group_id)} characters; ids from cortex are far shorter")
     if request.world_size < 2 or request.rank >= request.world_size:
         raise InvalidArgument(f"need world_size >= 2 and rank < world_size; got rank {request.rank} of {request.world_size}")
     if len(request.unique_id) != UNIQUE_ID_BYTES:
         raise InvalidArgument(f"unique_id must be {UNIQUE_ID_BYTES} bytes (from CreateGroupId), got {len(request.unique_id)}")
+    if comm_tcp.is_tcp_group_id(request.unique_id):
+        try:
+            comm_tcp.check_group_id(bytes(request.unique_id))
+        except ValueError as err:
+            raise InvalidArgument(f"unique_id: {err}") from None
     if len(request.members) != request.world_size:
         raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}: "
                               "give every rank's neuron address and device, in rank order")

@@ -28,7 +28,7 @@ from .engine.settings import EngineSettings
 from .loader import Checkpoint
 from .model.config import ModelConfig
 from .model.llama import LlamaModel
-from .model.sharding import TpLayout, expected_shapes, parameter_reads
+from .model.sharding import TpLayout, check_config_against_headers, expected_shapes, parameter_reads
 from .runner.model_runner import ModelRunner
 from .tokenizer import Tokenizer
 
@@ -101,6 +101,7 @@ def _read_generation_config(directory: Path) -> dict:
 
 
 def _check_shapes(config: ModelConfig, ckpt: Checkpoint) -> None:
+    check_config_against_headers(config, {n: m.shape for n, m in ckpt.tensors.items()}, str(ckpt.directory))
     problems = []
     for name, shape in expected_shapes(config).items():
         meta = ckpt.tensors.get(name)

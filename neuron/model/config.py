@@ -93,9 +93,14 @@ class ModelConfig:
                 dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
             )
         except KeyError as err:
-            raise InvalidArgument(f"{where} lacks the field {err.args[0]!r}") from None
-        except (TypeError, ValueError) as err:
-            raise InvalidArgument(f"{where} has a malformed field: {err}") from None
+            raise InvalidArgument(f"{where} lacks the field {str(err.args[0])[:100]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError) as err:
+            raise InvalidArgument(f"{where} has a malformed field: {str(err)[:200]}") from None
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_position_embeddings")
+        bad = [f"{name} {getattr(config, name)}" for name in sizes if getattr(config, name) < 1]
+        if bad:
+            raise InvalidArgument(f"{where}: sizes must be positive, got {', '.join(bad)}")
         if config.num_heads % config.num_kv_heads:
             raise InvalidArgument(f"{where}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {config.num_kv_heads}")
         return config

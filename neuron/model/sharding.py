@@ -8,6 +8,7 @@ holds the one kv head its q heads use.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument
@@ -100,6 +101,32 @@ def parameter_reads(config: ModelConfig, layout: TpLayout, has_lm_head: bool) ->
             reads[f"{i}.gate_up_bias"] = [TensorRead(mlp + "gate_proj.bias", rows=inter), TensorRead(mlp + "up_proj.bias", rows=inter)]
             reads[f"{i}.down_bias"] = [TensorRead(mlp + "down_proj.bias")]
     return reads
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_config_against_headers(config: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Compare config.json's sizes with the tensors the safetensors headers declare, before anything
+    is sized from the config: a config claiming a million layers or a huge vocabulary is refused
+    here, in time proportional to the headers, not to what the config claims."""
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER_NAME.match(name))}
+    if config.num_layers != len(layers):
+        raise InvalidArgument(f"{where}: config.json says num_hidden_layers {config.num_layers}, but the "
+                              f"safetensors headers hold {len(layers)} layers")
+    h, d = config.hidden_size, config.head_dim
+    implied = {
+        "model.embed_tokens.weight": ((config.vocab_size, h), "vocab_size x hidden_size"),
+        "model.layers.0.self_attn.q_proj.weight": ((config.num_heads * d, h), "num_attention_heads x head_dim, hidden_size"),
+        "model.layers.0.self_attn.k_proj.weight": ((config.num_kv_heads * d, h),
+                                                   "num_key_value_heads x head_dim, hidden_size"),
+        "model.layers.0.mlp.gate_proj.weight": ((config.intermediate_size, h), "intermediate_size x hidden_size"),
+    }
+    for name, (shape, meaning) in implied.items():
+        found = shapes.get(name)
+        if found is not None and tuple(found) != shape:
+            raise InvalidArgument(f"{where}: {name} has shape {list(found)} in the safetensors headers, but "
+                                  f"config.json implies {list(shape)} ({meaning})")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
