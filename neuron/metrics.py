@@ -1,10 +1,7 @@
-"""The neuron's Prometheus metrics: per device, what its worker holds (memory, KV cache, sequences
-running and waiting), read from the worker's cached figures at each scrape; and per model, the
-Generate calls served, counted by a gRPC interceptor around the handler.
-
-Only measured figures are published. The batching engine adds its own (KV blocks, prefix-cache
-queries and hits, step duration) as more families in `DeviceCollector.collect`, read from the
-figures its worker caches.
+"""The neuron's Prometheus metrics: per shard and device, what its engine holds (KV blocks, requests
+running and waiting, prefix-cache lookups) and the device's memory, read from the figures the device
+thread caches after every turn; and per model, the Generate calls served, counted by a gRPC
+interceptor around the handler.
 """
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.metrics import LATENCY_BUCKETS
@@ -27,8 +24,12 @@ GENERATE = "/neuron.v1.Neuron/Generate"
 class ShardFigures:
     model: str
     kv_bytes: int
-    kv_slots: int
-    kv_slots_used: int
+    kv_blocks: int
+    kv_blocks_used: int
+    running: int
+    waiting: int
+    prefix_queries: int      # prompt tokens looked up in the prefix cache
+    prefix_hits: int         # of those, tokens found cached
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,18 @@ class DeviceFigures:
     kind: str
     total_bytes: int
     free_bytes: int
-    running: int
-    waiting: int
     shards: list[ShardFigures]
 
 
 def device_figures(worker) -> DeviceFigures:
-    """A worker's figures without waiting for its thread: its cached memory, and the sizes of the
-    structures the device thread updates (each read is atomic; together they may be a step apart)."""
-    shards = [ShardFigures(s.request.model, s.kv.nbytes, s.kv.slots, s.kv.slots - s.kv.free_slots)
-              for s in list(worker.slab.values())]
-    return DeviceFigures(worker.spec.id, worker.spec.kind, worker.memory.total, worker.memory.free,
-                         len(worker._running), len(worker._waiting), shards)
+    """A worker's figures without waiting for its thread: its cached memory and each shard engine's
+    stats, which the device thread replaces after every turn (each read is of one whole snapshot)."""
+    shards = []
+    for shard in list(worker.slab.values()):
+        stats = shard.engine.stats
+        shards.append(ShardFigures(shard.request.model, shard.kv.nbytes, stats.kv.blocks_total, stats.kv.blocks_used,
+                                   stats.running, stats.waiting, stats.kv.queries, stats.kv.hits))
+    return DeviceFigures(worker.spec.id, worker.spec.kind, worker.memory.total, worker.memory.free, shards)
 
 
 class DeviceCollector(Collector):
@@ -56,32 +57,40 @@ class DeviceCollector(Collector):
         self.workers = workers
 
     def collect(self):
-        def family(name, doc, labels):
+        def gauge(name, doc, labels):
             return GaugeMetricFamily(name, doc, labels=labels)
 
-        total = family("neuron_device_memory_total_bytes", "memory of the device (a CPU device: its budget)",
-                       ["device", "kind"])
-        used = family("neuron_device_memory_used_bytes", "memory in use on the device", ["device", "kind"])
-        running = family("neuron_requests_running", "sequences generating on the device", ["device"])
-        waiting = family("neuron_requests_waiting", "requests queued on the device for a KV slot", ["device"])
-        kv_bytes = family("neuron_kv_cache_bytes", "KV cache allocated for a shard", ["device", "model"])
-        slots = family("neuron_kv_slots", "KV cache slots of a shard (concurrent sequences it can hold)",
-                       ["device", "model"])
-        slots_used = family("neuron_kv_slots_used", "KV cache slots held by running sequences", ["device", "model"])
-        usage = family("neuron_kv_cache_usage_ratio", "fraction of the device's KV cache slots in use (0 to 1; "
-                       "0 with no shard)", ["device"])
+        def counter(name, doc, labels):
+            return CounterMetricFamily(name, doc, labels=labels)
+
+        total = gauge("neuron_device_memory_total_bytes", "memory of the device (a CPU device: its budget)",
+                      ["device", "kind"])
+        used = gauge("neuron_device_memory_used_bytes", "memory in use on the device", ["device", "kind"])
+        running = gauge("neuron_requests_running", "requests the device's engines are running", ["device"])
+        waiting = gauge("neuron_requests_waiting", "requests waiting to start on the device", ["device"])
+        kv_bytes = gauge("neuron_kv_cache_bytes", "KV cache (block pool) allocated for a shard", ["device", "model"])
+        blocks = gauge("neuron_kv_blocks", "KV cache blocks of a shard", ["device", "model"])
+        blocks_used = gauge("neuron_kv_blocks_used", "KV cache blocks held by requests", ["device", "model"])
+        usage = gauge("neuron_kv_cache_usage_ratio", "KV blocks held over KV blocks, all shards of the device "
+                      "(0 to 1; 0 with no shard)", ["device"])
+        queries = counter("neuron_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                          ["device", "model"])
+        hits = counter("neuron_prefix_cache_hits", "looked-up prompt tokens found in the prefix cache (not "
+                       "recomputed)", ["device", "model"])
         for f in (device_figures(w) for w in self.workers):
             total.add_metric([f.device, f.kind], f.total_bytes)
             used.add_metric([f.device, f.kind], f.total_bytes - f.free_bytes)
-            running.add_metric([f.device], f.running)
-            waiting.add_metric([f.device], f.waiting)
+            running.add_metric([f.device], sum(s.running for s in f.shards))
+            waiting.add_metric([f.device], sum(s.waiting for s in f.shards))
             for s in f.shards:
                 kv_bytes.add_metric([f.device, s.model], s.kv_bytes)
-                slots.add_metric([f.device, s.model], s.kv_slots)
-                slots_used.add_metric([f.device, s.model], s.kv_slots_used)
-            held, held_used = sum(s.kv_slots for s in f.shards), sum(s.kv_slots_used for s in f.shards)
+                blocks.add_metric([f.device, s.model], s.kv_blocks)
+                blocks_used.add_metric([f.device, s.model], s.kv_blocks_used)
+                queries.add_metric([f.device, s.model], s.prefix_queries)
+                hits.add_metric([f.device, s.model], s.prefix_hits)
+            held, held_used = sum(s.kv_blocks for s in f.shards), sum(s.kv_blocks_used for s in f.shards)
             usage.add_metric([f.device], held_used / held if held else 0.0)
-        yield from (total, used, running, waiting, kv_bytes, slots, slots_used, usage)
+        yield from (total, used, running, waiting, kv_bytes, blocks, blocks_used, usage, queries, hits)
 
 
 class NeuronMetrics:

@@ -34,7 +34,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def neuron(root):
-    srv = start_neuron(model_roots=[root], extra=["--max-logits-bytes", str(LOGIT_LIMIT), "--max-kv-slots", "8",
+    srv = start_neuron(model_roots=[root], extra=["--max-logits-bytes", str(LOGIT_LIMIT), "--max-seqs-limit", "8",
                                                   "--max-group-timeout-ms", "1000"])
     yield srv
     srv.kill()

@@ -127,7 +127,7 @@ def _ready(cortex, neuron):
     wait_until(lambda: any(n.state == cpb.NODE_STATE_UP for n in cstub.ListNodes(cpb.ListNodesRequest()).nodes),
                what="the neuron UP")
     list(cstub.LoadModel(cpb.LoadModelRequest(name="llama2", path="llama2", max_context=64, kv_slots=2), timeout=60))
-    direct = list(nstub.LoadShard(npb.LoadShardRequest(path="llama3", model="direct", max_context=64, kv_slots=2),
+    direct = list(nstub.LoadShard(npb.LoadShardRequest(path="llama3", model="direct", max_context=64, max_seqs=2),
                                   timeout=60))[-1].loaded.handle
     handles = [direct] + [p.handle for m in cstub.ListModels(cpb.ListModelsRequest()).models for p in m.placement]
     return cch, nch, cstub, nstub, handles

@@ -27,7 +27,7 @@ LONG = LlamaShape(max_position_embeddings=32768)
 LONG_TOKENS = 30000
 PROMPT = "The cortex places models on"
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
-MAX_WAITING = 256  # neuron.worker.MAX_WAITING: the queue a device keeps before refusing
+MAX_WAITING = 256  # the neuron's --max-waiting in this fleet: the queue a shard keeps before refusing
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def fleet(tmp_path_factory):
     `b` holding a model that a test takes down."""
     root = tmp_path_factory.mktemp("models")
     write_checkpoint(root / "slow", LONG)
-    a = start_neuron("cpu", [MODELS, root], extra=["--metrics-listen", "127.0.0.1:0"])
+    a = start_neuron("cpu", [MODELS, root], extra=["--metrics-listen", "127.0.0.1:0",
+                                                   "--max-waiting", str(MAX_WAITING)])
     b = start_neuron("cpu", [MODELS])
     cortex = start_cortex([a.address, b.address], extra=["--http-listen", "127.0.0.1:0", "--poll-seconds", "0.3"])
     try:
@@ -257,7 +258,7 @@ def test_full_queue_is_429_and_disconnect_frees_the_neuron(fleet, client):
     stream = client.completions.create(model="slow", prompt=PROMPT, max_tokens=LONG_TOKENS, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
-    wait_until(lambda: neuron_gauge(fleet, "neuron_kv_slots_used") == 1, what="the slot held")
+    wait_until(lambda: neuron_gauge(fleet, "neuron_requests_running") == 1, what="the one running place held")
     stream.close()
     wait_until(lambda: neuron_gauge(fleet, "neuron_requests_running") == 0, timeout=10,
                what="the neuron to stop the abandoned generation")
@@ -279,7 +280,7 @@ def test_full_queue_is_429_and_disconnect_frees_the_neuron(fleet, client):
         refused = neuron_gauge(fleet, "neuron_requests", model="slow", code="RESOURCE_EXHAUSTED")
         err = status_error(lambda: client.completions.create(model="slow", prompt=PROMPT, max_tokens=2))
         assert isinstance(err, openai.RateLimitError) and err.body["code"] == "resource_exhausted"
-        assert "waiting for a KV slot" in err.message
+        assert "already waiting on this shard" in err.message
         assert neuron_gauge(fleet, "neuron_requests", model="slow", code="RESOURCE_EXHAUSTED") == refused + 1
     finally:
         for call in calls:

@@ -114,7 +114,8 @@ def test_fleet_and_device_gauges_show_what_is_there(fleet):
     total = neuron.value("neuron_device_memory_total_bytes", device="cpu")
     used = neuron.value("neuron_device_memory_used_bytes", device="cpu")
     assert total > 0 and info.weight_bytes + info.kv_bytes <= used <= total
-    assert neuron.value("neuron_kv_slots", model="llama3") >= 1 and neuron.value("neuron_kv_slots_used") == 0
+    assert neuron.value("neuron_kv_blocks", model="llama3") >= 1
+    assert neuron.value("neuron_kv_blocks_used", model="llama3") == 0
     assert neuron.value("neuron_requests_running") == 0 and neuron.value("neuron_requests_waiting") == 0
     assert neuron.value("neuron_kv_cache_usage_ratio", device="cpu") == 0
     assert not any(name.endswith("_created") for name in neuron.names() | cortex.names())
