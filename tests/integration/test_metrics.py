@@ -99,6 +99,10 @@ def test_counters_move_by_the_requests_and_tokens_sent(fleet):
     assert moved(after_n, before_n, "neuron_generation_tokens_total", model="llama3") == tokens
     assert moved(after_n, before_n, "neuron_prompt_tokens_total", model="llama3") == generations * prompt_len
     assert moved(after_n, before_n, "neuron_time_to_first_token_seconds_count", model="llama3") == generations
+    # Every request's tokens are looked up in the prefix cache when it is first scheduled (the Forward's 3 too).
+    queries = moved(after_n, before_n, "neuron_prefix_cache_queries_total", model="llama3")
+    assert queries == generations * prompt_len + 3
+    assert 0 <= moved(after_n, before_n, "neuron_prefix_cache_hits_total", model="llama3") <= queries
 
 
 def test_fleet_and_device_gauges_show_what_is_there(fleet):
