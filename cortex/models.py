@@ -88,7 +88,19 @@ class Rank:
     handle: int = 0
     weight_bytes: int = 0
     kv_bytes: int = 0
-    kv_slots: int = 0
+    kv_slots: int = 0          # the shard's max_seqs
+    kv_tokens: int = 0
+    kv_blocks: int = 0
+    kv_block_size: int = 0
+
+
+def _kv_capacity(ranks: list[Rank]) -> dict:
+    """What rank 0 reports (every rank of a TP group holds the same tokens, each its own heads)."""
+    if not ranks:
+        return {}
+    lead = ranks[0]
+    return dict(kv_tokens=lead.kv_tokens, kv_blocks=lead.kv_blocks, kv_block_size=lead.kv_block_size,
+                max_seqs=lead.kv_slots)
 
 
 @dataclass
@@ -204,7 +216,8 @@ class ModelTable:
             max_context=model.max_context or model.spec.max_context, tp=model.spec.tp,
             placement=[cpb.Placement(rank=r.rank, node=r.node, device=r.device, handle=r.handle) for r in model.ranks],
             weight_bytes=sum(r.weight_bytes for r in model.ranks), kv_bytes=sum(r.kv_bytes for r in model.ranks),
-            vocab_size=model.vocab_size, estimate=model.estimate.describe() if model.estimate else model.remark)
+            vocab_size=model.vocab_size, estimate=model.estimate.describe() if model.estimate else model.remark,
+            **_kv_capacity(model.ranks))
 
     def states(self) -> dict[str, int]:
         """{name: state} of every model in the table (per-model health reads it)."""
@@ -364,7 +377,8 @@ class ModelTable:
                     if event.HasField("loaded"):
                         info = event.loaded  # recorded at once, so that a failure from here on drops it
                         model.ranks[t.rank] = Rank(t.rank, t.node, t.device, info.handle, info.weight_bytes,
-                                                   info.kv_bytes, info.max_seqs)
+                                                   info.kv_bytes, info.max_seqs, info.kv_tokens,
+                                                   info.kv_blocks_total, info.kv_block_size)
                         continue
                     p = event.progress
                     done[t.rank], total[t.rank] = p.bytes_done, p.bytes_total
@@ -470,7 +484,8 @@ class ModelTable:
             model = Model(spec, READY, group_id=lead.group_id, architecture=lead.architecture, dtype=lead.dtype,
                           max_context=lead.max_context, vocab_size=lead.vocab_size, ready_at=time.monotonic(),
                           remark=ADOPTED)
-            model.ranks = [Rank(i, f.node, f.device, f.shard.handle, f.shard.weight_bytes, f.shard.kv_bytes)
+            model.ranks = [Rank(i, f.node, f.device, f.shard.handle, f.shard.weight_bytes, f.shard.kv_bytes,
+                                f.shard.max_seqs, f.shard.kv_tokens, f.shard.kv_blocks_total, f.shard.kv_block_size)
                            for i, f in enumerate(ranks)]
             model.done.set_result(None)
             self._models[spec.name] = model

@@ -15,7 +15,9 @@ from common.proto.neuron.v1 import neuron_pb2 as npb
 # unset field still means "the model's generation_config.json value".
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 _SHARD_FIELDS = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error",
-                 "path", "architecture", "max_context", "vocab_size")
+                 "path", "architecture", "max_context", "vocab_size",
+                 "kv_block_size", "kv_blocks_total", "kv_tokens", "max_seqs", "running", "waiting", "kv_blocks_used",
+                 "prefix_cache_queries", "prefix_cache_hits")
 _PROGRESS_FIELDS = ("stage", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "gb_per_s")
 
 

@@ -148,6 +148,11 @@ def test_models_lists_placement_state_and_context(client, ready):
     assert info.state == cpb.MODEL_STATE_READY and info.path == "llama2" and info.dtype == "float32"
     assert info.architecture == "LlamaForCausalLM" and info.max_context == 256
     assert [(p.rank, p.handle) for p in info.placement] == [(0, ready.placement[0].handle)]
+    # KV capacity in blocks and tokens, as the neuron's engine sized it (ListNodes shows the same per shard)
+    assert info.kv_blocks > 0 and info.kv_block_size > 0 and info.kv_tokens == info.kv_blocks * info.kv_block_size
+    assert info.kv_tokens >= info.max_context and info.max_seqs >= 1
+    (shard,) = [s for n in client.nodes() for d in n.devices for s in d.shards if s.handle == info.placement[0].handle]
+    assert (shard.kv_tokens, shard.kv_blocks_total, shard.max_seqs) == (info.kv_tokens, info.kv_blocks, info.max_seqs)
 
 
 def test_concurrent_loads_of_one_name_are_one_load(client, fleet):

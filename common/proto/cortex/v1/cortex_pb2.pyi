@@ -39,7 +39,7 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 
 class ShardSummary(_message.Message):
-    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error", "path", "architecture", "max_context", "vocab_size")
+    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error", "path", "architecture", "max_context", "vocab_size", "kv_block_size", "kv_blocks_total", "kv_tokens", "max_seqs", "running", "waiting", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,15 @@ class ShardSummary(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     handle: int
     model: str
     dtype: str
@@ -66,7 +75,16 @@ class ShardSummary(_message.Message):
     architecture: str
     max_context: int
     vocab_size: int
-    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_tokens: int
+    max_seqs: int
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., max_seqs: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy", "error")
@@ -151,7 +169,7 @@ class Placement(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., device: _Optional[str] = ..., handle: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "path", "dtype", "architecture", "state", "reason", "max_context", "tp", "placement", "weight_bytes", "kv_bytes", "vocab_size", "estimate")
+    __slots__ = ("name", "path", "dtype", "architecture", "state", "reason", "max_context", "tp", "placement", "weight_bytes", "kv_bytes", "vocab_size", "estimate", "kv_tokens", "kv_blocks", "kv_block_size", "max_seqs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +183,10 @@ class ModelInfo(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     dtype: str
@@ -178,7 +200,11 @@ class ModelInfo(_message.Message):
     kv_bytes: int
     vocab_size: int
     estimate: str
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., dtype: _Optional[str] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., max_context: _Optional[int] = ..., tp: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., estimate: _Optional[str] = ...) -> None: ...
+    kv_tokens: int
+    kv_blocks: int
+    kv_block_size: int
+    max_seqs: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., dtype: _Optional[str] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., max_context: _Optional[int] = ..., tp: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., vocab_size: _Optional[int] = ..., estimate: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_seqs: _Optional[int] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "gb_per_s")
