@@ -56,6 +56,10 @@ SETTINGS = [
     Setting("prefix_caching", DEFAULT_ENGINE.prefix_caching,
             "keep full KV blocks by content so a repeated prompt prefix is not recomputed; "
             "--no-prefix-caching (or NEURON_PREFIX_CACHING=0) turns it off", type=bool),
+    Setting("cuda_graphs", DEFAULT_ENGINE.cuda_graphs,
+            "on GPUs, capture decode turns as CUDA graphs per batch-size bucket at load (single-device shards); "
+            "experimental: CuPy refuses cuBLAS inside a capture today, so the load logs it and runs eagerly",
+            type=bool),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
@@ -111,7 +115,8 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
     budget = int(settings["cpu_memory_gb"] * 1e9) or system_memory_bytes() // cpu_count
     engine = EngineSettings(kv_memory_fraction=settings["kv_memory_fraction"], block_size=settings["block_size"],
                             max_batched_tokens=settings["max_batched_tokens"], max_seqs=settings["max_seqs"],
-                            max_waiting=settings["max_waiting"], prefix_caching=settings["prefix_caching"])
+                            max_waiting=settings["max_waiting"], prefix_caching=settings["prefix_caching"],
+                            cuda_graphs=settings["cuda_graphs"])
     try:
         engine.check()
     except ValueError as err:

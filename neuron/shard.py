@@ -247,10 +247,30 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
         def bound():  # NCCL is asynchronous: the turn's collectives are waited for under the step deadline
             comm.wait(comm.step_timeout)
     runner = ModelRunner(model, kv, config.vocab_size, bound=bound)
+    runner.graphs = _capture_decode_graphs(backend, model, kv, layout, max_seqs, settings, progress)
     scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
                           settings.max_batched_tokens, max_seqs, settings.max_waiting)
     return Shard(handle, req, config, dtype, layout, model, kv, ShardEngine(scheduler, runner, layout.size > 1), max_seqs, tokenizer,
                  generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm)
+
+
+def _capture_decode_graphs(backend, model, kv: PagedKvCache, layout, max_seqs: int, settings: EngineSettings,
+                           progress):
+    """CUDA graphs of decode turns per batch-size bucket, or None: not asked for, not a GPU, a TP rank
+    (a rank's warm-up would run collectives the others do not run at that moment), no paged decode
+    kernel, or a capture that failed (then decode turns run eagerly)."""
+    from .runner.cuda_graphs import DecodeGraphs
+
+    if backend.kind != "cuda" or not settings.cuda_graphs or layout.size > 1 or model.decode_attention is None:
+        return None
+    progress(LoadProgress("cuda-graphs", 0, 0, 0, 0, 0.0))
+    graphs = DecodeGraphs(model, kv, max_seqs, capture=True)
+    try:
+        graphs.prepare()
+    except Exception as err:  # noqa: BLE001 - graphs are an optimisation: decode still runs eagerly
+        log.warning("decode graph capture failed; decode turns run eagerly", error=f"{type(err).__name__}: {err}")
+        return None
+    return graphs
 
 
 def _is_out_of_memory(err: Exception) -> bool:

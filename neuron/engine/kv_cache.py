@@ -49,10 +49,13 @@ def size_pool(room_bytes: int, fraction: float, block_bytes: int, block_size: in
 class PagedKvCache:
     def __init__(self, xp, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype, max_context: int):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # One block beyond the pool: the scratch block that padded rows of a captured decode graph
+        # write into and read from. The block manager is given num_blocks and never hands it out.
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.values = [xp.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
         self.block_size = block_size
         self.max_context = max_context
 

@@ -16,6 +16,7 @@ from neuron.engine.plan import RunnerOutput, SchedulerOutput
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, build_batch
+from .cuda_graphs import DecodeGraphs
 from .sampler import RowSampler, SampleRow, sample_rows
 
 
@@ -33,6 +34,7 @@ class ModelRunner:
         self.model, self.kv, self.vocab_size = model, kv, vocab_size
         self.xp = model.xp
         self.announce, self.bound = announce, bound
+        self.graphs: DecodeGraphs | None = None   # decode turns that fit a captured bucket replay its graph
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         if plan.is_empty:
@@ -59,6 +61,11 @@ class ModelRunner:
         self._run(inputs)
 
     def _run(self, inputs: BatchInputs):
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            logits = self.graphs.run(inputs)
+            if self.bound is not None:
+                self.bound()
+            return logits if len(inputs.logits_rows) else None  # a follower samples nothing
         xp = self.xp
         decode = None
         if self.model.decode_attention is not None:

@@ -1,0 +1,156 @@
+"""The serving engine of one shard on one GPU, in process (no gRPC): batched decode throughput and a
+profile of a decode turn, beside the weight + KV read limit and the matmul limit measured in the
+same run; and the fixtures' bf16 greedy tokens batched against alone.
+
+    python bench/engine_bench.py [--models 1b,8b] [--concurrency 1,64,256] [--out DIR]
+
+Requests are fed to the shard's ShardEngine as the device thread would (Scheduler -> ModelRunner ->
+update), `--prompt` random tokens each, `--tokens` output tokens, ignoring EOS. Output tok/s counts
+every generated token over the wall time from the first turn to the last. Decode turns run eagerly
+unless `--graphs` asks for CUDA-graph capture (refused by CuPy's cuBLAS bindings today: the load
+then logs it and runs eagerly). Writes engine_bench-<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ROOT, commit, copy_bandwidth, gpu_name, time_ms
+from bench.make_checkpoint import SHAPES, write_checkpoint
+from neuron.device import CudaBackend, DeviceSpec
+from neuron.engine.core import Caller
+from neuron.engine.request import Request
+from neuron.engine.settings import EngineSettings
+from neuron.sampling import SamplingConfig
+from neuron.shard import LoadRequest, load_shard
+
+MODELS = {"1b": "llama-3.2-1b", "8b": "llama-3-8b"}
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def matmul_rate(cp) -> float:
+    a = cp.ones((8192, 8192), dtype=cp.float16)
+    ms = time_ms(cp, lambda: a @ a, reps=10)
+    return 2 * 8192 ** 3 / ms / 1e9  # TFLOP/s
+
+
+def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_context: int = 2048):
+    settings = EngineSettings(max_seqs=max_seqs, cuda_graphs=graphs, kv_memory_fraction=0.5)
+    req = LoadRequest(directory=directory, model=name, dtype="bfloat16", max_context=max_context, max_seqs=max_seqs)
+    return load_shard(backend, req, 1, lambda p: None, threading.Event(), settings=settings)
+
+
+def run_requests(shard, prompts: list[list[int]], tokens: int, turn_times: list | None = None) -> tuple[list, float]:
+    requests = []
+    for i, prompt in enumerate(prompts):
+        r = Request(f"r{i}", prompt, SamplingConfig(max_tokens=tokens, ignore_eos=True), shard.kv.max_context)
+        outputs = []
+        shard.engine.add(r, Caller(emit=outputs.append))
+        requests.append(r)
+    started = time.perf_counter()
+    while shard.engine.has_work():
+        t0 = time.perf_counter()
+        decode = all(len(r.output_ids) > 0 for r in requests if not r.is_finished)
+        shard.engine.step()
+        if turn_times is not None and decode:
+            turn_times.append(time.perf_counter() - t0)
+    return requests, time.perf_counter() - started
+
+
+def weight_bytes(shard) -> int:
+    return shard.weight_bytes
+
+
+def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args, bandwidth: float,
+                    tflops: float) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(tmp, SHAPES[shape])
+        for graphs in [args.graphs]:
+            shard = load(backend, Path(tmp), name, graphs, max(concurrency))
+            report = shard.engine.runner.graphs.report if shard.engine.runner.graphs else None
+            rng = np.random.default_rng(0)
+            for n in concurrency:
+                prompts = [rng.integers(10, 1000, args.prompt).tolist() for _ in range(n)]
+                run_requests(shard, prompts[:1], 4)  # warm-up
+                turns: list = []
+                requests, seconds = run_requests(shard, prompts, args.tokens, turns)
+                generated = sum(len(r.output_ids) for r in requests)
+                kv_bytes = n * (args.prompt + args.tokens / 2) * shard.kv.nbytes / max(shard.kv.tokens, 1)
+                step_limit = max((weight_bytes(shard) + kv_bytes) / (bandwidth * 1e9),
+                                 2 * shard.num_parameters * n / (tflops * 1e12))
+                turn_ms = 1e3 * statistics.median(turns) if turns else None
+                row = {"model": name, "concurrency": n, "graphs": graphs, "output_tok_s": generated / seconds,
+                       "decode_turn_ms_p50": turn_ms, "roofline_tok_s": n / step_limit,
+                       "graph_sizes": sorted(report.sizes) if report else [],
+                       "graph_capture_s": report.seconds if report else None}
+                rows.append(row)
+                print(f"{name:>3} n={n:>3} graphs={graphs!s:>5}  {row['output_tok_s']:>9.1f} tok/s   "
+                      f"decode turn p50 {turn_ms or 0:>7.2f} ms   roofline {row['roofline_tok_s']:>9.1f} tok/s", flush=True)
+            shard.engine.fail_all(RuntimeError("bench done"))
+            del shard
+            backend.release_cached()
+    return rows
+
+
+def fixture_parity(backend) -> list[dict]:
+    """bf16 greedy tokens of each fixture's batch prompts: all at once (arriving together) against
+    each alone. Both run the same engine; transformers' fp32 tokens are printed beside them."""
+    rows = []
+    for name in ("llama2", "llama3", "mistral", "qwen2", "qwen3"):
+        ref = np.load(FIXTURES / "reference" / f"{name}_batch.npz")
+        lengths, flat = ref["prompt_lengths"].tolist(), ref["prompt_ids"].tolist()
+        prompts, start = [], 0
+        for n in lengths:
+            prompts.append(flat[start:start + n])
+            start += n
+        shard = load(backend, FIXTURES / "models" / name, name, True, 16, max_context=256)
+        batched, _ = run_requests(shard, prompts, 32)
+        alone = [run_requests(shard, [p], 32)[0][0] for p in prompts]
+        same = sum(a.output_ids == b.output_ids for a, b in zip(batched, alone))
+        vs_ref = sum(b.output_ids == list(map(int, g)) for b, g in zip(batched, ref["greedy_ids"]))
+        rows.append({"fixture": name, "prompts": len(prompts), "batched_equal_alone": same, "equal_fp32_reference": vs_ref})
+        print(f"fixture {name:>8}: bf16 batched == alone for {same}/{len(prompts)} prompts; "
+              f"== transformers fp32 for {vs_ref}/{len(prompts)}", flush=True)
+        shard.engine.fail_all(RuntimeError("bench done"))
+        del shard
+        backend.release_cached()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1b,8b")
+    parser.add_argument("--concurrency", default="1,64,256")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--graphs", action="store_true", help="ask for CUDA graphs of decode turns")
+    parser.add_argument("--skip-fixtures", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    backend = CudaBackend(DeviceSpec("0", "cuda", 0))
+    cp = backend.xp
+    bandwidth, tflops = copy_bandwidth(cp), matmul_rate(cp)
+    print(f"GPU: {gpu_name()}   copy {bandwidth:.0f} GB/s   fp16 matmul {tflops:.0f} TFLOP/s", flush=True)
+    result = {"commit": commit(), "gpu": gpu_name(), "copy_gb_s": bandwidth, "matmul_tflops": tflops,
+              "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
+    if not args.skip_fixtures:
+        result["fixtures"] = fixture_parity(backend)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    for model in args.models.split(","):
+        result["rows"] += throughput_rows(backend, model, MODELS[model], concurrency, args, bandwidth, tflops)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"engine_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

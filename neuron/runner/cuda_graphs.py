@@ -1,0 +1,170 @@
+"""Decode turns replayed from CUDA graphs, one per batch-size bucket.
+
+A decode-only turn (one new token per request) of n requests runs the graph of the smallest bucket
+B >= n. The graph was captured at load over static device buffers of B rows (token ids, positions,
+slot mapping, block tables, context lengths); a turn copies its rows into them and pads the rest
+with a harmless row: token 0 at position 0, writing its KV into the cache's scratch block (which
+the block manager never hands out) and attending over that block alone. Python then launches one
+graph per turn instead of a few hundred kernels.
+
+Intermediate arrays of every capture come from one private memory pool that only graphs use, so
+no eager allocation can take memory a graph writes on replay; the graphs never run at the same
+time, so they share that pool (as vLLM's graphs share theirs).
+
+On a CPU device (tests) the same buffers, padding and kernel path run eagerly: `capture=False`.
+
+Off by default (`--cuda-graphs`): on CuPy every capture is refused today, because CuPy's cuBLAS
+bindings raise "calling cuBLAS API during stream capture is currently unsupported" (bench/NOTES.md);
+a load that asks for graphs logs that and runs its decode turns eagerly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from neuron.layers.attention import AttentionMetadata, DecodeBatch
+
+from .batch import BatchInputs
+
+log = structlog.get_logger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def is_decode_only(inputs: BatchInputs) -> bool:
+    """Every request runs exactly one token and all (or, on a follower, none) of them sample."""
+    n = len(inputs.context_lens)
+    return n > 0 and inputs.num_tokens == n and len(inputs.logits_rows) in (0, n)
+
+
+@dataclass
+class _Bucket:
+    size: int
+    token_ids: object
+    positions: object
+    slot_mapping: object
+    block_tables: object
+    context_lens: object
+    rows: object
+    logits: object = None
+    graph: object = None
+
+
+@dataclass
+class CaptureReport:
+    sizes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    pool_bytes: int = 0
+    skipped: str = ""
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv, max_seqs: int, capture: bool):
+        """`model.decode_attention` must be set: graph rows attend through the paged decode kernel."""
+        self.model, self.kv, self.capture_graphs = model, kv, capture
+        self.xp = model.xp
+        self.max_blocks = -(-kv.max_context // kv.block_size)
+        wanted = [b for b in BATCH_BUCKETS if b < max_seqs] + [min(max_seqs, BATCH_BUCKETS[-1])]
+        self.sizes = sorted(set(wanted))
+        self.buckets: dict[int, _Bucket] = {}
+        self.pool = None
+        self.report = CaptureReport()
+
+    # -- load time
+
+    def prepare(self, budget_seconds: float = 60.0, budget_bytes: int = 2 << 30) -> CaptureReport:
+        """Build every bucket's buffers and capture its graph, largest first (smaller ones reuse the
+        pool's memory), until the time or memory budget is spent; the rest run eagerly."""
+        started = time.perf_counter()
+        if self.capture_graphs:
+            self.pool = self.xp.cuda.MemoryPool()
+        for size in sorted(self.sizes, reverse=True):
+            if time.perf_counter() - started > budget_seconds:
+                self.report.skipped = f"time budget of {budget_seconds:g} s spent"
+                break
+            if self.pool is not None and self.pool.total_bytes() > budget_bytes:
+                self.report.skipped = f"memory budget of {budget_bytes >> 20} MiB spent"
+                break
+            self.buckets[size] = self._build(size)
+            self.report.sizes.append(size)
+        self.report.seconds = time.perf_counter() - started
+        self.report.pool_bytes = int(self.pool.total_bytes()) if self.pool is not None else 0
+        log.info("decode graphs ready", captured=self.capture_graphs, sizes=sorted(self.report.sizes),
+                 seconds=round(self.report.seconds, 2), pool_mib=self.report.pool_bytes >> 20,
+                 skipped=self.report.skipped or None)
+        return self.report
+
+    def _build(self, size: int) -> _Bucket:
+        xp, kv = self.xp, self.kv
+        pad = kv.scratch_block
+        with self._allocating():
+            bucket = _Bucket(size,
+                             token_ids=xp.zeros(size, dtype=xp.int32),
+                             positions=xp.zeros(size, dtype=xp.int32),
+                             slot_mapping=xp.full(size, pad * kv.block_size, dtype=xp.int64),
+                             block_tables=xp.full((size, self.max_blocks), pad, dtype=xp.int32),
+                             context_lens=xp.ones(size, dtype=xp.int32),
+                             rows=xp.arange(size, dtype=xp.int64))
+            if self.capture_graphs:
+                self._forward(bucket)  # warm-up: compiles kernels, sets up cuBLAS, outside the capture
+                stream = xp.cuda.get_current_stream()
+                stream.synchronize()
+                stream.begin_capture()
+                try:
+                    bucket.logits = self._forward(bucket)
+                finally:
+                    bucket.graph = stream.end_capture()
+                bucket.graph.upload(stream)
+                stream.synchronize()
+        return bucket
+
+    def _allocating(self):
+        if self.pool is None:
+            import contextlib
+            return contextlib.nullcontext()
+        return self.xp.cuda.using_allocator(self.pool.malloc)
+
+    def _forward(self, bucket: _Bucket):
+        every = np.arange(bucket.size)
+        decode = DecodeBatch(every, every[:0], bucket.rows, bucket.block_tables, bucket.context_lens)
+        meta = AttentionMetadata(slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
+                                 query_start=np.arange(bucket.size + 1, dtype=np.int32),
+                                 context_lens=np.ones(bucket.size, dtype=np.int32),
+                                 block_size=self.kv.block_size, decode=decode)
+        return self.model.forward_batch(bucket.token_ids, bucket.positions, meta, self.kv, bucket.rows)
+
+    # -- every turn
+
+    def can_run(self, inputs: BatchInputs) -> bool:
+        return (bool(self.buckets) and is_decode_only(inputs) and len(inputs.context_lens) <= max(self.buckets)
+                and inputs.block_tables.shape[1] <= self.max_blocks)
+
+    def run(self, inputs: BatchInputs):
+        """Logits [n, vocab] (device, float32) of a decode-only turn of n requests."""
+        n = len(inputs.context_lens)
+        bucket = self.buckets[min(b for b in self.buckets if b >= n)]
+        pad = self.kv.scratch_block
+        tables = np.full((bucket.size, self.max_blocks), pad, dtype=np.int32)
+        tables[:n, :inputs.block_tables.shape[1]] = inputs.block_tables
+        self._upload(bucket.token_ids, inputs.token_ids, 0)
+        self._upload(bucket.positions, inputs.positions, 0)
+        self._upload(bucket.slot_mapping, inputs.slot_mapping, pad * self.kv.block_size)
+        self._upload(bucket.context_lens, inputs.context_lens, 1)
+        bucket.block_tables.set(tables) if self.xp is not np else np.copyto(bucket.block_tables, tables)
+        if bucket.graph is not None:
+            bucket.graph.launch(self.xp.cuda.get_current_stream())
+            logits = bucket.logits
+        else:
+            logits = self._forward(bucket)
+        return logits[:n]
+
+    def _upload(self, target, values: np.ndarray, fill) -> None:
+        host = np.full(target.shape, fill, dtype=target.dtype)
+        host[:len(values)] = values
+        if self.xp is np:
+            np.copyto(target, host)
+        else:
+            target.set(host)

@@ -1,0 +1,57 @@
+"""The GPU decode path's bookkeeping, run eagerly on CPU: decode turns padded into batch-size buckets
+(scratch-block rows) and attended by the paged kernel's NumPy twin give every request the greedy
+tokens transformers gives it alone, and leave the requests' blocks as the plain path would."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neuron.runner.cuda_graphs import DecodeGraphs, is_decode_only
+from neuron.runner.model_runner import ModelRunner
+from tests.helpers import REFERENCE
+from tests.unit.test_runner import HandScheduler, build, request, run_to
+
+
+class CountingGraphs(DecodeGraphs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.turns = []
+
+    def run(self, inputs):
+        self.turns.append(len(inputs.context_lens))
+        return super().run(inputs)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_bucketed_decode_turns_give_the_reference_tokens(name):
+    ref = np.load(REFERENCE / f"{name}.npz")
+    model, kv, config = build(name, decode="numpy")
+    runner = ModelRunner(model, kv, config.vocab_size)
+    graphs = CountingGraphs(model, kv, max_seqs=8, capture=False)
+    graphs.prepare()
+    assert sorted(graphs.buckets) == [1, 2, 4, 8]
+    runner.graphs = graphs
+    prompt = ref["prompt_ids"].tolist()
+    # three requests (five rows pad to the bucket of 8 once the late ones join), prefilled in chunks
+    first = [request("a", prompt), request("b", prompt[:5])]
+    late = {2: [request("c", prompt)], 9: [request("d", prompt), request("e", prompt)]}
+    done = run_to(runner, HandScheduler(kv, chunk=4), first, 24, late)
+    assert max(graphs.turns) == 5 and min(graphs.turns) < 5  # turns of 5 rows ran in the bucket of 8
+    for r in done:
+        if r.request_id != "b":
+            assert r.output_ids == [int(t) for t in ref["greedy_ids"][:24]], r.request_id
+    # the short prompt's tokens equal the plain path's (no graphs, gather attention)
+    model2, kv2, _ = build(name)
+    plain = run_to(ModelRunner(model2, kv2, config.vocab_size), HandScheduler(kv2, chunk=4), [request("b", prompt[:5])], 24)
+    assert next(r for r in done if r.request_id == "b").output_ids == plain[0].output_ids
+
+
+def test_only_turns_of_single_token_chunks_count_as_decode():
+    from neuron.engine.plan import ScheduledChunk, SchedulerOutput
+    from neuron.runner.batch import build_batch
+    a, b = request("a", [1, 2, 3]), request("b", [4, 5])
+    a.num_computed_tokens, b.num_computed_tokens = 2, 1
+    decode, _ = build_batch(SchedulerOutput([ScheduledChunk(a, [3], 2, [0], True), ScheduledChunk(b, [5], 1, [1], True)]), 4)
+    assert is_decode_only(decode) and is_decode_only(decode.for_follower())
+    mixed, _ = build_batch(SchedulerOutput([ScheduledChunk(a, [2, 3], 1, [0], True)]), 4)
+    assert not is_decode_only(mixed)
