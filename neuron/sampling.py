@@ -173,22 +173,27 @@ class Sampler:
         return self._draw(xp, scores)
 
     def _draw(self, xp, scores) -> int:
-        config = self.config
-        # Temperature first, then the filters in transformers' order: top-k, top-p, min-p.
-        scores = (scores - scores.max()) / config.temperature
-        order = None
-        if self._top_k or config.top_p < 1.0:
-            order = xp.argsort(-scores, kind="stable")  # high to low; ties keep vocab order
-            if self._top_k:
-                order = order[:self._top_k]
-            scores = scores[order]
-        weights = xp.exp(scores)  # unnormalized probabilities; the top token's is exactly 1
-        if config.top_p < 1.0:
-            weights = _top_p(xp, weights, config.top_p)
-        if config.min_p > 0.0:
-            weights = xp.where(weights >= config.min_p, weights, 0.0)
-        index = _inverse_cdf(xp, weights, self._rng.random())
-        return int(order[index] if order is not None else index)
+        return int(draw(xp, scores, self.config, self._top_k, self._rng.random()))
+
+
+def draw(xp, scores, config: SamplingConfig, top_k: int, uniform: float):
+    """The index drawn from float32 scores with the request's next `uniform`: temperature first, then
+    the filters in transformers' order (top-k, top-p, min-p), then an inverse-CDF draw. A device
+    scalar on CuPy. `top_k` 0: no top-k (also when it would keep the whole vocabulary)."""
+    scores = (scores - scores.max()) / config.temperature
+    order = None
+    if top_k or config.top_p < 1.0:
+        order = xp.argsort(-scores, kind="stable")  # high to low; ties keep vocab order
+        if top_k:
+            order = order[:top_k]
+        scores = scores[order]
+    weights = xp.exp(scores)  # unnormalized probabilities; the top token's is exactly 1
+    if config.top_p < 1.0:
+        weights = _top_p(xp, weights, config.top_p)
+    if config.min_p > 0.0:
+        weights = xp.where(weights >= config.min_p, weights, 0.0)
+    index = _inverse_cdf(xp, weights, uniform)
+    return order[index] if order is not None else index
 
 
 def _penalize_repetition(xp, scores, history_token_ids: Sequence[int], penalty: float) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neuron.sampling import SamplingConfig, _inverse_cdf, _penalize_repetition, _top_p
+from neuron.sampling import SamplingConfig, _penalize_repetition, draw
 
 
 @dataclass
@@ -60,20 +60,5 @@ def sample_rows(xp, logits, rows: list[SampleRow]) -> list[int]:
 
 
 def _draw(xp, scores, sampler: RowSampler):
-    """A device scalar: temperature, then transformers' filter order top-k, top-p, min-p, then an
-    inverse-CDF draw with the request's next uniform."""
-    config = sampler.config
-    scores = (scores - scores.max()) / config.temperature
-    order = None
-    if sampler.top_k or config.top_p < 1.0:
-        order = xp.argsort(-scores, kind="stable")  # high to low; ties keep vocab order
-        if sampler.top_k:
-            order = order[:sampler.top_k]
-        scores = scores[order]
-    weights = xp.exp(scores)  # unnormalized; the top token's weight is exactly 1
-    if config.top_p < 1.0:
-        weights = _top_p(xp, weights, config.top_p)
-    if config.min_p > 0.0:
-        weights = xp.where(weights >= config.min_p, weights, 0.0)
-    index = _inverse_cdf(xp, weights, sampler.rng.random())
-    return order[index] if order is not None else index
+    """A device scalar: the request's next token from its row of scores and its next uniform."""
+    return draw(xp, scores, sampler.config, sampler.top_k, sampler.rng.random())
