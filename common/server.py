@@ -65,8 +65,8 @@ class _DrainInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(DRAIN_EXEMPT_PREFIXES):
             return handler
         if self.draining and method not in self.allow:
-            return _rewrap(handler, self._refuse)
-        return _rewrap(handler, self._track)
+            return rewrap(handler, self._refuse)
+        return rewrap(handler, self._track)
 
     def _refuse(self, behavior):
         message = self.message
@@ -101,7 +101,7 @@ class _DrainInterceptor(grpc.aio.ServerInterceptor):
         return behavior  # a sync handler (not used with grpc.aio servicers): left alone
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
+def rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
     kinds = {
         (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
         (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -120,10 +120,13 @@ class ServingServer:
     with UNAVAILABLE (health, reflection and the `allow_while_draining` methods excepted) and waits,
     up to a bound, for the calls in flight to finish."""
 
-    def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = ()):
+    def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = (),
+                 credentials: grpc.ServerCredentials | None = None, interceptors: tuple = ()):
+        """credentials: TLS (None: plaintext); interceptors run before the drain's (auth first)."""
         self.listen = listen
+        self.credentials = credentials
         self._drain = _DrainInterceptor(tuple(allow_while_draining))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._drain])
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, self._drain])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -137,7 +140,10 @@ class ServingServer:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         try:
-            self.port = self.server.add_insecure_port(self.listen)
+            if self.credentials is None:
+                self.port = self.server.add_insecure_port(self.listen)
+            else:
+                self.port = self.server.add_secure_port(self.listen, self.credentials)
         except RuntimeError:  # grpc >= 1.84 raises where older versions returned 0
             self.port = 0
         if self.port == 0:

@@ -20,6 +20,7 @@ import structlog
 from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
 from common.errors import ServiceError
 from common.logs import configure_logging
+from common.security.settings import API_KEYS_SETTING, ServerSecurity, cluster_settings
 from common.server import ServingServer
 
 log = structlog.get_logger("cortex")
@@ -36,6 +37,8 @@ SETTINGS = [
             "a registered neuron without a heartbeat for this long is down (it is asked to send one "
             "every third of it)", type=float),
     Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
+    API_KEYS_SETTING,
+    *cluster_settings(require_client_cert_default=False),  # clients without a certificate use API keys
     *SERVER_SETTINGS,
 ]
 
@@ -77,6 +80,15 @@ def _add_client_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                         help="machine-readable output: JSON (one object per line for streams)")
     parser.add_argument("--timeout", type=float, default=default(None),
                         help="deadline of the call in seconds (default: none)")
+    # dest client_*: `cortex serve` has server settings of the same flag names.
+    parser.add_argument("--api-key", dest="client_api_key", default=default(os.environ.get("CORTEX_API_KEY", "")),
+                        help="API key sent as `authorization: Bearer KEY` (env CORTEX_API_KEY)")
+    for name, what in (("ca", "CA bundle (PEM) that verifies the server; turns TLS on"),
+                       ("cert", "client certificate (PEM) to present, with --tls-key"),
+                       ("key", "private key (PEM) of --tls-cert")):
+        env = f"CORTEX_TLS_{name.upper()}"
+        parser.add_argument(f"--tls-{name}", dest=f"client_tls_{name}", default=default(os.environ.get(env, "")),
+                            help=f"{what} (env {env})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,11 +112,13 @@ async def serve_forever(settings: dict) -> int:
     from .models import ModelTable
     from .placement import Placer
     from .registry import Registry
-    from .server import CortexService, FleetService
+    from .server import ACCESS, CortexService, FleetService
     from common.proto.cortex.v1 import cortex_pb2_grpc
 
+    security = ServerSecurity.from_settings(settings, "cortex")
     try:
-        registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"])
+        registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"],
+                            channels=security.peer_channels())
     except ServiceError as err:  # a malformed --neuron address
         raise SystemExit(f"cortex: {err.message}") from None
     models = ModelTable(registry, Placer(), settings["group_timeout_seconds"])
@@ -112,7 +126,8 @@ async def serve_forever(settings: dict) -> int:
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
-        "/cortex.v1.Fleet/Heartbeat"))
+        "/cortex.v1.Fleet/Heartbeat"), credentials=security.server_credentials(),
+        interceptors=(security.interceptor(ACCESS),))
     server.add(cortex_pb2_grpc.add_CortexServicer_to_server, CortexService(registry, models), "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()
@@ -125,6 +140,7 @@ async def serve_forever(settings: dict) -> int:
         Path(settings["port_file"]).write_text(str(port))
     log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],
              poll_seconds=settings["poll_seconds"], heartbeat_timeout_seconds=settings["heartbeat_timeout_seconds"])
+    security.warn_if_open("cortex", takes_api_keys=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

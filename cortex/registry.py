@@ -21,12 +21,14 @@ import structlog
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.proto.neuron.v1 import neuron_pb2_grpc
-from common.errors import InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, aio_channel
 from common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
 
 MISSED_POLLS_DOWN = 3
+VERIFY_SECONDS = 5.0  # a registering neuron must answer Describe within this
 
 # A restarted neuron should be found within a poll or two, not after gRPC's default reconnect
 # backoff (which grows to two minutes while the node is away).
@@ -82,7 +84,9 @@ class Node:
 
 
 class Registry:
-    def __init__(self, static: list[str] = (), poll_seconds: float = 2.0, heartbeat_timeout: float = 6.0):
+    def __init__(self, static: list[str] = (), poll_seconds: float = 2.0, heartbeat_timeout: float = 6.0,
+                 channels: ChannelSecurity = PLAINTEXT):
+        self.channels = channels  # TLS and the cluster token on every call to a neuron
         self.poll_seconds = poll_seconds
         self.poll_timeout = min(poll_seconds, 1.0)  # Describe answers from cached figures: it is fast
         self.heartbeat_timeout = heartbeat_timeout
@@ -123,7 +127,12 @@ class Registry:
 
     async def register(self, address: str, host: str, version: str) -> Node:
         address = check_address(address)
-        node = self._nodes.get(address) or self._add(address, "registered")
+        node = self._nodes.get(address)
+        if node is None:
+            verified = await self._verified(address)
+            node = self._nodes.setdefault(address, verified)  # a concurrent Register may have won
+            if node is not verified:
+                await verified.channel.close()
         node.host, node.version = host or node.host, version or node.version
         node.last_heartbeat = time.monotonic()
         log.info("neuron registered", node=address, host=host, version=version, source=node.source)
@@ -222,8 +231,28 @@ class Registry:
 
     # ------------------------------------------------------------ internals
 
+    def _connect(self, address: str, source: str) -> Node:
+        channel = aio_channel(address, self.channels, options=NEURON_CHANNEL_OPTIONS)
+        return Node(address, source, channel, neuron_pb2_grpc.NeuronStub(channel))
+
     def _add(self, address: str, source: str) -> Node:
-        channel = grpc.aio.insecure_channel(address, options=NEURON_CHANNEL_OPTIONS)
-        node = Node(address, source, channel, neuron_pb2_grpc.NeuronStub(channel))
-        self._nodes[address] = node
+        node = self._nodes[address] = self._connect(address, source)
+        return node
+
+    async def _verified(self, address: str) -> Node:
+        """A node for a new registration, once the address has answered Describe as that neuron
+        (over TLS and with the cluster token when configured). Nothing is kept for one that fails,
+        so made-up registrations cost cortex nothing after the call."""
+        node = self._connect(address, "registered")
+        try:
+            reply = await node.stub.Describe(npb.DescribeRequest(), timeout=VERIFY_SECONDS, wait_for_ready=True)
+        except grpc.aio.AioRpcError as err:
+            await node.channel.close()
+            raise FailedPrecondition(f"cannot verify the neuron at {address}: its Describe failed with "
+                                     f"{err.code().name} ({err.details()}); --advertise must be an address cortex "
+                                     "reaches, serving with this fleet's cluster token and TLS settings") from None
+        if reply.address != address:
+            await node.channel.close()
+            raise FailedPrecondition(f"cannot verify the neuron at {address}: the server there says it is "
+                                     f"{reply.address or 'no neuron'!r}; register with the neuron's --advertise address")
         return node

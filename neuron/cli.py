@@ -12,11 +12,13 @@ import structlog
 
 from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
 from common.logs import configure_logging
+from common.security.settings import ServerSecurity, cluster_settings
 from common.server import ServingServer
 
+from .comm_tcp import Rendezvous
 from .device import parse_devices, system_memory_bytes
 from .registration import keep_registered
-from .server import NeuronService
+from .server import ACCESS, NeuronService
 from common.proto.neuron.v1 import neuron_pb2_grpc
 from .worker import DeviceWorker
 
@@ -33,6 +35,7 @@ SETTINGS = [
     Setting("advertise", "", "address cortex should use to reach this neuron; default: the listen host if specific, else HOSTNAME, with the bound port"),
     Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
+    *cluster_settings(require_client_cert_default=True),  # with --tls-ca: only cortex and peer neurons get in
     *SERVER_SETTINGS,
 ]
 
@@ -73,20 +76,33 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
     return workers
 
 
+def _specific_host(listen: str) -> str:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return "" if host in ("", "0.0.0.0", "::", "*") else host
+
+
 def default_advertise(listen: str, port: int) -> str:
     """The listen host when it is a specific address, else this host's name."""
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host in ("", "0.0.0.0", "::", "*"):
-        host = socket.gethostname()
-    return f"{host}:{port}"
+    return f"{_specific_host(listen) or socket.gethostname()}:{port}"
+
+
+def rendezvous(security: ServerSecurity) -> Rendezvous:
+    """The CPU collectives' trust: the cluster token, and TLS with the same files as gRPC."""
+    tls = security.tls
+    return Rendezvous(security.cluster_token,
+                      tls.ssl_server_context(security.require_client_cert) if tls.serves_tls else None,
+                      tls.ssl_client_context() if tls.dials_tls else None)
 
 
 async def serve_forever(settings: dict) -> int:
+    security = ServerSecurity.from_settings(settings, "neuron")
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
     # Describe stays answerable while draining, so cortex and operators can still see the node.
-    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",))
-    service = NeuronService(workers, roots)
+    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
+                           credentials=security.server_credentials(), interceptors=(security.interceptor(ACCESS),))
+    service = NeuronService(workers, roots, peer_channels=security.peer_channels(), rendezvous=rendezvous(security))
+    service.group_bind_host = _specific_host(settings["listen"])
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)
@@ -94,6 +110,7 @@ async def serve_forever(settings: dict) -> int:
         Path(settings["port_file"]).write_text(str(port))
     log.info("neuron serving", listen=settings["listen"], port=port, devices=[w.spec.id for w in workers],
              model_roots=[str(r) for r in roots], advertise=service.advertise)
+    security.warn_if_open("neuron", takes_api_keys=False)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,7 +119,8 @@ async def serve_forever(settings: dict) -> int:
     registration = None
     if settings["cortex"]:
         registration = asyncio.create_task(
-            keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"]))
+            keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"],
+                            security.peer_channels()))
     await stop.wait()
     return await shut_down(server, workers, registration, settings["drain_seconds"])
 

@@ -14,7 +14,7 @@ from typing import Callable
 import grpc
 import structlog
 
-from common.server import CHANNEL_OPTIONS
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, aio_channel
 
 from .collectives import Communicator
 from common.proto.neuron.v1 import neuron_pb2 as pb
@@ -52,12 +52,12 @@ class Followers:
     """The leader's view of the other ranks. `step` is called on the leader's device thread."""
 
     def __init__(self, group: Group, table: GroupTable, loop: asyncio.AbstractEventLoop,
-                 submit_local: Callable[[Group, list[int], int, int], None]):
+                 submit_local: Callable[[Group, list[int], int, int], None], channels: ChannelSecurity = PLAINTEXT):
         self.group, self.table, self.loop, self.submit_local = group, table, loop, submit_local
         leader_address = group.members[0].address
         self.local_ranks = [r for r, m in enumerate(group.members) if r and m.address == leader_address]
         remote = sorted({m.address for r, m in enumerate(group.members) if r and m.address != leader_address})
-        self.streams = {address: RemoteFollower(address, group.id, loop) for address in remote}
+        self.streams = {address: RemoteFollower(address, group.id, loop, channels) for address in remote}
         self.step_no = 0
 
     def step(self, token_ids: list[int], start: int, slot: int) -> None:
@@ -87,8 +87,9 @@ class Followers:
 class RemoteFollower:
     """One FollowSteps stream to another neuron; commands are queued from the device thread."""
 
-    def __init__(self, address: str, group_id: str, loop: asyncio.AbstractEventLoop):
-        self.address, self.group_id, self.loop = address, group_id, loop
+    def __init__(self, address: str, group_id: str, loop: asyncio.AbstractEventLoop,
+                 channels: ChannelSecurity = PLAINTEXT):
+        self.address, self.group_id, self.loop, self.channels = address, group_id, loop, channels
         self.error: str | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task = asyncio.run_coroutine_threadsafe(self._pump(), loop)
@@ -105,7 +106,7 @@ class RemoteFollower:
 
     async def _pump(self) -> None:
         try:
-            async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            async with aio_channel(self.address, self.channels) as channel:
                 async for ack in neuron_pb2_grpc.NeuronStub(channel).FollowSteps(self._commands()):
                     if ack.error:
                         self.error = f"follower {self.address}: {ack.error}"

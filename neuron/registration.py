@@ -10,15 +10,16 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.server import CHANNEL_OPTIONS
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, aio_channel
 
 from . import __version__
 
 log = structlog.get_logger(__name__)
 
 
-async def keep_registered(cortex_address: str, advertise: str, stop: asyncio.Event, interval: float = 2.0) -> None:
-    async with grpc.aio.insecure_channel(cortex_address, options=CHANNEL_OPTIONS) as channel:
+async def keep_registered(cortex_address: str, advertise: str, stop: asyncio.Event, interval: float = 2.0,
+                          channels: ChannelSecurity = PLAINTEXT) -> None:
+    async with aio_channel(cortex_address, channels) as channel:
         fleet = cortex_pb2_grpc.FleetStub(channel)
         registered = False
         while not stop.is_set():
