@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import queue
 import secrets
 import socket
 import ssl
@@ -32,6 +33,7 @@ _lock = threading.Lock()
 
 HANDSHAKE_SECONDS = 5.0  # a connecting peer gets this long to prove itself
 HANDSHAKE_BYTES = 256    # the longest handshake message
+ACCEPT_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -119,25 +121,43 @@ class TcpCommunicator(Communicator):
             listener = _listeners.pop(token, None)
         if listener is None:
             raise CollectiveError("rank 0 must join on the neuron that created the group id")
+        # Each connection proves itself on its own thread, so a stranger that connects and stays
+        # silent delays nobody.
+        admitted: queue.Queue = queue.Queue()
         try:
             while len(self._peers) < self.size - 1:
-                listener.settimeout(max(deadline - time.monotonic(), 0.001))
+                while not admitted.empty():
+                    sock, rank = admitted.get()
+                    if rank is None or rank in self._peers:
+                        sock.close()  # a stranger, a wrong key or a duplicate
+                    else:
+                        self._peers[rank] = sock
+                if len(self._peers) == self.size - 1:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(range(1, self.size)) - set(self._peers))
+                    raise CollectiveError(f"rank(s) {missing} did not join before the deadline")
+                listener.settimeout(min(left, ACCEPT_POLL_SECONDS))
                 try:
                     sock, _ = listener.accept()
                 except socket.timeout:
-                    missing = sorted(set(range(1, self.size)) - set(self._peers))
-                    raise CollectiveError(f"rank(s) {missing} did not join before the deadline") from None
-                sock.settimeout(min(HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.001)))
-                try:
-                    sock, rank = self._admit(sock)
-                except (OSError, ValueError, ConnectionError, ssl.SSLError):
-                    rank = None
-                if rank is None:
-                    sock.close()  # a stranger, a wrong key or a duplicate: keep waiting for the real ranks
                     continue
-                self._peers[rank] = sock
+                sock.settimeout(min(HANDSHAKE_SECONDS, max(left, 0.001)))
+                threading.Thread(target=self._admit_into, args=(sock, admitted), daemon=True,
+                                 name="tcp-group-handshake").start()
+        except BaseException:
+            for sock in self._peers.values():
+                sock.close()
+            raise
         finally:
             listener.close()
+
+    def _admit_into(self, sock: socket.socket, admitted: queue.Queue) -> None:
+        try:
+            admitted.put(self._admit(sock))
+        except (OSError, ValueError, ConnectionError):  # ssl.SSLError is an OSError
+            admitted.put((sock, None))
 
     def _admit(self, sock: socket.socket) -> tuple[socket.socket, int | None]:
         """Rank 0's side of the challenge: the peer's rank once it proved the group key, else None."""
@@ -176,7 +196,7 @@ class TcpCommunicator(Communicator):
             except (OSError, ConnectionError, ValueError) as err:
                 sock.close()
                 raise CollectiveError(f"rank 0 at {host}:{port} refused rank {self.rank}: {err}; all ranks need the "
-                                      "same --cluster-token-file") from None
+                                      "same --cluster-token-file and TLS settings") from None
 
     def _prove(self, sock: socket.socket, host: str) -> socket.socket:
         """A rank's side of the challenge: rank 0 proves the key first, then we do."""

@@ -173,3 +173,11 @@ def test_keys_and_tokens_never_reach_the_logs(fleet):
     assert "call refused" in cortex.log() and "call refused" in neuron.log()
     for secret in (secrets.api_key("admin"), secrets.api_key("user"), secrets.token()):
         assert secret not in logs
+
+
+def test_a_server_without_tls_says_once_that_it_is_open(fleet):
+    cortex, neuron, _ = fleet
+    for server in (cortex, neuron):
+        warnings = [line for line in server.log().splitlines() if "is OPEN" in line]
+        assert len(warnings) == 1 and "no --tls-cert" in warnings[0], warnings
+        assert "no --cluster-token-file" not in warnings[0] and "no --api-keys" not in warnings[0]
