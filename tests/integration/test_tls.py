@@ -153,28 +153,48 @@ def grpcurl() -> str:
     return binary
 
 
+def documented_tls_grpcurl(addresses: dict[str, str], secrets) -> list[list[str]]:
+    """docs/operations.md's grpcurl commands for a secured fleet, with its placeholders filled in."""
+    from tests.unit.test_operations_doc import DOC, shell_commands
+    values = {"$(cat secrets/cluster-token)": secrets.token(), "$API_KEY": secrets.api_key("user"), **addresses}
+    commands = []
+    for words in shell_commands(DOC.read_text()):
+        if words[0] != "grpcurl" or "-cacert" not in words:
+            continue
+        filled = []
+        for word in words:
+            for placeholder, value in values.items():
+                word = word.replace(placeholder, value)
+            filled.append(str(secrets.dir / word.removeprefix("secrets/")) if word.startswith("secrets/") else word)
+        commands.append(filled)
+    return commands
+
+
 def test_grpcurl_with_cacert_as_documented(fleet):
     binary = grpcurl()
     cortex, neurons, secrets = fleet
+    commands = documented_tls_grpcurl({"$C": cortex.address, "$N": neurons[0].address}, secrets)
+    methods = {words[-1] for words in commands}
+    assert {"list", "cortex.v1.Cortex/ListModels", "neuron.v1.Neuron/Describe"} <= methods, methods
+
+    def run(words: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([binary, *words[1:]], capture_output=True, text=True, timeout=60)
+
+    for words in commands:
+        result = run(words)
+        assert result.returncode == 0, f"{words}: {result.stderr}"
+        if words[-1] == "list":
+            assert ("cortex.v1.Cortex" if cortex.address in words else "neuron.v1.Neuron") in result.stdout
+        elif words[-1].endswith("/ListModels"):
+            assert {m["name"] for m in json.loads(result.stdout)["models"]} == {"tp1", "tp2"}
+        elif words[-1].endswith("/Describe"):
+            assert json.loads(result.stdout)["address"] == neurons[0].address
+    # And without the credential each of them names, the same commands are refused.
     ca = secrets.path("ca.pem")
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
-
-    listed = run("-cacert", ca, cortex.address, "list")
-    assert listed.returncode == 0 and "cortex.v1.Cortex" in listed.stdout, listed.stderr
-    models = run("-cacert", ca, "-H", f"authorization: Bearer {secrets.api_key('user')}", cortex.address,
-                 "cortex.v1.Cortex/ListModels")
-    assert models.returncode == 0, models.stderr
-    assert {m["name"] for m in json.loads(models.stdout)["models"]} == {"tp1", "tp2"}
-    denied = run("-cacert", ca, cortex.address, "cortex.v1.Cortex/ListModels")
+    denied = run(["grpcurl", "-cacert", ca, cortex.address, "cortex.v1.Cortex/ListModels"])
     assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
-    peer = ["-cacert", ca, "-cert", secrets.path("client.pem"), "-key", secrets.path("client-key.pem")]
-    described = run(*peer, "-H", f"x-cluster-token: {secrets.token()}", neurons[0].address,
-                    "neuron.v1.Neuron/Describe")
-    assert described.returncode == 0 and json.loads(described.stdout)["address"] == neurons[0].address
-    assert run(*peer, neurons[0].address, "list").returncode == 0
-    assert run("-cacert", ca, neurons[0].address, "list").returncode != 0  # no client certificate
+    assert run(["grpcurl", "-cacert", ca, neurons[0].address, "list"]).returncode != 0  # no client certificate
+    assert run(["grpcurl", "-plaintext", cortex.address, "list"]).returncode != 0
 
 
 def test_the_servers_say_security_is_on(fleet):
