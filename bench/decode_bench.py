@@ -309,17 +309,19 @@ def neuron_servers(path: Path, tokens: int, prompt: list[int], vocab: int, devic
         prompt_msg = npb.Prompt(tokens=npb.TokenIds(ids=prompt))
         for label, call, req in (
                 ("neuron", nstub.Generate, npb.GenerateRequest(handle=handle, prompt=prompt_msg, sampling=sampling)),
-                ("cortex", cstub.Generate, cpb.GenerateRequest(model="bench", prompt=prompt_msg, sampling=sampling))):
+                ("cortex", cstub.Generate, cpb.GenerateRequest(
+                    model="bench", prompt=cpb.Prompt(tokens=cpb.TokenIds(ids=prompt)),
+                    sampling=cpb.SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)))):
             stream(call, req)  # warm-up
             runs = [stream(call, req) for _ in range(2)]
             best = max(runs, key=lambda r: r["client_decode_tok_s"] or 0)
             res[f"{label}_decode_tok_s"] = best["client_decode_tok_s"]
             res[f"{label}_server_decode_tok_s"] = best["server_decode_tok_s"]
         rng = np.random.default_rng(3)
-        one = npb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        one = cpb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         for n in ttft_lengths:
             ids = rng.integers(3, vocab, n).tolist()
-            req = cpb.GenerateRequest(model="bench", prompt=npb.Prompt(tokens=npb.TokenIds(ids=ids)), sampling=one)
+            req = cpb.GenerateRequest(model="bench", prompt=cpb.Prompt(tokens=cpb.TokenIds(ids=ids)), sampling=one)
             ttfts = [stream(cstub.Generate, req)["ttft_ms"] for _ in range(4)]
             res[f"cortex_ttft_{n}_ms"] = statistics.median(ttfts[1:])
         cstub.UnloadModel(cpb.UnloadModelRequest(name="bench"), timeout=120)

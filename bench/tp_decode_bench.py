@@ -142,7 +142,7 @@ def through_cortex(path: Path, tokens: int, prompt: list[int], work: Path) -> di
             for tp in (1, 2):
                 name = f"bench-tp{tp}"
                 t = time.perf_counter()
-                info = client.load_wait(str(path), name, dtype="bfloat16", tp=tp, max_context=4096, timeout=600)
+                info = client.load(str(path), name, dtype="bfloat16", tp=tp, max_context=4096, timeout=600)
                 r = res[f"tp{tp}"] = {"load_wall_s": time.perf_counter() - t,
                                       "placement": [(p.rank, p.node, p.device) for p in info.placement]}
 

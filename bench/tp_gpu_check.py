@@ -48,7 +48,7 @@ def check_model(client: CortexClient, path: str, label: str, prompt: list[int]) 
     for tp in (1, 2):
         name = f"{label}-tp{tp}"
         started = time.perf_counter()
-        info = client.load_wait(path, name, dtype=DTYPE, tp=tp, max_context=128)
+        info = client.load(path, name, dtype=DTYPE, tp=tp, max_context=128)
         load_s = time.perf_counter() - started
         logits = client.forward(name, prompt, all_positions=True)
         tokens = greedy(client, name, prompt, 64)

@@ -15,6 +15,19 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+ECHO_CHARS = 200           # how much of a client's input a message may quote
+MESSAGE_CHARS = 4096       # a whole status message: well under gRPC's trailer limits
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was left out: messages quote what the
+    client sent without echoing a 64 KB path back into the trailers."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class ServiceError(Exception):
     code = grpc.StatusCode.INTERNAL
 

@@ -11,6 +11,9 @@ from grpc_reflection.v1alpha import reflection
 
 # Logits ([tokens, vocab] float32) and load traffic exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# What a server accepts in one request: requests are prompts and small commands (prompt sizes have
+# their own, smaller, settings); only responses (logits) need MAX_MESSAGE_BYTES.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -22,7 +25,7 @@ CHANNEL_OPTIONS = [
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
@@ -158,6 +161,10 @@ class ServingServer:
             result = self.health.set(name, status)
             if hasattr(result, "__await__"):
                 await result
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.draining
 
     @property
     def inflight(self) -> int:

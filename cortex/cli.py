@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
+from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.errors import ServiceError
 from common.logs import configure_logging
 from common.security.settings import API_KEYS_SETTING, ServerSecurity, cluster_settings
@@ -36,7 +36,13 @@ SETTINGS = [
     Setting("heartbeat_timeout_seconds", 6.0,
             "a registered neuron without a heartbeat for this long is down (it is asked to send one "
             "every third of it)", type=float),
+    Setting("down_expiry_seconds", 600.0, "a registered neuron that stays down this long is forgotten (it is listed "
+            "again when it registers again); 0: never", type=float, minimum=0.0),
     Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
+    Setting("max_prompt_bytes", 1 << 20, "largest text or chat prompt in bytes cortex forwards; larger ones are "
+            "INVALID_ARGUMENT", type=int),
+    Setting("max_logits_bytes", 64 << 20, "largest float32 logits one Forward may return (positions x vocab x 4); "
+            "larger asks are RESOURCE_EXHAUSTED", type=int),
     API_KEYS_SETTING,
     *cluster_settings(require_client_cert_default=False),  # clients without a certificate use API keys
     *SERVER_SETTINGS,
@@ -94,10 +100,15 @@ def _add_client_options(parser: argparse.ArgumentParser, suppress: bool) -> None
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        settings = resolve(args, SETTINGS, "CORTEX", args.config)
+        try:
+            settings = resolve(args, SETTINGS, "CORTEX", args.config)
+            security = ServerSecurity.from_settings(settings)
+        except ConfigError as err:
+            print(f"cortex: {err}", file=sys.stderr)
+            return EXIT_USAGE
         configure_logging(settings["log_level"], settings["log_format"])
         try:
-            return asyncio.run(serve_forever(settings))
+            return asyncio.run(serve_forever(settings, security))
         except KeyboardInterrupt:
             return 0
     if args.command == "demo":
@@ -108,27 +119,36 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args)
 
 
-async def serve_forever(settings: dict) -> int:
+async def serve_forever(settings: dict, security: ServerSecurity) -> int:
+    from .model_health import ModelHealth
     from .models import ModelTable
     from .placement import Placer
     from .registry import Registry
     from .server import ACCESS, CortexService, FleetService
     from common.proto.cortex.v1 import cortex_pb2_grpc
 
-    security = ServerSecurity.from_settings(settings, "cortex")
     try:
         registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"],
-                            channels=security.peer_channels())
+                            settings["down_expiry_seconds"], channels=security.peer_channels())
     except ServiceError as err:  # a malformed --neuron address
-        raise SystemExit(f"cortex: {err.message}") from None
+        print(f"cortex: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
     models = ModelTable(registry, Placer(), settings["group_timeout_seconds"])
-    registry.after_poll = models.adopt  # models still on the neurons after a cortex restart
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
         "/cortex.v1.Fleet/Heartbeat"), credentials=security.server_credentials(),
         interceptors=(security.interceptor(ACCESS),))
-    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, CortexService(registry, models), "cortex.v1.Cortex")
+    model_health = ModelHealth(server.health)
+
+    async def after_poll() -> None:
+        models.adopt()  # models still on the neurons after a cortex restart
+        await model_health.publish(models.states())  # health service `model/<name>`
+    registry.after_poll = after_poll
+    cortex_service = CortexService(registry, models)
+    cortex_service.max_prompt_bytes, cortex_service.max_logits_bytes = (settings["max_prompt_bytes"],
+                                                                        settings["max_logits_bytes"])
+    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, cortex_service, "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()
     try:

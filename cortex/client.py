@@ -1,20 +1,23 @@
 """A small synchronous Python client for cortex.
 
-    from cortex.client import CortexClient
+    from cortex.client import CortexClient, model_state
 
     with CortexClient("127.0.0.1:50051") as cortex:
-        for event in cortex.load("llama-3.2-1b", name="llama"):
-            ...                                   # LoadModelProgress..., then ModelInfo
+        info = cortex.load("llama-3.2-1b", name="llama")   # loads now; returns the ModelInfo
+        print(model_state(info))                           # "READY"
+        for event in cortex.load_stream("llama-3.2-1b", name="llama"):
+            ...                                   # LoadModelProgress..., then ModelInfo (last)
         for chunk in cortex.generate("llama", prompt="Hello", max_tokens=32):
             print(chunk.text, end="", flush=True)
         logits = cortex.forward("llama", [1, 2, 3])   # numpy array [vocab]
 
-Errors are grpc.RpcError with the server's status code (`err.code()`) and message (`err.details()`).
-Streams stop the server-side work when the iterator is closed or dropped early.
+Replies are the public cortex.v1 messages (common/proto/cortex/v1); `node_state`, `model_state`
+and `finish_reason` give their enums by name. Errors are grpc.RpcError with the server's status
+code (`err.code()`) and message (`err.details()`). Streams stop the server-side work when the
+iterator is closed or dropped early.
 """
 from __future__ import annotations
 
-import collections
 from typing import Iterable, Iterator
 
 import grpc
@@ -23,7 +26,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.rpc.channels import PLAINTEXT, ChannelSecurity, sync_channel
 
 
@@ -37,10 +39,34 @@ def check_health(address: str, timeout: float = 3.0, service: str = "", security
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def tensor_to_numpy(tensor: npb.Tensor) -> np.ndarray:
+def tensor_to_numpy(tensor: cpb.Tensor) -> np.ndarray:
     if tensor.dtype != "float32":
         raise ValueError(f"unexpected tensor dtype {tensor.dtype!r}")
     return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape)).copy()
+
+
+def _enum_name(enum, value: int, prefix: str) -> str:
+    try:
+        return enum.Name(value).removeprefix(prefix)
+    except ValueError:  # a value this client's stubs predate
+        return str(value)
+
+
+def node_state(node: cpb.Node) -> str:
+    """The node's state by name: "UP" or "DOWN" ("UNSPECIFIED" if unset)."""
+    return _enum_name(cpb.NodeState, node.state, "NODE_STATE_")
+
+
+def model_state(model: cpb.ModelInfo) -> str:
+    """The model's state by name: "LOADING", "READY", "UNAVAILABLE" or "FAILED"."""
+    return _enum_name(cpb.ModelState, model.state, "MODEL_STATE_")
+
+
+def finish_reason(chunk: cpb.GenerateResponse) -> str:
+    """Why the generation ended, by name: "stop" or "length" on the last chunk; "" on the others."""
+    if not chunk.finish_reason:
+        return ""
+    return _enum_name(cpb.FinishReason, chunk.finish_reason, "FINISH_REASON_").lower()
 
 
 class CortexClient:
@@ -76,9 +102,26 @@ class CortexClient:
         return next((m for m in self.models() if m.name == name), None)
 
     def load(self, path: str, name: str, dtype: str = "", tp: int = 1, max_context: int = 0, kv_slots: int = 0,
-             node: str = "", device: str = "", timeout: float | None = None
-             ) -> Iterator[cpb.LoadModelProgress | cpb.ModelInfo]:
-        """Yields LoadModelProgress events, then the loaded model's ModelInfo (last)."""
+             node: str = "", device: str = "", timeout: float | None = None) -> cpb.ModelInfo:
+        """Load a checkpoint under a name and wait for it: returns the model's ModelInfo (READY).
+        Raises grpc.RpcError with the reason when it cannot be loaded. load_stream() shows progress."""
+        info = None
+        for event in self.load_stream(path, name, dtype=dtype, tp=tp, max_context=max_context, kv_slots=kv_slots,
+                                      node=node, device=device, timeout=timeout):
+            if isinstance(event, cpb.ModelInfo):
+                info = event
+        if info is None:  # a server that ended the stream without the model's info
+            raise RuntimeError(f"cortex ended the load of {name} without the model's info")
+        return info
+
+    load_wait = load  # the former name of the plain call
+
+    def load_stream(self, path: str, name: str, dtype: str = "", tp: int = 1, max_context: int = 0,
+                    kv_slots: int = 0, node: str = "", device: str = "", timeout: float | None = None
+                    ) -> Iterator[cpb.LoadModelProgress | cpb.ModelInfo]:
+        """Load as the caller iterates: yields LoadModelProgress events, then the model's ModelInfo
+        (last). Nothing is sent before the first next(); closing the iterator early cancels the
+        call, and a load whose every caller went away is cancelled by cortex."""
         request = cpb.LoadModelRequest(name=name, path=path, dtype=dtype, tp=tp, max_context=max_context,
                                        kv_slots=kv_slots, node=node, device=device)
         call = self._stub.LoadModel(request, timeout=timeout)
@@ -87,11 +130,6 @@ class CortexClient:
                 yield event.progress if event.HasField("progress") else event.model
         finally:
             call.cancel()
-
-    def load_wait(self, path: str, name: str, **kwargs) -> cpb.ModelInfo:
-        """load() without the progress: the final ModelInfo."""
-        (info,) = collections.deque(self.load(path, name, **kwargs), maxlen=1)
-        return info
 
     def unload(self, name: str) -> int:
         """Returns the bytes freed on the devices."""
@@ -104,22 +142,23 @@ class CortexClient:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                  stop: list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-                 request_id: str = "", timeout: float | None = None) -> Iterator[npb.GenerateResponse]:
-        """Streams GenerateResponse chunks (token ids + text delta); the last has finish_reason, usage
-        and timing. Give exactly one of prompt (text), token_ids or messages ([{role, content}])."""
+                 request_id: str = "", timeout: float | None = None) -> Iterator[cpb.GenerateResponse]:
+        """Streams GenerateResponse chunks (token ids + text delta, and the request id: request_id, or
+        the one cortex made); the last has finish_reason, usage and timing. Give exactly one of prompt
+        (text), token_ids or messages ([{role, content}])."""
         given = [p is not None for p in (prompt, token_ids, messages)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, token_ids or messages")
         if prompt is not None:
-            p = npb.Prompt(text=prompt)
+            p = cpb.Prompt(text=prompt)
         elif token_ids is not None:
-            p = npb.Prompt(tokens=npb.TokenIds(ids=list(token_ids)))
+            p = cpb.Prompt(tokens=cpb.TokenIds(ids=list(token_ids)))
         else:
-            p = npb.Prompt(chat=npb.Chat(messages=[npb.ChatMessage(role=m["role"], content=m["content"])
+            p = cpb.Prompt(chat=cpb.Chat(messages=[cpb.ChatMessage(role=m["role"], content=m["content"])
                                                   for m in messages]))
         optional = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, seed=seed)
-        sampling = npb.SamplingParams(**{k: v for k, v in optional.items() if v is not None},
+        sampling = cpb.SamplingParams(**{k: v for k, v in optional.items() if v is not None},
                                       stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
         call = self._stub.Generate(cpb.GenerateRequest(model=model, prompt=p, sampling=sampling,
                                                        request_id=request_id), timeout=timeout)

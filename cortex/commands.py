@@ -12,15 +12,10 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from common.proto.neuron.v1 import neuron_pb2 as npb
-
-from .client import CortexClient, check_health
-from .placement import human_bytes
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 
-NODE_STATES = {cpb.NODE_STATE_UP: "UP", cpb.NODE_STATE_DOWN: "DOWN"}
-MODEL_STATES = {cpb.MODEL_STATE_LOADING: "LOADING", cpb.MODEL_STATE_READY: "READY",
-                cpb.MODEL_STATE_UNAVAILABLE: "UNAVAILABLE", cpb.MODEL_STATE_FAILED: "FAILED"}
+from .client import CortexClient, check_health, finish_reason, model_state, node_state
+from .placement import human_bytes
 
 
 def add_subcommands(sub, client_options: argparse.ArgumentParser) -> None:
@@ -180,7 +175,7 @@ def cmd_nodes(client: CortexClient, args) -> int:
         devices = ", ".join(f"{d.id} {human_bytes(d.free_bytes)}/{human_bytes(d.total_bytes)} free" for d in n.devices)
         shards = sum(len(d.shards) for d in n.devices)
         seen = f"{n.last_seen_seconds_ago:.1f}s ago" if n.last_seen_seconds_ago >= 0 else "never"
-        rows.append([n.address, NODE_STATES.get(n.state, "?"), n.source, devices or "-", str(shards), seen,
+        rows.append([n.address, node_state(n), n.source, devices or "-", str(shards), seen,
                      n.reason])
     print(table(rows, ["ADDRESS", "STATE", "SOURCE", "DEVICES", "SHARDS", "SEEN", "REASON"]))
     return 0
@@ -194,7 +189,7 @@ def cmd_models(client: CortexClient, args) -> int:
     if not models:
         print("no models loaded: load one with `cortex load PATH --name NAME`")
         return 0
-    rows = [[m.name, MODEL_STATES.get(m.state, "?"), m.architecture, m.dtype, str(m.tp), str(m.max_context),
+    rows = [[m.name, model_state(m), m.architecture, m.dtype, str(m.tp), str(m.max_context),
              human_bytes(m.weight_bytes), ", ".join(f"{p.node}/{p.device}" for p in m.placement) or "-", m.reason]
             for m in models]
     print(table(rows, ["NAME", "STATE", "ARCHITECTURE", "DTYPE", "TP", "CONTEXT", "WEIGHTS", "PLACEMENT", "REASON"]))
@@ -205,7 +200,7 @@ def cmd_load(client: CortexClient, args) -> int:
     global _active_bar
     bar = _active_bar = ProgressBar()
     info = None
-    for event in client.load(args.path, args.name, dtype=args.dtype, tp=args.tp, max_context=args.max_context,
+    for event in client.load_stream(args.path, args.name, dtype=args.dtype, tp=args.tp, max_context=args.max_context,
                              kv_slots=args.kv_slots, node=args.node, device=args.device, timeout=args.timeout):
         if isinstance(event, cpb.ModelInfo):
             info = event
@@ -220,7 +215,7 @@ def cmd_load(client: CortexClient, args) -> int:
         emit_json({"model": to_dict(info)})
         return 0
     where = ", ".join(f"rank {p.rank} on {p.node} device {p.device} (handle {p.handle})" for p in info.placement)
-    print(f"{info.name}: {MODEL_STATES.get(info.state, '?')} - {info.architecture} {info.dtype}, "
+    print(f"{info.name}: {model_state(info)} - {info.architecture} {info.dtype}, "
           f"{human_bytes(info.weight_bytes)} weights + {human_bytes(info.kv_bytes)} KV cache, context "
           f"{info.max_context}; {where}; {time.perf_counter() - bar.started:.2f}s")
     return 0
@@ -253,7 +248,7 @@ def cmd_generate(client: CortexClient, args) -> int:
     if not args.json:
         sys.stdout.write("\n")
         if final is not None:
-            finish = npb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+            finish = finish_reason(final)
             t = final.timing
             print(f"[{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens, "
                   f"finish: {finish} ({final.stop_reason}), first token {t.time_to_first_token_ms:.1f} ms, "

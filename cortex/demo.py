@@ -7,6 +7,7 @@ shuts everything down with SIGTERM, checking that every process exits cleanly.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import grpc
 
-from .client import CortexClient
-from .commands import MODEL_STATES, NODE_STATES, ProgressBar
+from .client import CortexClient, model_state, node_state
+from .commands import ProgressBar
 from .local import LocalServer, ServerFailed, cortex_args, neuron_args, start_server
 from .placement import human_bytes
 from .tiny_checkpoint import SHAPES, write_checkpoint
@@ -90,9 +91,13 @@ def _checkpoint(work: Path, model: str | None) -> tuple[Path, str]:
 
 def _start_fleet(root: Path, logs: Path) -> list[LocalServer]:
     servers = []
+    # The neurons share this machine's memory: each gets its share as its CPU device's budget,
+    # rather than each advertising all of it.
+    share_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / NEURONS / 1e9, 3)
     for i in range(1, NEURONS + 1):
         started = time.perf_counter()
-        neuron = start_server(f"neuron-{i}", "neuron.cli", neuron_args("cpu:0", [root]), logs, STARTUP_TIMEOUT_S)
+        neuron = start_server(f"neuron-{i}", "neuron.cli", neuron_args("cpu:0", [root], cpu_memory_gb=share_gb),
+                              logs, STARTUP_TIMEOUT_S)
         servers.append(neuron)
         say(f"neuron {i}", f"{neuron.address}  device cpu:0  pid {neuron.pid}  "
                            f"serving after {time.perf_counter() - started:.2f}s")
@@ -114,14 +119,14 @@ def _wait_for_fleet(client: CortexClient) -> None:
         time.sleep(0.1)
     for n in nodes:
         devices = ", ".join(f"{d.id} ({human_bytes(d.free_bytes)} free)" for d in n.devices)
-        say("fleet", f"{n.address} {NODE_STATES.get(n.state, '?')} {n.reason} devices: {devices}")
+        say("fleet", f"{n.address} {node_state(n)} {n.reason} devices: {devices}")
 
 
 def _load(client: CortexClient, path: str, name: str) -> None:
     started = time.perf_counter()
     bar = ProgressBar(sys.stdout)
     info = None
-    for event in client.load(path, name):
+    for event in client.load_stream(path, name):
         if isinstance(event, cpb.ModelInfo):
             info = event
         elif event.message:
@@ -130,7 +135,7 @@ def _load(client: CortexClient, path: str, name: str) -> None:
             bar.update(event)
     bar.clear()
     where = ", ".join(f"node {p.node} device {p.device} (handle {p.handle})" for p in info.placement)
-    say("load", f"{name} {MODEL_STATES.get(info.state, '?')} on {where}: {human_bytes(info.weight_bytes)} weights + "
+    say("load", f"{name} {model_state(info)} on {where}: {human_bytes(info.weight_bytes)} weights + "
                 f"{human_bytes(info.kv_bytes)} KV cache, context {info.max_context}, "
                 f"in {time.perf_counter() - started:.2f}s")
 
@@ -152,16 +157,18 @@ def _generate(client: CortexClient, name: str, prompt: str, max_tokens: int) -> 
 
 
 def _wait_for_interrupt(cortex: LocalServer, name: str) -> None:
-    print(f"\nservers keep running; try, in another terminal:\n"
-          f"    cortex --cortex {cortex.address} nodes\n"
-          f"    cortex --cortex {cortex.address} models\n"
-          f"    cortex --cortex {cortex.address} generate {name} --prompt 'Hello'\n"
-          f"press Ctrl-C to unload and shut down", flush=True)
+    # The servers run in sessions of their own (local.py): Ctrl-C reaches only this process, so
+    # the model is unloaded and the servers stopped in order, while they are still serving.
     try:
+        print(f"\nservers keep running; try, in another terminal:\n"
+              f"    cortex --cortex {cortex.address} nodes\n"
+              f"    cortex --cortex {cortex.address} models\n"
+              f"    cortex --cortex {cortex.address} generate {name} --prompt 'Hello'\n"
+              f"press Ctrl-C to unload and shut down", flush=True)
         while cortex.alive():
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print()
+        print("\ninterrupted: unloading and shutting down", flush=True)
 
 
 def _shutdown(servers: list[LocalServer]) -> bool:

@@ -3,7 +3,8 @@
 Each server listens on a port it picks itself (`--listen 127.0.0.1:0`) and writes it to a port
 file, so nothing races for ports. Output goes to a log file (a pipe nobody reads would block the
 server once full). On Linux the children are killed if this process dies, so an interrupted run
-leaves no servers behind.
+leaves no servers behind. Each child runs in its own session, so a Ctrl-C at the terminal reaches
+only this process, which then shuts the children down in its own order (unload first, then SIGTERM).
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def start_server(name: str, module: str, args: list[str], workdir: Path, timeout
     environment = {**os.environ, "LOG_FORMAT": "json", **(env or {})}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=environment, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                   env=environment, start_new_session=True,
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     server = LocalServer(name, argv, process, log_path, host=host)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -30,6 +30,7 @@ from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from .adoption import orphans
+from .api import convert
 from .groups import destroy_group, form_group, new_group_id, on_all
 from .placement import Estimate, Placer, Target, check_pins, human_bytes, inspect
 from .registry import Registry
@@ -166,7 +167,13 @@ class ModelTable:
                                             "load the model again")
         for r, node in nodes:
             if node is None or not node.up:
-                return UNAVAILABLE, f"node {r.node} (rank {r.rank}) is down: {node.reason if node else 'unknown node'}"
+                why = node.reason if node else ("it is no longer in the fleet (down longer than the expiry, so "
+                                                "forgotten); it returns when the neuron registers again")
+                return UNAVAILABLE, f"node {r.node} (rank {r.rank}) is down: {why}"
+        for r, node in nodes:
+            device = node.device(r.device)
+            if device is not None and device.error:
+                return UNAVAILABLE, f"device {r.device} of node {r.node} (rank {r.rank}) is unhealthy: {device.error}"
         for r, node in nodes:
             # Only a Describe asked after the load finished can tell that a shard is gone.
             if node.shard(r.handle) is None and node.described_at is not None and node.described_at > model.ready_at:
@@ -190,6 +197,10 @@ class ModelTable:
             placement=[cpb.Placement(rank=r.rank, node=r.node, device=r.device, handle=r.handle) for r in model.ranks],
             weight_bytes=sum(r.weight_bytes for r in model.ranks), kv_bytes=sum(r.kv_bytes for r in model.ranks),
             vocab_size=model.vocab_size, estimate=model.estimate.describe() if model.estimate else model.remark)
+
+    def states(self) -> dict[str, int]:
+        """{name: state} of every model in the table (per-model health reads it)."""
+        return {name: self.state_of(m)[0] for name, m in sorted(self._models.items())}
 
     def list(self) -> list[cpb.ModelInfo]:
         return [self.info(m) for _, m in sorted(self._models.items())]
@@ -348,7 +359,8 @@ class ModelTable:
                         continue
                     p = event.progress
                     done[t.rank], total[t.rank] = p.bytes_done, p.bytes_total
-                    model.publish(cpb.LoadModelProgress(rank=t.rank, node=t.node, device=t.device, shard=p,
+                    model.publish(cpb.LoadModelProgress(rank=t.rank, node=t.node, device=t.device,
+                                                        shard=convert.load_progress(p),
                                                         bytes_done=sum(done.values()), bytes_total=sum(total.values())))
             finally:
                 call.cancel()  # no-op when finished; stops the neuron's load when this rank is abandoned

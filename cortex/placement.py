@@ -20,7 +20,6 @@ from common.errors import InvalidArgument, ResourceExhausted, Unavailable, from_
 
 from .registry import Node
 
-DEFAULT_KV_SLOTS = 4        # what a neuron allocates when the request leaves kv_slots at 0
 INSPECT_TIMEOUT_S = 30.0    # reads headers of every safetensors file: quick, but over a network mount
 
 
@@ -82,8 +81,14 @@ async def inspect(node: Node, device: npb.Device, path: str, dtype: str, max_con
     return Estimate(path=reply.path, architecture=reply.architecture, dtype=reply.dtype,
                     max_context=reply.max_context, vocab_size=reply.vocab_size,
                     weight_bytes=reply.weight_bytes_per_rank, kv_bytes_per_slot=reply.kv_bytes_per_slot,
-                    workspace_bytes=reply.workspace_bytes, kv_slots=kv_slots or DEFAULT_KV_SLOTS,
+                    workspace_bytes=reply.workspace_bytes, kv_slots=kv_slots or default_slots(reply),
                     device_kind=device.kind, inspected=reply.estimate)
+
+
+def default_slots(reply: npb.InspectResponse) -> int:
+    """The KV slots the neuron allocates for kv_slots 0, as it reports them; a neuron too old to
+    report them counts as one (the least any load takes)."""
+    return reply.default_kv_slots or 1
 
 
 class Placer:

@@ -8,17 +8,25 @@ A node is DOWN when it misses `MISSED_POLLS_DOWN` polls in a row, or, once it ha
 when none arrived for `heartbeat_timeout` seconds; the reason says which. It is UP again as soon as
 it answers. Shards that could not be dropped while a node was unreachable are dropped when it is
 back, so an unload or a failed load never leaks memory on a node that was briefly away.
+
+A registered node that stays DOWN for `down_expiry` seconds is forgotten (a neuron that was
+replaced or scaled away does not stay listed for ever); if it comes back it registers again.
+Static nodes (`--neuron`) are never forgotten: the operator listed them.
+
+Time comes from `clock` (monotonic seconds) and channels from `connect`, so the state changes can
+be tested without a server or a wait.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 import structlog
 
-from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.proto.neuron.v1 import neuron_pb2_grpc
 from common.errors import FailedPrecondition, InvalidArgument
@@ -29,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 MISSED_POLLS_DOWN = 3
 VERIFY_SECONDS = 5.0  # a registering neuron must answer Describe within this
+DOWN_EXPIRY_SECONDS = 600.0  # default of `cortex serve --down-expiry-seconds`
 
 # A restarted neuron should be found within a poll or two, not after gRPC's default reconnect
 # backoff (which grows to two minutes while the node is away).
@@ -65,6 +74,7 @@ class Node:
     described_at: float | None = None    # when the cached devices were asked for
     missed_polls: int = 0
     last_error: str = ""
+    down_since: float | None = None      # when it was last seen going DOWN (or was added); None while UP
     pending_drops: set[int] = field(default_factory=set)
 
     def handles(self) -> set[int]:
@@ -76,20 +86,24 @@ class Node:
     def device(self, device_id: str) -> npb.Device | None:
         return next((d for d in self.devices if d.id == device_id), None)
 
-    def to_proto(self, now: float) -> cpb.Node:
-        return cpb.Node(address=self.address, state=cpb.NODE_STATE_UP if self.up else cpb.NODE_STATE_DOWN,
-                        reason="" if self.up else self.reason, source=self.source, host=self.host,
-                        version=self.version, devices=self.devices,
-                        last_seen_seconds_ago=(now - self.last_seen) if self.last_seen is not None else -1.0)
+
+def connect_neuron(address: str, security: ChannelSecurity = PLAINTEXT
+                   ) -> tuple[grpc.aio.Channel, neuron_pb2_grpc.NeuronStub]:
+    channel = aio_channel(address, security, options=NEURON_CHANNEL_OPTIONS)
+    return channel, neuron_pb2_grpc.NeuronStub(channel)
 
 
 class Registry:
     def __init__(self, static: list[str] = (), poll_seconds: float = 2.0, heartbeat_timeout: float = 6.0,
-                 channels: ChannelSecurity = PLAINTEXT):
-        self.channels = channels  # TLS and the cluster token on every call to a neuron
+                 down_expiry: float = DOWN_EXPIRY_SECONDS, clock: Callable[[], float] = time.monotonic,
+                 connect: Callable[[str], tuple] | None = None, channels: ChannelSecurity = PLAINTEXT):
+        """channels: TLS and the cluster token for every call to a neuron (unless `connect` is given)."""
         self.poll_seconds = poll_seconds
         self.poll_timeout = min(poll_seconds, 1.0)  # Describe answers from cached figures: it is fast
         self.heartbeat_timeout = heartbeat_timeout
+        self.down_expiry = down_expiry   # 0: never forget a registered node
+        self.clock = clock
+        self._connect = connect or functools.partial(connect_neuron, security=channels)
         self._nodes: dict[str, Node] = {}
         self._poller: asyncio.Task | None = None
         self.after_poll = None  # called after every poll round (the model table adopts orphans)
@@ -134,7 +148,7 @@ class Registry:
             if node is not verified:
                 await verified.channel.close()
         node.host, node.version = host or node.host, version or node.version
-        node.last_heartbeat = time.monotonic()
+        node.last_heartbeat = self.clock()
         log.info("neuron registered", node=address, host=host, version=version, source=node.source)
         await self.poll(node)  # answer with a known state; the neuron is serving before it registers
         return node
@@ -143,7 +157,7 @@ class Registry:
         node = self._nodes.get(address)
         if node is None or node.last_heartbeat is None:
             return False  # unknown, or static and never registered: ask it to register
-        node.last_heartbeat = node.last_seen = time.monotonic()
+        node.last_heartbeat = node.last_seen = self.clock()
         self._evaluate(node)
         return True
 
@@ -157,10 +171,13 @@ class Registry:
         await asyncio.gather(*(self.poll(n) for a in set(addresses) if (n := self._nodes.get(a))))
 
     async def poll(self, node: Node) -> None:
-        asked_at = time.monotonic()
+        asked_at = self.clock()
         try:
-            # wait_for_ready: a node that is reconnecting gets the whole deadline, not a fast failure.
-            reply = await node.stub.Describe(npb.DescribeRequest(), timeout=self.poll_timeout, wait_for_ready=True)
+            # wait_for_ready: a node that answered before and is reconnecting gets the whole deadline,
+            # not a fast failure. A node that never answered fails fast instead, so that its reason
+            # says why (connection refused, name not resolved) rather than DEADLINE_EXCEEDED.
+            reply = await node.stub.Describe(npb.DescribeRequest(), timeout=self.poll_timeout,
+                                             wait_for_ready=node.described_at is not None)
         except grpc.aio.AioRpcError as err:
             node.missed_polls += 1
             node.last_error = f"{err.code().name}: {err.details()}"
@@ -171,7 +188,7 @@ class Registry:
         else:
             node.devices = list(reply.devices)
             node.host, node.version = reply.host or node.host, reply.version or node.version
-            node.described_at, node.last_seen, node.missed_polls, node.last_error = asked_at, time.monotonic(), 0, ""
+            node.described_at, node.last_seen, node.missed_polls, node.last_error = asked_at, self.clock(), 0, ""
             if node.pending_drops:
                 await self._drop_pending(node)
         self._evaluate(node)
@@ -181,14 +198,17 @@ class Registry:
             started = time.monotonic()
             try:
                 await self.poll_all()
+                await self.expire()
                 if self.after_poll is not None:
-                    self.after_poll()
+                    done = self.after_poll()
+                    if asyncio.iscoroutine(done):
+                        await done
             except Exception:  # noqa: BLE001 - keep polling whatever happened
                 log.exception("poll round failed")
             await asyncio.sleep(max(0.0, self.poll_seconds - (time.monotonic() - started)))
 
     def _evaluate(self, node: Node) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if node.missed_polls >= MISSED_POLLS_DOWN:
             up, reason = False, (f"missed {node.missed_polls} health polls in a row "
                                  f"(every {self.poll_seconds:g}s); last error: {node.last_error}")
@@ -204,6 +224,7 @@ class Registry:
                 log.info("node up", node=node.address, devices=[d.id for d in node.devices])
             else:
                 log.warning("node down", node=node.address, reason=reason)
+            node.down_since = None if up else now
         node.up, node.reason = up, reason
 
     # ------------------------------------------------------------ deferred drops
@@ -231,19 +252,19 @@ class Registry:
 
     # ------------------------------------------------------------ internals
 
-    def _connect(self, address: str, source: str) -> Node:
-        channel = aio_channel(address, self.channels, options=NEURON_CHANNEL_OPTIONS)
-        return Node(address, source, channel, neuron_pb2_grpc.NeuronStub(channel))
-
     def _add(self, address: str, source: str) -> Node:
-        node = self._nodes[address] = self._connect(address, source)
+        node = self._nodes[address] = self._node(address, source)
         return node
+
+    def _node(self, address: str, source: str) -> Node:
+        channel, stub = self._connect(address)
+        return Node(address, source, channel, stub, down_since=self.clock())
 
     async def _verified(self, address: str) -> Node:
         """A node for a new registration, once the address has answered Describe as that neuron
         (over TLS and with the cluster token when configured). Nothing is kept for one that fails,
         so made-up registrations cost cortex nothing after the call."""
-        node = self._connect(address, "registered")
+        node = self._node(address, "registered")
         try:
             reply = await node.stub.Describe(npb.DescribeRequest(), timeout=VERIFY_SECONDS, wait_for_ready=True)
         except grpc.aio.AioRpcError as err:
@@ -256,3 +277,19 @@ class Registry:
             raise FailedPrecondition(f"cannot verify the neuron at {address}: the server there says it is "
                                      f"{reply.address or 'no neuron'!r}; register with the neuron's --advertise address")
         return node
+        return node
+
+    async def expire(self) -> list[str]:
+        """Forget the registered nodes that have been DOWN for down_expiry seconds. Returns their addresses."""
+        if not self.down_expiry:
+            return []
+        now = self.clock()
+        gone = [n for n in self._nodes.values() if n.source == "registered" and not n.up
+                and n.down_since is not None and now - n.down_since >= self.down_expiry]
+        for node in gone:
+            del self._nodes[node.address]
+            log.warning("registered node forgotten: down too long", node=node.address,
+                        down_seconds=round(now - node.down_since, 1), expiry_seconds=self.down_expiry,
+                        reason=node.reason)
+        await asyncio.gather(*(n.channel.close() for n in gone), return_exceptions=True)
+        return [n.address for n in gone]

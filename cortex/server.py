@@ -15,11 +15,11 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.proto.neuron.v1 import neuron_pb2 as npb
-from common.errors import InvalidArgument, ServiceError, from_rpc_error, rpc_method
+from common.errors import InvalidArgument, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
 from common.security.credentials import ADMIN
 from common.security.interceptor import AccessPolicy, caller_role
 
+from .api import convert
 from .models import ModelTable, Route
 from .registry import Registry
 
@@ -38,8 +38,15 @@ def _require_model(name: str) -> None:
         raise InvalidArgument("model is empty: give the name of a loaded model (ListModels shows them)")
 
 
-def _check_prompt(prompt: npb.Prompt) -> None:
+MAX_PROMPT_BYTES = 1 << 20  # the default of cortex's --max-prompt-bytes
+MAX_LOGITS_BYTES = 64 << 20  # the default of cortex's --max-logits-bytes
+
+
+def _check_prompt(prompt: cpb.Prompt, max_bytes: int = MAX_PROMPT_BYTES) -> None:
     kind = prompt.WhichOneof("kind")
+    if kind in ("text", "chat") and (size := prompt.ByteSize()) > max_bytes:
+        raise InvalidArgument(f"prompt.{kind} is {size} bytes, more than cortex's limit of {max_bytes} "
+                              "(--max-prompt-bytes); send a shorter prompt")
     if kind is None:
         raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
     if kind == "tokens" and not prompt.tokens.ids:
@@ -72,11 +79,13 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     def __init__(self, registry: Registry, models: ModelTable):
         self.registry = registry
         self.models = models
+        self.max_prompt_bytes = MAX_PROMPT_BYTES
+        self.max_logits_bytes = MAX_LOGITS_BYTES
 
     @rpc_method
     async def ListNodes(self, request, context):
         now = time.monotonic()
-        return cpb.ListNodesResponse(nodes=[n.to_proto(now) for n in self.registry.nodes()])
+        return cpb.ListNodesResponse(nodes=[convert.node(n, now) for n in self.registry.nodes()])
 
     @rpc_method
     async def ListModels(self, request, context):
@@ -113,13 +122,12 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     @rpc_method
     async def Generate(self, request, context):
         _require_model(request.model)
-        _check_prompt(request.prompt)
+        _check_prompt(request.prompt, self.max_prompt_bytes)
         route = self.models.route(request.model)
         request_id = request.request_id or uuid.uuid4().hex[:16]
         entry = _RequestLog("generate", model=request.model, node=route.node, request_id=request_id)
-        downstream = npb.GenerateRequest(handle=route.handle, prompt=request.prompt, sampling=request.sampling,
-                                         request_id=request_id)
-        call = route.stub.Generate(downstream, timeout=context.time_remaining())
+        call = route.stub.Generate(convert.generate_request(request, route.handle, request_id),
+                                   timeout=context.time_remaining())
         first_token_at, completion, final = None, 0, None
         try:
             async for chunk in call:
@@ -128,7 +136,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
                 completion += len(chunk.token_ids)
                 if chunk.finish_reason:
                     final = chunk
-                yield chunk
+                yield convert.generate_response(chunk, request_id)
             entry.code = "OK"
         except grpc.aio.AioRpcError as err:
             error = _relay(err, route)
@@ -146,15 +154,14 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         if not request.token_ids:
             raise InvalidArgument("token_ids is empty: give at least one token id")
         route = self.models.route(request.model)
+        self._check_logits(request)
         entry = _RequestLog("forward", model=request.model, node=route.node, tokens=len(request.token_ids),
                             all_positions=request.all_positions)
-        call = route.stub.Forward(npb.ForwardRequest(handle=route.handle, token_ids=request.token_ids,
-                                                     all_positions=request.all_positions),
-                                  timeout=context.time_remaining())
+        call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=context.time_remaining())
         try:
             reply = await call
             entry.code = "OK"
-            return reply
+            return convert.forward_response(reply)
         except grpc.aio.AioRpcError as err:
             error = _relay(err, route)
             entry.fail(error)
@@ -162,6 +169,15 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         finally:
             call.cancel()
             entry.emit()
+
+
+    def _check_logits(self, request) -> None:
+        vocab = self.models.get(request.model).vocab_size
+        rows = len(request.token_ids) if request.all_positions else 1
+        if vocab and rows * vocab * 4 > self.max_logits_bytes:
+            raise ResourceExhausted(f"logits for {rows} positions x {vocab} vocab are {rows * vocab * 4} bytes, over "
+                                    f"cortex's limit of {self.max_logits_bytes} (--max-logits-bytes); ask for fewer "
+                                    "positions (all_positions=false returns the last one)")
 
 
 class FleetService(cortex_pb2_grpc.FleetServicer):

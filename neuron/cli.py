@@ -10,13 +10,15 @@ from pathlib import Path
 
 import structlog
 
-from common.config import SERVER_SETTINGS, Setting, add_settings, listen_setting, resolve
+from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.logs import configure_logging
 from common.security.settings import ServerSecurity, cluster_settings
 from common.server import ServingServer
 
 from .comm_tcp import Rendezvous
 from .device import parse_devices, system_memory_bytes
+from .health import DeviceWatch
+from .limits import LIMIT_SETTINGS, Limits
 from .registration import keep_registered
 from .server import ACCESS, NeuronService
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -33,8 +35,14 @@ SETTINGS = [
     Setting("model_root", ["models"], "directory that checkpoints must live under (repeatable)", multiple=True),
     Setting("cortex", "", "cortex address to register with and heartbeat to (HOST:PORT)"),
     Setting("advertise", "", "address cortex should use to reach this neuron; default: the listen host if specific, else HOSTNAME, with the bound port"),
-    Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float),
+    Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float,
+            minimum=0.0),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
+    Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
+            "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
+    Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
+            "later so the supervisor restarts the neuron", type=float),
+    *LIMIT_SETTINGS,
     *cluster_settings(require_client_cert_default=True),  # with --tls-ca: only cortex and peer neurons get in
     *SERVER_SETTINGS,
 ]
@@ -52,15 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = resolve(args, SETTINGS, "NEURON", args.config)
+    try:
+        settings = resolve(args, SETTINGS, "NEURON", args.config)
+        check_model_roots(settings["model_root"])
+        security = ServerSecurity.from_settings(settings)
+    except ConfigError as err:
+        print(f"neuron: {err}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings["log_level"], settings["log_format"])
     try:
-        return asyncio.run(serve_forever(settings))
+        return asyncio.run(serve_forever(settings, security))
     except KeyboardInterrupt:
         return 0
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
         print(f"neuron: {err}", file=sys.stderr)
         return 1
+
+
+def check_model_roots(roots: list[str]) -> None:
+    """Refuse to start with a model root that is not a directory: every load would be NOT_FOUND."""
+    for root in roots:
+        if not Path(root).is_dir():
+            what = "is not a directory" if Path(root).exists() else "does not exist"
+            raise ConfigError(f"model root {root!r} {what} (--model-root / NEURON_MODEL_ROOT): give the directory "
+                              "that holds the checkpoints")
 
 
 def build_workers(settings: dict) -> list[DeviceWorker]:
@@ -94,8 +117,7 @@ def rendezvous(security: ServerSecurity) -> Rendezvous:
                       tls.ssl_client_context() if tls.dials_tls else None)
 
 
-async def serve_forever(settings: dict) -> int:
-    security = ServerSecurity.from_settings(settings, "neuron")
+async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
     # Describe stays answerable while draining, so cortex and operators can still see the node.
@@ -103,6 +125,8 @@ async def serve_forever(settings: dict) -> int:
                            credentials=security.server_credentials(), interceptors=(security.interceptor(ACCESS),))
     service = NeuronService(workers, roots, peer_channels=security.peer_channels(), rendezvous=rendezvous(security))
     service.group_bind_host = _specific_host(settings["listen"])
+    service.stall_seconds = settings["watchdog_seconds"]
+    service.limits = Limits.from_settings(settings)
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)
@@ -116,13 +140,25 @@ async def serve_forever(settings: dict) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    exit_code = 0
+
+    def exit_for_dead_worker() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        stop.set()
+
+    watch = DeviceWatch(workers, server.set_serving, lambda: server.draining, exit_for_dead_worker,
+                        settings["watchdog_seconds"], settings["worker_failure_exit_seconds"])
+    watching = asyncio.create_task(watch.run(), name="device-watch")
     registration = None
     if settings["cortex"]:
         registration = asyncio.create_task(
             keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"],
                             security.peer_channels()))
     await stop.wait()
-    return await shut_down(server, workers, registration, settings["drain_seconds"])
+    watching.cancel()
+    code = await shut_down(server, workers, registration, settings["drain_seconds"])
+    return max(code, exit_code)
 
 
 async def shut_down(server: ServingServer, workers: list[DeviceWorker], registration, drain_seconds: float) -> int:

@@ -6,6 +6,8 @@ current on that thread, and owns the CuPy memory pool that shards allocate from.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -73,16 +75,26 @@ def resolve_dtype(requested: str, config_dtype: str, kind: str) -> str:
 
 class CpuBackend:
     """NumPy. Memory is a budget (a share of system RAM, or --cpu-memory-gb) that shards draw on,
-    so placement and out-of-memory paths behave as on a GPU."""
+    so placement and out-of-memory paths behave as on a GPU.
+
+    The CPU devices of a process share one host's RAM: each reports as free at most its share of
+    what the host has available now (MemAvailable / the CPU devices alive), never the whole of it,
+    so placement does not count the same free bytes once per device."""
     kind = "cpu"
+    _alive = 0
+    _alive_lock = threading.Lock()
 
     def __init__(self, spec: DeviceSpec, budget_bytes: int):
         self.spec, self.xp, self.name = spec, np, "cpu (numpy)"
         self.total = budget_bytes
         self.used = 0
+        with CpuBackend._alive_lock:
+            CpuBackend._alive += 1
+        self._closed = False
 
     def memory(self) -> tuple[int, int]:
-        return self.total, max(self.total - self.used, 0)
+        share = available_memory_bytes() // max(CpuBackend._alive, 1)
+        return self.total, max(min(self.total - self.used, share), 0)
 
     def synchronize(self) -> None:
         pass
@@ -91,7 +103,10 @@ class CpuBackend:
         pass
 
     def close(self) -> None:
-        pass
+        with CpuBackend._alive_lock:
+            if not self._closed:
+                self._closed = True
+                CpuBackend._alive -= 1
 
 
 class CudaBackend:
@@ -127,3 +142,24 @@ class CudaBackend:
 
 def system_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+_available = (0.0, 0)  # (when read, bytes): read at most every AVAILABLE_REFRESH_S
+AVAILABLE_REFRESH_S = 1.0
+
+
+def available_memory_bytes() -> int:
+    """What the host can still give out: /proc/meminfo's MemAvailable (page cache counts as free),
+    else the free pages. Cached for a second: workers ask after every turn."""
+    global _available
+    read_at, value = _available
+    now = time.monotonic()
+    if now - read_at < AVAILABLE_REFRESH_S and value:
+        return value
+    try:
+        with open("/proc/meminfo") as f:
+            value = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        value = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    _available = (now, value)
+    return value

@@ -75,7 +75,7 @@ def _finish_reason(shard, seq: Sequence, token: int) -> tuple[str, str] | None:
     if not cfg.ignore_eos and token in shard.eos_ids():
         return "stop", "eos"
     if len(seq.generated) >= cfg.max_tokens:
-        return "length", "max_tokens"
+        return "length", cfg.length_limit
     if seq.position >= shard.kv.max_context:
         return "length", "context"
     return None

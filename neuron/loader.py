@@ -15,48 +15,123 @@ import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy so safetensors ca
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from common.errors import InvalidArgument, NotFound, PermissionDenied
+from common.errors import InvalidArgument, NotFound, PermissionDenied, clip
 
 from .model.sharding import TensorRead
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+# The files besides the weights that loading reads from a checkpoint directory.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "model.safetensors.index.json")
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def resolve_checkpoint(path: str, roots: list[Path]) -> Path:
-    """Map a request path to a checkpoint directory inside one of the roots."""
+    """Map a request path to a checkpoint directory inside one of the roots. Every file the
+    checkpoint resolves to (the directory, an HF cache's refs/main and snapshot, the weight files an
+    index names, the tokenizer and config files, through any symlinks) must be inside a root too."""
     if not path:
         raise InvalidArgument("path is empty: give a checkpoint directory under a model root")
+    if "\0" in path:
+        raise InvalidArgument("path contains a NUL byte")
     candidate = Path(path)
     if not candidate.is_absolute():
         # Relative paths name a directory under a root (the first root that has it), so
         # `--model-root /models` + `llama` works.
         under = [r / candidate for r in roots]
-        candidate = next((c for c in under if c.exists()), under[0] if under else candidate)
-    real = Path(os.path.realpath(candidate))
+        candidate = next((c for c in under if _exists(c)), under[0] if under else candidate)
     real_roots = [Path(os.path.realpath(r)) for r in roots]
-    if not any(real == r or r in real.parents for r in real_roots):
-        raise PermissionDenied(f"{path} is outside the model roots ({', '.join(map(str, roots))}); "
+    try:
+        real = Path(os.path.realpath(candidate))
+    except (OSError, ValueError) as err:
+        raise InvalidArgument(f"path {clip(path)} cannot be resolved: {err}") from None
+    if not _inside(real, real_roots):
+        raise PermissionDenied(f"{clip(path)} is outside the model roots ({', '.join(map(str, roots))}); "
                                "place the checkpoint under a root or start the neuron with --model-root")
-    if not real.exists():
-        raise NotFound(f"checkpoint {path} does not exist")
+    if not _exists(real):
+        raise NotFound(f"checkpoint {clip(path)} does not exist")
     if not real.is_dir():
-        raise InvalidArgument(f"{path} is not a directory: give the checkpoint directory")
-    return _hf_cache_snapshot(real)
+        raise InvalidArgument(f"{clip(path)} is not a directory: give the checkpoint directory")
+    directory = _hf_cache_snapshot(real, real_roots)
+    _confine_files(directory, real_roots)
+    return directory
 
 
-def _hf_cache_snapshot(path: Path) -> Path:
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, say
+        return False
+
+
+def _inside(real: Path, real_roots: list[Path]) -> bool:
+    return any(real == r or r in real.parents for r in real_roots)
+
+
+def _refuse_outside(what: str, target: Path) -> PermissionDenied:
+    return PermissionDenied(f"{what} resolves to {clip(str(target))}, outside the model roots; a checkpoint's "
+                            "files (and the symlinks to them) must all live under a --model-root")
+
+
+def _hf_cache_snapshot(path: Path, real_roots: list[Path]) -> Path:
     snapshots = path / "snapshots"
     if (path / "config.json").exists() or not snapshots.is_dir():
         return path
     ref = path / "refs" / "main"
     if ref.exists():
-        snap = snapshots / ref.read_text().strip()
+        if not _inside(Path(os.path.realpath(ref)), real_roots):
+            raise _refuse_outside(f"{path.name}/refs/main", Path(os.path.realpath(ref)))
+        revision = ref.read_text(errors="replace").strip()
+        if not revision or "/" in revision or "\\" in revision or revision in (".", "..") or "\0" in revision:
+            raise InvalidArgument(f"{path}/refs/main names {clip(revision)!r}, which is not a snapshot name")
+        snap = snapshots / revision
         if snap.is_dir():
-            return snap
+            real_snap = Path(os.path.realpath(snap))
+            if not _inside(real_snap, real_roots):
+                raise _refuse_outside(f"{path.name}/snapshots/{revision}", real_snap)
+            return real_snap
     found = sorted(p for p in snapshots.iterdir() if p.is_dir())
     if len(found) != 1:
         raise InvalidArgument(f"{path} is an HF cache entry with {len(found)} snapshots and no refs/main; give the snapshot dir")
-    return found[0]
+    real_snap = Path(os.path.realpath(found[0]))
+    if not _inside(real_snap, real_roots):
+        raise _refuse_outside(f"{path.name}/snapshots/{found[0].name}", real_snap)
+    return real_snap
+
+
+def _confine_files(directory: Path, real_roots: list[Path]) -> None:
+    names = list(SIDE_FILES)
+    try:
+        names += index_file_names(directory)
+    except InvalidArgument:
+        pass  # a malformed index is reported, with its reason, when the weights are opened
+    names += [p.name for p in directory.glob("*.safetensors")]
+    for name in names:
+        file = directory / name
+        if _exists(file) or file.is_symlink():
+            real = Path(os.path.realpath(file))
+            if not _inside(real, real_roots):
+                raise _refuse_outside(f"{directory.name}/{clip(name)}", real)
+
+
+def index_file_names(directory: Path) -> list[str]:
+    """The weight files model.safetensors.index.json names ([] without one). Each must be a plain
+    file name in the checkpoint directory: an index cannot point elsewhere."""
+    index = directory / INDEX_FILE
+    if not index.exists():
+        return []
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise InvalidArgument(f"{index} is malformed: {clip(str(err))}") from None
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\0" in name:
+            raise InvalidArgument(f"{index} names the weight file {clip(str(name))!r}; an index may only name files "
+                                  "in the checkpoint's own directory")
+    return names
 
 
 @dataclass(frozen=True)
@@ -82,16 +157,13 @@ class Checkpoint:
             raise InvalidArgument(f"{directory} holds no tensors")
 
     def _weight_files(self) -> list[Path]:
-        index = self.directory / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise InvalidArgument(f"{index} is malformed: {err}") from None
-            files = sorted({self.directory / f for f in weight_map.values()})
+        names = index_file_names(self.directory)
+        if names:
+            files = [self.directory / name for name in names]
             missing = [f.name for f in files if not f.exists()]
             if missing:
-                raise InvalidArgument(f"{index} names files that are missing: {', '.join(missing)}")
+                raise InvalidArgument(f"{self.directory / INDEX_FILE} names files that are missing: "
+                                      f"{clip(', '.join(missing))}")
             return files
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:

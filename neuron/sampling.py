@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common.proto.neuron.v1 import neuron_pb2
 from common.errors import InvalidArgument
 
 DEFAULT_MAX_TOKENS = 256
@@ -28,8 +27,28 @@ _FROM_CONFIG = "generation_config.json"
 
 
 @dataclass(frozen=True)
+class SamplingRequest:
+    """A request's sampling fields as the caller sent them; None where a field was not set, so that
+    the model's generation_config.json can fill it. Built from the wire format at the service edge
+    (neuron/service/convert.py); nothing below that edge sees protobuf."""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     max_tokens: int = DEFAULT_MAX_TOKENS
+    # What reaching max_tokens means, as the stop_reason: "max_tokens" when the request's (or the
+    # model's) limit binds, "context" when the context left after the prompt was smaller.
+    length_limit: str = "max_tokens"
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -59,11 +78,6 @@ def _model_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     return defaults
 
 
-def _float32(value: float) -> float:
-    """A proto float as the number the client wrote (0.7, not 0.699999988079071)."""
-    return float(str(np.float32(value)))
-
-
 def _require(ok: bool, field: str, value: Any, source: str, allowed: str) -> None:
     if ok:
         return
@@ -72,36 +86,37 @@ def _require(ok: bool, field: str, value: Any, source: str, allowed: str) -> Non
     raise InvalidArgument(f"sampling.{field}={shown}{origin} is invalid; allowed: {allowed}")
 
 
-def resolve_sampling(params: neuron_pb2.SamplingParams, generation_config: dict[str, Any],
+def resolve_sampling(request: SamplingRequest, generation_config: dict[str, Any],
                      context_left: int, vocab_size: int) -> SamplingConfig:
     """Merge a request's sampling fields with the model's defaults and check them.
 
     Unset fields take generation_config.json's values, then SamplingConfig's defaults.
-    `context_left` is the number of positions left after the prompt; max_tokens is capped by it.
+    `context_left` is the number of positions left after the prompt; max_tokens is capped by it, and
+    `length_limit` says which of the two binds.
     """
     if context_left < 1:
         raise InvalidArgument("prompt fills the model's whole context, leaving no room for new tokens; "
                               "send a shorter prompt")
     defaults = _model_defaults(generation_config)
 
-    def pick(field: str, fallback: Any, as_float: bool = False) -> tuple[Any, str]:
-        if params.HasField(field):
-            value = getattr(params, field)
-            return (_float32(value) if as_float else value), "request"
+    def pick(field: str, fallback: Any) -> tuple[Any, str]:
+        value = getattr(request, field)
+        if value is not None:
+            return value, "request"
         if defaults.get(field) is not None:
             return defaults[field], _FROM_CONFIG
         return fallback, "default"
 
-    temperature, source = pick("temperature", 0.0, as_float=True)
+    temperature, source = pick("temperature", 0.0)
     _require(0.0 <= temperature <= MAX_TEMPERATURE, "temperature", temperature, source,
              f"0 (greedy) to {MAX_TEMPERATURE:g}")
     top_k, source = pick("top_k", 0)
     _require(0 <= top_k <= MAX_TOP_K, "top_k", top_k, source, f"0 (off) to {MAX_TOP_K}")
-    top_p, source = pick("top_p", 1.0, as_float=True)
+    top_p, source = pick("top_p", 1.0)
     _require(0.0 < top_p <= 1.0, "top_p", top_p, source, "greater than 0 and at most 1 (1 is off)")
-    min_p, source = pick("min_p", 0.0, as_float=True)
+    min_p, source = pick("min_p", 0.0)
     _require(0.0 <= min_p < 1.0, "min_p", min_p, source, "at least 0 (off) and below 1")
-    penalty, source = pick("repetition_penalty", 1.0, as_float=True)
+    penalty, source = pick("repetition_penalty", 1.0)
     _require(0.0 < penalty <= MAX_REPETITION_PENALTY, "repetition_penalty", penalty, source,
              f"greater than 0 and at most {MAX_REPETITION_PENALTY:g} (1 is off)")
     max_tokens, source = pick("max_tokens", DEFAULT_MAX_TOKENS)
@@ -109,15 +124,16 @@ def resolve_sampling(params: neuron_pb2.SamplingParams, generation_config: dict[
 
     return SamplingConfig(
         max_tokens=min(int(max_tokens), context_left),
+        length_limit="context" if context_left < max_tokens else "max_tokens",
         temperature=float(temperature),
         top_k=int(top_k),
         top_p=float(top_p),
         min_p=float(min_p),
         repetition_penalty=float(penalty),
-        seed=params.seed if params.HasField("seed") else None,
-        stop=_check_stop(list(params.stop)),
-        stop_token_ids=_check_stop_token_ids(list(params.stop_token_ids), vocab_size),
-        ignore_eos=params.ignore_eos,
+        seed=request.seed,
+        stop=_check_stop(list(request.stop)),
+        stop_token_ids=_check_stop_token_ids(list(request.stop_token_ids), vocab_size),
+        ignore_eos=request.ignore_eos,
     )
 
 

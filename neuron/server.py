@@ -7,6 +7,7 @@ import secrets
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,14 @@ from common.server import MAX_MESSAGE_BYTES
 from . import __version__, comm_nccl, comm_tcp
 from .collectives import UNIQUE_ID_BYTES, CollectiveError
 from .groups import Followers, Group, GroupTable
-from .generation import ErrorEvent, FinishEvent, Sequence, TokenEvent
+from .health import device_error
+from .limits import Limits
+from .generation import Sequence
 from .loader import resolve_checkpoint
 from .sampling import resolve_sampling
-from .shard import LoadRequest, Shard, plan_load
+from .service.convert import sampling_request
+from .service.responses import ResponseBuilder, responses
+from .shard import DEFAULT_KV_SLOTS, LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
 from common.proto.neuron.v1 import neuron_pb2 as pb
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -32,8 +37,6 @@ from .worker import (CallJob, ClearKvJob, DeviceWorker, DropShardJob, FollowerSt
                      LoadShardJob)
 
 log = structlog.get_logger(__name__)
-
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 # Every neuron RPC is for cortex and peer neurons: the cluster token (with --cluster-token-file).
 ACCESS = AccessPolicy(cluster_services=("neuron.v1.Neuron",))
@@ -51,6 +54,11 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         self._handle_owner: dict[int, DeviceWorker] = {}
         self.groups = GroupTable()
         self._issued: set[int] = set()
+        self.stall_seconds = 0.0  # the progress watchdog's time (0: off); Describe reports stalls past it
+        self.limits = Limits()
+        # Tokenizing and chat templating run here, never on the event loop (a few threads: a flood
+        # of long prompts queues instead of taking every core).
+        self._prompt_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt")
 
     # ------------------------------------------------------------ helpers
 
@@ -89,7 +97,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                       for h, s in list(w.slab.items())]
             shards += [pb.ShardSummary(handle=h, error=why) for h, why in list(w.failed.items())]
             devices.append(pb.Device(id=w.spec.id, kind=w.spec.kind, name=w.backend.name if w.backend else "",
-                                     total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy))
+                                     total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy,
+                                     error=device_error(w, self.stall_seconds)))
         return devices
 
     # ------------------------------------------------------------ RPCs
@@ -115,7 +124,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             path=str(directory), architecture=plan.config.architecture, dtype=plan.dtype,
             num_parameters=plan.num_parameters, weight_bytes_per_rank=plan.weight_bytes,
             kv_bytes_per_slot=plan.kv_bytes_per_slot, max_context=plan.max_context,
-            vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe())
+            vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe(),
+            default_kv_slots=DEFAULT_KV_SLOTS)
 
     @rpc_method
     async def LoadShard(self, request, context):
@@ -205,10 +215,11 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 
     @rpc_method
     async def Generate(self, request, context):
+        started = time.perf_counter()
         worker, shard = self._lookup(request.handle)
-        prompt_ids = prompt_token_ids(shard, request.prompt)
+        prompt_ids = await self._prompt_ids(shard, request.prompt)
         context_left = shard.kv.max_context - len(prompt_ids)
-        sampling = resolve_sampling(request.sampling, shard.generation_config, context_left=context_left,
+        sampling = resolve_sampling(sampling_request(request.sampling), shard.generation_config, context_left=context_left,
                                     vocab_size=shard.config.vocab_size)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -217,50 +228,28 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             raise FailedPrecondition(f"{shard.request.model} has no tokenizer.json, so stop strings cannot be matched; "
                                      "use stop_token_ids")
         text = TextStream(shard.tokenizer, list(sampling.stop)) if shard.tokenizer else None
-        started = time.perf_counter()
-        first_token_at = None
-        completion = 0
-        log_ctx = dict(request_id=request.request_id, handle=request.handle, model=shard.request.model)
+        request_id = request.request_id or f"neuron-{secrets.token_hex(8)}"
+        builder = ResponseBuilder(request_id, len(prompt_ids), text, started)
         try:
             await asyncio.wrap_future(worker.submit(GenerateJob(seq)))
-            while True:
-                batch = [await events.get()]
-                while not events.empty():  # coalesce tokens that arrived together into one message
-                    batch.append(events.get_nowait())
-                ids = [ev.token_id for ev in batch if isinstance(ev, TokenEvent)]
-                end = next((ev for ev in batch if not isinstance(ev, TokenEvent)), None)
-                if isinstance(end, ErrorEvent):
-                    raise end.error
-                if ids and first_token_at is None:
-                    first_token_at = time.perf_counter()
-                completion += len(ids)
-                delta, stop = text.push(ids) if text else ("", None)
-                if stop is not None:
-                    seq.cancel()
-                    end = FinishEvent("stop", f"stop:{stop}")
-                if end is None:
-                    if ids:
-                        yield pb.GenerateResponse(token_ids=ids, text=delta)
-                    continue
-                if stop is None and text:
-                    delta += text.finish()
-                yield self._final(ids, delta, end, len(prompt_ids), completion, started, first_token_at)
-                log.info("generate done", **log_ctx, prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                         finish=end.stop_reason, ttft_ms=round((first_token_at - started) * 1e3, 2) if first_token_at else None)
-                return
+            async for message in responses(events, builder):
+                yield message
+            timing = message.timing
+            log.info("generate done", request_id=request_id, handle=request.handle, model=shard.request.model,
+                     prompt_tokens=len(prompt_ids), completion_tokens=builder.completion_tokens,
+                     finish=builder.finish.stop_reason, ttft_ms=round(timing.time_to_first_token_ms, 2))
         finally:
-            seq.cancel()  # no-op when finished; stops the device work when the caller went away
+            # No-op when the device finished; stops its work after a stop string, or when the caller went away.
+            seq.cancel()
 
-    @staticmethod
-    def _final(ids, delta, end: FinishEvent, prompt_tokens, completion, started, first_token_at) -> pb.GenerateResponse:
-        now = time.perf_counter()
-        ttft = (first_token_at or now) - started
-        decode_time = now - (first_token_at or now)
-        return pb.GenerateResponse(
-            token_ids=ids, text=delta, finish_reason=FINISH[end.reason], stop_reason=end.stop_reason,
-            usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
-            timing=pb.Timing(time_to_first_token_ms=ttft * 1e3, total_ms=(now - started) * 1e3,
-                             decode_tokens_per_second=(completion - 1) / decode_time if decode_time > 0 else 0.0))
+    async def _prompt_ids(self, shard: Shard, prompt: pb.Prompt) -> list[int]:
+        check_prompt_size(prompt, self.limits)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._prompt_pool, prompt_token_ids, shard, prompt, self.limits.template_seconds)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens, more than the limit of "
+                                  f"{self.limits.max_prompt_tokens} (--max-prompt-tokens); send a shorter prompt")
+        return ids
 
     # ------------------------------------------------------------ tensor parallelism
 
@@ -407,7 +396,18 @@ def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:
                               "send fewer tokens or load the model with a larger max_context")
 
 
-def prompt_token_ids(shard: Shard, prompt: pb.Prompt) -> list[int]:
+def check_prompt_size(prompt: pb.Prompt, limits: Limits) -> None:
+    kind = prompt.WhichOneof("kind")
+    if kind == "tokens" and len(prompt.tokens.ids) > limits.max_prompt_tokens:
+        raise InvalidArgument(f"prompt.tokens has {len(prompt.tokens.ids)} ids, more than the limit of "
+                              f"{limits.max_prompt_tokens} (--max-prompt-tokens); send a shorter prompt")
+    if kind in ("text", "chat") and (size := prompt.ByteSize()) > limits.max_prompt_bytes:
+        raise InvalidArgument(f"prompt.{kind} is {size} bytes, more than the limit of {limits.max_prompt_bytes} "
+                              "(--max-prompt-bytes); send a shorter prompt")
+
+
+def prompt_token_ids(shard: Shard, prompt: pb.Prompt, template_seconds: float = 2.0) -> list[int]:
+    """Token ids of a prompt (tokenizing or templating it: call it off the event loop)."""
     kind = prompt.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument("prompt is empty: set prompt.text, prompt.tokens or prompt.chat")
@@ -422,7 +422,7 @@ def prompt_token_ids(shard: Shard, prompt: pb.Prompt) -> list[int]:
             messages = [{"role": m.role, "content": m.content} for m in prompt.chat.messages]
             if not messages:
                 raise InvalidArgument("prompt.chat.messages is empty")
-            ids = shard.tokenizer.encode_chat(messages)
+            ids = shard.tokenizer.encode_chat(messages, template_seconds)
     _check_token_ids(ids, shard, f"prompt.{kind}")
     if len(ids) >= shard.kv.max_context:
         raise InvalidArgument(f"the prompt has {len(ids)} tokens but the context holds {shard.kv.max_context}, "

@@ -7,18 +7,16 @@ way transformers renders them, so a chat prompt gives the same token ids as
 """
 from __future__ import annotations
 
-import functools
 import json
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
 
 from common.errors import FailedPrecondition, InvalidArgument
+
+from .chat_template import RENDER_SECONDS, compile_template, render
 
 # Special tokens of tokenizer_config.json that chat templates may refer to by name.
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -43,31 +41,6 @@ def _pick_chat_template(value: str | list | None) -> str | None:
     if isinstance(value, list):
         return next((t["template"] for t in value if t.get("name") == "default"), None)
     return value
-
-
-def _raise_exception(message: str):
-    # Templates call this to reject a conversation (e.g. roles that do not alternate).
-    raise InvalidArgument(f"prompt.chat was rejected by the model's chat template: {message}")
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson escapes HTML characters and non-ASCII text; templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
 
 
 class Tokenizer:
@@ -109,12 +82,15 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it tokenizes (encode does not): a long prompt
+        # tokenized on a worker thread then leaves the event loop running.
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    seconds: float = RENDER_SECONDS) -> str:
         if not self.chat_template:
             raise FailedPrecondition(
                 "prompt.chat cannot be used: the model has no chat template (tokenizer_config.json "
@@ -122,17 +98,17 @@ class Tokenizer:
         if not messages:
             raise InvalidArgument("prompt.chat.messages is empty; send at least one message")
         try:
-            template = _compile_template(self.chat_template)
+            template = compile_template(self.chat_template)
         except jinja2.TemplateSyntaxError as err:
             raise FailedPrecondition(
                 f"the model's chat template does not compile ({err.message}, line {err.lineno}); "
                 "fix the model's chat template, or send prompt.text or prompt.tokens") from err
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
+            return render(template, seconds, messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
         except jinja2.TemplateError as err:
             raise InvalidArgument(f"prompt.chat could not be rendered with the model's chat template: {err}") from err
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], seconds: float = RENDER_SECONDS) -> list[int]:
         """Token ids of a chat prompt, ending with the assistant turn's opening.
 
         The template writes every special token itself (BOS included, where the model wants one),
@@ -140,7 +116,8 @@ class Tokenizer:
         apply_chat_template does. Adding them would give a second BOS, or a BOS the template
         deliberately left out.
         """
-        return self.encode(self.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt=True, seconds=seconds),
+                           add_special_tokens=False)
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
@@ -153,15 +130,31 @@ class Tokenizer:
         return ids
 
 
-class TextStream:
-    """Turns generated token ids into text deltas that are safe to send while streaming.
+class StreamDelta(NamedTuple):
+    """What one push or finish of a TextStream gives back."""
+    text: str                 # text safe to send now
+    stop: str | None = None   # the stop string that ended the stream, or None
+    tokens: int = 0           # how many of the pushed ids belong to the output: all of them, or,
+    #                           when a stop string matched, those up to the one that completed it
 
-    Decodes a sliding window of the generated ids (as TGI and vLLM do): `prefix` marks the start
+
+class TextStream:
+    """Turns generated token ids into text deltas that are safe to send while streaming, and ends
+    the stream at the first stop string.
+
+    Decoding: a sliding window of the generated ids (as TGI and vLLM do): `prefix` marks the start
     of the window, `read` the end of what was already turned into text. The delta is the window's
     text minus the text of its first part, so decoders that treat the first token specially (e.g.
     strip a leading space) treat both the same. Text that ends in U+FFFD (an incomplete UTF-8
-    character) is held until the character is complete, and so is a tail that could be the start
-    of a stop string.
+    character) is held until the character is complete. (tokenizers' DecodeStream does the same
+    job but does not fit: on byte-fallback tokenizers it raises on an invalid byte run, which a
+    sampled model can produce, and it never flushes an incomplete character at the end.)
+
+    Stops: ids are taken one at a time, so the token that completed a stop string is known
+    whatever grouping the ids arrive in. The stop string completed first wins (on a tie, the
+    longer one); the text before it is the output. A tail that could be the start of a stop string
+    is held back; so is a tail held for an incomplete character, but the complete text before that
+    tail is already checked for stops, so a stop never waits for the next character.
 
     The deltas and finish() add up to decode(all ids), with one exception no stream can avoid:
     byte-fallback (SentencePiece) decoders replace each token of an invalid UTF-8 byte run with
@@ -177,49 +170,74 @@ class TextStream:
         self._pending = ""          # decoded text held back because it may start a stop string
         self._stopped = False
 
-    def push(self, token_ids: list[int]) -> tuple[str, str | None]:
-        """Add generated tokens. Returns (text to emit now, the stop string that matched or None).
+    def push(self, token_ids: list[int]) -> StreamDelta:
+        """Add generated tokens. After a stop string matched, the stream is over: later pushes
+        give StreamDelta("", None, 0)."""
+        released = []
+        for used, token_id in enumerate(token_ids, start=1):
+            if self._stopped:
+                break
+            self._ids.append(token_id)
+            text, stop = self._step()
+            released.append(text)
+            if stop is not None:
+                return StreamDelta("".join(released), stop, used)
+        return StreamDelta("".join(released), None, 0 if self._stopped else len(token_ids))
 
-        After a stop string matched, the stream is over: later pushes return ("", None).
-        """
+    def finish(self) -> StreamDelta:
+        """The text still held back, once generation ended; a stop string found in it still ends
+        the output there (StreamDelta.tokens is 0: finish takes no new ids)."""
         if self._stopped:
-            return "", None
-        self._ids.extend(token_ids)
-        self._pending += self._new_text(final=False)
-        return self._release()
+            return StreamDelta("")
+        self._pending += self._window_text(final=True)
+        self._stopped = True
+        match = self._first_stop(self._pending)
+        if match is None:
+            text, self._pending = self._pending, ""
+            return StreamDelta(text)
+        start, stop = match
+        text, self._pending = self._pending[:start], ""
+        return StreamDelta(text, stop)
 
-    def finish(self) -> str:
-        """The text still held back, once generation ended without a stop string."""
-        if self._stopped:
-            return ""
-        text = self._pending + self._new_text(final=True)
-        self._pending = ""
-        return text
+    def _step(self) -> tuple[str, str | None]:
+        """Text released by the newest id, and the stop string it completed, if any."""
+        new_text = self._window_text(final=False)
+        if new_text is None:
+            # An incomplete character at the end: the complete text before it is final already.
+            unsettled = self._tokenizer.decode(self._ids[self._prefix:])
+            settled = unsettled[len(self._tokenizer.decode(self._ids[self._prefix:self._read])):].rstrip("\ufffd")
+            match = self._first_stop(self._pending + settled)
+            if match is None:
+                return "", None
+            self._stopped = True
+            text, self._pending = self._pending + settled, ""
+            return text[:match[0]], match[1]
+        self._pending += new_text
+        match = self._first_stop(self._pending)
+        if match is not None:
+            self._stopped = True
+            text, self._pending = self._pending[:match[0]], ""
+            return text, match[1]
+        cut = len(self._pending) - self._stop_prefix_length()
+        text, self._pending = self._pending[:cut], self._pending[cut:]
+        return text, None
 
-    def _new_text(self, final: bool) -> str:
+    def _window_text(self, final: bool) -> str | None:
+        """The window's new text, moving the window on; None (and the window stays) while the
+        text ends in an incomplete character and more ids may complete it."""
         prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read])
         text = self._tokenizer.decode(self._ids[self._prefix:])
-        if len(text) <= len(prefix_text) or (text.endswith("\ufffd") and not final):
+        if text.endswith("\ufffd") and not final:
+            return None
+        if len(text) <= len(prefix_text):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(prefix_text):]
 
-    def _release(self) -> tuple[str, str | None]:
-        match = self._first_stop()
-        if match is not None:
-            index, stop = match
-            self._stopped = True
-            text, self._pending = self._pending[:index], ""
-            return text, stop
-        keep = self._stop_prefix_length()
-        cut = len(self._pending) - keep
-        text, self._pending = self._pending[:cut], self._pending[cut:]
-        return text, None
-
-    def _first_stop(self) -> tuple[int, str] | None:
-        """The earliest stop string in the held text, as (position, stop string)."""
-        found = [(index, stop) for stop in self._stop if (index := self._pending.find(stop)) >= 0]
-        return min(found, key=lambda item: item[0], default=None)
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        """The stop string in `text` that is completed first, as (position, stop string)."""
+        found = [(index, stop) for stop in self._stop if (index := text.find(stop)) >= 0]
+        return min(found, key=lambda item: (item[0] + len(item[1]), item[0]), default=None)
 
     def _stop_prefix_length(self) -> int:
         """Length of the longest tail of the held text that is the start of some stop string."""

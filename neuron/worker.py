@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from concurrent.futures import Future
+import time
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -107,6 +108,8 @@ class DeviceWorker:
         self._running: list[Sequence] = []
         self._waiting: collections.deque[Job] = collections.deque()  # Generate/Forward jobs needing a slot
         self._ready = Future()
+        self.failure = ""  # why the device thread ended, if it ended other than by stop()
+        self.progress_at = time.monotonic()  # when the last turn (or load progress) finished
         self._thread = threading.Thread(target=self._main, name=f"device-{spec.id}", daemon=True)
         self._handlers = {
             LoadShardJob: self._load, DropShardJob: self._drop, ForwardJob: self._admit,
@@ -121,10 +124,19 @@ class DeviceWorker:
 
     def submit(self, job: Job) -> Future:
         if not self._thread.is_alive():
-            job.future.set_exception(Unavailable(f"device {self.spec.id} worker is not running"))
+            why = f": {self.failure}" if self.failure else ""
+            job.future.set_exception(Unavailable(f"device {self.spec.id} worker is not running{why}"))
         else:
             self._jobs.put(job)
         return job.future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def holds_work(self) -> bool:
+        """Running or waiting requests, or a job in progress: the watchdog expects turns to finish."""
+        return bool(self._running or self._waiting or self.busy)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread.is_alive():
@@ -141,16 +153,27 @@ class DeviceWorker:
             self._ready.set_exception(err)
             return
         self._ready.set_result(None)
+        try:
+            self._serve()
+        except BaseException as err:  # a bug: recorded so health, Describe and submit() can say why
+            self.failure = f"device thread died: {err!r}"
+            log.critical("device worker died", device=self.spec.id, error=repr(err), exc_info=True)
+
+    def _serve(self) -> None:
         while True:
             job = self._next_job()
             if isinstance(job, ShutdownJob):
                 self._shutdown(job)
                 return
-            if job is not None:
-                self._run_job(job)
-            self._step_running()
-            self._admit_waiting()
-            self._refresh_memory()
+            try:
+                if job is not None:
+                    self._run_job(job)
+                self._step_running()
+                self._admit_waiting()
+                self._refresh_memory()
+            except Exception:  # noqa: BLE001 - one turn's bug must not end the device thread
+                log.exception("device turn failed", device=self.spec.id)
+            self.progress_at = time.monotonic()
 
     def _next_job(self) -> Job | None:
         try:
@@ -165,11 +188,10 @@ class DeviceWorker:
         self.busy = True
         try:
             result = self._handlers[type(job)](job)
-            if result is not _PENDING and not job.future.done():
-                job.future.set_result(result)
+            if result is not _PENDING:
+                _settle(job.future, result)
         except Exception as err:  # noqa: BLE001 - delivered to the caller
-            if not job.future.done():
-                job.future.set_exception(err)
+            _settle(job.future, error=err)
         finally:
             self.busy = False
 
@@ -188,7 +210,11 @@ class DeviceWorker:
     # -- load / drop
 
     def _load(self, job: LoadShardJob) -> Shard:
-        shard = load_shard(self.backend, job.request, job.handle, job.progress, job.cancelled, job.comm)
+        def progress(p: LoadProgress) -> None:
+            self.progress_at = time.monotonic()  # a long load is progress, not a stall
+            job.progress(p)
+
+        shard = load_shard(self.backend, job.request, job.handle, progress, job.cancelled, job.comm)
         self.slab[job.handle] = shard
         self.backend.used += shard.nbytes
         log.info("shard loaded", model=job.request.model, handle=job.handle, device=self.spec.id, dtype=shard.dtype,
@@ -259,6 +285,8 @@ class DeviceWorker:
     def _admit_waiting(self) -> None:
         for _ in range(len(self._waiting)):
             job = self._waiting.popleft()
+            if job.future.cancelled():
+                continue  # the caller gave up (cancelled, or past its deadline) while it waited
             shard = self.slab.get(self._handle_of(job))
             if shard is None:
                 self._reject(job, NotFound("the model was dropped while this request waited"))
@@ -270,9 +298,9 @@ class DeviceWorker:
             try:
                 result = self._start(job, shard, slot)
                 if result is not _PENDING:
-                    job.future.set_result(result)
+                    _settle(job.future, result)
             except Exception as err:  # noqa: BLE001 - delivered to the caller
-                job.future.set_exception(err)
+                _settle(job.future, error=err)
 
     def _start(self, job: Job, shard: Shard, slot: int):
         if isinstance(job, ForwardJob):
@@ -291,9 +319,9 @@ class DeviceWorker:
     def _reject(self, job: Job, err: Exception) -> None:
         if isinstance(job, GenerateJob):
             job.sequence.emit(ErrorEvent(err))
-            job.future.set_result(None)
+            _settle(job.future, None)
         else:
-            job.future.set_exception(err)
+            _settle(job.future, error=err)
 
     def _forward(self, shard: Shard, job: ForwardJob, slot: int) -> np.ndarray:
         try:
@@ -341,4 +369,18 @@ class DeviceWorker:
             shard.comm.close()
         self.slab.clear()
         self.backend.close()
-        job.future.set_result(None)
+        _settle(job.future, None)
+
+
+def _settle(future: Future, result: Any = None, error: Exception | None = None) -> None:
+    """Complete a job's future unless its caller already gave up on it (cancelled, or a deadline
+    passed): completing a cancelled future raises InvalidStateError on the device thread."""
+    try:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled by the caller's thread between the check and the set
+        pass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from common.config import Setting
+from common.config import ConfigError, Setting
 from common.rpc.channels import ChannelSecurity
 
 from .credentials import CredentialsError, KeyRing, load_api_keys, load_token
@@ -46,8 +46,8 @@ class ServerSecurity:
     api_keys: KeyRing | None = None
 
     @classmethod
-    def from_settings(cls, settings: dict, component: str) -> "ServerSecurity":
-        """Reads the files now, so a bad one stops the process at start with the reason."""
+    def from_settings(cls, settings: dict) -> "ServerSecurity":
+        """Reads the files now, so a bad one stops the process at start with the reason (ConfigError)."""
         try:
             tls = TlsFiles(settings["tls_ca"], settings["tls_cert"], settings["tls_key"])
             security = cls(tls, bool(settings["tls_require_client_cert"] and tls.ca),
@@ -58,7 +58,7 @@ class ServerSecurity:
             security.server_credentials()  # reads the PEM files
             return security
         except (CredentialsError, TlsConfigError) as err:
-            raise SystemExit(f"{component}: {err}") from None
+            raise ConfigError(str(err)) from None
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         return self.tls.server_credentials(self.require_client_cert) if self.tls.serves_tls else None

@@ -158,7 +158,7 @@ def test_sigterm_drains_streams_in_flight_refuses_new_calls_and_exits_zero(tmp_p
     try:
         with CortexClient(cortex.address, timeout=30) as client:
             wait_until(lambda: client.nodes()[0].state == cpb.NODE_STATE_UP, what="the neuron UP")
-            client.load_wait("long", name="long", max_context=65536)
+            client.load("long", name="long", max_context=65536)
             stats = list(client.generate("long", token_ids=[1, 2], max_tokens=200, ignore_eos=True))[-1]
             # A stream that runs about two seconds: long enough to SIGTERM in its middle.
             n = min(60000, max(200, int(stats.timing.decode_tokens_per_second * 2)))
@@ -200,3 +200,29 @@ def test_demo_runs_end_to_end_and_shuts_down_cleanly():
     assert "SIGTERM -> cortex exited 0, neuron-2 exited 0, neuron-1 exited 0" in out
     assert out.rstrip().endswith("done: every process exited cleanly")
     assert time.monotonic() - started < 60
+
+
+def test_demo_keep_running_then_ctrl_c_unloads_and_exits_zero():
+    # As a terminal does: the demo in a process group of its own, and Ctrl-C's SIGINT sent to that
+    # whole group. The servers the demo started must not get it (they would drain before the unload).
+    demo = subprocess.Popen([sys.executable, "-u", "-m", "cortex.cli", "demo", "--keep-running", "--max-tokens", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in demo.stdout:
+            lines.append(line)
+            if "press Ctrl-C" in line:
+                break
+        assert "press Ctrl-C" in "".join(lines), "".join(lines)
+        os.killpg(demo.pid, signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    out = "".join(lines) + rest
+    assert demo.returncode == 0, out
+    assert "interrupted: unloading and shutting down" in out and "unload     tiny-llama: freed" in out
+    assert "SIGTERM -> cortex exited 0, neuron-2 exited 0, neuron-1 exited 0" in out
+    assert out.rstrip().endswith("done: every process exited cleanly")

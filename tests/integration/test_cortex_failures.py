@@ -122,7 +122,7 @@ def test_registered_and_static_neurons_are_listed_up(fleet, client):
 
 
 def test_no_room_anywhere_is_resource_exhausted_with_the_numbers(fleet, client):
-    err = rpc_error(lambda: client.load_wait("only-on-a", name="huge", max_context=LONG_CONTEXT))
+    err = rpc_error(lambda: client.load("only-on-a", name="huge", max_context=LONG_CONTEXT))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     text = err.details()
     # What it needs (and how that was computed), and what the best devices have.
@@ -131,7 +131,7 @@ def test_no_room_anywhere_is_resource_exhausted_with_the_numbers(fleet, client):
     assert "huge" not in {m.name for m in client.models()}
     assert shards(fleet.a_address) == [] and shards(fleet.b.address) == []
     # With a context that fits, the same checkpoint loads.
-    info = client.load_wait("only-on-a", name="huge", max_context=4096)
+    info = client.load("only-on-a", name="huge", max_context=4096)
     assert info.state == cpb.MODEL_STATE_READY and info.placement[0].node == fleet.a_address
     assert len(generate(client, "huge")) == 3
     client.unload("huge")
@@ -139,7 +139,7 @@ def test_no_room_anywhere_is_resource_exhausted_with_the_numbers(fleet, client):
 
 def test_a_rank_that_fails_to_load_releases_every_rank_and_is_named(fleet, client):
     # tp=2 needs both neurons' single devices; only A has the checkpoint, so rank 1 (B) fails.
-    err = rpc_error(lambda: client.load_wait("only-on-a", name="split", tp=2, timeout=60))
+    err = rpc_error(lambda: client.load("only-on-a", name="split", tp=2, timeout=60))
     if err.code() == grpc.StatusCode.UNIMPLEMENTED:
         pytest.skip(f"the neurons do not implement tensor parallelism yet: {err.details()}")
     assert err.code() == grpc.StatusCode.NOT_FOUND
@@ -148,7 +148,7 @@ def test_a_rank_that_fails_to_load_releases_every_rank_and_is_named(fleet, clien
     assert "split" not in {m.name for m in client.models()}
     assert shards(fleet.a_address) == [] and shards(fleet.b.address) == []
     # Nothing of the group is left: the same two devices form a new group at once.
-    info = client.load_wait("llama2", name="split", tp=2, timeout=60)
+    info = client.load("llama2", name="split", tp=2, timeout=60)
     assert {p.node for p in info.placement} == {fleet.a_address, fleet.b.address}
     assert len(generate(client, "split")) == 3
     client.unload("split")
@@ -156,8 +156,8 @@ def test_a_rank_that_fails_to_load_releases_every_rank_and_is_named(fleet, clien
 
 
 def test_a_killed_neuron_makes_its_models_unavailable_and_the_rest_keep_serving(fleet, client):
-    client.load_wait("llama2", name="on-a", node=fleet.a_address)
-    client.load_wait("llama3", name="on-b", node=fleet.b.address)
+    client.load("llama2", name="on-a", node=fleet.a_address)
+    client.load("llama3", name="on-b", node=fleet.b.address)
     fleet.a.kill()
     down = wait_until(lambda: (n := fleet.node(client, fleet.a_address)).state == cpb.NODE_STATE_DOWN and n,
                       timeout=10, what="A DOWN")
@@ -169,7 +169,7 @@ def test_a_killed_neuron_makes_its_models_unavailable_and_the_rest_keep_serving(
     assert err.code() == grpc.StatusCode.UNAVAILABLE and fleet.a_address in err.details()
     err = rpc_error(lambda: client.forward("on-a", [1, 2]))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
-    err = rpc_error(lambda: client.load_wait("llama2", name="pinned", node=fleet.a_address))
+    err = rpc_error(lambda: client.load("llama2", name="pinned", node=fleet.a_address))
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "is down" in err.details()
 
     assert model(client, "on-b").state == cpb.MODEL_STATE_READY
@@ -187,7 +187,7 @@ def test_a_restarted_neuron_registers_again_and_its_lost_model_can_be_reloaded(f
     def registrations() -> int:
         return fleet.cortex.log().count(f'"node": "{fleet.a_address}", "host"')  # "neuron registered" lines
 
-    first = client.load_wait("llama2", name="again", node=fleet.a_address)
+    first = client.load("llama2", name="again", node=fleet.a_address)
     before = registrations()
     fleet.a.kill()
     fleet.a = fleet.start_a()  # same address, as a supervisor would restart it
@@ -201,14 +201,14 @@ def test_a_restarted_neuron_registers_again_and_its_lost_model_can_be_reloaded(f
     err = rpc_error(lambda: generate(client, "again"))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "load the model again" in err.details()
 
-    again = client.load_wait("llama2", name="again", node=fleet.a_address)
+    again = client.load("llama2", name="again", node=fleet.a_address)
     assert again.state == cpb.MODEL_STATE_READY and again.placement[0].handle != first.placement[0].handle
     assert len(generate(client, "again")) == 3
     client.unload("again")
 
 
 def test_a_killed_tensor_parallel_follower_fails_the_model_until_it_is_reloaded(fleet, client):
-    info = client.load_wait("llama2", name="pair", tp=2, timeout=60)
+    info = client.load("llama2", name="pair", tp=2, timeout=60)
     assert [p.node for p in info.placement] == [fleet.a_address, fleet.b.address]  # A is emptier: rank 0
     assert len(generate(client, "pair")) == 3
     fleet.b.kill()
@@ -224,7 +224,7 @@ def test_a_killed_tensor_parallel_follower_fails_the_model_until_it_is_reloaded(
     wait_until(lambda: fleet.node(client, fleet.b.address).state == cpb.NODE_STATE_DOWN, what="B DOWN")
     fleet.b = start_neuron("cpu:0", [MODELS], extra=["--cpu-memory-gb", "0.05"], listen=fleet.b.address)
     fleet.wait_up(client, fleet.b.address)
-    again = client.load_wait("llama2", name="pair", tp=2, timeout=60)  # replaces the failed one
+    again = client.load("llama2", name="pair", tp=2, timeout=60)  # replaces the failed one
     assert again.state == cpb.MODEL_STATE_READY and len(generate(client, "pair")) == 3
     client.unload("pair")
     assert shards(fleet.a_address) == [] and shards(fleet.b.address) == []
@@ -237,7 +237,7 @@ def test_neurons_register_with_a_restarted_cortex(fleet):
         a = fleet.wait_up(client, fleet.a_address)
         assert a.source == "registered"
         assert fleet.wait_up(client, fleet.b.address).source == "static"
-        assert client.load_wait("llama2", name="after", node=fleet.a_address).state == cpb.MODEL_STATE_READY
+        assert client.load("llama2", name="after", node=fleet.a_address).state == cpb.MODEL_STATE_READY
         client.unload("after")
 
 
@@ -248,7 +248,7 @@ def test_no_neurons_up_is_unavailable_and_cortex_keeps_serving():
         with CortexClient(cortex.address, timeout=10) as client:
             node = wait_until(lambda: (n := client.nodes()[0]).reason and n, what="a reason for the dead node")
             assert node.state == cpb.NODE_STATE_DOWN and node.address == unreachable
-            err = rpc_error(lambda: client.load_wait("llama2", name="x"))
+            err = rpc_error(lambda: client.load("llama2", name="x"))
             assert err.code() == grpc.StatusCode.UNAVAILABLE and "no neurons are up" in err.details()
             assert unreachable in err.details()
             err = rpc_error(lambda: generate(client, "x"))

@@ -34,8 +34,8 @@ def test_a_restarted_cortex_adopts_the_models_left_on_the_neurons():
     try:
         with CortexClient(cortex.address, timeout=30) as client:
             wait_until(lambda: all(n.state == cpb.NODE_STATE_UP for n in client.nodes()), what="both neurons UP")
-            single = client.load_wait("llama3", name="single", node=b.address)
-            pair = client.load_wait("llama2", name="pair", tp=2, timeout=60)
+            single = client.load("llama3", name="single", node=b.address)
+            pair = client.load("llama2", name="pair", tp=2, timeout=60)
             assert {p.node for p in pair.placement} == {a.address, b.address}
             before = {"single": generate(client, "single"), "pair": generate(client, "pair")}
 
@@ -62,7 +62,7 @@ def test_a_restarted_cortex_adopts_the_models_left_on_the_neurons():
             assert shards(a.address) == [] and shards(b.address) == []
             assert client.models() == []
             # Nothing left to adopt: the names stay free and can be loaded again.
-            again = client.load_wait("llama3", name="single")
+            again = client.load("llama3", name="single")
             assert again.state == cpb.MODEL_STATE_READY and generate(client, "single") == before["single"]
             client.unload("single")
     finally:

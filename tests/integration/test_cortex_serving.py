@@ -58,7 +58,7 @@ def client(fleet):
 @pytest.fixture(scope="module")
 def ready(client):
     """A model that stays loaded for the module: the 'next valid call' of the bad-input tests."""
-    info = client.load_wait("llama2", name="ready")
+    info = client.load("llama2", name="ready")
     assert info.state == cpb.MODEL_STATE_READY
     return info
 
@@ -109,7 +109,7 @@ def test_nodes_lists_both_neurons_with_devices_and_memory(client, fleet):
 def test_load_generate_forward_unload_match_the_reference(client, fleet, fixture):
     _, neurons = fleet
     ref = np.load(REFERENCE / f"{fixture}.npz")
-    events = list(client.load(fixture, name=f"m-{fixture}", timeout=60))
+    events = list(client.load_stream(fixture, name=f"m-{fixture}", timeout=60))
     info = events[-1]
     assert isinstance(info, cpb.ModelInfo) and info.state == cpb.MODEL_STATE_READY
     progress = [e for e in events[:-1] if not e.message]
@@ -136,7 +136,7 @@ def test_text_and_chat_prompts_stream_text_with_usage_and_timing(client, ready):
     chunks = list(client.generate(ready.name, "The cortex", max_tokens=12, ignore_eos=True, timeout=30))
     assert "".join(c.text for c in chunks) and sum(len(c.token_ids) for c in chunks) == 12
     final = chunks[-1]
-    assert final.finish_reason == npb.FINISH_REASON_LENGTH and final.usage.completion_tokens == 12
+    assert final.finish_reason == cpb.FINISH_REASON_LENGTH and final.usage.completion_tokens == 12
     assert final.usage.prompt_tokens > 0 and final.timing.time_to_first_token_ms > 0
     chat = list(client.generate(ready.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                 ignore_eos=True, timeout=30))
@@ -156,7 +156,7 @@ def test_concurrent_loads_of_one_name_are_one_load(client, fleet):
 
     def load():
         start.wait()
-        return list(client.load("medium", name="twice", max_context=MEDIUM_CONTEXT, kv_slots=1, timeout=60))
+        return list(client.load_stream("medium", name="twice", max_context=MEDIUM_CONTEXT, kv_slots=1, timeout=60))
 
     with ThreadPoolExecutor(3) as pool:
         results = [f.result() for f in [pool.submit(load) for _ in range(3)]]
@@ -169,9 +169,9 @@ def test_concurrent_loads_of_one_name_are_one_load(client, fleet):
     assert 1 <= len(followers) <= 2
     assert len(shards_named(neurons, "twice")) == 1
     # Loading the same name again returns at once; another checkpoint under that name is refused.
-    assert client.load_wait("medium", name="twice").placement[0].handle == infos[0].placement[0].handle
+    assert client.load("medium", name="twice").placement[0].handle == infos[0].placement[0].handle
     with pytest.raises(grpc.RpcError) as err:
-        client.load_wait("llama3", name="twice")
+        client.load("llama3", name="twice")
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "path medium" in err.value.details()
     client.unload("twice")
     assert shards_named(neurons, "twice") == []
@@ -181,13 +181,13 @@ def test_concurrent_loads_of_one_name_are_one_load(client, fleet):
 
 def test_a_load_whose_caller_leaves_is_cancelled_and_leaves_nothing(client, fleet):
     _, neurons = fleet
-    events = client.load("medium", name="abandoned", max_context=MEDIUM_CONTEXT)
+    events = client.load_stream("medium", name="abandoned", max_context=MEDIUM_CONTEXT)
     while not next(events).bytes_done:  # the shard is being read...
         pass
     events.close()  # ...when the caller goes away (Ctrl-C): the load stops and gives back what it took
     wait_until(lambda: "abandoned" not in {m.name for m in client.models()} and not shards_named(neurons, "abandoned"),
                what="the abandoned load released")
-    assert client.load_wait("medium", name="abandoned", max_context=MEDIUM_CONTEXT).state == cpb.MODEL_STATE_READY
+    assert client.load("medium", name="abandoned", max_context=MEDIUM_CONTEXT).state == cpb.MODEL_STATE_READY
     client.unload("abandoned")
     assert shards_named(neurons, "abandoned") == []
 
@@ -195,7 +195,7 @@ def test_a_load_whose_caller_leaves_is_cancelled_and_leaves_nothing(client, flee
 @pytest.fixture(scope="module")
 def slow(client):
     """One KV slot: a generation still running on the neuron would hold up the next one."""
-    info = client.load_wait("medium", name="slow", max_context=MEDIUM_CONTEXT, kv_slots=1, timeout=60)
+    info = client.load("medium", name="slow", max_context=MEDIUM_CONTEXT, kv_slots=1, timeout=60)
     chunks = list(client.generate("slow", token_ids=[1, 5, 9], max_tokens=64, ignore_eos=True, timeout=60))
     rate = chunks[-1].timing.decode_tokens_per_second
     # Enough tokens for a generation that would run >= 30 s, if nothing stopped it.
@@ -233,7 +233,7 @@ def test_the_client_deadline_reaches_the_neuron(client, slow):
 
 def load_tp(client: CortexClient, path: str, name: str, tp: int) -> cpb.ModelInfo:
     try:
-        return client.load_wait(path, name=name, tp=tp, timeout=120)
+        return client.load(path, name=name, tp=tp, timeout=120)
     except grpc.RpcError as err:
         if err.code() == grpc.StatusCode.UNIMPLEMENTED:
             pytest.skip(f"the neurons do not implement tensor parallelism yet: {err.details()}")
@@ -260,7 +260,7 @@ def test_tensor_parallel_load_matches_the_reference_and_unloads_every_rank(clien
 
 def test_unshardable_tensor_parallel_size_is_refused_and_leaves_nothing(client, ready):
     with pytest.raises(grpc.RpcError) as err:
-        client.load_wait("llama2", name="three", tp=3)  # 4 heads do not split over 3 ranks
+        client.load("llama2", name="three", tp=3)  # 4 heads do not split over 3 ranks
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot shard" in err.value.details()
     assert_still_serving(client, ready, "three")
 
@@ -269,7 +269,7 @@ def test_unshardable_tensor_parallel_size_is_refused_and_leaves_nothing(client, 
 
 def generate_request(**fields) -> cpb.GenerateRequest:
     fields.setdefault("model", "ready")
-    fields.setdefault("prompt", npb.Prompt(tokens=npb.TokenIds(ids=[1, 2, 3])))
+    fields.setdefault("prompt", cpb.Prompt(tokens=cpb.TokenIds(ids=[1, 2, 3])))
     return cpb.GenerateRequest(**fields)
 
 
@@ -277,15 +277,15 @@ BAD_GENERATES = [
     ("unknown model", generate_request(model="nope"), grpc.StatusCode.NOT_FOUND, "'nope' is not loaded"),
     ("empty model", generate_request(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model is empty"),
     ("no prompt", cpb.GenerateRequest(model="ready"), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
-    ("empty token list", generate_request(prompt=npb.Prompt(tokens=npb.TokenIds())),
+    ("empty token list", generate_request(prompt=cpb.Prompt(tokens=cpb.TokenIds())),
      grpc.StatusCode.INVALID_ARGUMENT, "prompt.tokens.ids is empty"),
-    ("empty chat", generate_request(prompt=npb.Prompt(chat=npb.Chat())),
+    ("empty chat", generate_request(prompt=cpb.Prompt(chat=cpb.Chat())),
      grpc.StatusCode.INVALID_ARGUMENT, "prompt.chat.messages is empty"),
-    ("token out of vocab", generate_request(prompt=npb.Prompt(tokens=npb.TokenIds(ids=[1, 99999]))),
+    ("token out of vocab", generate_request(prompt=cpb.Prompt(tokens=cpb.TokenIds(ids=[1, 99999]))),
      grpc.StatusCode.INVALID_ARGUMENT, "out of the vocabulary"),
-    ("negative temperature", generate_request(sampling=npb.SamplingParams(temperature=-1)),
+    ("negative temperature", generate_request(sampling=cpb.SamplingParams(temperature=-1)),
      grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
-    ("top_p zero", generate_request(sampling=npb.SamplingParams(top_p=0)),
+    ("top_p zero", generate_request(sampling=cpb.SamplingParams(top_p=0)),
      grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
 ]
 
@@ -349,7 +349,7 @@ def test_bad_loads_are_refused_and_leave_nothing(client, fleet, ready, label, fi
     _, neurons = fleet
     path, name = fields.pop("path"), fields.pop("name")
     with pytest.raises(grpc.RpcError) as err:
-        client.load_wait(path, name=name, timeout=30, **fields)
+        client.load(path, name=name, timeout=30, **fields)
     assert err.value.code() == code and text in err.value.details()
     if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
         assert err.value.details().startswith("node 127.0.0.1:")  # the neuron's verdict, node named

@@ -303,7 +303,7 @@ def cut_and_recover(topo: Topology, client, model: str, host_name: str, expected
 def test_tp1_model_survives_a_cut_link(fleet):
     topo, client = fleet
     target = f"{topo.hosts['neuron-0'].ip}:50061"
-    info = client.load_wait("llama2", "tiny", max_context=64, kv_slots=2, node=target, timeout=60)
+    info = client.load("llama2", "tiny", max_context=64, kv_slots=2, node=target, timeout=60)
     assert info.state == cpb.MODEL_STATE_READY, info
     assert [p.node for p in info.placement] == [target]
     expected = greedy(client, "tiny")
@@ -327,12 +327,12 @@ def test_tp2_across_two_hosts_survives_a_cut_link(fleet):
     if reason:
         pytest.skip(reason)
     topo, client = fleet
-    reference = client.load_wait("llama2", "tiny-ref", max_context=64, kv_slots=1, timeout=60)
+    reference = client.load("llama2", "tiny-ref", max_context=64, kv_slots=1, timeout=60)
     assert reference.state == cpb.MODEL_STATE_READY
     expected = greedy(client, "tiny-ref")
     client.unload("tiny-ref")
 
-    info = client.load_wait("llama2", "tiny-tp2", tp=2, max_context=64, kv_slots=2, timeout=60)
+    info = client.load("llama2", "tiny-tp2", tp=2, max_context=64, kv_slots=2, timeout=60)
     assert info.state == cpb.MODEL_STATE_READY, info
     ranks = sorted(info.placement, key=lambda p: p.rank)
     assert {p.node for p in ranks} == neuron_addresses(topo), f"TP=2 must span both hosts: {ranks}"

@@ -8,7 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from neuron.sampling import Sampler, SamplingConfig, resolve_sampling
+from neuron.sampling import Sampler, SamplingConfig, SamplingRequest, resolve_sampling
+from neuron.service.convert import sampling_request
 from common.proto.neuron.v1 import neuron_pb2
 from common.errors import InvalidArgument
 
@@ -18,7 +19,9 @@ LLAMA3_GENERATION_CONFIG = {"bos_token_id": 128000, "do_sample": True, "eos_toke
 
 
 def resolve(generation_config=None, context_left=4096, vocab_size=VOCAB, **fields) -> SamplingConfig:
-    return resolve_sampling(neuron_pb2.SamplingParams(**fields), generation_config or {}, context_left, vocab_size)
+    """Through the service edge's conversion, as a gRPC request is resolved."""
+    return resolve_sampling(sampling_request(neuron_pb2.SamplingParams(**fields)), generation_config or {},
+                            context_left, vocab_size)
 
 
 def draw_many(config: SamplingConfig, logits, n: int, history=()) -> np.ndarray:
@@ -56,6 +59,27 @@ def test_max_tokens_capped_by_context():
     assert resolve(context_left=100, max_tokens=5).max_tokens == 5
     with pytest.raises(InvalidArgument, match="prompt fills the model's whole context"):
         resolve(context_left=0)
+
+
+def test_length_limit_names_the_binding_limit():
+    # The stop_reason at the length limit: "context" only when the context left was the smaller one.
+    assert resolve(context_left=100, max_tokens=500).length_limit == "context"
+    assert resolve(context_left=100).length_limit == "context"  # the default of 256 does not fit
+    assert resolve(context_left=300).length_limit == "max_tokens"
+    assert resolve(context_left=100, max_tokens=100).length_limit == "max_tokens"
+    assert resolve({"max_new_tokens": 64}, context_left=50).length_limit == "context"
+
+
+def test_service_edge_conversion():
+    # Unset optional fields stay None (so generation_config.json can fill them); set ones keep the
+    # value the client wrote, zero included.
+    assert sampling_request(neuron_pb2.SamplingParams()) == SamplingRequest()
+    converted = sampling_request(neuron_pb2.SamplingParams(temperature=0.0, top_p=0.7, max_tokens=3, seed=0,
+                                                           stop=["a"], stop_token_ids=[4], ignore_eos=True))
+    assert converted == SamplingRequest(max_tokens=3, temperature=0.0, top_p=0.7, seed=0, stop=("a",),
+                                        stop_token_ids=(4,), ignore_eos=True)
+    # The domain type is what resolve_sampling takes; no protobuf needed below the edge.
+    assert resolve_sampling(SamplingRequest(temperature=0.5), {}, 10, VOCAB).temperature == 0.5
 
 
 def test_generation_config_do_sample():

@@ -4,6 +4,7 @@ across tokens (byte-level BPE and SentencePiece-style byte fallback)."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import random
 from pathlib import Path
@@ -103,14 +104,36 @@ def with_template(tokenizer: Tokenizer, template: str | list | None, **config) -
 
 def stream(tokenizer: Tokenizer, ids: list[int], stop: list[str] = (), chunk: int = 1):
     """Push ids in chunks; return (deltas, stop string or None, text of finish())."""
+    return stream_groups(tokenizer, ids, [chunk] * -(-len(ids) // chunk), stop)[:3]
+
+
+def stream_groups(tokenizer: Tokenizer, ids: list[int], sizes: list[int], stop: list[str] = ()):
+    """Push ids in consecutive groups of the given sizes, as a server receives them merged.
+    Returns (deltas, stop string or None, text of finish(), ids the output kept)."""
     text_stream = TextStream(tokenizer, list(stop))
-    deltas = []
-    for start in range(0, len(ids), chunk):
-        delta, matched = text_stream.push(ids[start:start + chunk])
-        deltas.append(delta)
-        if matched is not None:
-            return deltas, matched, text_stream.finish()
-    return deltas, None, text_stream.finish()
+    deltas, kept, start = [], 0, 0
+    for size in sizes:
+        delta = text_stream.push(ids[start:start + size])
+        start += size
+        deltas.append(delta.text)
+        kept += delta.tokens
+        if delta.stop is not None:
+            assert text_stream.finish().text == ""
+            return deltas, delta.stop, "", kept
+    tail = text_stream.finish()
+    return deltas, tail.stop, tail.text, kept
+
+
+def compositions(n: int):
+    """Every way to cut n items into consecutive non-empty groups (2 ** (n - 1) of them)."""
+    for cuts in itertools.product((False, True), repeat=max(n - 1, 0)):
+        sizes = [1]
+        for cut in cuts:
+            if cut:
+                sizes.append(1)
+            else:
+                sizes[-1] += 1
+        yield sizes
 
 
 # ------------------------------------------------------------------ fixture checkpoints
@@ -389,7 +412,7 @@ def test_stop_string_prefix_is_held_then_released(byte_level):
     text_stream = TextStream(byte_level, ["stop here", "STOP!"])
     emitted = ""
     for token_id in ids:
-        delta, matched = text_stream.push([token_id])
+        delta, matched, _ = text_stream.push([token_id])
         emitted += delta
         # Text that could still become a stop string never leaves early.
         assert not emitted.endswith(("s", "st", "sto", "stop", "stop ", "stop h"))
@@ -420,6 +443,47 @@ def test_unmatched_stop_prefix_comes_out_at_finish(byte_level):
 
 def test_stream_is_over_after_stop(byte_level):
     text_stream = TextStream(byte_level, ["world"])
-    assert text_stream.push(byte_level.encode("Hello, world!", add_special_tokens=False)) == ("Hello, ", "world")
-    assert text_stream.push(byte_level.encode(" more", add_special_tokens=False)) == ("", None)
-    assert text_stream.finish() == ""
+    ids = byte_level.encode("Hello, world!", add_special_tokens=False)
+    delta = text_stream.push(ids)
+    assert (delta.text, delta.stop) == ("Hello, ", "world")
+    assert delta.tokens == next(k for k in range(len(ids) + 1) if "world" in byte_level.decode(ids[:k]))
+    assert delta.tokens < len(ids), "the tokens after the stop string are not part of the output"
+    assert text_stream.push(byte_level.encode(" more", add_special_tokens=False)) == ("", None, 0)
+    assert text_stream.finish() == ("", None, 0)
+
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
+def test_stop_before_an_incomplete_character_at_the_end(request, name):
+    # The stream ends (max_tokens) inside a character right after the stop string: the stop
+    # string must still end the output, in whatever groups the ids arrive.
+    tokenizer = request.getfixturevalue(name)
+    ids = tokenizer.encode("ab STOP🦄", add_special_tokens=False)[:-1]  # the emoji's last byte never came
+    assert tokenizer.decode(ids).rstrip("\ufffd").endswith("STOP")
+    completing = next(k for k in range(len(ids) + 1) if "STOP" in tokenizer.decode(ids[:k]))
+    for sizes in compositions(len(ids)):
+        deltas, matched, tail, kept = stream_groups(tokenizer, ids, sizes, stop=["STOP"])
+        assert (matched, "".join(deltas) + tail, kept) == ("STOP", "ab ", completing), sizes
+
+
+@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
+def test_stop_output_does_not_depend_on_grouping(request, name):
+    # Text, stop string and the count of kept ids are the same for every grouping of the ids:
+    # the count is the ids up to the one whose text completed the stop string.
+    tokenizer = request.getfixturevalue(name)
+    text = "Café 🙂 ok 🚀!"
+    ids = tokenizer.encode(text, add_special_tokens=False)[:10]
+    full = tokenizer.decode(ids)
+    for stop in ("é 🙂", "🙂", "ok", "k 🚀", "nowhere"):
+        completing = next((k for k in range(len(ids) + 1) if stop in tokenizer.decode(ids[:k])), len(ids))
+        expected = (full[:full.find(stop)], stop) if stop in full else (full, None)
+        for sizes in compositions(len(ids)):
+            deltas, matched, tail, kept = stream_groups(tokenizer, ids, sizes, stop=[stop])
+            assert ("".join(deltas) + tail, matched, kept) == (*expected, completing), (stop, sizes)
+
+
+def test_stop_completed_first_wins(byte_level):
+    # "bc" is complete one character before "abcd", so it wins however the ids are grouped.
+    ids = byte_level.encode("xabcdy", add_special_tokens=False)
+    for sizes in compositions(len(ids)):
+        deltas, matched, tail, _ = stream_groups(byte_level, ids, sizes, stop=["abcd", "bc"])
+        assert (matched, "".join(deltas) + tail) == ("bc", "xa"), sizes

@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from common.proto.cortex.v1 import cortex_pb2 as cortex_dot_v1_dot_cortex__pb2
-from common.proto.neuron.v1 import neuron_pb2 as neuron_dot_v1_dot_neuron__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
@@ -58,12 +57,12 @@ class CortexStub:
         self.Generate = channel.unary_stream(
                 '/cortex.v1.Cortex/Generate',
                 request_serializer=cortex_dot_v1_dot_cortex__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=neuron_dot_v1_dot_neuron__pb2.GenerateResponse.FromString,
+                response_deserializer=cortex_dot_v1_dot_cortex__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/cortex.v1.Cortex/Forward',
                 request_serializer=cortex_dot_v1_dot_cortex__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=neuron_dot_v1_dot_neuron__pb2.ForwardResponse.FromString,
+                response_deserializer=cortex_dot_v1_dot_cortex__pb2.ForwardResponse.FromString,
                 _registered_method=True)
 
 
@@ -98,14 +97,16 @@ class CortexServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Same stream shape as neuron.v1.Neuron/Generate.
+        """Streams generated tokens with their text deltas; the last message has the finish reason, usage
+        and timing; every message carries the request id. Cancelling the call stops the generation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Logits for the given token ids (scoring, diagnostics).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -136,12 +137,12 @@ def add_CortexServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=cortex_dot_v1_dot_cortex__pb2.GenerateRequest.FromString,
-                    response_serializer=neuron_dot_v1_dot_neuron__pb2.GenerateResponse.SerializeToString,
+                    response_serializer=cortex_dot_v1_dot_cortex__pb2.GenerateResponse.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
                     request_deserializer=cortex_dot_v1_dot_cortex__pb2.ForwardRequest.FromString,
-                    response_serializer=neuron_dot_v1_dot_neuron__pb2.ForwardResponse.SerializeToString,
+                    response_serializer=cortex_dot_v1_dot_cortex__pb2.ForwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,7 +279,7 @@ class Cortex:
             target,
             '/cortex.v1.Cortex/Generate',
             cortex_dot_v1_dot_cortex__pb2.GenerateRequest.SerializeToString,
-            neuron_dot_v1_dot_neuron__pb2.GenerateResponse.FromString,
+            cortex_dot_v1_dot_cortex__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -305,7 +306,7 @@ class Cortex:
             target,
             '/cortex.v1.Cortex/Forward',
             cortex_dot_v1_dot_cortex__pb2.ForwardRequest.SerializeToString,
-            neuron_dot_v1_dot_neuron__pb2.ForwardResponse.FromString,
+            cortex_dot_v1_dot_cortex__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

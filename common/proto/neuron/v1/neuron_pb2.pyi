@@ -51,7 +51,7 @@ class ShardSummary(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy")
+    __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy", "error")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class Device(_message.Message):
     FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     name: str
@@ -66,7 +67,8 @@ class Device(_message.Message):
     free_bytes: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardSummary]
     busy: bool
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardSummary, _Mapping]]] = ..., busy: _Optional[bool] = ...) -> None: ...
+    error: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardSummary, _Mapping]]] = ..., busy: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("host", "version", "backend", "devices", "address")
@@ -97,7 +99,7 @@ class InspectRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
-    __slots__ = ("path", "architecture", "dtype", "num_parameters", "weight_bytes_per_rank", "kv_bytes_per_slot", "max_context", "vocab_size", "workspace_bytes", "estimate")
+    __slots__ = ("path", "architecture", "dtype", "num_parameters", "weight_bytes_per_rank", "kv_bytes_per_slot", "max_context", "vocab_size", "workspace_bytes", "estimate", "default_kv_slots")
     PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +110,7 @@ class InspectResponse(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
     path: str
     architecture: str
     dtype: str
@@ -118,7 +121,8 @@ class InspectResponse(_message.Message):
     vocab_size: int
     workspace_bytes: int
     estimate: str
-    def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes_per_rank: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., workspace_bytes: _Optional[int] = ..., estimate: _Optional[str] = ...) -> None: ...
+    default_kv_slots: int
+    def __init__(self, path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes_per_rank: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., workspace_bytes: _Optional[int] = ..., estimate: _Optional[str] = ..., default_kv_slots: _Optional[int] = ...) -> None: ...
 
 class TensorParallel(_message.Message):
     __slots__ = ("group_id", "rank", "size")
@@ -329,20 +333,22 @@ class Timing(_message.Message):
     def __init__(self, time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "stop_reason", "usage", "timing")
+    __slots__ = ("token_ids", "text", "finish_reason", "stop_reason", "usage", "timing", "request_id")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: FinishReason
     stop_reason: str
     usage: Usage
     timing: Timing
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ClearKvRequest(_message.Message):
     __slots__ = ("handle",)

@@ -1,0 +1,1 @@
+"""The neuron's gRPC edge: conversion between wire messages and the domain types below it."""
