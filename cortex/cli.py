@@ -29,7 +29,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 STOP_GRACE_SECONDS = 1.0  # after the drain: lets final statuses reach the callers before the server closes
 
 SETTINGS = [
-    listen_setting("0.0.0.0:50051"),
+    listen_setting("127.0.0.1:50051"),  # loopback until told otherwise: an open server stays on this machine
     Setting("neuron", [], "neuron to manage besides those that register themselves (HOST:PORT, repeatable)",
             multiple=True),
     Setting("poll_seconds", 2.0, "how often every neuron's Describe is polled", type=float),

@@ -30,7 +30,7 @@ STOP_GRACE_SECONDS = 2.0    # after the drain: time for the final statuses to re
 WORKER_STOP_SECONDS = 20.0  # a worker that takes longer to stop makes the neuron exit non-zero
 
 SETTINGS = [
-    listen_setting("0.0.0.0:50061"),
+    listen_setting("127.0.0.1:50061"),  # loopback until told otherwise: an open server stays on this machine
     Setting("devices", "", "devices: cpu | cpu:0,cpu:1,... | 0,1,... (GPU indices); empty: all GPUs, else cpu"),
     Setting("model_root", ["models"], "directory that checkpoints must live under (repeatable)", multiple=True),
     Setting("cortex", "", "cortex address to register with and heartbeat to (HOST:PORT)"),
