@@ -27,7 +27,10 @@ import numpy as np
 from .collectives import UNIQUE_ID_BYTES, CollectiveError, Communicator
 
 _PREFIX = b"tcp1 "
-_listeners: dict[str, socket.socket] = {}   # token -> rank 0's listening socket, until the group forms
+# token -> (rank 0's listening socket, when it opened), until the group forms or the id expires
+_listeners: dict[str, tuple[socket.socket, float]] = {}
+LISTENER_TTL_SECONDS = 600.0  # a group id nobody joined with is closed after this
+MAX_PENDING_GROUP_IDS = 64    # open group ids per process; beyond, CreateGroupId is refused
 _lock = threading.Lock()
 
 
@@ -55,15 +58,31 @@ def _proof(key: bytes, *parts: bytes) -> bytes:
     return hmac.new(key, b"|".join(parts), hashlib.sha256).hexdigest().encode()
 
 
+class TooManyGroupIds(RuntimeError):
+    """MAX_PENDING_GROUP_IDS group ids are open and none has expired yet."""
+
+
+def _expire_listeners(now: float) -> None:
+    for token, (listener, opened) in list(_listeners.items()):
+        if now - opened > LISTENER_TTL_SECONDS:
+            del _listeners[token]
+            listener.close()
+
+
 def create_group_id(advertise_host: str, bind_host: str = "") -> bytes:
     """bind_host: the interface rank 0 listens on (default: the advertised host's address)."""
-    listener = socket.create_server((bind_host or advertise_host, 0), backlog=64)
     token = secrets.token_hex(16)
-    with _lock:
-        _listeners[token] = listener
-    uid = _PREFIX + f"{advertise_host}:{listener.getsockname()[1]}/{token}".encode()
-    if len(uid) > UNIQUE_ID_BYTES:
+    # The longest port has 5 digits: check the length before opening anything.
+    if len(_PREFIX + f"{advertise_host}:65535/{token}".encode()) > UNIQUE_ID_BYTES:
         raise ValueError(f"advertised host {advertise_host!r} is too long for a group id")
+    with _lock:
+        _expire_listeners(time.monotonic())
+        if len(_listeners) >= MAX_PENDING_GROUP_IDS:
+            raise TooManyGroupIds(f"{len(_listeners)} group ids are open and not joined yet; they close "
+                                  f"{LISTENER_TTL_SECONDS:g} s after creation")
+        listener = socket.create_server((bind_host or advertise_host, 0), backlog=64)
+        _listeners[token] = (listener, time.monotonic())
+    uid = _PREFIX + f"{advertise_host}:{listener.getsockname()[1]}/{token}".encode()
     return uid.ljust(UNIQUE_ID_BYTES, b"\0")
 
 
@@ -118,7 +137,7 @@ class TcpCommunicator(Communicator):
 
     def _accept_all(self, token: str, deadline: float) -> None:
         with _lock:
-            listener = _listeners.pop(token, None)
+            listener, _ = _listeners.pop(token, (None, 0.0))
         if listener is None:
             raise CollectiveError("rank 0 must join on the neuron that created the group id")
         # Each connection proves itself on its own thread, so a stranger that connects and stays

@@ -282,6 +282,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         host = self.advertise.rsplit(":", 1)[0].strip("[]") if self.advertise else "127.0.0.1"
         try:
             uid = comm_tcp.create_group_id(host, self.group_bind_host)
+        except comm_tcp.TooManyGroupIds as err:
+            raise ResourceExhausted(f"{err}; form or destroy the pending groups first") from None
         except OSError as err:
             raise FailedPrecondition(f"cannot listen for the group's ranks on {self.group_bind_host or host}: {err}; "
                                      "--advertise (or --listen) must name an address of this host") from None

@@ -132,7 +132,7 @@ def all_reduce(comms) -> list[np.ndarray]:
 
 def test_ranks_with_the_cluster_token_form_a_group_and_rank0_listens_on_its_own_host():
     uid = comm_tcp.create_group_id("127.0.0.1")
-    listener = next(iter(comm_tcp._listeners.values()))
+    listener, _ = comm_tcp._listeners[comm_tcp._parse(uid)[2]]
     assert listener.getsockname()[0] == "127.0.0.1"
     token = comm_tcp.Rendezvous("k" * 32)
     comms = form(uid, [token, token, token])
@@ -203,3 +203,18 @@ def test_the_rendezvous_over_tls_and_a_plaintext_rank_refused():
     uid = comm_tcp.create_group_id("127.0.0.1")
     comms = form(uid, [tls, comm_tcp.Rendezvous("k" * 32)], timeout=1.5)
     assert isinstance(comms[1], CollectiveError) and isinstance(comms[0], CollectiveError)
+
+
+def test_group_ids_nobody_joins_are_bounded_and_expire(monkeypatch):
+    monkeypatch.setattr(comm_tcp, "_listeners", {})
+    monkeypatch.setattr(comm_tcp, "MAX_PENDING_GROUP_IDS", 3)
+    opened = [comm_tcp.create_group_id("127.0.0.1") for _ in range(3)]
+    with pytest.raises(comm_tcp.TooManyGroupIds):
+        comm_tcp.create_group_id("127.0.0.1")
+    sockets = [listener for listener, _ in comm_tcp._listeners.values()]
+    monkeypatch.setattr(comm_tcp, "LISTENER_TTL_SECONDS", 0.0)
+    fresh = comm_tcp.create_group_id("127.0.0.1")  # the three expired ones are closed first
+    assert list(comm_tcp._listeners) == [comm_tcp._parse(fresh)[2]] and len(opened) == 3
+    assert all(s.fileno() == -1 for s in sockets)
+    for listener, _ in comm_tcp._listeners.values():
+        listener.close()
