@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import inspect
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +25,7 @@ from .credentials import ADMIN, CLUSTER_TOKEN, USER, KeyRing, bearer, metadata_v
 log = structlog.get_logger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+REFUSAL_LOG_SECONDS = 10.0  # refusals of one method and code are logged at most this often (with a count)
 
 _caller_role: contextvars.ContextVar[str] = contextvars.ContextVar("caller_role", default=ADMIN)
 
@@ -65,6 +67,7 @@ class Refusal(Exception):
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, policy: AccessPolicy, api_keys: KeyRing | None = None, cluster_token: str = ""):
         self.policy, self.api_keys, self.cluster_token = policy, api_keys, cluster_token
+        self._refusals: dict[tuple[str, str], list] = {}  # (method, code) -> [last logged at, refused since]
 
     def check(self, method: str, metadata) -> str:
         """The caller's role, or Refusal."""
@@ -99,11 +102,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             role = self.check(details.method, details.invocation_metadata)
         except Refusal as refusal:
-            log.warning("call refused", method=details.method, code=refusal.code.name)
+            self._log_refusal(details.method, refusal.code.name)
             return rewrap(handler, lambda behavior, refusal=refusal: _refuse(behavior, refusal))
         if role == ADMIN:
             return handler  # the default role: nothing to set
         return rewrap(handler, lambda behavior: _as_role(behavior, role))
+
+
+    def _log_refusal(self, method: str, code: str) -> None:
+        """One line per method and code every REFUSAL_LOG_SECONDS, so a flood of bad calls cannot
+        flood the log. Never the presented credential."""
+        now = time.monotonic()
+        entry = self._refusals.setdefault((method, code), [float("-inf"), 0])
+        entry[1] += 1
+        if now - entry[0] >= REFUSAL_LOG_SECONDS:
+            log.warning("calls refused", method=method, code=code, count=entry[1])
+            entry[0], entry[1] = now, 0
 
 
 def _refuse(behavior, refusal: Refusal):

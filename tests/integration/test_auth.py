@@ -170,7 +170,7 @@ def test_a_fake_neuron_cannot_register(fleet):
 def test_keys_and_tokens_never_reach_the_logs(fleet):
     cortex, neuron, secrets = fleet
     logs = cortex.log() + neuron.log()
-    assert "call refused" in cortex.log() and "call refused" in neuron.log()
+    assert "calls refused" in cortex.log() and "calls refused" in neuron.log()
     for secret in (secrets.api_key("admin"), secrets.api_key("user"), secrets.token()):
         assert secret not in logs
 
@@ -181,3 +181,25 @@ def test_a_server_without_tls_says_once_that_it_is_open(fleet):
         warnings = [line for line in server.log().splitlines() if "is OPEN" in line]
         assert len(warnings) == 1 and "no --tls-cert" in warnings[0], warnings
         assert "no --cluster-token-file" not in warnings[0] and "no --api-keys" not in warnings[0]
+
+
+@pytest.mark.parametrize("component,flags,message", [
+    ("cortex", ["--api-keys", "/nonexistent/keys"], "cannot read the API key file"),
+    ("cortex", ["--api-keys", "{bad_keys}"], "line 2: role must be admin or user"),
+    ("cortex", ["--cluster-token-file", "{short_token}"], "at least 16 characters"),
+    ("neuron", ["--tls-ca", "{short_token}"], "--tls-ca without --tls-cert"),
+    ("neuron", ["--tls-cert", "{short_token}"], "give --tls-cert and --tls-key together"),
+], ids=["missing-keys", "bad-role", "short-token", "ca-without-cert", "cert-without-key"])
+def test_unusable_credentials_stop_the_server_at_start(component, flags, message, tmp_path):
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    bad_keys, short_token = tmp_path / "keys", tmp_path / "token"
+    bad_keys.write_text(f"{'k' * 32} admin\n{'s' * 32} superuser\n")
+    short_token.write_text("abc\n")
+    flags = [f.format(bad_keys=bad_keys, short_token=short_token) for f in flags]
+    extra = ["--model-root", str(MODELS)] if component == "neuron" else []
+    run = subprocess.run([sys.executable, "-m", f"{component}.cli", "serve", "--listen", "127.0.0.1:0", *extra, *flags],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "s" * 32 not in run.stderr
