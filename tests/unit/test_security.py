@@ -218,3 +218,15 @@ def test_group_ids_nobody_joins_are_bounded_and_expire(monkeypatch):
     assert all(s.fileno() == -1 for s in sockets)
     for listener, _ in comm_tcp._listeners.values():
         listener.close()
+
+
+def test_every_outgoing_channel_comes_from_the_channel_factory():
+    """A channel made elsewhere would skip TLS and the cluster token."""
+    import re
+    from tests.helpers import ROOT
+    factory = ROOT / "common" / "rpc" / "channels.py"
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for package in ("cortex", "neuron", "common")
+                 for path in (ROOT / package).rglob("*.py") if path != factory and "proto" not in path.parts
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"\b(insecure_channel|secure_channel)\(", line)]
+    assert not offenders, f"make channels with common.rpc.channels: {offenders}"
