@@ -64,36 +64,50 @@ class Refusal(Exception):
         self.code, self.message = code, message
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, policy: AccessPolicy, api_keys: KeyRing | None = None, cluster_token: str = ""):
-        self.policy, self.api_keys, self.cluster_token = policy, api_keys, cluster_token
-        self._refusals: dict[tuple[str, str], list] = {}  # (method, code) -> [last logged at, refused since]
+class Authenticator:
+    """Decides one call: its access kind and the credentials it presented -> the caller's role or
+    Refusal. Shared by the gRPC interceptor and the HTTP front."""
 
-    def check(self, method: str, metadata) -> str:
-        """The caller's role, or Refusal."""
-        access = self.policy.access(method)
+    def __init__(self, api_keys: KeyRing | None = None, cluster_token: str = ""):
+        self.api_keys, self.cluster_token = api_keys, cluster_token
+
+    def authorize(self, what: str, access: Access, api_key: str = "", cluster_token: str = "",
+                  user_may: str = "") -> str:
+        """what: the call, for the message; api_key: the presented bearer token; user_may: what a
+        user key may call instead (for PERMISSION_DENIED's message)."""
         if access is Access.OPEN:
             return ADMIN
         if access is Access.CLUSTER:
-            if self.cluster_token and not same_secret(metadata_value(metadata, CLUSTER_TOKEN), self.cluster_token):
+            if self.cluster_token and not same_secret(cluster_token, self.cluster_token):
                 raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
-                              f"{method} is for cortex and the neurons of this fleet: send the cluster token "
+                              f"{what} is for cortex and the neurons of this fleet: send the cluster token "
                               f"(metadata `{CLUSTER_TOKEN}`, the content of --cluster-token-file)")
             return ADMIN
         if self.api_keys is None:
             return ADMIN
-        presented = bearer(metadata)
-        role = self.api_keys.role_of(presented) if presented else None
+        role = self.api_keys.role_of(api_key) if api_key else None
         if role is None:
-            what = "an unknown API key" if presented else "no API key"
+            presented = "an unknown API key" if api_key else "no API key"
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
-                          f"{method}: {what}; send `authorization: Bearer KEY` with a key of cortex's --api-keys "
+                          f"{what}: {presented}; send `authorization: Bearer KEY` with a key of cortex's --api-keys "
                           "(CLI: --api-key or CORTEX_API_KEY)")
         if access is Access.ADMIN and role != ADMIN:
-            allowed = ", ".join(sorted(m.rsplit("/", 1)[-1] for m in self.policy.user_methods))
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{method} needs an admin API key; a {USER} key may call {allowed}")
+                          f"{what} needs an admin API key" + (f"; a {USER} key may call {user_may}" if user_may else ""))
         return role
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, policy: AccessPolicy, api_keys: KeyRing | None = None, cluster_token: str = ""):
+        self.policy = policy
+        self.authenticator = Authenticator(api_keys, cluster_token)
+        self._user_may = ", ".join(sorted(m.rsplit("/", 1)[-1] for m in policy.user_methods))
+        self._refusals: dict[tuple[str, str], list] = {}  # (method, code) -> [last logged at, refused since]
+
+    def check(self, method: str, metadata) -> str:
+        """The caller's role, or Refusal."""
+        return self.authenticator.authorize(method, self.policy.access(method), bearer(metadata),
+                                            metadata_value(metadata, CLUSTER_TOKEN), self._user_may)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

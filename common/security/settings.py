@@ -12,7 +12,7 @@ from common.config import ConfigError, Setting
 from common.rpc.channels import ChannelSecurity
 
 from .credentials import CredentialsError, KeyRing, load_api_keys, load_token
-from .interceptor import AccessPolicy, AuthInterceptor
+from .interceptor import AccessPolicy, Authenticator, AuthInterceptor
 from .tls import TlsConfigError, TlsFiles
 
 log = structlog.get_logger(__name__)
@@ -65,6 +65,10 @@ class ServerSecurity:
 
     def interceptor(self, policy: AccessPolicy) -> AuthInterceptor:
         return AuthInterceptor(policy, self.api_keys, self.cluster_token)
+
+    def authenticator(self) -> Authenticator:
+        """The same decisions for a front that is not gRPC (cortex's HTTP API)."""
+        return Authenticator(self.api_keys, self.cluster_token)
 
     def peer_channels(self) -> ChannelSecurity:
         return ChannelSecurity.for_peer(self.tls, self.cluster_token)
