@@ -230,3 +230,24 @@ def test_every_outgoing_channel_comes_from_the_channel_factory():
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"\b(insecure_channel|secure_channel)\(", line)]
     assert not offenders, f"make channels with common.rpc.channels: {offenders}"
+
+
+def test_http_routes_take_the_same_keys_and_roles():
+    from cortex.http.auth import authorize_request
+    from common.security.interceptor import Authenticator
+    keys = parse_api_keys(f"{ADMIN_KEY} admin\n{USER_KEY} user\n")
+    auth = Authenticator(keys)
+
+    def outcome(path, key=None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            return authorize_request(auth, "POST", path, headers)
+        except Refusal as refusal:
+            return refusal.code
+
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/org/name"):
+        assert outcome(path) == grpc.StatusCode.UNAUTHENTICATED
+        assert outcome(path, "w" * 32) == grpc.StatusCode.UNAUTHENTICATED
+        assert outcome(path, USER_KEY) == "user" and outcome(path, ADMIN_KEY) == "admin"
+    assert outcome("/health") == "admin" and outcome("/metrics") == "admin"  # open
+    assert outcome("/v1/admin/anything", USER_KEY) == grpc.StatusCode.PERMISSION_DENIED
