@@ -44,14 +44,17 @@ def time_ms(cp, fn, reps: int = 10, warmup: int = 2) -> float:
 def copy_bandwidth(cp, nbytes: int = 4 << 30) -> float:
     """Device-to-device copy on the current device, GB/s of bytes read plus written: the HBM
     ceiling every decode figure is compared with."""
-    from cupy_backends.cuda.api import runtime
-    a = cp.random.randint(0, 255, nbytes, dtype=cp.uint8)
-    b = cp.empty_like(a)
-    ms = time_ms(cp, lambda: runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes, runtime.memcpyDeviceToDevice,
-                                                   cp.cuda.get_current_stream().ptr), reps=20)
-    del a, b
-    cp.get_default_memory_pool().free_all_blocks()
+    ms = _copy_ms(cp, nbytes)
+    cp.get_default_memory_pool().free_all_blocks()  # the buffers died with _copy_ms's frame
     return 2 * nbytes / ms / 1e6
+
+
+def _copy_ms(cp, nbytes: int) -> float:
+    from cupy_backends.cuda.api import runtime
+    src = cp.random.randint(0, 255, nbytes, dtype=cp.uint8)
+    dst = cp.empty_like(src)
+    return time_ms(cp, lambda: runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, runtime.memcpyDeviceToDevice,
+                                                     cp.cuda.get_current_stream().ptr), reps=20)
 
 
 def time_kernel_groups(cp, groups: dict, reps: int = 20) -> dict:

@@ -55,79 +55,97 @@ def log(msg: str) -> None:
 
 def ceilings() -> dict:
     import cupy as cp
-    import cupyx
-    import ml_dtypes
-    from cupy_backends.cuda.api import runtime
 
     out = {"copy_gb_s": copy_bandwidth(cp)}
-    h = cupyx.empty_pinned((1 << 30,), dtype=np.uint8)
-    h[:] = 7
-    d = cp.empty(1 << 30, dtype=cp.uint8)
-    ms = time_ms(cp, lambda: runtime.memcpyAsync(d.data.ptr, h.ctypes.data, 1 << 30, runtime.memcpyHostToDevice,
-                                                   cp.cuda.get_current_stream().ptr), reps=5)
-    out["h2d_pinned_gb_s"] = (1 << 30) / ms / 1e6
-    del h, d
+    # Each measurement's buffers live in its own function's frame, so they are free when it returns.
+    out["h2d_pinned_gb_s"] = (1 << 30) / _h2d_pinned_ms(cp, 1 << 30) / 1e6
     m = 8192
-    x = cp.random.standard_normal((m, m), dtype=cp.float32).astype(ml_dtypes.bfloat16)
-    y = cp.random.standard_normal((m, m), dtype=cp.float32).astype(ml_dtypes.bfloat16)
-    ms = time_ms(cp, lambda: x @ y, reps=10)
-    out["bf16_matmul_tflop_s"] = 2 * m ** 3 / ms / 1e9
-    del x, y
+    out["bf16_matmul_tflop_s"] = 2 * m ** 3 / _bf16_matmul_ms(cp, m) / 1e9
     cp.get_default_memory_pool().free_all_blocks()
     cp.get_default_pinned_memory_pool().free_all_blocks()
     return out
 
 
+def _h2d_pinned_ms(cp, nbytes: int) -> float:
+    import cupyx
+    from cupy_backends.cuda.api import runtime
+    host = cupyx.empty_pinned((nbytes,), dtype=np.uint8)
+    host[:] = 7
+    device = cp.empty(nbytes, dtype=cp.uint8)
+    return time_ms(cp, lambda: runtime.memcpyAsync(device.data.ptr, host.ctypes.data, nbytes, runtime.memcpyHostToDevice,
+                                                     cp.cuda.get_current_stream().ptr), reps=5)
+
+
+def _bf16_matmul_ms(cp, m: int) -> float:
+    import ml_dtypes
+    x = cp.random.standard_normal((m, m), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+    y = cp.random.standard_normal((m, m), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+    return time_ms(cp, lambda: x @ y, reps=10)
+
+
 def read_probe(path: Path, limit: int = 4 << 30) -> dict:
     """Page-cache read rate of the checkpoint's first file into pinned memory, with 1, 8 and 16
     threads (each thread its own contiguous part): the host side's ceiling for loading."""
-    from concurrent.futures import ThreadPoolExecutor
+    import mmap
 
-    import cupyx
     file = sorted(path.glob("*.safetensors"))[0]
     size = min(file.stat().st_size, limit)
-    chunk = 64 << 20
     out = {"file_bytes": size}
     for threads in (1, 8, 16):
-        bufs = [cupyx.empty_pinned((chunk,), dtype=np.uint8) for _ in range(threads)]
-        fd = os.open(file, os.O_RDONLY)
-        part = -(-size // threads)
-
-        def worker(k: int) -> None:
-            view, off, end = memoryview(bufs[k]), k * part, min((k + 1) * part, size)
-            while off < end:
-                n = os.preadv(fd, [view[:min(chunk, end - off)]], off)
-                if n <= 0:
-                    break
-                off += n
-        t = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(worker, range(threads)))
-        out[f"threads_{threads}_gb_s"] = size / (time.perf_counter() - t) / 1e9
-        os.close(fd)
-        del bufs
-    import mmap
+        out[f"threads_{threads}_gb_s"] = _pread_rate(file, size, threads)
     with open(file, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        src = np.frombuffer(mm, dtype=np.uint8, count=size)
         for threads in (1, 8):
-            bufs = [cupyx.empty_pinned((chunk,), dtype=np.uint8) for _ in range(threads)]
-            part = -(-size // threads)
-
-            def copier(k: int) -> None:
-                off, end = k * part, min((k + 1) * part, size)
-                while off < end:
-                    n = min(chunk, end - off)
-                    bufs[k][:n] = src[off:off + n]
-                    off += n
-            t = time.perf_counter()
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(copier, range(threads)))
-            out[f"mmap_copy_threads_{threads}_gb_s"] = size / (time.perf_counter() - t) / 1e9
-            del bufs
-        del src
+            out[f"mmap_copy_threads_{threads}_gb_s"] = _mmap_copy_rate(mm, size, threads)
         mm.close()
     return out
+
+
+READ_CHUNK = 64 << 20
+
+
+def _pread_rate(file: Path, size: int, threads: int) -> float:
+    """GB/s of `threads` threads, each preadv-ing its contiguous part into its own pinned buffer."""
+    import cupyx
+    bufs = [cupyx.empty_pinned((READ_CHUNK,), dtype=np.uint8) for _ in range(threads)]
+    part = -(-size // threads)
+    fd = os.open(file, os.O_RDONLY)
+
+    def worker(k: int) -> None:
+        view, off, end = memoryview(bufs[k]), k * part, min((k + 1) * part, size)
+        while off < end:
+            n = os.preadv(fd, [view[:min(READ_CHUNK, end - off)]], off)
+            if n <= 0:
+                break
+            off += n
+    try:
+        return _parallel_rate(worker, threads, size)
+    finally:
+        os.close(fd)
+
+
+def _mmap_copy_rate(mm, size: int, threads: int) -> float:
+    """GB/s of `threads` threads copying their part of a mapped file into pinned buffers."""
+    import cupyx
+    src = np.frombuffer(mm, dtype=np.uint8, count=size)
+    bufs = [cupyx.empty_pinned((READ_CHUNK,), dtype=np.uint8) for _ in range(threads)]
+    part = -(-size // threads)
+
+    def copier(k: int) -> None:
+        off, end = k * part, min((k + 1) * part, size)
+        while off < end:
+            n = min(READ_CHUNK, end - off)
+            bufs[k][:n] = src[off:off + n]
+            off += n
+    return _parallel_rate(copier, threads, size)
+
+
+def _parallel_rate(work, threads: int, size: int) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(threads)))
+    return size / (time.perf_counter() - started) / 1e9
 
 
 # ------------------------------------------------------------------ profiles (run on the worker thread)

@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.dtypes import DTYPES as SERVING_DTYPES  # noqa: E402
 from bench.common import commit, gpu_name  # noqa: E402,F401 - decode_bench imports them from here
 from neuron.device import DeviceSpec  # noqa: E402
 from neuron.generation import ErrorEvent, FinishEvent, Sequence, TokenEvent  # noqa: E402
@@ -41,7 +42,7 @@ from neuron.worker import DeviceWorker, DropShardJob, ForwardJob, GenerateJob, L
 
 FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE_NAMES = ["llama2", "llama3", "llama_sharded", "mistral", "qwen2", "qwen3"]
-DTYPES = ["float32", "bfloat16", "float16"]
+DTYPES = list(SERVING_DTYPES)  # the parity matrix: every dtype a shard can be served in
 FP32_REL_L2 = 1e-4
 HALF_COSINE = 0.999
 MEMORY_SLACK = 64 << 20

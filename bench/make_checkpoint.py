@@ -15,12 +15,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.dtypes import BY_NAME, DTYPES  # noqa: E402
 from cortex.tiny_checkpoint import (SHAPES as TINY_SHAPES, LlamaShape, _config, _group_by_size,  # noqa: E402
                                     _write_json, _write_tokenizer, build_tokenizer)
 
@@ -30,8 +30,6 @@ SHAPES: dict[str, LlamaShape] = {
     "llama-3-8b": replace(TINY_SHAPES["llama-3.1-8b"], rope_scaling=None, max_position_embeddings=8192),
 }
 POOL_ELEMENTS = 64 << 20
-SAFETENSORS_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-NP_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 
 
 def write_checkpoint(directory: str | Path, shape: LlamaShape, dtype: str = "bfloat16", seed: int = 0,
@@ -39,7 +37,7 @@ def write_checkpoint(directory: str | Path, shape: LlamaShape, dtype: str = "bfl
     started = time.perf_counter()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    np_dtype = NP_DTYPES[dtype]
+    np_dtype = DTYPES[dtype]
     tok = build_tokenizer(512)
     vocab = shape.vocab_size or tok.get_vocab_size()
     _write_tokenizer(out, tok, shape)
@@ -57,7 +55,7 @@ def write_checkpoint(directory: str | Path, shape: LlamaShape, dtype: str = "bfl
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in names:
             nbytes = int(np.prod(shapes[name])) * np_dtype.itemsize
-            header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shapes[name]),
+            header[name] = {"dtype": BY_NAME[dtype].safetensors, "shape": list(shapes[name]),
                             "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -92,7 +90,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
-    parser.add_argument("--dtype", choices=sorted(NP_DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     args = parser.parse_args(argv)
     info = write_checkpoint(args.directory, SHAPES[args.shape], args.dtype)
     print(json.dumps(info))

@@ -334,6 +334,39 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def roofline(shape, vocab: int, copy_bytes_per_s: float) -> dict:
+    """Bytes read per decode step (the embedding: one row) over the measured copy bandwidth."""
+    params = shape.parameter_shapes(vocab)
+    nbytes = {k: 2 * int(np.prod(v)) for k, v in params.items()}
+    embed = nbytes.get("model.embed_tokens.weight", 0)
+    head = nbytes.get("lm_head.weight", embed)
+    layers = sum(v for k, v in nbytes.items() if k.startswith("model.layers."))
+    norms = sum(v for k, v in nbytes.items() if k.startswith("model.layers.") and "norm" in k)
+    tp1_bytes = layers + head
+    tp2_bytes = (layers - norms) / 2 + norms + head / 2
+    held = (layers - norms) / 2 + norms + embed + (head if "lm_head.weight" in nbytes else 0)
+    return {"tp1_bytes_per_step": tp1_bytes, "tp1_decode_tok_s": copy_bytes_per_s / tp1_bytes,
+            "tp2_bytes_per_step": tp2_bytes, "tp2_decode_tok_s": copy_bytes_per_s / tp2_bytes,
+            "tp2_weight_bytes_per_gpu": held, "tp2_held_decode_tok_s": copy_bytes_per_s / held}
+
+
+def nccl_sweep(settings: str, shape_name: str) -> dict:
+    """The collective latency again under each ';'-separated NAME=VALUE env setting, each in its own process."""
+    import subprocess
+    results = {}
+    for setting in [x for x in settings.split(";") if x]:
+        key, _, value = setting.partition("=")
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--latency-only", "--shape", shape_name], timeout=60,
+                                  capture_output=True, text=True, env={**os.environ, key: value})
+            line = next(x for x in proc.stdout.splitlines() if x.startswith("LATENCY "))
+            results[setting] = json.loads(line[len("LATENCY "):])
+        except Exception as err:  # noqa: BLE001 - one failed setting must not lose the others
+            results[setting] = {"error": repr(err)}
+        log(f"  {setting}: {results[setting]}")
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
@@ -377,20 +410,7 @@ def main(argv=None) -> int:
         log(f"writing {path}")
         res["checkpoint"] = write_checkpoint(path, shape, "bfloat16")
         log(f"  {res['checkpoint']}")
-    # rooflines: bytes read per decode step (embedding: one row) over the measured copy bandwidth
-    params = shape.parameter_shapes(vocab)
-    nbytes = {k: 2 * int(np.prod(v)) for k, v in params.items()}
-    embed = nbytes.get("model.embed_tokens.weight", 0)
-    head = nbytes.get("lm_head.weight", embed)
-    layers = sum(v for k, v in nbytes.items() if k.startswith("model.layers."))
-    norms = sum(v for k, v in nbytes.items() if k.startswith("model.layers.") and "norm" in k)
-    copy = min(res["copy_gb_s"]) * 1e9
-    tp1_bytes = layers + head
-    tp2_bytes = (layers - norms) / 2 + norms + head / 2
-    held = (layers - norms) / 2 + norms + embed + (head if "lm_head.weight" in nbytes else 0)
-    res["roofline"] = {"tp1_bytes_per_step": tp1_bytes, "tp1_decode_tok_s": copy / tp1_bytes,
-                       "tp2_bytes_per_step": tp2_bytes, "tp2_decode_tok_s": copy / tp2_bytes,
-                       "tp2_weight_bytes_per_gpu": held, "tp2_held_decode_tok_s": copy / held}
+    res["roofline"] = roofline(shape, vocab, min(res["copy_gb_s"]) * 1e9)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dest = out / f"tp_decode_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -421,18 +441,7 @@ def main(argv=None) -> int:
             res["profile"] = {"error": repr(err)}
             log(f"  FAILED: {err!r}")
         save()
-    import subprocess
-    res["nccl_sweep"] = {}
-    for setting in [x for x in args.nccl_sweep.split(";") if x]:
-        key, _, value = setting.partition("=")
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--latency-only", "--shape", args.shape], timeout=60,
-                                  capture_output=True, text=True, env={**os.environ, key: value})
-            line = next(x for x in proc.stdout.splitlines() if x.startswith("LATENCY "))
-            res["nccl_sweep"][setting] = json.loads(line[len("LATENCY "):])
-        except Exception as err:  # noqa: BLE001
-            res["nccl_sweep"][setting] = {"error": repr(err)}
-        log(f"  {setting}: {res['nccl_sweep'][setting]}")
+    res["nccl_sweep"] = nccl_sweep(args.nccl_sweep, args.shape)
     try:
         text = table(res)
     except Exception as err:  # noqa: BLE001 - the JSON still gets written

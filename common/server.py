@@ -68,8 +68,8 @@ class _DrainInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(DRAIN_EXEMPT_PREFIXES):
             return handler
         if self.draining and method not in self.allow:
-            return rewrap(handler, self._refuse)
-        return rewrap(handler, self._track)
+            return rewrap_handler(handler, self._refuse)
+        return rewrap_handler(handler, self._track)
 
     def _refuse(self, behavior):
         message = self.message
@@ -104,7 +104,7 @@ class _DrainInterceptor(grpc.aio.ServerInterceptor):
         return behavior  # a sync handler (not used with grpc.aio servicers): left alone
 
 
-def rewrap(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
+def rewrap_handler(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
     kinds = {
         (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
         (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -123,13 +123,14 @@ class ServingServer:
     with UNAVAILABLE (health, reflection and the `allow_while_draining` methods excepted) and waits,
     up to a bound, for the calls in flight to finish."""
 
-    def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = (),
-                 credentials: grpc.ServerCredentials | None = None, interceptors: tuple = ()):
-        """credentials: TLS (None: plaintext); interceptors run before the drain's (auth first)."""
+    def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = (), interceptors: tuple = (),
+                 credentials: grpc.ServerCredentials | None = None):
+        """interceptors: after the drain's (auth, then metrics, as given); credentials: TLS (None: plaintext)."""
         self.listen = listen
         self.credentials = credentials
         self._drain = _DrainInterceptor(tuple(allow_while_draining))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, self._drain])
+        # The drain check comes first: a refused call reaches no other interceptor (nor the metrics).
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[self._drain, *interceptors])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

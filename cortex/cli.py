@@ -30,6 +30,8 @@ STOP_GRACE_SECONDS = 1.0  # after the drain: lets final statuses reach the calle
 
 SETTINGS = [
     listen_setting("127.0.0.1:50051"),  # loopback until told otherwise: an open server stays on this machine
+    Setting("http_listen", "127.0.0.1:8000", "address of the OpenAI-compatible HTTP API and /metrics (HOST:PORT; "
+            "port 0 picks a free one; empty or off: no HTTP); HTTPS with --tls-cert, the same API keys"),
     Setting("neuron", [], "neuron to manage besides those that register themselves (HOST:PORT, repeatable)",
             multiple=True),
     Setting("poll_seconds", 2.0, "how often every neuron's Describe is polled", type=float),
@@ -124,7 +126,10 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     from .models import ModelTable
     from .placement import Placer
     from .registry import Registry
+    from .http.app import HttpFront
+    from .metrics import CortexMetrics
     from .server import ACCESS, CortexService, FleetService
+    from common.metrics import listen_or_off
     from common.proto.cortex.v1 import cortex_pb2_grpc
 
     try:
@@ -145,10 +150,11 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
         models.adopt()  # models still on the neurons after a cortex restart
         await model_health.publish(models.states())  # health service `model/<name>`
     registry.after_poll = after_poll
-    cortex_service = CortexService(registry, models)
-    cortex_service.max_prompt_bytes, cortex_service.max_logits_bytes = (settings["max_prompt_bytes"],
-                                                                        settings["max_logits_bytes"])
-    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, cortex_service, "cortex.v1.Cortex")
+    metrics = CortexMetrics()
+    metrics.watch_fleet(registry, models)
+    service = CortexService(registry, models, metrics)
+    service.max_prompt_bytes, service.max_logits_bytes = settings["max_prompt_bytes"], settings["max_logits_bytes"]
+    server.add(cortex_pb2_grpc.add_CortexServicer_to_server, service, "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()
     try:
@@ -156,6 +162,15 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     except (OSError, RuntimeError):  # grpc raises RuntimeError when it cannot bind
         await registry.close()
         raise SystemExit(f"cortex: cannot listen on {settings['listen']}: the address is in use or invalid") from None
+    http, http_listen = HttpFront(service, security.authenticator()), listen_or_off(settings["http_listen"])
+    if http_listen:
+        try:
+            http_port = await http.start(http_listen, security.https_context())
+        except OSError as err:
+            await server.stop(0)
+            await registry.close()
+            raise SystemExit(f"cortex: --http-listen: {err}") from None
+        log.info("http serving", listen=http_listen, port=http_port)
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
     log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],
@@ -171,11 +186,14 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     # SIGTERM: health NOT_SERVING and new calls refused with UNAVAILABLE at once; streams in flight
     # get drain_seconds to finish; what still runs then is cancelled, which cancels its neuron calls.
     log.info("draining", seconds=settings["drain_seconds"], inflight=server.inflight)
-    left = await server.drain(settings["drain_seconds"], "cortex is shutting down (draining): it takes no new "
-                                                         "requests; retry against another cortex or once it is back")
+    left, http_left = await asyncio.gather(
+        server.drain(settings["drain_seconds"], "cortex is shutting down (draining): it takes no new "
+                                                "requests; retry against another cortex or once it is back"),
+        http.drain(settings["drain_seconds"]))
+    left += http_left
     if left:
         log.warning("drain time is over: cancelling the requests still in flight", inflight=left)
-    await server.stop(STOP_GRACE_SECONDS)
+    await asyncio.gather(server.stop(STOP_GRACE_SECONDS), http.stop())
     await registry.close()
     log.info("cortex stopped")
     return 0

@@ -12,10 +12,11 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from common.dtypes import DTYPES
 from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.units import human_bytes
 
 from .client import CortexClient, check_health, finish_reason, model_state, node_state
-from .placement import human_bytes
 
 
 def add_subcommands(sub, client_options: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def add_subcommands(sub, client_options: argparse.ArgumentParser) -> None:
     load = add("load", "load a checkpoint under a name (shows progress)")
     load.add_argument("path", help="checkpoint directory, as the neurons see it (relative: under their model root)")
     load.add_argument("--name", required=True, help="the name clients will use")
-    load.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
+    load.add_argument("--dtype", default="", choices=["", *DTYPES],
                       help="weights dtype (default: the checkpoint's on GPUs, float32 on CPU)")
     load.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (devices)")
     load.add_argument("--max-context", type=int, default=0, help="longest sequence (default: the neuron's)")
@@ -49,8 +50,12 @@ def add_subcommands(sub, client_options: argparse.ArgumentParser) -> None:
     generate.add_argument("--temperature", type=float, help="0: greedy")
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--top-p", type=float)
+    generate.add_argument("--min-p", type=float)
+    generate.add_argument("--repetition-penalty", type=float, help="1: off")
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument("--stop-token-ids", help="stop token ids besides EOS, comma-separated")
+    generate.add_argument("--request-id", default="", help="id for the logs and the replies (default: cortex makes one)")
     generate.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
     forward = add("forward", "logits for token ids (scoring, diagnostics)")
@@ -236,8 +241,11 @@ def cmd_generate(client: CortexClient, args) -> int:
         else dict(token_ids=parse_ids(args.tokens, "--tokens")))
     final = None
     for chunk in client.generate(args.name, **prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                 ignore_eos=args.ignore_eos, timeout=args.timeout):
+                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                 repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                                 stop_token_ids=parse_ids(args.stop_token_ids, "--stop-token-ids")
+                                 if args.stop_token_ids else None,
+                                 ignore_eos=args.ignore_eos, request_id=args.request_id, timeout=args.timeout):
         if args.json:
             emit_json(to_dict(chunk))
         else:
@@ -252,7 +260,7 @@ def cmd_generate(client: CortexClient, args) -> int:
             t = final.timing
             print(f"[{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens, "
                   f"finish: {finish} ({final.stop_reason}), first token {t.time_to_first_token_ms:.1f} ms, "
-                  f"{t.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+                  f"{t.decode_tokens_per_second:.1f} tokens/s, request {final.request_id}]", file=sys.stderr)
     return 0
 
 

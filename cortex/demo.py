@@ -17,10 +17,11 @@ from pathlib import Path
 
 import grpc
 
+from common.units import human_bytes
+
 from .client import CortexClient, model_state, node_state
 from .commands import ProgressBar
 from .local import LocalServer, ServerFailed, cortex_args, neuron_args, start_server
-from .placement import human_bytes
 from .tiny_checkpoint import SHAPES, write_checkpoint
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 

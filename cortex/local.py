@@ -105,8 +105,8 @@ def start_server(name: str, module: str, args: list[str], workdir: Path, timeout
 
 def neuron_args(devices: str = "cpu:0", model_roots: list[str | Path] = (), cortex: str = "",
                 listen: str = "127.0.0.1:0", cpu_memory_gb: float | None = None, advertise: str = "",
-                extra: list[str] = ()) -> list[str]:
-    args = ["--listen", listen, "--devices", devices]
+                extra: list[str] = (), metrics_listen: str = "off") -> list[str]:
+    args = ["--listen", listen, "--devices", devices, "--metrics-listen", metrics_listen]
     for root in model_roots:
         args += ["--model-root", str(root)]
     if cortex:
@@ -119,8 +119,9 @@ def neuron_args(devices: str = "cpu:0", model_roots: list[str | Path] = (), cort
 
 
 def cortex_args(neurons: list[str] = (), listen: str = "127.0.0.1:0", poll_seconds: float | None = None,
-                heartbeat_timeout_seconds: float | None = None, extra: list[str] = ()) -> list[str]:
-    args = ["--listen", listen]
+                heartbeat_timeout_seconds: float | None = None, extra: list[str] = (),
+                http_listen: str = "off") -> list[str]:
+    args = ["--listen", listen, "--http-listen", http_listen]
     for address in neurons:
         args += ["--neuron", address]
     if poll_seconds is not None:

@@ -27,18 +27,20 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.neuron.v1 import neuron_pb2 as npb
+from common.dtypes import DTYPES
 from common.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 from .adoption import orphans
 from .api import convert
 from .groups import destroy_group, form_group, new_group_id, on_all
-from .placement import Estimate, Placer, Target, check_pins, human_bytes, inspect
+from common.units import human_bytes
+
+from .placement import Estimate, Placer, Target, check_pins, inspect
 from .registry import Registry
 
 log = structlog.get_logger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-DTYPES = ("float32", "float16", "bfloat16")
 MAX_TP = 64
 DROP_TIMEOUT_S = 30.0
 SWEEP_TIMEOUT_S = 10.0  # how long a failed load waits for its cancelled ranks' shards to go

@@ -17,17 +17,11 @@ import grpc
 
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.errors import InvalidArgument, ResourceExhausted, Unavailable, from_rpc_error
+from common.units import human_bytes
 
 from .registry import Node
 
 INSPECT_TIMEOUT_S = 30.0    # reads headers of every safetensors file: quick, but over a network mount
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 @dataclass(frozen=True)

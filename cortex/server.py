@@ -15,11 +15,12 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.errors import InvalidArgument, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
+from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, from_rpc_error, rpc_method
 from common.security.credentials import ADMIN
 from common.security.interceptor import AccessPolicy, caller_role
 
 from .api import convert
+from .metrics import CortexMetrics
 from .models import ModelTable, Route
 from .registry import Registry
 
@@ -76,11 +77,21 @@ class _RequestLog:
 
 
 class CortexService(cortex_pb2_grpc.CortexServicer):
-    def __init__(self, registry: Registry, models: ModelTable):
+    """The gRPC handlers. `generate` and `forward` are the fronts' shared path (gRPC here, HTTP in
+    cortex/http): validation, routing, request ids, errors, logs and metrics are the same for both."""
+
+    def __init__(self, registry: Registry, models: ModelTable, metrics: CortexMetrics | None = None):
         self.registry = registry
         self.models = models
+        self.metrics = metrics or CortexMetrics()
         self.max_prompt_bytes = MAX_PROMPT_BYTES
         self.max_logits_bytes = MAX_LOGITS_BYTES
+
+    def _model_label(self, name: str) -> str:
+        try:
+            return self.models.get(name).spec.name
+        except NotFound:
+            return ""
 
     @rpc_method
     async def ListNodes(self, request, context):
@@ -99,13 +110,17 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
     @rpc_method
     async def LoadModel(self, request, context):
         entry = _RequestLog("load", model=request.name, path=request.path, tp=request.tp)
-        placement = []
+        placement, followed = [], False
         try:
             async for event in self.models.load(request):
                 if event.HasField("model"):
                     placement = [f"{p.node}/{p.device}" for p in event.model.placement]
+                else:
+                    followed = True  # a model already loaded answers with its info alone
                 yield event
             entry.code = "OK"
+            if followed:
+                self.metrics.load.labels(request.name).observe(time.perf_counter() - entry.started)
         except Exception as err:
             entry.fail(err)
             raise
@@ -121,55 +136,74 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
 
     @rpc_method
     async def Generate(self, request, context):
-        _require_model(request.model)
-        _check_prompt(request.prompt, self.max_prompt_bytes)
-        route = self.models.route(request.model)
-        request_id = request.request_id or uuid.uuid4().hex[:16]
-        entry = _RequestLog("generate", model=request.model, node=route.node, request_id=request_id)
-        call = route.stub.Generate(convert.generate_request(request, route.handle, request_id),
-                                   timeout=context.time_remaining())
+        async for chunk in self.generate(request, context.time_remaining(), "grpc"):
+            yield chunk
+
+    async def generate(self, request, timeout: float | None, front: str):
+        """Stream a generation from the neuron holding the model; raises ServiceError."""
+        timer = self.metrics.generation(self._model_label(request.model), front)
+        entry = _RequestLog("generate", model=request.model, front=front)
         first_token_at, completion, final = None, 0, None
         try:
-            async for chunk in call:
-                if chunk.token_ids and first_token_at is None:
-                    first_token_at = time.perf_counter()
-                completion += len(chunk.token_ids)
-                if chunk.finish_reason:
-                    final = chunk
-                yield convert.generate_response(chunk, request_id)
-            entry.code = "OK"
-        except grpc.aio.AioRpcError as err:
-            error = _relay(err, route)
-            entry.fail(error)
-            raise error from None
+            _require_model(request.model)
+            _check_prompt(request.prompt, self.max_prompt_bytes)
+            route = self.models.route(request.model)
+            request_id = request.request_id or uuid.uuid4().hex[:16]
+            entry.fields.update(node=route.node, request_id=request_id)
+            call = route.stub.Generate(convert.generate_request(request, route.handle, request_id), timeout=timeout)
+            timer.begin()
+            try:
+                async for chunk in call:
+                    if chunk.token_ids and first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    completion += len(chunk.token_ids)
+                    timer.tokens(len(chunk.token_ids))
+                    if chunk.finish_reason:
+                        final = chunk
+                    yield convert.generate_response(chunk, request_id)
+                entry.code = "OK"
+            except grpc.aio.AioRpcError as err:
+                raise _relay(err, route) from None
+            finally:
+                call.cancel()  # no-op when finished; stops the neuron's work when our client went away
+        except Exception as err:
+            entry.fail(err)
+            raise
         finally:
-            call.cancel()  # no-op when finished; stops the neuron's work when our client went away
+            timer.end(entry.code, final.usage.prompt_tokens if final else None)
             entry.emit(prompt_tokens=final.usage.prompt_tokens if final else None, completion_tokens=completion,
                        ttft_ms=round((first_token_at - entry.started) * 1e3, 2) if first_token_at else None,
                        finish=final.stop_reason if final else None)
 
     @rpc_method
     async def Forward(self, request, context):
-        _require_model(request.model)
-        if not request.token_ids:
-            raise InvalidArgument("token_ids is empty: give at least one token id")
-        route = self.models.route(request.model)
-        self._check_logits(request)
-        entry = _RequestLog("forward", model=request.model, node=route.node, tokens=len(request.token_ids),
+        return await self.forward(request, context.time_remaining(), "grpc")
+
+    async def forward(self, request, timeout: float | None, front: str):
+        entry = _RequestLog("forward", model=request.model, front=front, tokens=len(request.token_ids),
                             all_positions=request.all_positions)
-        call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=context.time_remaining())
         try:
-            reply = await call
+            _require_model(request.model)
+            if not request.token_ids:
+                raise InvalidArgument("token_ids is empty: give at least one token id")
+            route = self.models.route(request.model)
+            self._check_logits(request)
+            entry.fields.update(node=route.node)
+            call = route.stub.Forward(convert.forward_request(request, route.handle), timeout=timeout)
+            try:
+                reply = await call
+            except grpc.aio.AioRpcError as err:
+                raise _relay(err, route) from None
+            finally:
+                call.cancel()
             entry.code = "OK"
             return convert.forward_response(reply)
-        except grpc.aio.AioRpcError as err:
-            error = _relay(err, route)
-            entry.fail(error)
-            raise error from None
+        except Exception as err:
+            entry.fail(err)
+            raise
         finally:
-            call.cancel()
+            self.metrics.forward_done(self._model_label(request.model), front, entry.code)
             entry.emit()
-
 
     def _check_logits(self, request) -> None:
         vocab = self.models.get(request.model).vocab_size

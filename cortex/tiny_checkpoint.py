@@ -16,9 +16,10 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+
+from common.dtypes import DTYPES
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -26,8 +27,6 @@ CHAT_TEMPLATE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-          "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 # What the tokenizer learns its merges from: any English text does.
 CORPUS = """\

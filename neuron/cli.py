@@ -15,10 +15,13 @@ from common.logs import configure_logging
 from common.security.settings import ServerSecurity, cluster_settings
 from common.server import ServingServer
 
+from common.metrics import listen_or_off, serve_metrics
+
 from .comm_tcp import Rendezvous
 from .device import parse_devices, system_memory_bytes
 from .health import DeviceWatch
 from .limits import LIMIT_SETTINGS, Limits
+from .metrics import NeuronMetrics
 from .registration import keep_registered
 from .server import ACCESS, NeuronService
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -38,6 +41,8 @@ SETTINGS = [
     Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float,
             minimum=0.0),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
+    Setting("metrics_listen", "127.0.0.1:9400", "address of the Prometheus /metrics endpoint (HOST:PORT; port 0 "
+            "picks a free one; empty or off: none)"),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
@@ -121,14 +126,24 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
     # Describe stays answerable while draining, so cortex and operators can still see the node.
-    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
-                           credentials=security.server_credentials(), interceptors=(security.interceptor(ACCESS),))
     service = NeuronService(workers, roots, peer_channels=security.peer_channels(), rendezvous=rendezvous(security))
     service.group_bind_host = _specific_host(settings["listen"])
     service.stall_seconds = settings["watchdog_seconds"]
     service.limits = Limits.from_settings(settings)
+    metrics = NeuronMetrics(workers, service.model_of)
+    server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
+                           interceptors=(security.interceptor(ACCESS), metrics.interceptor),
+                           credentials=security.server_credentials())
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
+    metrics_runner, metrics_listen = None, listen_or_off(settings["metrics_listen"])
+    if metrics_listen:
+        try:
+            metrics_runner, metrics_port = await serve_metrics(metrics.registry, metrics_listen)
+        except OSError as err:
+            await server.stop(0)
+            raise OSError(f"--metrics-listen: {err}") from None
+        log.info("metrics serving", listen=metrics_listen, port=metrics_port)
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
@@ -157,7 +172,11 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
                             security.peer_channels()))
     await stop.wait()
     watching.cancel()
-    code = await shut_down(server, workers, registration, settings["drain_seconds"])
+    try:
+        code = await shut_down(server, workers, registration, settings["drain_seconds"])
+    finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
     return max(code, exit_code)
 
 

@@ -20,6 +20,8 @@ import weakref
 
 import structlog
 
+from common.dtypes import nccl_code
+
 from .collectives import UNIQUE_ID_BYTES, CollectiveError, Communicator
 
 log = structlog.get_logger(__name__)
@@ -31,13 +33,6 @@ os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")  # before NCCL reads its setti
 def create_group_id() -> bytes:
     from cupy.cuda import nccl
     return bytes(b & 0xFF for b in nccl.get_unique_id())
-
-
-def _nccl_dtype(nccl, dtype) -> int:
-    codes = {"float32": nccl.NCCL_FLOAT32, "float16": nccl.NCCL_FLOAT16,
-             "bfloat16": getattr(nccl, "NCCL_BFLOAT16", 9),  # ncclBfloat16 = 9 in nccl.h
-             "int32": nccl.NCCL_INT32}
-    return codes[str(dtype)]
 
 
 class NcclCommunicator(Communicator):
@@ -65,27 +60,27 @@ class NcclCommunicator(Communicator):
     def all_reduce(self, x):
         self._check()
         x = x if x.flags.c_contiguous else x.copy()
-        self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, _nccl_dtype(self._nccl, x.dtype), self._nccl.NCCL_SUM,
+        self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, nccl_code(x.dtype), self._nccl.NCCL_SUM,
                             self.stream.ptr)
         return x
 
     def broadcast(self, x, root: int = 0):
         self._check()
-        self.comm.bcast(x.data.ptr, x.size, _nccl_dtype(self._nccl, x.dtype), root, self.stream.ptr)
+        self.comm.bcast(x.data.ptr, x.size, nccl_code(x.dtype), root, self.stream.ptr)
         return x
 
     def all_gather(self, x):
         import cupy
         self._check()
         out = cupy.empty((self.size, *x.shape), dtype=x.dtype)
-        self.comm.allGather(x.data.ptr, out.data.ptr, x.size, _nccl_dtype(self._nccl, x.dtype), self.stream.ptr)
+        self.comm.allGather(x.data.ptr, out.data.ptr, x.size, nccl_code(x.dtype), self.stream.ptr)
         return out
 
     def all_gather_into(self, out):
         self._check()
         n = out.size // self.size
         item = out.dtype.itemsize
-        self.comm.allGather(out.data.ptr + self.rank * n * item, out.data.ptr, n, _nccl_dtype(self._nccl, out.dtype),
+        self.comm.allGather(out.data.ptr + self.rank * n * item, out.data.ptr, n, nccl_code(out.dtype),
                             self.stream.ptr)  # in place: sendbuff == recvbuff + rank * count
 
     def barrier(self) -> None:

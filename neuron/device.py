@@ -10,12 +10,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
+from common.dtypes import DTYPES
 from common.errors import InvalidArgument
 
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 CPU_DTYPES = ("float32",)  # NumPy has no fast half-precision matmul; half dtypes are for GPUs
 
 

@@ -7,19 +7,22 @@ cache entry (models--org--name) resolves to the snapshot that refs/main names, o
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401 - registers bfloat16 with NumPy so safetensors can return it
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from common.dtypes import SAFETENSORS_ITEMSIZE  # importing it registers bfloat16 for safetensors' reads
 from common.errors import InvalidArgument, NotFound, PermissionDenied, clip
 
 from .model.sharding import TensorRead
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# A header larger than this is a corrupt length field, not a real index (safetensors' own limit).
+MAX_HEADER_BYTES = 100 << 20
 
 
 # The files besides the weights that loading reads from a checkpoint directory.
@@ -137,8 +140,51 @@ def index_file_names(directory: Path) -> list[str]:
 @dataclass(frozen=True)
 class TensorMeta:
     file: Path
-    dtype: str
+    dtype: str                 # the safetensors tag: "BF16"
     shape: tuple[int, ...]
+    offset: int                # where the tensor's bytes start in the file (after the header)
+    nbytes: int
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorMeta]:
+    """Every tensor's dtype, shape and byte range in one safetensors file, read from its header
+    (an 8-byte little-endian length, then that many bytes of JSON) and checked against the file's
+    size, so a truncated or corrupt file is refused here and not halfway through a load."""
+    def corrupt(why: str) -> InvalidArgument:
+        return InvalidArgument(f"{file} is not a readable safetensors file (corrupt or truncated?): {why}")
+
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise corrupt("shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", raw)
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise corrupt(f"header length {length} does not fit the file of {size} bytes")
+            header = json.loads(f.read(length))
+    except OSError as err:
+        raise InvalidArgument(f"{file} cannot be read: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise corrupt(f"header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    data_start, data_bytes = 8 + length, size - 8 - length
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tag, shape, (begin, end) = entry["dtype"], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+            expected = math.prod(shape) * SAFETENSORS_ITEMSIZE[tag]
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {name!r} has a malformed entry {str(entry)[:200]}") from None
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes):
+            raise corrupt(f"tensor {name!r} lies at bytes {begin}..{end}, past the {data_bytes} data bytes")
+        if end - begin != expected:
+            raise corrupt(f"tensor {name!r} has {end - begin} bytes; {tag} {list(shape)} needs {expected}")
+        tensors[name] = TensorMeta(file, tag, shape, data_start + begin, end - begin)
+    return tensors
 
 
 class Checkpoint:
@@ -149,10 +195,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorMeta] = {}
         self._handles: dict[Path, object] = {}
         for file in self._weight_files():
-            handle = self._open(file)
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                self.tensors[name] = TensorMeta(file, sl.get_dtype(), tuple(sl.get_shape()))
+            self.tensors.update(read_safetensors_header(file))
         if not self.tensors:
             raise InvalidArgument(f"{directory} holds no tensors")
 
@@ -180,7 +223,7 @@ class Checkpoint:
 
     def read_bytes(self, read: TensorRead) -> int:
         meta = self.tensors[read.name]
-        return int(np.prod(_sliced_shape(meta.shape, read))) * DTYPE_BYTES.get(meta.dtype, 4)
+        return int(np.prod(_sliced_shape(meta.shape, read))) * SAFETENSORS_ITEMSIZE[meta.dtype]
 
     def read(self, read: TensorRead) -> np.ndarray:
         meta = self.tensors[read.name]

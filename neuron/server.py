@@ -79,6 +79,12 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             raise NotFound(f"unknown shard handle {handle}: it was dropped or never loaded on this neuron")
         return worker, shard
 
+    def model_of(self, handle: int) -> str:
+        """The model name of a shard handle, "" if it is not loaded here (metrics' label)."""
+        worker = self._handle_owner.get(handle)
+        shard = worker.slab.get(handle) if worker else None
+        return shard.request.model if shard else ""
+
     def _pick_device(self, device: str) -> DeviceWorker:
         if device:
             if device not in self.workers:
@@ -291,15 +297,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 
     @rpc_method
     async def InitGroup(self, request, context):
-        if not request.group_id:
-            raise InvalidArgument("group_id is empty")
-        if request.world_size < 2 or request.rank >= request.world_size:
-            raise InvalidArgument(f"need world_size >= 2 and rank < world_size; got rank {request.rank} of {request.world_size}")
-        if len(request.unique_id) != UNIQUE_ID_BYTES:
-            raise InvalidArgument(f"unique_id must be {UNIQUE_ID_BYTES} bytes (from CreateGroupId), got {len(request.unique_id)}")
-        if len(request.members) != request.world_size:
-            raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}: "
-                                  "give every rank's neuron address and device, in rank order")
+        _check_init_group(request)
         worker = self._pick_device(request.device)
         if (request.group_id, request.rank) in self.groups.groups:
             raise FailedPrecondition(f"rank {request.rank} of group {request.group_id!r} already joined")
@@ -384,6 +382,18 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                     if g.handle is not None and g.handle in g.worker.slab:
                         g.worker.submit(DropShardJob(g.handle))
             raise
+
+
+def _check_init_group(request: pb.InitGroupRequest) -> None:
+    if not request.group_id:
+        raise InvalidArgument("group_id is empty")
+    if request.world_size < 2 or request.rank >= request.world_size:
+        raise InvalidArgument(f"need world_size >= 2 and rank < world_size; got rank {request.rank} of {request.world_size}")
+    if len(request.unique_id) != UNIQUE_ID_BYTES:
+        raise InvalidArgument(f"unique_id must be {UNIQUE_ID_BYTES} bytes (from CreateGroupId), got {len(request.unique_id)}")
+    if len(request.members) != request.world_size:
+        raise InvalidArgument(f"members lists {len(request.members)} ranks, world_size is {request.world_size}: "
+                              "give every rank's neuron address and device, in rank order")
 
 
 def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:

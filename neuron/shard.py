@@ -12,12 +12,15 @@ from typing import Callable
 import numpy as np
 import structlog
 
+from common.dtypes import DTYPES
+from common.dtypes import SAFETENSORS_ITEMSIZE as DTYPE_BYTES
 from common.errors import Cancelled, InvalidArgument, ResourceExhausted
+from common.units import human_bytes as _size
 
 from .collectives import Communicator, SingleRank
-from .device import DTYPES, resolve_dtype
+from .device import resolve_dtype
 from .kv_cache import KvCache
-from .loader import DTYPE_BYTES, Checkpoint
+from .loader import Checkpoint
 from .model.config import ModelConfig
 from .model.llama import LlamaModel
 from .model.sharding import TpLayout, expected_shapes, parameter_reads
@@ -264,9 +267,3 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
 def _is_out_of_memory(err: Exception) -> bool:
     return type(err).__name__ in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(err).lower()
 
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"

@@ -189,29 +189,26 @@ class TextStream:
         the output there (StreamDelta.tokens is 0: finish takes no new ids)."""
         if self._stopped:
             return StreamDelta("")
-        self._pending += self._window_text(final=True)
         self._stopped = True
-        match = self._first_stop(self._pending)
-        if match is None:
-            text, self._pending = self._pending, ""
-            return StreamDelta(text)
-        start, stop = match
-        text, self._pending = self._pending[:start], ""
-        return StreamDelta(text, stop)
+        text, _ = self._window_text()
+        text, self._pending = self._pending + text, ""
+        match = self._first_stop(text)
+        return StreamDelta(text) if match is None else StreamDelta(text[:match[0]], match[1])
 
     def _step(self) -> tuple[str, str | None]:
         """Text released by the newest id, and the stop string it completed, if any."""
-        new_text = self._window_text(final=False)
-        if new_text is None:
-            # An incomplete character at the end: the complete text before it is final already.
-            unsettled = self._tokenizer.decode(self._ids[self._prefix:])
-            settled = unsettled[len(self._tokenizer.decode(self._ids[self._prefix:self._read])):].rstrip("\ufffd")
-            match = self._first_stop(self._pending + settled)
+        new_text, complete = self._window_text()
+        if not complete:
+            # An incomplete character at the end: it stays in the window until more ids complete
+            # it, but the text before it is final, and a stop string in that ends the output now.
+            settled = self._pending + new_text.rstrip("\ufffd")
+            match = self._first_stop(settled)
             if match is None:
                 return "", None
-            self._stopped = True
-            text, self._pending = self._pending + settled, ""
-            return text[:match[0]], match[1]
+            self._stopped, self._pending = True, ""
+            return settled[:match[0]], match[1]
+        if new_text:  # ids that add no text yet (special tokens) stay in the window, as its start
+            self._prefix, self._read = self._read, len(self._ids)
         self._pending += new_text
         match = self._first_stop(self._pending)
         if match is not None:
@@ -222,17 +219,12 @@ class TextStream:
         text, self._pending = self._pending[:cut], self._pending[cut:]
         return text, None
 
-    def _window_text(self, final: bool) -> str | None:
-        """The window's new text, moving the window on; None (and the window stays) while the
-        text ends in an incomplete character and more ids may complete it."""
+    def _window_text(self) -> tuple[str, bool]:
+        """The window's text past what was already read, and whether it is complete (does not end
+        in an incomplete character)."""
         prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read])
         text = self._tokenizer.decode(self._ids[self._prefix:])
-        if text.endswith("\ufffd") and not final:
-            return None
-        if len(text) <= len(prefix_text):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(prefix_text):]
+        return text[len(prefix_text):], not text.endswith("\ufffd")
 
     def _first_stop(self, text: str) -> tuple[int, str] | None:
         """The stop string in `text` that is completed first, as (position, stop string)."""

@@ -9,35 +9,19 @@ column slices of row-parallel weights) takes the safetensors path in shard.py.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from common.dtypes import BY_SAFETENSORS
 from common.errors import InvalidArgument
-
-SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 CHUNK_BYTES = 64 << 20
 BUFFERS = 3
 READ_THREADS = 8
 MIN_PIECE = 4 << 20
-
-
-def _header(path: Path) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise InvalidArgument(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InvalidArgument(f"{path} has a corrupt safetensors header: {err}") from None
-    return 8 + n, header
 
 
 class DeviceUploader:
@@ -46,7 +30,6 @@ class DeviceUploader:
         from cupy_backends.cuda.api import runtime
 
         self.cp, self.runtime, self.ckpt = cp, runtime, checkpoint
-        self._headers: dict[Path, tuple[int, dict]] = {}
         self._fds: dict[Path, int] = {}
         self._bufs = [cupyx.empty_pinned((CHUNK_BYTES,), dtype=np.uint8) for _ in range(BUFFERS)]
         self._events = [cp.cuda.Event(disable_timing=True) for _ in range(BUFFERS)]
@@ -58,21 +41,18 @@ class DeviceUploader:
     def can_load(self, reads, dtype) -> bool:
         for r in reads:
             meta = self.ckpt.tensors[r.name]
-            if not _full_width(r, meta.shape) or SAFETENSORS_DTYPES.get(meta.dtype) != np.dtype(dtype).name:
+            if not _full_width(r, meta.shape) or BY_SAFETENSORS[meta.dtype].name != np.dtype(dtype).name:
                 return False
         return True
 
     def _range(self, read) -> tuple[int, int, int, tuple[int, ...]]:
         """(fd, absolute offset, bytes, shape) of a row slice."""
         meta = self.ckpt.tensors[read.name]
-        if meta.file not in self._headers:
-            self._headers[meta.file] = _header(meta.file)
+        if meta.file not in self._fds:
             self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
-        start, header = self._headers[meta.file]
-        begin, end = header[read.name]["data_offsets"]
         shape = tuple(meta.shape)
-        row_bytes = (end - begin) // shape[0] if shape and shape[0] else end - begin
-        offset, nbytes = start + begin, end - begin
+        row_bytes = meta.nbytes // shape[0] if shape and shape[0] else meta.nbytes
+        offset, nbytes = meta.offset, meta.nbytes
         if read.rows is not None:
             r0, r1, _ = read.rows.indices(shape[0])
             offset, nbytes = offset + r0 * row_bytes, (r1 - r0) * row_bytes

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import signal
 import socket
@@ -150,7 +151,8 @@ def start_server(argv: list[str], env: dict | None = None, timeout: float = 60.0
 def start_neuron(devices: str = "cpu", model_roots: list[Path] | None = None, extra: list[str] | None = None,
                  env: dict | None = None, listen: str = "127.0.0.1:0") -> Server:
     roots = model_roots or [FIXTURES]
-    argv = ["-m", "neuron.cli", "serve", "--devices", devices]
+    # No metrics listener unless asked (extra may give --metrics-listen): neurons share this host.
+    argv = ["-m", "neuron.cli", "serve", "--devices", devices, "--metrics-listen", "off"]
     for root in roots:
         argv += ["--model-root", str(root)]
     if SECURE:
@@ -163,7 +165,7 @@ def start_neuron(devices: str = "cpu", model_roots: list[Path] | None = None, ex
 
 def start_cortex(neurons: list[str] | None = None, extra: list[str] | None = None, env: dict | None = None,
                  listen: str = "127.0.0.1:0") -> Server:
-    argv = ["-m", "cortex.cli", "serve"]
+    argv = ["-m", "cortex.cli", "serve", "--http-listen", "off"]  # extra may give --http-listen
     for address in neurons or []:
         argv += ["--neuron", address]
     if SECURE:
@@ -172,6 +174,18 @@ def start_cortex(neurons: list[str] | None = None, extra: list[str] | None = Non
     if SECURE:
         server.security = session_secrets().client("admin")
     return server
+
+
+def logged_port(server: Server, event: str, timeout: float = 30.0) -> int:
+    """The port a server logged in its JSON line `event` (its HTTP or metrics listener on port 0)."""
+    def find():
+        for line in server.log().splitlines():
+            if line.startswith("{") and f'"event": "{event}"' in line:
+                return json.loads(line)["port"]
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.args[2]} exited with {server.proc.returncode}:\n{server.log()}")
+        return None
+    return wait_until(find, timeout, what=f"the log line {event!r}")
 
 
 def free_port() -> int:

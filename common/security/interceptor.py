@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from common.server import rewrap
+from common.server import rewrap_handler
 
 from .credentials import ADMIN, CLUSTER_TOKEN, USER, KeyRing, bearer, metadata_value, same_secret
 
@@ -117,10 +117,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             role = self.check(details.method, details.invocation_metadata)
         except Refusal as refusal:
             self._log_refusal(details.method, refusal.code.name)
-            return rewrap(handler, lambda behavior, refusal=refusal: _refuse(behavior, refusal))
+            return rewrap_handler(handler, lambda behavior, refusal=refusal: _refuse(behavior, refusal))
         if role == ADMIN:
             return handler  # the default role: nothing to set
-        return rewrap(handler, lambda behavior: _as_role(behavior, role))
+        return rewrap_handler(handler, lambda behavior: _as_role(behavior, role))
 
 
     def _log_refusal(self, method: str, code: str) -> None:

@@ -70,6 +70,10 @@ class ServerSecurity:
         """The same decisions for a front that is not gRPC (cortex's HTTP API)."""
         return Authenticator(self.api_keys, self.cluster_token)
 
+    def https_context(self):
+        """An ssl context for an HTTPS front with the server's certificate, or None without TLS."""
+        return self.tls.ssl_server_context(self.require_client_cert) if self.tls.serves_tls else None
+
     def peer_channels(self) -> ChannelSecurity:
         return ChannelSecurity.for_peer(self.tls, self.cluster_token)
 

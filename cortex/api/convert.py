@@ -77,7 +77,7 @@ def shard_summary(s: npb.ShardSummary) -> cpb.ShardSummary:
 
 def device(d: npb.Device) -> cpb.Device:
     return cpb.Device(id=d.id, kind=d.kind, name=d.name, total_bytes=d.total_bytes, free_bytes=d.free_bytes,
-                      shards=[shard_summary(s) for s in d.shards], busy=d.busy)
+                      shards=[shard_summary(s) for s in d.shards], busy=d.busy, error=d.error)
 
 
 def load_progress(p: npb.LoadProgress) -> cpb.LoadProgress:

@@ -17,6 +17,16 @@ class ScheduledChunk:
     block_ids: list[int]       # the request's whole block table, covering start + len(token_ids) tokens
     sample: bool               # True: this chunk ends at the request's last known token
 
+    @property
+    def num_logit_rows(self) -> int:
+        """Rows of logits the runner returns for this chunk in RunnerOutput.logits: a scoring request
+        wants every position of every chunk (all_positions) or the last position of its last chunk."""
+        if not self.request.want_logits:
+            return 0
+        if self.request.all_positions:
+            return len(self.token_ids)
+        return 1 if self.sample else 0
+
 
 @dataclass(frozen=True)
 class SchedulerOutput:

@@ -40,6 +40,9 @@ class Request:
     finish_reason: str | None = None         # "stop" | "length" | "abort" | "error"
     stop_reason: str = ""                    # "eos", "stop_token:ID", "max_tokens", "context", ...
     sampler_state: Any = None                # the runner's per-request sampling state (its random stream)
+    # Prefix-cache hash of each full block of all_token_ids, in order; filled by the KV block manager.
+    # Tokens are only ever appended, so a hash once computed stays valid (across preemptions too).
+    block_hashes: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

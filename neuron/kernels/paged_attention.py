@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from common.dtypes import KERNEL_CODES
+
 
 KERNEL_DIR = Path(__file__).resolve().parent
 SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
 MAX_GROUP = 16        # query heads per kv head the kernel is built for
-_DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 
 
 def num_splits(max_context: int, split_keys: int = SPLIT_KEYS) -> int:
@@ -83,7 +84,7 @@ class PagedAttentionCuda:
         self.head_dim, self.group, self.split_keys = head_dim, group, split_keys
         self.threads = max(128, head_dim)
         source = (KERNEL_DIR / "paged_attention.cu").read_text()
-        options = ("--std=c++17", f"-I{KERNEL_DIR}", f"-DDT={_DT_CODES[dtype_name]}", f"-DPA_D={head_dim}",
+        options = ("--std=c++17", f"-I{KERNEL_DIR}", f"-DDT={KERNEL_CODES[dtype_name]}", f"-DPA_D={head_dim}",
                    f"-DPA_G={group}", f"-DPA_THREADS={self.threads}", f"-DPA_SPLIT={split_keys}")
         module = cupy.RawModule(code=source, options=options)
         self._partial = module.get_function("paged_decode_partial")

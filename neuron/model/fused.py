@@ -282,17 +282,7 @@ class FusedLlama:
             mark("rope+kv write")
             self._prefill_attention(q, kv.keys[i], kv.values[i], slot, start, attn)
             mark("attention")
-            if self.tp:
-                o = ops.linear_f32(attn, p[f"{i}.o"])
-                self._sum(o)
-                mark("o matmul")
-                ops.resid_add_f32(x, o, p.get(f"{i}.o_bias"), p[f"{i}.post_norm"], self.eps, h)
-            else:
-                o = ops.linear(attn, p[f"{i}.o"])
-                if f"{i}.o_bias" in p:
-                    o = o + p[f"{i}.o_bias"]
-                mark("o matmul")
-                ops.add_rmsnorm(x, o, p[f"{i}.post_norm"], self.eps, h)
+            self._prefill_attention_out(i, attn, x, h)
             mark("norm")
             gu = ops.linear(h, p[f"{i}.gate_up"])
             if f"{i}.gate_up_bias" in p:
@@ -300,28 +290,14 @@ class FusedLlama:
             mark("gate_up matmul")
             ops.silu_mul(gu, act)
             mark("silu*up")
-            if self.tp:
-                delta = ops.linear_f32(act, p[f"{i}.down"])
-                self._sum(delta)
-            else:
-                delta = ops.linear(act, p[f"{i}.down"])
-                if f"{i}.down_bias" in p:
-                    delta = delta + p[f"{i}.down_bias"]
+            delta = self._prefill_down(i, act)
             mark("down matmul")
             if i + 1 < c.num_layers:  # the residual add of this layer, with the next layer's input norm
-                norm = p[f"{i + 1}.input_norm"]
-                if self.tp:
-                    ops.resid_add_f32(x, delta, p.get(f"{i}.down_bias"), norm, self.eps, h)
-                else:
-                    ops.add_rmsnorm(x, delta, norm, self.eps, h)
+                self._prefill_residual(i, x, delta, p[f"{i + 1}.input_norm"], h)
                 mark("norm")
-        last = c.num_layers - 1
         if not all_positions:
             x, delta, h = x[-1:], delta[-1:], h[-1:]
-        if self.tp:
-            ops.resid_add_f32(x, delta, p.get(f"{last}.down_bias"), p["norm"], self.eps, h)
-        else:
-            ops.add_rmsnorm(x, delta, p["norm"], self.eps, h)
+        self._prefill_residual(c.num_layers - 1, x, delta, p["norm"], h)
         logits = ops.linear(h, self.lm_head).astype(xp.float32)
         mark("lm_head")
         if self.tp:
@@ -329,20 +305,55 @@ class FusedLlama:
             self._share_tokens()
         return logits
 
+    def _prefill_attention_out(self, i: int, attn, x, h) -> None:
+        """Layer i's o_proj, added to the residual x, and the post-attention norm of x into h."""
+        ops, p = self.ops, self.p
+        if self.tp:
+            o = ops.linear_f32(attn, p[f"{i}.o"])
+            self._sum(o)
+            self._mark("o matmul")
+            ops.resid_add_f32(x, o, p.get(f"{i}.o_bias"), p[f"{i}.post_norm"], self.eps, h)
+            return
+        o = ops.linear(attn, p[f"{i}.o"])
+        if f"{i}.o_bias" in p:
+            o = o + p[f"{i}.o_bias"]
+        self._mark("o matmul")
+        ops.add_rmsnorm(x, o, p[f"{i}.post_norm"], self.eps, h)
+
+    def _prefill_down(self, i: int, act):
+        """Layer i's down_proj: float32 partial sums, summed over ranks, under TP (their bias is
+        added once, with the residual); the biased product otherwise."""
+        ops, p = self.ops, self.p
+        if self.tp:
+            delta = ops.linear_f32(act, p[f"{i}.down"])
+            self._sum(delta)
+            return delta
+        delta = ops.linear(act, p[f"{i}.down"])
+        if f"{i}.down_bias" in p:
+            delta = delta + p[f"{i}.down_bias"]
+        return delta
+
+    def _prefill_residual(self, i: int, x, delta, norm, h) -> None:
+        """x += layer i's MLP output, then h = rmsnorm(x) * norm (the next layer's input norm, or the final one)."""
+        if self.tp:
+            self.ops.resid_add_f32(x, delta, self.p.get(f"{i}.down_bias"), norm, self.eps, h)
+        else:
+            self.ops.add_rmsnorm(x, delta, norm, self.eps, h)
+
     def _prefill_attention(self, q, kc, vc, slot: int, start: int, attn) -> None:
         xp, ops = self.xp, self.ops
         hkv, tn, g, d = q.shape
         item = q.dtype.itemsize
         lc_max = start + tn
         rows = max(1, min(tn, ATTN_SCORE_BYTES // (hkv * g * lc_max * item)))
-        S = xp.empty(hkv * rows * g * lc_max, dtype=q.dtype)
-        O = xp.empty(hkv * rows * g * d, dtype=q.dtype)
+        scores = xp.empty(hkv * rows * g * lc_max, dtype=q.dtype)
+        outputs = xp.empty(hkv * rows * g * d, dtype=q.dtype)
         for t0 in range(0, tn, rows):
             cc = min(rows, tn - t0)
             lc = start + t0 + cc
             m = cc * g
-            s = S[:hkv * m * lc].reshape(hkv, m, lc)
-            o = O[:hkv * m * d].reshape(hkv, m, d)
+            s = scores[:hkv * m * lc].reshape(hkv, m, lc)
+            o = outputs[:hkv * m * d].reshape(hkv, m, d)
             ops.attn_scores(q, kc, slot, t0, cc, lc, s)
             ops.softmax_rows(s, self.io.meta, t0, g, self.window, self.scale)
             ops.attn_pv(s, vc, slot, o)

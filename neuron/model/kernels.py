@@ -28,7 +28,9 @@ import re
 
 import numpy as np
 
-DT_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
+from common.dtypes import DTYPES
+from common.dtypes import KERNEL_CODES as DT_CODES
+
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
 EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4}
 GEMV_THREADS = 256
@@ -1200,10 +1202,10 @@ class CudaOps:
             self._zero.ctypes.data, S.data.ptr, self.cuda_dtype, lc, m * lc,
             hkv, self.cublas.CUBLAS_COMPUTE_32F, self.cublas.CUBLAS_GEMM_DEFAULT)
 
-    def attn_pv(self, S, vcache, slot: int, O) -> None:
-        """O[h] = P[h] @ V[h, :lc] for every kv head h; S [Hkv, m, lc] (probabilities), O [Hkv, m, D]."""
+    def attn_pv(self, S, vcache, slot: int, out) -> None:
+        """out[h] = P[h] @ V[h, :lc] for every kv head h; S [Hkv, m, lc] (probabilities), out [Hkv, m, D]."""
         hkv, m, lc = S.shape
-        d = O.shape[-1]
+        d = out.shape[-1]
         maxc = vcache.shape[2]
         item = S.dtype.itemsize
         vptr = vcache.data.ptr + slot * hkv * maxc * d * item
@@ -1211,7 +1213,7 @@ class CudaOps:
             self.cp.cuda.device.get_cublas_handle(), 0, 0, d, m, lc, self._one.ctypes.data,
             vptr, self.cuda_dtype, d, maxc * d,
             S.data.ptr, self.cuda_dtype, lc, m * lc,
-            self._zero.ctypes.data, O.data.ptr, self.cuda_dtype, d, m * d,
+            self._zero.ctypes.data, out.data.ptr, self.cuda_dtype, d, m * d,
             hkv, self.cublas.CUBLAS_COMPUTE_32F, self.cublas.CUBLAS_GEMM_DEFAULT)
 
 
@@ -1221,10 +1223,8 @@ class NumpyOps:
     """The kernels' arithmetic in NumPy (same rounding points, same split-K attention)."""
 
     def __init__(self, dtype_name: str):
-        import ml_dtypes
         self.dtype_name = dtype_name
-        self.T = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-                  "float32": np.dtype(np.float32)}[dtype_name]
+        self.T = DTYPES[dtype_name]
 
     def ft(self, a):
         return np.asarray(a, dtype=np.float32).astype(self.T)
@@ -1333,10 +1333,10 @@ class NumpyOps:
                 sc = self.r(qf[h] @ k.T) * np.float32(scale)
                 m = sc.max(axis=-1)
                 p = np.exp(sc - m[:, None])
-                l = p.sum(axis=-1, dtype=np.float32)
+                total = p.sum(axis=-1, dtype=np.float32)
                 if lo == first and hi == pos + 1:  # the whole context in one split: plain-path rounding
-                    p, l = self.r(p / l[:, None]), np.ones_like(l)
-                pm[rows, s], pl[rows, s] = m, l
+                    p, total = self.r(p / total[:, None]), np.ones_like(total)
+                pm[rows, s], pl[rows, s] = m, total
                 po[rows, s] = p @ v
         M = np.where(pl > 0, pm, -np.inf).max(axis=1, keepdims=True)
         w = np.where(pl > 0, np.exp(np.where(pl > 0, pm, M) - M), 0.0).astype(np.float32)
@@ -1397,9 +1397,9 @@ class NumpyOps:
         k = self.tf(kcache[slot, :, :lc])
         S[...] = self.ft(qc @ k.transpose(0, 2, 1))
 
-    def attn_pv(self, S, vcache, slot: int, O) -> None:
+    def attn_pv(self, S, vcache, slot: int, out) -> None:
         lc = S.shape[-1]
-        O[...] = self.ft(self.tf(S) @ self.tf(vcache[slot, :, :lc]))
+        out[...] = self.ft(self.tf(S) @ self.tf(vcache[slot, :, :lc]))
 
 
 def softmax_scale(head_dim: int) -> float:

@@ -2,13 +2,13 @@
 with outputs poisoned first (an element the kernel should write but does not shows up as NaN)."""
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 
+from common.dtypes import DTYPES
+
 pytestmark = pytest.mark.gpu
 
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # relative L2 error allowed between kernel and mirror: float32 accumulation order only, plus (for
 # half types) the occasional value that rounds to the neighbouring half-precision number.
 TOL = {"float32": 1e-5, "bfloat16": 8e-3, "float16": 1.5e-3}

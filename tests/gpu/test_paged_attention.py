@@ -2,15 +2,14 @@
 poisoned first."""
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 
+from common.dtypes import DTYPES
 from neuron.kernels.paged_attention import PagedAttentionCuda, num_splits, paged_decode_attention_numpy
 
 pytestmark = pytest.mark.gpu
 
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
 

@@ -12,7 +12,7 @@ from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.proto.neuron.v1 import neuron_pb2_grpc
 from common.rpc.channels import PLAINTEXT, sync_channel
 from cortex.client import CortexClient
-from tests.helpers import MODELS, make_secrets, start_cortex, start_neuron, wait_until
+from tests.helpers import MODELS, logged_port, make_secrets, start_cortex, start_neuron, wait_until
 from tests.security_calls import code_of, methods_of
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ MODEL = "served"
 @pytest.fixture(scope="module")
 def fleet():
     secrets = make_secrets()
-    cortex = start_cortex(extra=["--poll-seconds", "0.5", *secrets.server_flags(tls=False, api_keys=True)])
+    cortex = start_cortex(extra=["--poll-seconds", "0.5", "--http-listen", "127.0.0.1:0",
+                                 *secrets.server_flags(tls=False, api_keys=True)])
     neuron = start_neuron("cpu:0", [MODELS], extra=["--cortex", cortex.address, "--heartbeat-seconds", "0.5",
                                                     *secrets.server_flags(tls=False)])
     try:
@@ -203,3 +204,62 @@ def test_unusable_credentials_stop_the_server_at_start(component, flags, message
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert run.returncode == 2 and message in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and "s" * 32 not in run.stderr
+
+
+
+# ---------------------------------------------------------------- the HTTP front
+
+def http(cortex, method: str, path: str, key: str | None = None, body: dict | None = None):
+    """(status, headers, JSON body) of one request to cortex's HTTP front."""
+    import json
+    import urllib.error
+    import urllib.request
+    port = logged_port(cortex, "http serving")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers=headers,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            text = reply.read().decode()
+            return reply.status, reply.headers, json.loads(text) if text.startswith("{") else text
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, json.loads(err.read())
+
+
+HTTP_ROUTES = [("GET", "/v1/models", None), ("GET", f"/v1/models/{MODEL}", None),
+               ("POST", "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2}),
+               ("POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 2})]
+
+
+def test_every_http_route_needs_a_key(fleet):
+    cortex, _, secrets = fleet
+    for method, path, body in HTTP_ROUTES:
+        for key in (None, "x" * 48, secrets.token()):
+            status, headers, answer = http(cortex, method, path, key, body)
+            assert status == 401, (path, key is None, status, answer)
+            assert answer["error"]["type"] == "authentication_error" and answer["error"]["code"] == "invalid_api_key"
+            assert "Authorization: Bearer KEY".lower() in answer["error"]["message"].lower()
+            assert headers["WWW-Authenticate"].startswith("Bearer")
+        for role in ("user", "admin"):
+            status, _, answer = http(cortex, method, path, secrets.api_key(role), body)
+            assert status not in (401, 403), (path, role, status, answer)
+            if path != "/v1/chat/completions":  # the fixture has no chat template: a 400 of its own
+                assert status == 200, (path, role, status, answer)
+    # Routes outside the OpenAI API are admin routes: a user key gets 403 (before any 404).
+    status, _, answer = http(cortex, "GET", "/v1/something-else", secrets.api_key("user"))
+    assert status == 403 and answer["error"]["type"] == "permission_error"
+    # Probes and scrapers need no key.
+    assert http(cortex, "GET", "/health")[0] == 200 and http(cortex, "GET", "/metrics")[0] == 200
+
+
+def test_the_openai_client_with_an_api_key(fleet):
+    openai = pytest.importorskip("openai")
+    cortex, _, secrets = fleet
+    base = f"http://127.0.0.1:{logged_port(cortex, 'http serving')}/v1"
+    with openai.OpenAI(base_url=base, api_key=secrets.api_key("user"), max_retries=0, timeout=30) as client:
+        reply = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens == 3
+    with openai.OpenAI(base_url=base, api_key="not-a-key-" * 3, max_retries=0, timeout=30) as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()

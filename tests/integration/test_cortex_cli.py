@@ -91,6 +91,16 @@ def test_generate_streams_text_or_json_lines(loaded, fleet):
     assert text.returncode == 0 and text.stdout == expected + "\n"
     assert "5 prompt + 8 generated tokens, finish: length (max_tokens)" in text.stderr
 
+    # Every sampling field of the API has its flag; the request id comes back on every chunk.
+    greedy = ref["greedy_ids"].tolist()
+    stopped = cortex_cli("--cortex", cortex.address, "generate", "cli", "--tokens", tokens, "--max-tokens", "32",
+                         "--temperature", "0", "--min-p", "0.1", "--repetition-penalty", "1.0",
+                         "--stop-token-ids", str(greedy[3]), "--request-id", "cli-req-1", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    chunks = [json.loads(line) for line in stopped.stdout.splitlines()]
+    assert {c["request_id"] for c in chunks} == {"cli-req-1"}
+    assert chunks[-1]["stop_reason"] == f"stop_token:{greedy[3]}"
+
 
 def test_forward_writes_the_logits(loaded, fleet, tmp_path):
     cortex, _ = fleet

@@ -20,7 +20,7 @@ from common.proto.neuron.v1 import neuron_pb2_grpc
 from common.rpc.channels import ChannelSecurity, sync_channel
 from common.security.tls import TlsFiles
 from cortex.client import CortexClient, check_health
-from tests.helpers import MODELS, ROOT, make_secrets, start_cortex, start_neuron, wait_until
+from tests.helpers import MODELS, ROOT, logged_port, make_secrets, start_cortex, start_neuron, wait_until
 from tests.security_calls import code_of
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,8 @@ PROMPT = [1, 45, 383, 310, 344, 338]
 @pytest.fixture(scope="module")
 def fleet():
     secrets = make_secrets()
-    cortex = start_cortex(extra=["--poll-seconds", "0.5", *secrets.server_flags(api_keys=True)])
+    cortex = start_cortex(extra=["--poll-seconds", "0.5", "--http-listen", "127.0.0.1:0",
+                                 *secrets.server_flags(api_keys=True)])
     neurons = [start_neuron("cpu:0", [MODELS], extra=["--cortex", cortex.address, "--heartbeat-seconds", "0.5",
                                                       *secrets.server_flags()]) for _ in range(2)]
     try:
@@ -195,6 +196,24 @@ def test_grpcurl_with_cacert_as_documented(fleet):
     assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
     assert run(["grpcurl", "-cacert", ca, neurons[0].address, "list"]).returncode != 0  # no client certificate
     assert run(["grpcurl", "-plaintext", cortex.address, "list"]).returncode != 0
+
+
+def test_the_http_front_is_https_with_the_same_certificate(fleet):
+    import ssl
+    import urllib.error
+    import urllib.request
+    cortex, _, secrets = fleet
+    port = logged_port(cortex, "http serving")
+    context = ssl.create_default_context(cafile=secrets.path("ca.pem"))
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/models",
+                                     headers={"Authorization": f"Bearer {secrets.api_key('user')}"})
+    with urllib.request.urlopen(request, timeout=20, context=context) as reply:
+        assert {m["id"] for m in json.loads(reply.read())["data"]} == {"tp1", "tp2"}
+    with pytest.raises(urllib.error.HTTPError) as err:  # TLS does not replace the key
+        urllib.request.urlopen(f"https://127.0.0.1:{port}/v1/models", timeout=20, context=context)
+    assert err.value.code == 401
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext HTTP is not served
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=20)
 
 
 def test_the_servers_say_security_is_on(fleet):

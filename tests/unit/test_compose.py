@@ -323,7 +323,7 @@ def test_single_host_compose(monkeypatch):
     doc = load_compose(COMPOSE)
     services = doc["services"]
     assert "cortex" in services
-    neurons = {n: s for n, s in services.items() if component_of(s) == "neuron"}
+    neurons = {n: s for n, s in services.items() if "build" in s and component_of(s) == "neuron"}
     assert len(neurons) >= 2, "the fleet has at least two neurons"
     _, cortex = service_settings("cortex", services["cortex"], monkeypatch)
     check_common("cortex", services["cortex"], "cortex", cortex, monkeypatch)
@@ -354,6 +354,25 @@ def test_single_host_compose(monkeypatch):
     assert "models" in doc.get("volumes", {}), "the models volume is declared"
     advertised = [service_settings(n, s, monkeypatch)[1]["advertise"] for n, s in neurons.items()]
     assert len(set(advertised)) == len(advertised), "every neuron advertises its own address"
+
+
+def test_prometheus_scrapes_the_fleet_where_it_serves_metrics(monkeypatch):
+    """The optional prometheus service's targets are cortex's HTTP port and every neuron's metrics
+    port, as the processes resolve them, by service name."""
+    services = load_compose(COMPOSE)["services"]
+    prometheus = services["prometheus"]
+    assert prometheus.get("profiles") == ["metrics"], "Prometheus is optional (profile metrics)"
+    mount = next(str(v) for v in prometheus["volumes"] if "prometheus.yml" in str(v))
+    config = yaml.safe_load((DOCKER / mount.split(":")[0].removeprefix("./")).read_text())
+    targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    _, cortex = service_settings("cortex", services["cortex"], monkeypatch)
+    expected = {f"cortex:{port_of(cortex['http_listen'])}"}
+    for name, service in services.items():
+        if "build" in service and component_of(service) == "neuron":
+            expected.add(f"{name}:{port_of(service_settings(name, service, monkeypatch)[1]['metrics_listen'])}")
+    assert targets == expected
+    published = [interpolate(str(p), {}) for p in services["cortex"].get("ports", [])]
+    assert any(p.endswith(f":{port_of(cortex['http_listen'])}") for p in published), "the HTTP API is published"
 
 
 def test_multihost_compose(monkeypatch):
@@ -395,6 +414,8 @@ def test_compose_wires_api_keys_cluster_token_and_tls_as_secrets(path, monkeypat
     for name, secret in declared.items():
         assert "file" in secret and "secrets" in interpolate(secret["file"], {}), f"secret {name}: {secret}"
     for name, service in doc["services"].items():
+        if "build" not in service:
+            continue  # not ours (prometheus)
         component, settings = service_settings(name, service, monkeypatch)
         files = ["cluster_token_file", "tls_cert", "tls_key", "tls_ca"] + (["api_keys"] if component == "cortex" else [])
         mounted = set(service.get("secrets", []))
@@ -406,3 +427,17 @@ def test_compose_wires_api_keys_cluster_token_and_tls_as_secrets(path, monkeypat
             assert secret in declared, f"{path.name}: secret {secret} is not declared"
         if component == "neuron":
             assert settings["tls_require_client_cert"], f"{name}: neurons take only cortex and peers (mutual TLS)"
+
+
+
+def test_prometheus_scrapes_cortex_over_https_with_the_fleet_ca(monkeypatch):
+    services = load_compose(COMPOSE)["services"]
+    _, cortex = service_settings("cortex", services["cortex"], monkeypatch)
+    assert cortex["tls_cert"], "the compose cortex serves TLS, its HTTP port included"
+    prometheus = services["prometheus"]
+    mount = next(str(v) for v in prometheus["volumes"] if "prometheus.yml" in str(v))
+    config = yaml.safe_load((DOCKER / mount.split(":")[0].removeprefix("./")).read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "cortex"]
+    assert job.get("scheme") == "https", "cortex's /metrics is on its HTTPS port"
+    ca = job["tls_config"]["ca_file"]
+    assert ca == cortex["tls_ca"] and ca.removeprefix("/run/secrets/") in prometheus.get("secrets", [])

@@ -69,7 +69,7 @@ class ShardSummary(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy")
+    __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy", "error")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Device(_message.Message):
     FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     name: str
@@ -84,7 +85,8 @@ class Device(_message.Message):
     free_bytes: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardSummary]
     busy: bool
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardSummary, _Mapping]]] = ..., busy: _Optional[bool] = ...) -> None: ...
+    error: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardSummary, _Mapping]]] = ..., busy: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("address", "state", "reason", "source", "host", "version", "devices", "last_seen_seconds_ago")
