@@ -35,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 from common.dtypes import DTYPES as SERVING_DTYPES  # noqa: E402
 from bench.common import commit, gpu_name  # noqa: E402,F401 - decode_bench imports them from here
 from neuron.device import DeviceSpec  # noqa: E402
-from neuron.generation import ErrorEvent, FinishEvent, Sequence, TokenEvent  # noqa: E402
+from neuron.engine.core import Caller  # noqa: E402
+from neuron.engine.request import Request  # noqa: E402
+from neuron.generation import ErrorEvent, FinishEvent, TokenEvent  # noqa: E402
 from neuron.sampling import SamplingConfig  # noqa: E402
 from neuron.shard import LoadRequest  # noqa: E402
 from neuron.worker import DeviceWorker, DropShardJob, ForwardJob, GenerateJob, LoadShardJob  # noqa: E402
@@ -57,13 +59,13 @@ def start_worker(index: int) -> DeviceWorker:
 
 
 def load(worker: DeviceWorker, path: Path, dtype: str = "", fused: str = "auto", max_context: int = 256,
-         kv_slots: int = 4, progress=None):
+         max_seqs: int = 4, progress=None):
     """Load a shard; fused="off" gives the plain path (the reference) on the same GPU."""
     previous = os.environ.get("NEURON_FUSED")
     os.environ["NEURON_FUSED"] = fused
     try:
         handle = secrets.randbits(63) or 1
-        request = LoadRequest(directory=path, model=path.name, dtype=dtype, max_context=max_context, kv_slots=kv_slots)
+        request = LoadRequest(directory=path, model=path.name, dtype=dtype, max_context=max_context, max_seqs=max_seqs)
         shard = worker.submit(LoadShardJob(request, handle, progress or (lambda p: None), threading.Event())).result()
         return handle, shard
     finally:
@@ -102,9 +104,11 @@ class Collector:
 def generate_async(worker: DeviceWorker, handle: int, prompt, max_tokens: int, **sampling) -> Collector:
     collector = Collector()
     config = SamplingConfig(max_tokens=max_tokens, ignore_eos=True, **sampling)
-    seq = Sequence(handle, [int(t) for t in prompt], config, collector)
+    shard = worker.slab[handle]
+    request = Request(f"check-{secrets.token_hex(6)}", [int(t) for t in prompt], config, shard.kv.max_context,
+                      eos_ids=frozenset(shard.eos_ids()))
     collector.submitted = time.perf_counter()
-    worker.submit(GenerateJob(seq))
+    worker.submit(GenerateJob(handle, request, Caller(emit=collector))).result()
     return collector
 
 

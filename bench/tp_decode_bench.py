@@ -190,7 +190,7 @@ def profile_tp(path: Path, pos: int = 300) -> dict:
         comms = form_group(workers)
         handles = [secrets.randbits(63) or 1 for _ in workers]
         futures = [w.submit(LoadShardJob(LoadRequest(directory=path, model=path.name, dtype="bfloat16",
-                                                     max_context=4096, kv_slots=1, tp_rank=r, tp_size=2,
+                                                     max_context=4096, max_seqs=1, tp_rank=r, tp_size=2,
                                                      group_id="bench"),
                                          handles[r], lambda p: None, threading.Event(), comm=comms[r]))
                    for r, w in enumerate(workers)]

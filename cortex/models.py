@@ -349,7 +349,7 @@ class ModelTable:
             tp = npb.TensorParallel(group_id=model.group_id, rank=t.rank, size=spec.tp) if spec.tp > 1 else None
             # dtype and max_context as resolved by Inspect, so every rank agrees on them.
             request = npb.LoadShardRequest(path=spec.path, model=spec.name, device=t.device, dtype=estimate.dtype,
-                                           max_context=estimate.max_context, kv_slots=spec.kv_slots, tp=tp)
+                                           max_context=estimate.max_context, max_seqs=spec.kv_slots, tp=tp)
             call = self.registry.get(t.node).stub.LoadShard(request)
             try:
                 # Read to the end of the stream: a neuron drops a shard whose caller leaves early.
@@ -357,7 +357,7 @@ class ModelTable:
                     if event.HasField("loaded"):
                         info = event.loaded  # recorded at once, so that a failure from here on drops it
                         model.ranks[t.rank] = Rank(t.rank, t.node, t.device, info.handle, info.weight_bytes,
-                                                   info.kv_bytes, info.kv_slots)
+                                                   info.kv_bytes, info.max_seqs)
                         continue
                     p = event.progress
                     done[t.rank], total[t.rank] = p.bytes_done, p.bytes_total

@@ -19,6 +19,7 @@ from common.metrics import listen_or_off, serve_metrics
 
 from .comm_tcp import Rendezvous
 from .device import parse_devices, system_memory_bytes
+from .engine.settings import EngineSettings
 from .health import DeviceWatch
 from .limits import LIMIT_SETTINGS, Limits
 from .metrics import NeuronMetrics
@@ -28,6 +29,8 @@ from common.proto.neuron.v1 import neuron_pb2_grpc
 from .worker import DeviceWorker
 
 log = structlog.get_logger("neuron")
+
+DEFAULT_ENGINE = EngineSettings()
 
 STOP_GRACE_SECONDS = 2.0    # after the drain: time for the final statuses to reach callers
 WORKER_STOP_SECONDS = 20.0  # a worker that takes longer to stop makes the neuron exit non-zero
@@ -43,6 +46,18 @@ SETTINGS = [
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
     Setting("metrics_listen", "127.0.0.1:9400", "address of the Prometheus /metrics endpoint (HOST:PORT; port 0 "
             "picks a free one; empty or off: none)"),
+    Setting("kv_memory_fraction", DEFAULT_ENGINE.kv_memory_fraction,
+            "share of a device's memory left after weights and workspace that becomes KV cache blocks "
+            "(CPU devices: at most max_seqs x max_context tokens)", type=float),
+    Setting("block_size", DEFAULT_ENGINE.block_size, "tokens per KV cache block", type=int),
+    Setting("max_batched_tokens", DEFAULT_ENGINE.max_batched_tokens,
+            "tokens one engine turn computes over all requests (prefills are chunked to fit)", type=int),
+    Setting("max_seqs", DEFAULT_ENGINE.max_seqs, "requests running at once per shard (a load may ask fewer)", type=int),
+    Setting("max_waiting", DEFAULT_ENGINE.max_waiting,
+            "requests per shard waiting to start (not yet running); more are refused with RESOURCE_EXHAUSTED", type=int),
+    Setting("prefix_caching", DEFAULT_ENGINE.prefix_caching,
+            "keep full KV blocks by content so a repeated prompt prefix is not recomputed; "
+            "--no-prefix-caching (or NEURON_PREFIX_CACHING=0) turns it off", type=bool),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
@@ -98,7 +113,14 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
         raise SystemExit(f"neuron: --devices: {err}") from None
     cpu_count = sum(1 for s in specs if s.kind == "cpu") or 1
     budget = int(settings["cpu_memory_gb"] * 1e9) or system_memory_bytes() // cpu_count
-    workers = [DeviceWorker(spec, budget) for spec in specs]
+    engine = EngineSettings(kv_memory_fraction=settings["kv_memory_fraction"], block_size=settings["block_size"],
+                            max_batched_tokens=settings["max_batched_tokens"], max_seqs=settings["max_seqs"],
+                            max_waiting=settings["max_waiting"], prefix_caching=settings["prefix_caching"])
+    try:
+        engine.check()
+    except ValueError as err:
+        raise SystemExit(f"neuron: {err}") from None
+    workers = [DeviceWorker(spec, budget, engine) for spec in specs]
     for w in workers:
         w.start()
     return workers

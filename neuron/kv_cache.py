@@ -1,4 +1,6 @@
-"""Preallocated KV cache: per layer, [slots, kv_heads, max_context, head_dim] for keys and values.
+"""The slot-based KV cache of the fused CUDA engine (model/fused.py) and of LlamaModel.forward, the
+single-sequence reference path: per layer, [slots, kv_heads, max_context, head_dim] for keys and
+values. The serving engine uses the paged cache (engine/kv_cache.py) instead.
 
 A sequence owns one slot from admission to finish; positions index the context dimension directly,
 so decode writes one column and attention reads a prefix, with no allocation on the hot path.

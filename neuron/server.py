@@ -21,15 +21,17 @@ from common.server import MAX_MESSAGE_BYTES
 
 from . import __version__, comm_nccl, comm_tcp
 from .collectives import UNIQUE_ID_BYTES, CollectiveError
-from .groups import Followers, Group, GroupTable
+from .engine.core import Caller
+from .engine.request import Request
+from .groups import Followers, Group, GroupTable, inputs_of
 from .health import device_error
 from .limits import Limits
-from .generation import Sequence
 from .loader import resolve_checkpoint
+from .runner.batch import BatchInputs
 from .sampling import resolve_sampling
 from .service.convert import sampling_request
 from .service.responses import ResponseBuilder, responses
-from .shard import DEFAULT_KV_SLOTS, LoadRequest, Shard, plan_load
+from .shard import LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
 from common.proto.neuron.v1 import neuron_pb2 as pb
 from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -95,12 +97,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     def describe_devices(self) -> list[pb.Device]:
         devices = []
         for w in self.workers.values():
-            shards = [pb.ShardSummary(handle=h, model=s.request.model, dtype=s.dtype, weight_bytes=s.weight_bytes,
-                                      kv_bytes=s.kv.nbytes, tp_rank=s.layout.rank, tp_size=s.layout.size,
-                                      group_id=s.request.group_id, path=str(s.request.directory),
-                                      architecture=s.config.architecture, max_context=s.kv.max_context,
-                                      vocab_size=s.config.vocab_size)
-                      for h, s in list(w.slab.items())]
+            shards = [shard_summary(h, s) for h, s in list(w.slab.items())]
             shards += [pb.ShardSummary(handle=h, error=why) for h, why in list(w.failed.items())]
             devices.append(pb.Device(id=w.spec.id, kind=w.spec.kind, name=w.backend.name if w.backend else "",
                                      total_bytes=w.memory.total, free_bytes=w.memory.free, shards=shards, busy=w.busy,
@@ -131,7 +128,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             num_parameters=plan.num_parameters, weight_bytes_per_rank=plan.weight_bytes,
             kv_bytes_per_slot=plan.kv_bytes_per_slot, max_context=plan.max_context,
             vocab_size=plan.config.vocab_size, workspace_bytes=plan.workspace_bytes, estimate=plan.describe(),
-            default_kv_slots=DEFAULT_KV_SLOTS)
+            default_kv_slots=1)  # the KV pool takes a share of the memory left; the least it accepts is one sequence
 
     @rpc_method
     async def LoadShard(self, request, context):
@@ -141,7 +138,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         if request.tp.rank >= tp_size:
             raise InvalidArgument(f"tp.rank {request.tp.rank} must be below tp.size {tp_size}")
         load = LoadRequest(directory=directory, model=request.model or directory.name, dtype=request.dtype,
-                           max_context=request.max_context, kv_slots=request.kv_slots, tp_rank=request.tp.rank,
+                           max_context=request.max_context, max_seqs=request.max_seqs, tp_rank=request.tp.rank,
                            tp_size=tp_size, group_id=request.tp.group_id)
         comm = None
         if tp_size > 1:
@@ -186,9 +183,11 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         return pb.ShardInfo(handle=shard.handle, model=shard.request.model, device=worker.spec.id,
                             architecture=shard.config.architecture, dtype=shard.dtype,
                             num_parameters=shard.num_parameters, weight_bytes=shard.weight_bytes,
-                            kv_bytes=shard.kv.nbytes, max_context=shard.kv.max_context, kv_slots=shard.kv.slots,
+                            kv_bytes=shard.kv.nbytes, max_context=shard.kv.max_context, max_seqs=shard.max_seqs,
                             vocab_size=shard.config.vocab_size, tp_rank=shard.layout.rank, tp_size=shard.layout.size,
-                            load_seconds=shard.load_seconds, path=str(shard.request.directory))
+                            load_seconds=shard.load_seconds, path=str(shard.request.directory),
+                            kv_block_size=shard.kv.block_size, kv_blocks_total=shard.kv.num_blocks,
+                            kv_tokens=shard.kv.tokens)
 
     @rpc_method
     async def DropShard(self, request, context):
@@ -203,7 +202,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     async def ClearKv(self, request, context):
         worker, _ = self._lookup(request.handle)
         cleared = await asyncio.wrap_future(worker.submit(ClearKvJob(request.handle)))
-        return pb.ClearKvResponse(slots_cleared=cleared)
+        return pb.ClearKvResponse(blocks_cleared=cleared)
 
     @rpc_method
     async def Forward(self, request, context):
@@ -229,15 +228,18 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                                     vocab_size=shard.config.vocab_size)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        seq = Sequence(request.handle, prompt_ids, sampling, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        caller = Caller(emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         if sampling.stop and shard.tokenizer is None:
             raise FailedPrecondition(f"{shard.request.model} has no tokenizer.json, so stop strings cannot be matched; "
                                      "use stop_token_ids")
         text = TextStream(shard.tokenizer, list(sampling.stop)) if shard.tokenizer else None
         request_id = request.request_id or f"neuron-{secrets.token_hex(8)}"
         builder = ResponseBuilder(request_id, len(prompt_ids), text, started)
+        # The engine's id is unique per shard even when callers reuse theirs.
+        engine_request = Request(f"{request_id}-{secrets.token_hex(6)}", prompt_ids, sampling, shard.kv.max_context,
+                                 eos_ids=frozenset(shard.eos_ids()))
         try:
-            await asyncio.wrap_future(worker.submit(GenerateJob(seq)))
+            await asyncio.wrap_future(worker.submit(GenerateJob(request.handle, engine_request, caller)))
             async for message in responses(events, builder):
                 yield message
             timing = message.timing
@@ -245,8 +247,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                      prompt_tokens=len(prompt_ids), completion_tokens=builder.completion_tokens,
                      finish=builder.finish.stop_reason, ttft_ms=round(timing.time_to_first_token_ms, 2))
         finally:
-            # No-op when the device finished; stops its work after a stop string, or when the caller went away.
-            seq.cancel()
+            # No-op when the device finished; the engine aborts the request after a stop string, or
+            # when the caller went away.
+            caller.cancel()
 
     async def _prompt_ids(self, shard: Shard, prompt: pb.Prompt) -> list[int]:
         check_prompt_size(prompt, self.limits)
@@ -275,10 +278,12 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         if group.rank == 0:
             shard.followers = group.followers = Followers(group, self.groups, asyncio.get_running_loop(),
                                                           self._submit_follower_step, self.peer_channels)
+            shard.engine.runner.announce = shard.followers.step
 
-    def _submit_follower_step(self, group: Group, token_ids: list[int], start: int, slot: int) -> None:
+    def _submit_follower_step(self, group: Group, inputs: BatchInputs):
         if group.handle is not None:
-            group.worker.submit(FollowerStepJob(group.handle, token_ids, start, slot))
+            return group.worker.submit(FollowerStepJob(group.handle, inputs))
+        return None
 
     @rpc_method
     async def CreateGroupId(self, request, context):
@@ -370,8 +375,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                 if not ranks:
                     yield pb.StepAck(step=command.step, error=f"no follower rank of group {command.group_id!r} here")
                     continue
-                futures = [asyncio.wrap_future(g.worker.submit(FollowerStepJob(
-                    g.handle, list(command.token_ids), command.start_pos, command.slot))) for g in ranks]
+                inputs = inputs_of(command)
+                futures = [asyncio.wrap_future(g.worker.submit(FollowerStepJob(g.handle, inputs))) for g in ranks]
                 errors = [r for r in await asyncio.gather(*futures, return_exceptions=True) if isinstance(r, Exception)]
                 yield pb.StepAck(step=command.step, error="; ".join(str(e) for e in errors))
         except asyncio.CancelledError:
@@ -444,3 +449,15 @@ def prompt_token_ids(shard: Shard, prompt: pb.Prompt, template_seconds: float = 
 
 def logits_from_tensor(tensor: pb.Tensor) -> np.ndarray:
     return np.frombuffer(tensor.data, dtype="<f4").reshape(tuple(tensor.shape))
+
+
+def shard_summary(handle: int, shard: Shard) -> pb.ShardSummary:
+    stats = shard.engine.stats  # cached by the device thread after every turn
+    return pb.ShardSummary(
+        handle=handle, model=shard.request.model, dtype=shard.dtype, weight_bytes=shard.weight_bytes,
+        kv_bytes=shard.kv.nbytes, tp_rank=shard.layout.rank, tp_size=shard.layout.size,
+        group_id=shard.request.group_id, path=str(shard.request.directory), architecture=shard.config.architecture,
+        max_context=shard.kv.max_context, vocab_size=shard.config.vocab_size, kv_block_size=shard.kv.block_size,
+        kv_blocks_total=shard.kv.num_blocks, kv_tokens=shard.kv.tokens, max_seqs=shard.max_seqs,
+        running=stats.running, waiting=stats.waiting, kv_blocks_used=stats.kv.blocks_used,
+        prefix_cache_queries=stats.kv.queries, prefix_cache_hits=stats.kv.hits)

@@ -1,5 +1,6 @@
-"""A Shard: one model's weights (or one TP rank's slice of them) on one device, with its KV cache,
-tokenizer and generation defaults. Built and used only on its device's worker thread."""
+"""A Shard: one model's weights (or one TP rank's slice of them) on one device, with its paged KV
+cache, its serving engine (scheduler, block manager, runner), tokenizer and generation defaults.
+Built and used only on its device's worker thread."""
 from __future__ import annotations
 
 import json
@@ -19,17 +20,21 @@ from common.units import human_bytes as _size
 
 from .collectives import Communicator, SingleRank
 from .device import resolve_dtype
-from .kv_cache import KvCache
+from .engine.core import ShardEngine
+from .engine.kv_blocks import KVBlockManager
+from .engine.kv_cache import KvSizing, PagedKvCache, bytes_per_block, size_pool
+from .engine.scheduler import Scheduler
+from .engine.settings import EngineSettings
 from .loader import Checkpoint
 from .model.config import ModelConfig
 from .model.llama import LlamaModel
 from .model.sharding import TpLayout, expected_shapes, parameter_reads
+from .runner.model_runner import ModelRunner
 from .tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096
-DEFAULT_KV_SLOTS = 4
 GPU_WORKSPACE_BYTES = 512 << 20  # activations, logits and cuBLAS workspace beside the weights
 
 
@@ -39,7 +44,7 @@ class LoadRequest:
     model: str
     dtype: str = ""
     max_context: int = 0
-    kv_slots: int = 0
+    max_seqs: int = 0          # requests running at once; 0: the neuron's setting
     tp_rank: int = 0
     tp_size: int = 1
     group_id: str = ""
@@ -63,56 +68,16 @@ class Shard:
     dtype: str
     layout: TpLayout
     model: LlamaModel
-    kv: KvCache
+    kv: PagedKvCache
+    engine: ShardEngine
+    max_seqs: int
     tokenizer: Tokenizer | None
     generation_config: dict
     weight_bytes: int
     num_parameters: int
     load_seconds: float
     comm: Communicator = field(default_factory=SingleRank)
-    followers: object = None     # groups.Followers on a TP leader: told every step before it runs
-
-    def run(self, token_ids: list[int], start: int, slot: int, all_positions: bool = False):
-        """One forward step of this shard; on a TP leader the followers run it too, in lockstep."""
-        if self.followers is not None:
-            self.followers.step(token_ids, start, slot)
-        xp = self.model.xp
-        logits = self.model.forward(xp.asarray(token_ids, dtype=xp.int32), start, self.kv, slot, all_positions)
-        if self.layout.size > 1 and hasattr(self.comm, "wait"):
-            self.comm.wait(self.comm.step_timeout)  # NCCL is asynchronous: bound the step here
-        return logits
-
-    def next_token(self, token_ids: list[int], start: int, slot: int, sampler, history, more: bool = True) -> int:
-        """One step that also samples: on CUDA the fused decode graph picks greedy tokens on the
-        device, so only the token id comes back. Followers run every step the leader queues, in
-        lockstep (told through `announce`, before each step is queued; a pipelined greedy decode
-        queues the next step before reading this one's token, on every rank).
-        `more`: another token is expected after this one (lets greedy decode queue the next step)."""
-        announce = self.followers.step if self.followers is not None else None
-        bound = None
-        if self.layout.size > 1 and hasattr(self.comm, "wait"):
-            def bound(ready=None):  # before any blocking read: a hung collective must not hang the worker
-                self.comm.wait(self.comm.step_timeout, ready)
-        return self.model.next_token(token_ids, start, self.kv, slot, sampler, history, before_read=bound, more=more,
-                                     announce=announce)
-
-    def follow(self, token_ids: list[int], start: int, slot: int) -> None:
-        """A follower rank's step, as its leader announced it (token_ids [] is a decode step chained
-        on the device). The fused engine queues it and waits (bounded) only for the step before,
-        so the next one can be queued while this one runs; the plain path waits for this one."""
-        fused = self.model.fused
-        wait = getattr(self.comm, "wait", None)
-        if fused is not None:
-            fused.follow(token_ids, start, self.kv, slot)
-            if wait is not None:
-                wait(self.comm.step_timeout, fused.io.previous_step_done)
-            return
-        if not token_ids:
-            raise ValueError("a chained decode step needs the fused engine on every rank")
-        xp = self.model.xp
-        self.model.forward(xp.asarray(token_ids, dtype=xp.int32), start, self.kv, slot)
-        if wait is not None:
-            wait(self.comm.step_timeout)
+    followers: object = None     # groups.Followers on a TP leader: handed every turn before it runs
 
     @property
     def nbytes(self) -> int:
@@ -160,7 +125,8 @@ class LoadPlan:
     num_parameters: int
     weight_bytes: int
     max_context: int
-    kv_bytes_per_slot: int
+    kv_bytes_per_slot: int       # one sequence of max_context tokens (what cortex's placement counts)
+    kv_bytes_per_token: int
     workspace_bytes: int
 
     def describe(self) -> str:
@@ -187,14 +153,24 @@ def plan_load(directory: Path, dtype_request: str, device_kind: str, max_context
         raise InvalidArgument(f"max_context {max_context} exceeds the model's max_position_embeddings "
                               f"{config.max_position_embeddings}")
     itemsize = DTYPES[dtype].itemsize
-    per_slot = KvCache.bytes_per_slot(config.num_layers, layout.local_kv_heads, max_context, config.head_dim, itemsize)
+    per_token = bytes_per_block(config.num_layers, layout.local_kv_heads, 1, config.head_dim, itemsize)
     workspace = GPU_WORKSPACE_BYTES if device_kind == "cuda" else 0
     return LoadPlan(config, dtype, layout, ckpt, reads, source_bytes, num_parameters, num_parameters * itemsize,
-                    max_context, per_slot, workspace)
+                    max_context, per_token * max_context, per_token, workspace)
+
+
+def size_kv(plan: LoadPlan, settings: EngineSettings, max_seqs: int, device_kind: str, free_bytes: int) -> KvSizing:
+    """The block pool: `kv_memory_fraction` of what is left after weights and workspace. On a CPU
+    device also at most max_seqs sequences of max_context tokens, so small models stay small."""
+    room = free_bytes - plan.weight_bytes - plan.workspace_bytes
+    cap = max_seqs * plan.max_context if device_kind == "cpu" else None
+    return size_pool(room, settings.kv_memory_fraction, plan.kv_bytes_per_token * settings.block_size,
+                     settings.block_size, plan.max_context, cap)
 
 
 def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadProgress], None],
-               cancelled: threading.Event, comm: Communicator | None = None) -> Shard:
+               cancelled: threading.Event, comm: Communicator | None = None,
+               settings: EngineSettings = EngineSettings()) -> Shard:
     """Read this rank's weights onto the backend's device and allocate the KV cache.
     Raises before allocating when memory is short; frees everything it took on any failure."""
     started = time.perf_counter()
@@ -206,13 +182,15 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
 
     # Size everything before the first allocation, so a refusal leaves nothing behind.
     total, free = backend.memory()
-    room_for_kv = free - plan.weight_bytes - plan.workspace_bytes
-    if room_for_kv < plan.kv_bytes_per_slot:
+    max_seqs = req.max_seqs or settings.max_seqs
+    sizing = size_kv(plan, settings, max_seqs, backend.kind, free)
+    if sizing.num_blocks < sizing.blocks_per_sequence:
+        need = plan.weight_bytes + plan.workspace_bytes + int(sizing.blocks_per_sequence * sizing.block_bytes
+                                                              / settings.kv_memory_fraction)
         raise ResourceExhausted(
-            f"{req.model} needs {_size(plan.weight_bytes + plan.kv_bytes_per_slot + plan.workspace_bytes)} on device "
-            f"{backend.spec.id} ({plan.describe()}), but only {_size(free)} of {_size(total)} is free; "
+            f"{req.model} needs {_size(need)} on device {backend.spec.id} ({plan.describe()}; the KV cache gets "
+            f"{settings.kv_memory_fraction:g} of what is left), but only {_size(free)} of {_size(total)} is free; "
             "free memory, use a smaller dtype or max_context, or shard with tensor parallelism")
-    slots = min(req.kv_slots or DEFAULT_KV_SLOTS, room_for_kv // plan.kv_bytes_per_slot)
     max_context, source_bytes = plan.max_context, plan.source_bytes
 
     xp = backend.xp
@@ -246,9 +224,11 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
         read_seconds = time.perf_counter() - started
         progress(LoadProgress("kv-cache", done_bytes, source_bytes, done_tensors, total_tensors,
                               done_bytes / read_seconds / 1e9 if read_seconds > 0 else 0.0))
-        kv = KvCache(xp, config.num_layers, slots, layout.local_kv_heads, max_context, config.head_dim, np_dtype)
-        model = LlamaModel(config, layout, params, xp, comm or SingleRank(), max_context)
-        model.prepare(kv)  # fused kernels compiled and the decode graph captured now, not on the first request
+        kv = PagedKvCache(xp, config.num_layers, sizing.num_blocks, sizing.block_size, layout.local_kv_heads,
+                          config.head_dim, np_dtype, max_context)
+        # The fused engine (model/fused.py) runs on the slot-based cache only; the serving engine
+        # takes the plain path over the paged cache.
+        model = LlamaModel(config, layout, params, xp, comm or SingleRank(), max_context, fused="off")
         backend.synchronize()
     except Exception as err:
         if uploader is not None:
@@ -260,8 +240,16 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
         raise
     finally:
         ckpt.close()
-    return Shard(handle, req, config, dtype, layout, model, kv, tokenizer, generation_config, plan.weight_bytes,
-                 plan.num_parameters, time.perf_counter() - started, comm or SingleRank())
+    comm = comm or SingleRank()
+    bound = None
+    if layout.size > 1 and hasattr(comm, "wait"):
+        def bound():  # NCCL is asynchronous: the turn's collectives are waited for under the step deadline
+            comm.wait(comm.step_timeout)
+    runner = ModelRunner(model, kv, config.vocab_size, bound=bound)
+    scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
+                          settings.max_batched_tokens, max_seqs, settings.max_waiting)
+    return Shard(handle, req, config, dtype, layout, model, kv, ShardEngine(scheduler, runner, layout.size > 1), max_seqs, tokenizer,
+                 generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm)
 
 
 def _is_out_of_memory(err: Exception) -> bool:

@@ -1,34 +1,36 @@
 """DeviceWorker: the one thread that touches its device.
 
-It creates the backend (device context, stream, memory pool) on its own thread, runs typed jobs from
-a queue and answers through futures, holds the handle slab {TpHandle: Shard}, and interleaves the
-decode steps of running sequences with other jobs. Memory figures are cached after every job so
-Describe/health never wait behind a long load or generation.
+It creates the backend (device context, stream, memory pool) on its own thread and holds the handle
+slab {TpHandle: Shard}. Its loop takes the jobs that arrived (load, drop, control, new requests)
+between turns, then runs one engine turn (schedule -> execute -> update) for every shard with work;
+it blocks on the queue only when no shard has work. Memory and engine figures are cached after every
+turn so Describe/health never wait behind a long load or turn.
 """
 from __future__ import annotations
 
-import collections
 import queue
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import structlog
 
-from common.errors import NotFound, ResourceExhausted, Unavailable
+from common.errors import NotFound, Unavailable
 
 from .collectives import CollectiveError
 from .device import CpuBackend, CudaBackend, DeviceSpec
-from .generation import ErrorEvent, Sequence, advance
+from .engine.core import Caller, settle
+from .engine.request import Request
+from .engine.settings import EngineSettings
+from .runner.batch import BatchInputs
+from .sampling import SamplingConfig
 from .shard import LoadProgress, LoadRequest, Shard, load_shard
 
 log = structlog.get_logger(__name__)
 
-MAX_WAITING = 256  # sequences queued for a KV slot before new ones are refused
-_PENDING = object()  # a handler's "no result yet": the job waits for a KV slot
+_PENDING = object()  # a handler's "no result yet": the engine completes the future later
 
 
 # ---------------------------------------------------------------- jobs
@@ -54,14 +56,19 @@ class DropShardJob(Job):
 
 @dataclass
 class ForwardJob(Job):
+    """Scoring: a request through the scheduler that samples nothing; the future gets its logits."""
     handle: int
     token_ids: list[int]
     all_positions: bool
+    request_id: str = ""
 
 
 @dataclass
 class GenerateJob(Job):
-    sequence: Sequence
+    """The future resolves once the request is queued (or refused); tokens go to caller.emit."""
+    handle: int
+    request: Request
+    caller: Caller
 
 
 @dataclass
@@ -71,11 +78,9 @@ class ClearKvJob(Job):
 
 @dataclass
 class FollowerStepJob(Job):
-    """Run one step on a follower rank's shard, as its leader does on rank 0."""
+    """Run one turn on a follower rank's shard, on the inputs its leader runs on rank 0."""
     handle: int
-    token_ids: list[int]
-    start: int
-    slot: int
+    inputs: BatchInputs
 
 
 @dataclass
@@ -96,8 +101,9 @@ class MemoryInfo:
 
 
 class DeviceWorker:
-    def __init__(self, spec: DeviceSpec, cpu_budget_bytes: int = 0):
+    def __init__(self, spec: DeviceSpec, cpu_budget_bytes: int = 0, settings: EngineSettings = EngineSettings()):
         self.spec = spec
+        self.settings = settings
         self.slab: dict[int, Shard] = {}
         self.failed: dict[int, str] = {}  # handle -> why, for shards lost with their TP group
         self.memory = MemoryInfo(cpu_budget_bytes, cpu_budget_bytes)
@@ -105,15 +111,15 @@ class DeviceWorker:
         self.backend = None
         self._cpu_budget = cpu_budget_bytes
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._running: list[Sequence] = []
-        self._waiting: collections.deque[Job] = collections.deque()  # Generate/Forward jobs needing a slot
         self._ready = Future()
+        self._next_request = 0
         self.failure = ""  # why the device thread ended, if it ended other than by stop()
         self.progress_at = time.monotonic()  # when the last turn (or load progress) finished
         self._thread = threading.Thread(target=self._main, name=f"device-{spec.id}", daemon=True)
         self._handlers = {
-            LoadShardJob: self._load, DropShardJob: self._drop, ForwardJob: self._admit,
-            GenerateJob: self._admit, ClearKvJob: self._clear_kv, FollowerStepJob: self._follow, CallJob: lambda job: job.fn(self.backend),
+            LoadShardJob: self._load, DropShardJob: self._drop, ForwardJob: self._forward,
+            GenerateJob: self._generate, ClearKvJob: self._clear_kv, FollowerStepJob: self._follow,
+            CallJob: lambda job: job.fn(self.backend),
         }
 
     # -- called from other threads
@@ -136,7 +142,7 @@ class DeviceWorker:
 
     def holds_work(self) -> bool:
         """Running or waiting requests, or a job in progress: the watchdog expects turns to finish."""
-        return bool(self._running or self._waiting or self.busy)
+        return self.busy or any(shard.engine.has_work() for shard in list(self.slab.values()))
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread.is_alive():
@@ -161,39 +167,55 @@ class DeviceWorker:
 
     def _serve(self) -> None:
         while True:
-            job = self._next_job()
-            if isinstance(job, ShutdownJob):
-                self._shutdown(job)
-                return
+            # Between turns: every job that arrived; sleep on the queue only when no shard has work.
+            block = not any(shard.engine.has_work() for shard in self.slab.values())
+            for job in self._take_jobs(block):
+                if isinstance(job, ShutdownJob):
+                    self._shutdown(job)
+                    return
+                self._run_job(job)
             try:
-                if job is not None:
-                    self._run_job(job)
-                self._step_running()
-                self._admit_waiting()
+                self._turn()
                 self._refresh_memory()
             except Exception:  # noqa: BLE001 - one turn's bug must not end the device thread
                 log.exception("device turn failed", device=self.spec.id)
             self.progress_at = time.monotonic()
 
-    def _next_job(self) -> Job | None:
-        try:
-            # With sequences running, only look at the queue; otherwise sleep until work arrives.
-            return self._jobs.get_nowait() if self._running else self._jobs.get()
-        except queue.Empty:
-            return None
+    def _take_jobs(self, block: bool) -> list[Job]:
+        jobs = [self._jobs.get()] if block else []
+        while True:
+            try:
+                jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return jobs
 
     def _run_job(self, job: Job) -> None:
-        if job.future.cancelled():
+        if job.future.done():  # cancelled by its caller while queued
             return
         self.busy = True
         try:
             result = self._handlers[type(job)](job)
             if result is not _PENDING:
-                _settle(job.future, result)
+                settle(job.future, result)
         except Exception as err:  # noqa: BLE001 - delivered to the caller
-            _settle(job.future, error=err)
+            settle(job.future, error=err)
         finally:
             self.busy = False
+
+    def _turn(self) -> None:
+        for shard in list(self.slab.values()):
+            if shard.handle not in self.slab or not shard.engine.has_work():
+                continue  # dropped by an earlier shard's failure this turn
+            self.busy = True
+            try:
+                shard.engine.step()
+            except CollectiveError as err:
+                self._fail_shard(shard, err)
+            except Exception as err:  # noqa: BLE001 - the engine already failed the turn's requests
+                log.exception("engine turn failed", handle=shard.handle, device=self.spec.id)
+                shard.engine.fail_all(err)
+            finally:
+                self.busy = False
 
     def _refresh_memory(self) -> None:
         total, free = self.backend.memory()
@@ -214,11 +236,12 @@ class DeviceWorker:
             self.progress_at = time.monotonic()  # a long load is progress, not a stall
             job.progress(p)
 
-        shard = load_shard(self.backend, job.request, job.handle, progress, job.cancelled, job.comm)
+        shard = load_shard(self.backend, job.request, job.handle, progress, job.cancelled, job.comm, self.settings)
         self.slab[job.handle] = shard
         self.backend.used += shard.nbytes
         log.info("shard loaded", model=job.request.model, handle=job.handle, device=self.spec.id, dtype=shard.dtype,
-                 weight_bytes=shard.weight_bytes, kv_bytes=shard.kv.nbytes, seconds=round(shard.load_seconds, 3))
+                 weight_bytes=shard.weight_bytes, kv_bytes=shard.kv.nbytes, kv_blocks=shard.kv.num_blocks,
+                 block_size=shard.kv.block_size, max_seqs=shard.max_seqs, seconds=round(shard.load_seconds, 3))
         return shard
 
     def _drop(self, job: DropShardJob, error: Exception | None = None) -> int:
@@ -226,11 +249,7 @@ class DeviceWorker:
             del self.failed[job.handle]  # dropping a failed shard just forgets it
             return 0
         shard = self._shard(job.handle)
-        for seq in [s for s in self._running if s.handle == job.handle]:
-            self._finish(seq, ErrorEvent(error or Unavailable("the model was unloaded while generating")))
-        for waiting in [w for w in self._waiting if self._handle_of(w) == job.handle]:
-            self._waiting.remove(waiting)
-            self._reject(waiting, error or Unavailable("the model was unloaded before this request started"))
+        shard.engine.fail_all(error or Unavailable("the model was unloaded while this request was in flight"))
         if shard.followers is not None:
             shard.followers.close()
         del self.slab[job.handle]
@@ -246,9 +265,12 @@ class DeviceWorker:
     def _follow(self, job: FollowerStepJob) -> None:
         shard = self._shard(job.handle)
         try:
-            shard.follow(job.token_ids, job.start, job.slot)
+            shard.engine.runner.follow(job.inputs)
         except CollectiveError as err:
             raise self._fail_shard(shard, err) from None
+        except Exception as err:  # noqa: BLE001 - a rank that missed a turn is out of step with its group
+            log.exception("follower turn failed", handle=shard.handle, device=self.spec.id)
+            raise self._fail_shard(shard, CollectiveError(f"a turn failed on this follower: {err!r}")) from None
 
     def _fail_shard(self, shard: Shard, err: Exception) -> Unavailable:
         """A broken TP group: fail its requests, free the shard, keep why (Describe reports it)."""
@@ -264,123 +286,30 @@ class DeviceWorker:
         return error
 
     def _clear_kv(self, job: ClearKvJob) -> int:
-        return self._shard(job.handle).kv.clear()
+        return self._shard(job.handle).engine.reset_prefix_cache()
 
-    # -- requests that need a KV slot
+    # -- requests: queued in the shard's scheduler, served by the turns
 
-    @staticmethod
-    def _handle_of(job: Job) -> int:
-        return job.sequence.handle if isinstance(job, GenerateJob) else job.handle
-
-    def _admit(self, job: Job):
-        shard = self._shard(self._handle_of(job))
-        slot = shard.kv.acquire()
-        if slot is None:
-            if len(self._waiting) >= MAX_WAITING:
-                raise ResourceExhausted(f"device {self.spec.id} has {MAX_WAITING} requests waiting for a KV slot; retry later")
-            self._waiting.append(job)
-            return _PENDING
-        return self._start(job, shard, slot)
-
-    def _admit_waiting(self) -> None:
-        for _ in range(len(self._waiting)):
-            job = self._waiting.popleft()
-            if job.future.cancelled():
-                continue  # the caller gave up (cancelled, or past its deadline) while it waited
-            shard = self.slab.get(self._handle_of(job))
-            if shard is None:
-                self._reject(job, NotFound("the model was dropped while this request waited"))
-                continue
-            slot = shard.kv.acquire()
-            if slot is None:
-                self._waiting.appendleft(job)
-                return
-            try:
-                result = self._start(job, shard, slot)
-                if result is not _PENDING:
-                    _settle(job.future, result)
-            except Exception as err:  # noqa: BLE001 - delivered to the caller
-                _settle(job.future, error=err)
-
-    def _start(self, job: Job, shard: Shard, slot: int):
-        if isinstance(job, ForwardJob):
-            try:
-                return self._forward(shard, job, slot)
-            finally:
-                shard.kv.release(slot)
-        seq = job.sequence
-        if seq.cancelled.is_set():
-            shard.kv.release(slot)
+    def _generate(self, job: GenerateJob) -> None:
+        if job.caller.cancelled.is_set():
             return None
-        seq.slot = slot
-        self._running.append(seq)
-        return None  # the caller follows the sequence's events from here
+        self._shard(job.handle).engine.add(job.request, job.caller)  # ResourceExhausted when the queue is full
+        return None  # the caller follows the request's events from here
 
-    def _reject(self, job: Job, err: Exception) -> None:
-        if isinstance(job, GenerateJob):
-            job.sequence.emit(ErrorEvent(err))
-            _settle(job.future, None)
-        else:
-            _settle(job.future, error=err)
-
-    def _forward(self, shard: Shard, job: ForwardJob, slot: int) -> np.ndarray:
-        try:
-            logits = shard.run(job.token_ids, 0, slot, job.all_positions)
-        except CollectiveError as err:
-            raise self._fail_shard(shard, err) from None
-        host = logits.get() if hasattr(logits, "get") else logits
-        return np.ascontiguousarray(host if job.all_positions else host[0], dtype=np.float32)
-
-    # -- stepping running sequences
-
-    def _step_running(self) -> None:
-        for seq in list(self._running):
-            if seq not in self._running:
-                continue  # ended by an earlier step's failure (its TP group broke)
-            shard = self.slab[seq.handle]
-            if seq.cancelled.is_set():
-                self._finish(seq, None)  # the caller stopped listening
-                continue
-            try:
-                if advance(shard, seq):
-                    self._finish(seq, None)
-            except CollectiveError as err:
-                self._fail_shard(shard, err)
-            except Exception as err:  # noqa: BLE001 - the request fails, the worker lives on
-                log.exception("generation step failed", handle=seq.handle, device=self.spec.id)
-                self._finish(seq, ErrorEvent(err))
-
-    def _finish(self, seq: Sequence, event) -> None:
-        self._running.remove(seq)
-        shard = self.slab.get(seq.handle)
-        if shard is not None and seq.slot is not None:
-            shard.kv.release(seq.slot)
-            seq.slot = None
-        if event is not None:
-            seq.emit(event)
+    def _forward(self, job: ForwardJob):
+        shard = self._shard(job.handle)
+        self._next_request += 1
+        request = Request(job.request_id or f"forward-{self._next_request}", list(job.token_ids),
+                          SamplingConfig(max_tokens=1), shard.kv.max_context, want_logits=True,
+                          all_positions=job.all_positions)
+        shard.engine.add(request, Caller(future=job.future))
+        return _PENDING
 
     def _shutdown(self, job: ShutdownJob) -> None:
-        for seq in list(self._running):
-            self._finish(seq, ErrorEvent(Unavailable(f"device {self.spec.id} is shutting down")))
-        while self._waiting:
-            self._reject(self._waiting.popleft(), Unavailable(f"device {self.spec.id} is shutting down"))
         for shard in self.slab.values():
+            shard.engine.fail_all(Unavailable(f"device {self.spec.id} is shutting down"))
             shard.model.release_graphs()
             shard.comm.close()
         self.slab.clear()
         self.backend.close()
-        _settle(job.future, None)
-
-
-def _settle(future: Future, result: Any = None, error: Exception | None = None) -> None:
-    """Complete a job's future unless its caller already gave up on it (cancelled, or a deadline
-    passed): completing a cancelled future raises InvalidStateError on the device thread."""
-    try:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:  # cancelled by the caller's thread between the check and the set
-        pass
+        settle(job.future, None)

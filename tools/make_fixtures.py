@@ -18,6 +18,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,6 +460,49 @@ def make_fixture(spec: Spec, tok: Tokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Batch references: greedy tokens of prompts of many lengths, each run alone (the serving engine's
+# batch-invariance tests run them concurrently and compare). A separate file per fixture, so the
+# files above keep their bytes.
+# ---------------------------------------------------------------------------------------------
+
+BATCH_PROMPT_LENGTHS = [2, 5, 9, 16, 17, 30, 47, 70]  # around the 16-token KV block boundary too
+
+
+def make_batch_reference(spec: Spec) -> None:
+    out = MODELS_DIR / spec.name
+    model = load_reference_model(out)
+    meta = json.loads((REFERENCE_DIR / f"{spec.name}.json").read_text())
+    first = len(SPECIAL_TOKENS)
+    prompts, outputs, margins = [], [], []
+    for length in BATCH_PROMPT_LENGTHS:
+        rng = np.random.RandomState(meta["seed"] * 100 + length)
+        for _ in range(SEEDS_TO_TRY):
+            prompt = rng.randint(first, TOKENIZER_VOCAB_SIZE, size=length).tolist()
+            ids, margin = greedy(model, prompt, GREEDY_STEPS)
+            if margin > MIN_MARGIN:
+                break
+        else:
+            raise RuntimeError(f"{spec.name}: no batch prompt of length {length} with a greedy margin > {MIN_MARGIN}")
+        prompts.append(prompt)
+        outputs.append(ids)
+        margins.append(margin)
+    save_npz(REFERENCE_DIR / f"{spec.name}_batch.npz", {
+        "prompt_lengths": np.asarray(BATCH_PROMPT_LENGTHS, dtype=np.int64),
+        "prompt_ids": np.asarray([t for p in prompts for t in p], dtype=np.int64),
+        "greedy_ids": np.asarray(outputs, dtype=np.int64),
+    })
+    write_json(REFERENCE_DIR / f"{spec.name}_batch.json", {
+        "what": "greedy_ids[i]: 32 argmax tokens (full forwards, not stopped at eos) after prompt i alone",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "reference_dtype": "float32",
+        "attn_implementation": "eager",
+        "min_greedy_margins": margins,
+    })
+    print(f"  {spec.name}: batch references for prompts of {BATCH_PROMPT_LENGTHS} tokens")
+
+
+# ---------------------------------------------------------------------------------------------
 # Chat template and tokenizer samples
 # ---------------------------------------------------------------------------------------------
 
@@ -553,9 +597,12 @@ def main() -> None:
     REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
     print(f"tokenizer: {tok.get_vocab_size()} tokens")
+    if "--batch-only" not in sys.argv:  # the batch references alone read the saved checkpoints
+        for spec in SPECS:
+            make_fixture(spec, tok)
+        make_chat_reference(MODELS_DIR / "llama2")
     for spec in SPECS:
-        make_fixture(spec, tok)
-    make_chat_reference(MODELS_DIR / "llama2")
+        make_batch_reference(spec)
 
 
 if __name__ == "__main__":

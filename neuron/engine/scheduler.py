@@ -279,7 +279,7 @@ class Scheduler:
         if not sampling.ignore_eos and token in request.eos_ids:
             return "stop", "eos"
         if len(request.output_ids) >= sampling.max_tokens:
-            return "length", "max_tokens"
+            return "length", sampling.length_limit  # "context" when the context left bound max_tokens
         if request.num_tokens >= request.max_context:
             return "length", "context"
         return None

@@ -2,7 +2,11 @@
 module `xp` (NumPy on CPU, CuPy on GPU), tensor-parallel aware: each rank holds its heads and
 intermediate columns, and the row-parallel outputs are summed by the communicator.
 
-Shapes: T tokens of one sequence, H hidden, Hq/Hkv local q/kv heads, d head_dim.
+Two entry points: `forward_batch`, the serving engine's, runs a flat batch of T tokens of many
+requests over the paged KV cache in one pass; `forward` runs T tokens of one sequence over the
+slot-based cache (the fused engine's and the reference the batched path is tested against).
+
+Shapes: T tokens, H hidden, Hq/Hkv local q/kv heads, d head_dim.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import numpy as np
 import structlog
 
 from ..collectives import Communicator
+from ..engine.kv_cache import PagedKvCache
 from ..kv_cache import KvCache
+from ..layers.attention import AttentionMetadata, DecodeAttention, causal_attention, paged_attention, write_kv
 from .config import ModelConfig
 from .rope import cos_sin_tables
 from .sharding import TpLayout
@@ -39,33 +45,9 @@ def silu(xp, x):
     return (xf / (1.0 + xp.exp(-xf))).astype(x.dtype)
 
 
-def _bmm(xp, a, b):
-    """Batched a @ b. CuPy has no batched bfloat16 GEMM, so there the product is taken in float32 and
-    rounded once to bfloat16: what cuBLAS does for a bf16 GEMM (float32 accumulation, one rounding)."""
-    if xp is not np and a.dtype == b.dtype and a.dtype.name == "bfloat16":
-        return (a.astype(xp.float32) @ b.astype(xp.float32)).astype(a.dtype)
-    return a @ b
-
-
 def attention(xp, q, keys, values, start: int, window: int | None):
     """Causal GQA attention of q [T, Hq, d] over cached keys/values [Hkv, L, d], L = start + T."""
-    T, hq, d = q.shape
-    hkv, length = keys.shape[0], keys.shape[1]
-    group = hq // hkv
-    qh = q.reshape(T, hkv, group, d).transpose(1, 2, 0, 3)                  # [Hkv, g, T, d]
-    scores = _bmm(xp, qh, keys.transpose(0, 2, 1)[:, None]).astype(xp.float32)  # [Hkv, g, T, L]
-    scores *= 1.0 / float(d) ** 0.5
-    q_pos = xp.arange(start, start + T)[:, None]
-    k_pos = xp.arange(length)[None, :]
-    masked = k_pos > q_pos
-    if window:
-        masked |= k_pos <= q_pos - window
-    scores = xp.where(masked, -xp.inf, scores)
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = xp.exp(scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
-    out = _bmm(xp, probs.astype(values.dtype), values[:, None])               # [Hkv, g, T, d]
-    return out.transpose(2, 0, 1, 3).reshape(T, hq * d)
+    return causal_attention(xp, q, keys, values, start, window)
 
 
 class LlamaModel:
@@ -74,7 +56,7 @@ class LlamaModel:
     fused engine on the kernels' NumPy mirror: for tests). NEURON_FUSED overrides "auto"."""
 
     def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int,
-                 fused: str = "auto"):
+                 fused: str = "auto", decode_attention: str = "auto"):
         self.config, self.layout, self.p, self.xp, self.comm = config, layout, params, xp, comm
         cos, sin = cos_sin_tables(config, max_context)
         self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
@@ -82,6 +64,23 @@ class LlamaModel:
         self.q_size = layout.local_heads * config.head_dim
         self.kv_size = layout.local_kv_heads * config.head_dim
         self.fused = self._fused_engine(fused)
+        self.decode_attention = self._decode_attention(decode_attention, max_context)
+
+    def _decode_attention(self, mode: str, max_context: int) -> DecodeAttention | None:
+        """forward_batch's attention for decode rows: "auto" (the paged decode kernel on a GPU when
+        the shapes suit it, else the gather path), "off", or "numpy" (the kernel's NumPy mirror: tests)."""
+        if mode == "numpy":
+            return DecodeAttention.numpy_mirror(max_context)
+        if mode == "off" or self.xp is np:
+            return None
+        from ..kernels.paged_attention import MAX_GROUP
+        group = self.layout.local_heads // self.layout.local_kv_heads
+        dtype_name = np.dtype(self.p["embed"].dtype).name
+        if group > MAX_GROUP or self.config.head_dim % (4 if dtype_name == "float32" else 8):
+            log.info("paged decode kernel off for this model; decode attention gathers blocks", group=group,
+                     head_dim=self.config.head_dim)
+            return None
+        return DecodeAttention.cuda(dtype_name, self.config.head_dim, group, max_context)
 
     def _fused_engine(self, mode: str):
         if mode == "auto":
@@ -161,17 +160,7 @@ class LlamaModel:
 
     def _attention_block(self, i: int, h, start: int, end: int, cos, sin, kv: KvCache, slot: int):
         xp, p, c = self.xp, self.p, self.config
-        T, d = h.shape[0], c.head_dim
-        qkv = h @ p[f"{i}.qkv"].T
-        if c.qkv_bias:
-            qkv = qkv + p[f"{i}.qkv_bias"]
-        q = qkv[:, : self.q_size].reshape(T, -1, d)
-        k = qkv[:, self.q_size: self.q_size + self.kv_size].reshape(T, -1, d)
-        v = qkv[:, self.q_size + self.kv_size:].reshape(T, -1, d)
-        if c.qk_norm:
-            q = rms_norm(xp, q, p[f"{i}.q_norm"], c.rms_norm_eps)
-            k = rms_norm(xp, k, p[f"{i}.k_norm"], c.rms_norm_eps)
-        q, k = apply_rope(xp, q, cos, sin), apply_rope(xp, k, cos, sin)
+        q, k, v = self._qkv(i, h, cos, sin)
         keys, values = kv.keys[i][slot], kv.values[i][slot]
         keys[:, start:end] = k.transpose(1, 0, 2)
         values[:, start:end] = v.transpose(1, 0, 2)
@@ -189,4 +178,48 @@ class LlamaModel:
         out = self.comm.all_reduce((silu(xp, gate_up[:, :inter]) * gate_up[:, inter:]) @ p[f"{i}.down"].T)
         if f"{i}.down_bias" in p:
             out = out + p[f"{i}.down_bias"]
+        return out
+
+    # -- the serving engine's pass: a flat batch of tokens of many requests
+
+    def forward_batch(self, token_ids, positions, meta: AttentionMetadata, kv: PagedKvCache, logits_rows=None):
+        """One pass over every scheduled token: token_ids/positions device int arrays [T]; KV is written
+        into meta.slot_mapping's slots. Returns float32 logits [len(logits_rows), vocab] for the rows
+        asked (device int array), or None when none are (a TP follower, a turn of middle chunks)."""
+        xp, p, c = self.xp, self.p, self.config
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = p["embed"][token_ids]
+        for i in range(c.num_layers):
+            h = rms_norm(xp, x, p[f"{i}.input_norm"], c.rms_norm_eps)
+            x = x + self._paged_attention_block(i, h, cos, sin, kv, meta)
+            h = rms_norm(xp, x, p[f"{i}.post_norm"], c.rms_norm_eps)
+            x = x + self._mlp_block(i, h)
+        if logits_rows is None or len(logits_rows) == 0:
+            return None
+        x = rms_norm(xp, x[logits_rows], p["norm"], c.rms_norm_eps)
+        return (x @ self.lm_head.T).astype(xp.float32)
+
+    def _qkv(self, i: int, h, cos, sin):
+        xp, p, c = self.xp, self.p, self.config
+        T, d = h.shape[0], c.head_dim
+        qkv = h @ p[f"{i}.qkv"].T
+        if c.qkv_bias:
+            qkv = qkv + p[f"{i}.qkv_bias"]
+        q = qkv[:, : self.q_size].reshape(T, -1, d)
+        k = qkv[:, self.q_size: self.q_size + self.kv_size].reshape(T, -1, d)
+        v = qkv[:, self.q_size + self.kv_size:].reshape(T, -1, d)
+        if c.qk_norm:
+            q = rms_norm(xp, q, p[f"{i}.q_norm"], c.rms_norm_eps)
+            k = rms_norm(xp, k, p[f"{i}.k_norm"], c.rms_norm_eps)
+        return apply_rope(xp, q, cos, sin), apply_rope(xp, k, cos, sin), v
+
+    def _paged_attention_block(self, i: int, h, cos, sin, kv: PagedKvCache, meta: AttentionMetadata):
+        q, k, v = self._qkv(i, h, cos, sin)
+        flat_keys, flat_values = kv.flat_keys(i), kv.flat_values(i)
+        write_kv(flat_keys, flat_values, k, v, meta.slot_mapping)
+        attended = paged_attention(self.xp, q, kv.keys[i], kv.values[i], meta, self.config.sliding_window,
+                                   self.decode_attention)
+        out = self.comm.all_reduce(attended @ self.p[f"{i}.o"].T)
+        if f"{i}.o_bias" in self.p:  # a row-parallel bias (every rank holds it): added once, after the sum
+            out = out + self.p[f"{i}.o_bias"]
         return out

@@ -83,9 +83,9 @@ def generate(stub, handle: int, max_tokens: int):
     return stub.Generate(request, timeout=120)
 
 
-def load(stub, kv_slots: int = 2) -> pb.ShardInfo:
+def load(stub, max_seqs: int = 2) -> pb.ShardInfo:
     events = list(stub.LoadShard(pb.LoadShardRequest(path="long", model="long", max_context=LONG_CONTEXT,
-                                                     kv_slots=kv_slots), timeout=60))
+                                                     max_seqs=max_seqs), timeout=60))
     return events[-1].loaded
 
 
@@ -196,7 +196,7 @@ def test_sigterm_exits_as_soon_as_the_work_is_done(long_model_root):
     channel = server.channel()
     try:
         stub = neuron_pb2_grpc.NeuronStub(channel)
-        shard = load(stub, kv_slots=1)
+        shard = load(stub, max_seqs=1)
         rate = tokens_per_second(stub, shard.handle)
         n = max(50, int(rate * 0.5))
         stream = Stream(generate(stub, shard.handle, n))

@@ -58,7 +58,7 @@ def channel(neuron):
 @pytest.fixture(scope="module")
 def handles(channel):
     stub = neuron_pb2_grpc.NeuronStub(channel)
-    return {name: list(stub.LoadShard(pb.LoadShardRequest(path=name, model=name, kv_slots=2)))[-1].loaded.handle
+    return {name: list(stub.LoadShard(pb.LoadShardRequest(path=name, model=name, max_seqs=2)))[-1].loaded.handle
             for name in [*TEMPLATES, "plain"]}
 
 

@@ -23,7 +23,7 @@ def stub():
 
 @pytest.fixture(scope="module")
 def handle(stub) -> int:
-    loaded = list(stub.LoadShard(pb.LoadShardRequest(path="llama2", max_context=MAX_CONTEXT, kv_slots=1)))
+    loaded = list(stub.LoadShard(pb.LoadShardRequest(path="llama2", max_context=MAX_CONTEXT, max_seqs=1)))
     return loaded[-1].loaded.handle
 
 

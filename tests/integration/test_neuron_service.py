@@ -53,7 +53,7 @@ def stub(server):
 
 @pytest.fixture(scope="module")
 def good(stub):
-    events = list(stub.LoadShard(pb.LoadShardRequest(path="good", model="good", max_context=64, kv_slots=2)))
+    events = list(stub.LoadShard(pb.LoadShardRequest(path="good", model="good", max_context=64, max_seqs=2)))
     return events[-1].loaded
 
 
@@ -191,7 +191,7 @@ def test_not_enough_memory_is_resource_exhausted_and_nothing_is_left(bad_root):
             after = stub.Describe(pb.DescribeRequest()).devices[0]
             assert not after.shards and after.free_bytes == before.free_bytes
             info = list(stub.LoadShard(pb.LoadShardRequest(path="good", max_context=8)))[-1].loaded
-            assert info.kv_slots >= 1 and info.max_context == 8
+            assert info.max_context == 8 and info.kv_tokens >= 8 and info.kv_blocks_total >= 1
     finally:
         small.kill()
 
@@ -235,8 +235,27 @@ def test_bad_forward_requests(stub, good):
     still_serves(stub, good.handle)
 
 
-def test_clear_kv_reports_idle_slots(stub, good):
-    assert stub.ClearKv(pb.ClearKvRequest(handle=good.handle)).slots_cleared == good.kv_slots
+def summary(stub, handle) -> pb.ShardSummary:
+    return next(s for d in stub.Describe(pb.DescribeRequest()).devices for s in d.shards if s.handle == handle)
+
+
+def test_a_repeated_prompt_hits_the_prefix_cache_and_clear_kv_resets_it(stub, good):
+    assert good.kv_block_size == 16 and good.max_seqs == 2
+    assert good.kv_tokens == good.kv_blocks_total * good.kv_block_size >= 2 * 64  # capped at max_seqs x max_context
+    stub.ClearKv(pb.ClearKvRequest(handle=good.handle))
+    prompt = pb.Prompt(tokens=pb.TokenIds(ids=[(7 * i) % 200 + 5 for i in range(40)]))  # two full blocks
+    first = generate(stub, good.handle, prompt, max_tokens=4, ignore_eos=True)
+    before = summary(stub, good.handle)
+    second = generate(stub, good.handle, prompt, max_tokens=4, ignore_eos=True)
+    after = summary(stub, good.handle)
+    assert [t for c in second for t in c.token_ids] == [t for c in first for t in c.token_ids]
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 32
+    assert after.prefix_cache_queries - before.prefix_cache_queries == 40
+    assert after.running == 0 and after.waiting == 0 and after.kv_blocks_used == 0
+    assert stub.ClearKv(pb.ClearKvRequest(handle=good.handle)).blocks_cleared >= 2
+    assert stub.ClearKv(pb.ClearKvRequest(handle=good.handle)).blocks_cleared == 0
+    generate(stub, good.handle, prompt, max_tokens=4, ignore_eos=True)
+    assert summary(stub, good.handle).prefix_cache_hits == after.prefix_cache_hits  # nothing cached to hit
 
 
 def test_inspect_estimates_without_loading(stub):

@@ -2,6 +2,8 @@
 while they wait for a KV slot leave the device serving, and health keeps telling the truth."""
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,11 +13,19 @@ from common.proto.neuron.v1 import neuron_pb2_grpc
 from tests.helpers import MODELS, start_neuron
 
 PROMPT = pb.Prompt(tokens=pb.TokenIds(ids=[1, 5, 9]))
+HOLDER_TOKENS = 1000  # long enough that the holder still runs while the others wait and give up
 
 
 @pytest.fixture(scope="module")
-def neuron():
-    srv = start_neuron(model_roots=[MODELS])
+def neuron(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    (root / "llama2").mkdir()
+    for f in (MODELS / "llama2").iterdir():  # llama2 with a context that fits the holder
+        (root / "llama2" / f.name).write_bytes(f.read_bytes())
+    config = json.loads((root / "llama2" / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (root / "llama2" / "config.json").write_text(json.dumps(config))
+    srv = start_neuron(model_roots=[root])
     yield srv
     srv.kill()
 
@@ -33,15 +43,15 @@ def _health(channel) -> int:
 
 def _long_generation(stub, handle):
     call = stub.Generate(pb.GenerateRequest(handle=handle, prompt=PROMPT,
-                                            sampling=pb.SamplingParams(max_tokens=250, ignore_eos=True)), timeout=60)
+                                            sampling=pb.SamplingParams(max_tokens=HOLDER_TOKENS, ignore_eos=True)), timeout=60)
     first = next(call)  # it holds the only KV slot from here until it finishes
     return call, len(first.token_ids)
 
 
 def test_requests_that_give_up_while_waiting_for_a_slot_leave_the_device_serving(channel):
     stub = neuron_pb2_grpc.NeuronStub(channel)
-    shard = list(stub.LoadShard(pb.LoadShardRequest(path="llama2", model="one-slot", kv_slots=1)))[-1].loaded
-    assert shard.kv_slots == 1
+    shard = list(stub.LoadShard(pb.LoadShardRequest(path="llama2", model="one-slot", max_seqs=1)))[-1].loaded
+    assert shard.max_seqs == 1
     for round_ in range(4):
         holder, received = _long_generation(stub, shard.handle)
         # Past its deadline while it waits for the slot the holder has ...
@@ -53,7 +63,8 @@ def test_requests_that_give_up_while_waiting_for_a_slot_leave_the_device_serving
         cancelled = stub.Generate(pb.GenerateRequest(handle=shard.handle, prompt=PROMPT,
                                                      sampling=pb.SamplingParams(max_tokens=4)), timeout=60)
         cancelled.cancel()
-        assert received + sum(len(c.token_ids) for c in holder) == 250, f"round {round_}: the holder did not finish"
+        assert received + sum(len(c.token_ids) for c in holder) == HOLDER_TOKENS, \
+            f"round {round_}: the holder did not finish"
     # Later requests are served, and health says so.
     chunks = list(stub.Generate(pb.GenerateRequest(handle=shard.handle, prompt=PROMPT,
                                                    sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True)),

@@ -21,7 +21,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardSummary(_message.Message):
-    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error", "path", "architecture", "max_context", "vocab_size")
+    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error", "path", "architecture", "max_context", "vocab_size", "kv_block_size", "kv_blocks_total", "kv_tokens", "max_seqs", "running", "waiting", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,15 @@ class ShardSummary(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     handle: int
     model: str
     dtype: str
@@ -48,7 +57,16 @@ class ShardSummary(_message.Message):
     architecture: str
     max_context: int
     vocab_size: int
-    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_tokens: int
+    max_seqs: int
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., max_seqs: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy", "error")
@@ -135,22 +153,22 @@ class TensorParallel(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., rank: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("path", "model", "device", "dtype", "max_context", "kv_slots", "tp")
+    __slots__ = ("path", "model", "device", "dtype", "max_context", "max_seqs", "tp")
     PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
-    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     path: str
     model: str
     device: str
     dtype: str
     max_context: int
-    kv_slots: int
+    max_seqs: int
     tp: TensorParallel
-    def __init__(self, path: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., kv_slots: _Optional[int] = ..., tp: _Optional[_Union[TensorParallel, _Mapping]] = ...) -> None: ...
+    def __init__(self, path: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., max_seqs: _Optional[int] = ..., tp: _Optional[_Union[TensorParallel, _Mapping]] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("stage", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "gb_per_s")
@@ -169,7 +187,7 @@ class LoadProgress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., gb_per_s: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("handle", "model", "device", "architecture", "dtype", "num_parameters", "weight_bytes", "kv_bytes", "max_context", "kv_slots", "vocab_size", "tp_rank", "tp_size", "load_seconds", "path")
+    __slots__ = ("handle", "model", "device", "architecture", "dtype", "num_parameters", "weight_bytes", "kv_bytes", "max_context", "max_seqs", "vocab_size", "tp_rank", "tp_size", "load_seconds", "path", "kv_block_size", "kv_blocks_total", "kv_tokens")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -179,12 +197,15 @@ class ShardInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
-    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     handle: int
     model: str
     device: str
@@ -194,13 +215,16 @@ class ShardInfo(_message.Message):
     weight_bytes: int
     kv_bytes: int
     max_context: int
-    kv_slots: int
+    max_seqs: int
     vocab_size: int
     tp_rank: int
     tp_size: int
     load_seconds: float
     path: str
-    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_tokens: int
+    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., max_seqs: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("progress", "loaded")
@@ -357,10 +381,10 @@ class ClearKvRequest(_message.Message):
     def __init__(self, handle: _Optional[int] = ...) -> None: ...
 
 class ClearKvResponse(_message.Message):
-    __slots__ = ("slots_cleared",)
-    SLOTS_CLEARED_FIELD_NUMBER: _ClassVar[int]
-    slots_cleared: int
-    def __init__(self, slots_cleared: _Optional[int] = ...) -> None: ...
+    __slots__ = ("blocks_cleared",)
+    BLOCKS_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    blocks_cleared: int
+    def __init__(self, blocks_cleared: _Optional[int] = ...) -> None: ...
 
 class CreateGroupIdRequest(_message.Message):
     __slots__ = ("device",)
@@ -429,18 +453,26 @@ class DestroyGroupResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepCommand(_message.Message):
-    __slots__ = ("group_id", "step", "slot", "start_pos", "token_ids")
+    __slots__ = ("group_id", "step", "token_ids", "positions", "slot_mapping", "query_start", "context_lens", "block_tables", "max_blocks")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    SLOT_FIELD_NUMBER: _ClassVar[int]
-    START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_MAPPING_FIELD_NUMBER: _ClassVar[int]
+    QUERY_START_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     step: int
-    slot: int
-    start_pos: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, group_id: _Optional[str] = ..., step: _Optional[int] = ..., slot: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    slot_mapping: _containers.RepeatedScalarFieldContainer[int]
+    query_start: _containers.RepeatedScalarFieldContainer[int]
+    context_lens: _containers.RepeatedScalarFieldContainer[int]
+    block_tables: _containers.RepeatedScalarFieldContainer[int]
+    max_blocks: int
+    def __init__(self, group_id: _Optional[str] = ..., step: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., query_start: _Optional[_Iterable[int]] = ..., context_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., max_blocks: _Optional[int] = ...) -> None: ...
 
 class StepAck(_message.Message):
     __slots__ = ("step", "error")

@@ -142,7 +142,8 @@ class NeuronServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearKv(self, request, context):
-        """Forget all cached KV state of a shard (sequences in flight are not affected).
+        """Reset the shard's prefix cache: forget every cached KV block no request holds
+        (requests in flight are not affected).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,144 @@
+"""ShardEngine: one shard's serving engine, driven by its device thread one turn at a time.
+
+A turn is `plan = scheduler.schedule()` -> `out = runner.execute(plan)` -> `scheduler.update(plan,
+out)`, then every request's caller is told what happened: a Generate caller gets TokenEvent /
+FinishEvent / ErrorEvent through its `emit`, a Forward caller's future gets the logits. A caller
+that went away (its `cancelled` is set, or its future was cancelled) is aborted at the next turn.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import structlog
+
+from neuron.collectives import CollectiveError
+from neuron.generation import ErrorEvent, FinishEvent, TokenEvent
+
+from .request import Request
+from .scheduler import RequestUpdate, Scheduler, SchedulerStats
+
+log = structlog.get_logger(__name__)
+
+
+def settle(future: Future, result: Any = None, error: Exception | None = None) -> None:
+    """Complete a future unless its caller already gave up on it (cancelled, or a deadline passed):
+    completing a cancelled future raises InvalidStateError on the device thread."""
+    try:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled by the caller's thread between the check and the set
+        pass
+
+
+@dataclass
+class Caller:
+    """Who waits for a request: `emit` (Generate, thread-safe) or `future` (Forward)."""
+    emit: Callable[[object], None] | None = None
+    future: Future | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def gone(self) -> bool:
+        return self.cancelled.is_set() or (self.future is not None and self.future.done())
+
+    def post(self, event) -> None:
+        try:
+            self.emit(event)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    def fail(self, error: Exception) -> None:
+        if self.emit is not None:
+            self.post(ErrorEvent(error))
+        elif self.future is not None:
+            settle(self.future, error=error)
+
+
+class ShardEngine:
+    def __init__(self, scheduler: Scheduler, runner, lockstep: bool = False):
+        """lockstep: a TP rank, whose every turn must run on all ranks; a turn that fails there
+        leaves the ranks' collectives out of step, so it fails the group (CollectiveError)."""
+        self.scheduler, self.runner, self.lockstep = scheduler, runner, lockstep
+        self._callers: dict[str, Caller] = {}
+        self.stats: SchedulerStats = scheduler.stats()   # refreshed after every turn, read by Describe
+
+    def add(self, request: Request, caller: Caller) -> None:
+        """Raises ResourceExhausted (waiting queue full) or InvalidArgument (can never fit)."""
+        self.scheduler.add(request)
+        self._callers[request.request_id] = caller
+        self.stats = self.scheduler.stats()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> None:
+        """One turn. A CollectiveError propagates (the TP group is broken: the worker fails the
+        shard); any other failure fails this turn's requests and the engine serves on (on a TP
+        rank it is a CollectiveError too)."""
+        for request_id, caller in list(self._callers.items()):
+            if caller.gone:
+                self.scheduler.abort(request_id)
+        plan = self.scheduler.schedule()
+        for request_id in plan.finished:
+            self._callers.pop(request_id, None)
+        try:
+            out = self.runner.execute(plan)
+            sampled_at = time.perf_counter()
+            updates = self.scheduler.update(plan, out)
+        except CollectiveError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a bad turn fails its requests, not the device thread
+            if self.lockstep:
+                raise CollectiveError(f"a turn failed on the leader: {err!r}") from err
+            log.exception("engine turn failed", requests=len(plan.chunks))
+            for chunk in plan.chunks:
+                self._fail(chunk.request.request_id, err)
+            return
+        for update in updates:
+            self._post(update, sampled_at)
+        self.stats = self.scheduler.stats()
+
+    def _fail(self, request_id: str, err: Exception) -> None:
+        self.scheduler.abort(request_id)
+        caller = self._callers.pop(request_id, None)
+        if caller is not None:
+            caller.fail(err)
+
+    def _post(self, update: RequestUpdate, sampled_at: float) -> None:
+        request = update.request
+        caller = self._callers.get(request.request_id)
+        if caller is None:
+            return
+        if caller.emit is not None:
+            for token in update.new_token_ids:
+                caller.post(TokenEvent(token, sampled_at))
+            if update.finished:
+                caller.post(FinishEvent(request.finish_reason, request.stop_reason))
+        elif update.finished and caller.future is not None:
+            logits = np.asarray(update.logits, dtype=np.float32)
+            settle(caller.future, logits if request.all_positions else logits[0])
+        if update.finished:
+            self._callers.pop(request.request_id, None)
+
+    def fail_all(self, error: Exception) -> None:
+        """Every request ends with `error` (the model is dropped, its group broke, the neuron stops)."""
+        self.scheduler.finish_all("error", str(error))
+        callers, self._callers = self._callers, {}
+        for caller in callers.values():
+            caller.fail(error)
+        self.stats = self.scheduler.stats()
+
+    def reset_prefix_cache(self) -> int:
+        return self.scheduler.block_manager.reset_prefix_cache()

@@ -1,0 +1,28 @@
+"""The serving engine's settings of one neuron (flags/env/TOML in neuron/cli.py), applied per shard."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kv_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MEMORY_FRACTION
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    kv_memory_fraction: float = DEFAULT_MEMORY_FRACTION  # of the memory left after weights and workspace
+    block_size: int = DEFAULT_BLOCK_SIZE                 # tokens per KV block
+    max_batched_tokens: int = 2048                       # tokens one turn computes, over all requests
+    max_seqs: int = 256                                  # requests running at once (a load may ask fewer)
+    max_waiting: int = 1024                              # requests queued beyond that; more: RESOURCE_EXHAUSTED
+    prefix_caching: bool = True
+
+    def check(self) -> None:
+        problems = []
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            problems.append(f"kv_memory_fraction {self.kv_memory_fraction} must be in (0, 1]")
+        if self.block_size < 1:
+            problems.append(f"block_size {self.block_size} must be at least 1")
+        if self.max_batched_tokens < 1 or self.max_seqs < 1 or self.max_waiting < 0:
+            problems.append(f"max_batched_tokens ({self.max_batched_tokens}) and max_seqs ({self.max_seqs}) must be "
+                            f">= 1, max_waiting ({self.max_waiting}) >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))

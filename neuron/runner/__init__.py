@@ -1,0 +1,1 @@
+"""The runner: a scheduler plan -> flat device arrays -> one model pass -> one batched sampler."""

@@ -1,0 +1,47 @@
+"""The serving engine on a GPU (CuPy): the batched pass over the paged cache matches transformers in
+float32, and every request's greedy tokens are the same batched as alone, float32 and bfloat16."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.gpu_checks import FIXTURE_NAMES, FIXTURES, FP32_REL_L2, HALF_COSINE, cosine, drop, forward, generate, \
+    generate_async, load, rel_l2, start_worker, wait
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = start_worker(0)
+    yield w
+    w.stop()
+
+
+def batch_cases(name: str) -> list[tuple[list[int], list[int]]]:
+    ref = np.load(FIXTURES / "reference" / f"{name}_batch.npz")
+    prompts = np.split(ref["prompt_ids"], np.cumsum(ref["prompt_lengths"])[:-1])
+    return [(p.tolist(), g.tolist()) for p, g in zip(prompts, ref["greedy_ids"])]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_batched_greedy_equals_alone_on_the_gpu(worker, name, dtype):
+    ref = np.load(FIXTURES / "reference" / f"{name}.npz")
+    handle, shard = load(worker, FIXTURES / "models" / name, dtype, max_context=256, max_seqs=16)
+    try:
+        assert shard.model.decode_attention is not None  # decode rows through the paged decode kernel
+        logits = forward(worker, handle, ref["prompt_ids"], all_positions=True)
+        if dtype == "float32":
+            assert rel_l2(logits, ref["logits_all"]) < FP32_REL_L2
+        else:
+            assert cosine(logits, ref["logits_all"]) > HALF_COSINE
+        cases = batch_cases(name)
+        alone = [generate(worker, handle, prompt, 32) for prompt, _ in cases]
+        together = [generate_async(worker, handle, prompt, 32) for prompt, _ in cases]
+        batched = [wait(c) for c in together]
+        assert batched == alone
+        if dtype == "float32":
+            assert alone == [expected for _, expected in cases]
+    finally:
+        drop(worker, handle)

@@ -1,0 +1,74 @@
+"""The device thread around the engine, in process on a CPU device: a turn that raises fails only
+its own requests and the thread serves on; Forward and Generate both run as scheduled requests."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from neuron.device import DeviceSpec
+from neuron.engine.core import Caller
+from neuron.engine.request import Request
+from neuron.generation import ErrorEvent, FinishEvent, TokenEvent
+from neuron.sampling import SamplingConfig
+from neuron.shard import LoadRequest
+from neuron.worker import DeviceWorker, ForwardJob, GenerateJob, LoadShardJob
+from tests.helpers import MODELS, REFERENCE
+
+
+@pytest.fixture
+def worker():
+    w = DeviceWorker(DeviceSpec("cpu", "cpu", 0), 1 << 30)
+    w.start()
+    yield w
+    w.stop()
+
+
+class Events:
+    def __init__(self):
+        self.tokens, self.end, self.done = [], None, threading.Event()
+
+    def __call__(self, event):
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.token_id)
+        else:
+            self.end = event
+            self.done.set()
+
+
+def generate(worker, handle, shard, rid, prompt, n=32) -> Events:
+    events = Events()
+    request = Request(rid, prompt, SamplingConfig(max_tokens=n, ignore_eos=True), shard.kv.max_context)
+    worker.submit(GenerateJob(handle, request, Caller(emit=events))).result(10)
+    return events
+
+
+def test_a_turn_that_raises_fails_its_requests_and_the_worker_serves_on(worker):
+    ref = np.load(REFERENCE / "llama2.npz")
+    prompt, expected = ref["prompt_ids"].tolist(), ref["greedy_ids"].tolist()
+    shard = worker.submit(LoadShardJob(LoadRequest(MODELS / "llama2", "llama2", max_context=256), 7,
+                                       lambda p: None, threading.Event())).result(30)
+    runner, real_execute = shard.engine.runner, shard.engine.runner.execute
+    calls = []
+
+    def broken_once(plan):
+        calls.append(plan)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one turn")
+        return real_execute(plan)
+
+    runner.execute = broken_once
+    first = generate(worker, 7, shard, "first", prompt)
+    assert first.done.wait(10)
+    assert isinstance(first.end, ErrorEvent) and "a bug in one turn" in str(first.end.error)
+    second = generate(worker, 7, shard, "second", prompt)
+    logits = worker.submit(ForwardJob(7, prompt, all_positions=True)).result(10)
+    assert second.done.wait(30) and isinstance(second.end, FinishEvent)
+    assert second.tokens == expected
+    assert float(np.linalg.norm(logits - ref["logits_all"]) / np.linalg.norm(ref["logits_all"])) < 1e-4
+    deadline = time.monotonic() + 10
+    while shard.engine.stats.running and time.monotonic() < deadline:  # refreshed at the end of the turn
+        time.sleep(0.01)
+    assert shard.engine.stats.running == 0 and shard.engine.stats.kv.blocks_used == 0
