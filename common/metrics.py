@@ -37,12 +37,14 @@ def metrics_response(registry: CollectorRegistry) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def start_site(app: web.Application, listen: str, **runner_options) -> tuple[web.AppRunner, int]:
-    """Serve `app` on `listen` inside the running event loop; returns the runner and the bound port."""
+async def start_site(app: web.Application, listen: str, ssl_context=None, **runner_options
+                     ) -> tuple[web.AppRunner, int]:
+    """Serve `app` on `listen` inside the running event loop (HTTPS with ssl_context); returns the
+    runner and the bound port."""
     host, port = split_host_port(listen)
     runner = web.AppRunner(app, access_log=None, **runner_options)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as err:

@@ -157,11 +157,14 @@ class ServingServer:
     up to a bound, for the calls in flight to finish."""
 
     def __init__(self, listen: str, allow_while_draining: tuple[str, ...] = (), interceptors: tuple = (),
-                 max_inflight: int = MAX_INFLIGHT_CALLS):
+                 max_inflight: int = MAX_INFLIGHT_CALLS, credentials: grpc.ServerCredentials | None = None):
+        """interceptors: after the decode guard's and the drain's (auth, then metrics, as given);
+        credentials: TLS (None: plaintext)."""
         self.listen = listen
+        self.credentials = credentials
         self._drain = _DrainInterceptor(tuple(allow_while_draining), max_inflight)
         # Undecodable requests become INVALID_ARGUMENT first; then the drain and in-flight checks, so a
-        # refused call reaches no other interceptor (nor the metrics).
+        # refused call reaches no other interceptor (nor auth, nor the metrics).
         self.server = grpc.aio.server(options=SERVER_OPTIONS,
                                       interceptors=[DecodeGuardInterceptor(), self._drain, *interceptors])
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -177,7 +180,10 @@ class ServingServer:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         try:
-            self.port = self.server.add_insecure_port(self.listen)
+            if self.credentials is None:
+                self.port = self.server.add_insecure_port(self.listen)
+            else:
+                self.port = self.server.add_secure_port(self.listen, self.credentials)
         except RuntimeError:  # grpc >= 1.84 raises where older versions returned 0
             self.port = 0
         if self.port == 0:

@@ -20,6 +20,7 @@ import structlog
 from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.errors import ServiceError
 from common.logs import configure_logging
+from common.security.settings import API_KEYS_SETTING, ServerSecurity, cluster_settings
 from common.server import ServingServer
 
 log = structlog.get_logger("cortex")
@@ -28,9 +29,9 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 STOP_GRACE_SECONDS = 1.0  # after the drain: lets final statuses reach the callers before the server closes
 
 SETTINGS = [
-    listen_setting("0.0.0.0:50051"),
-    Setting("http_listen", "0.0.0.0:8000", "address of the OpenAI-compatible HTTP API and /metrics (HOST:PORT; "
-            "port 0 picks a free one; empty or off: no HTTP)"),
+    listen_setting("127.0.0.1:50051"),  # loopback until told otherwise: an open server stays on this machine
+    Setting("http_listen", "127.0.0.1:8000", "address of the OpenAI-compatible HTTP API and /metrics (HOST:PORT; "
+            "port 0 picks a free one; empty or off: no HTTP); HTTPS with --tls-cert, the same API keys"),
     Setting("neuron", [], "neuron to manage besides those that register themselves (HOST:PORT, repeatable)",
             multiple=True),
     Setting("poll_seconds", 2.0, "how often every neuron's Describe is polled", type=float),
@@ -44,6 +45,8 @@ SETTINGS = [
             "INVALID_ARGUMENT", type=int),
     Setting("max_logits_bytes", 64 << 20, "largest float32 logits one Forward may return (positions x vocab x 4); "
             "larger asks are RESOURCE_EXHAUSTED", type=int),
+    API_KEYS_SETTING,
+    *cluster_settings(require_client_cert_default=False),  # clients without a certificate use API keys
     *SERVER_SETTINGS,
 ]
 
@@ -85,6 +88,15 @@ def _add_client_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                         help="machine-readable output: JSON (one object per line for streams)")
     parser.add_argument("--timeout", type=float, default=default(None),
                         help="deadline of the call in seconds (default: none)")
+    # dest client_*: `cortex serve` has server settings of the same flag names.
+    parser.add_argument("--api-key", dest="client_api_key", default=default(os.environ.get("CORTEX_API_KEY", "")),
+                        help="API key sent as `authorization: Bearer KEY` (env CORTEX_API_KEY)")
+    for name, what in (("ca", "CA bundle (PEM) that verifies the server; turns TLS on"),
+                       ("cert", "client certificate (PEM) to present, with --tls-key"),
+                       ("key", "private key (PEM) of --tls-cert")):
+        env = f"CORTEX_TLS_{name.upper()}"
+        parser.add_argument(f"--tls-{name}", dest=f"client_tls_{name}", default=default(os.environ.get(env, "")),
+                            help=f"{what} (env {env})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         try:
             settings = resolve(args, SETTINGS, "CORTEX", args.config)
+            security = ServerSecurity.from_settings(settings)
         except ConfigError as err:
             print(f"cortex: {err}", file=sys.stderr)
             return EXIT_USAGE
         configure_logging(settings["log_level"], settings["log_format"])
         try:
-            return asyncio.run(serve_forever(settings))
+            return asyncio.run(serve_forever(settings, security))
         except KeyboardInterrupt:
             return 0
     if args.command == "demo":
@@ -108,20 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args)
 
 
-async def serve_forever(settings: dict) -> int:
+async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     from .model_health import ModelHealth
     from .models import ModelTable
     from .placement import Placer
     from .registry import Registry
     from .http.app import HttpFront
     from .metrics import CortexMetrics
-    from .server import CortexService, FleetService
+    from .server import ACCESS, CortexService, FleetService
     from common.metrics import listen_or_off
     from common.proto.cortex.v1 import cortex_pb2_grpc
 
     try:
         registry = Registry(settings["neuron"], settings["poll_seconds"], settings["heartbeat_timeout_seconds"],
-                            settings["down_expiry_seconds"])
+                            settings["down_expiry_seconds"], channels=security.peer_channels())
     except ServiceError as err:  # a malformed --neuron address
         print(f"cortex: {err.message}", file=sys.stderr)
         return EXIT_USAGE
@@ -129,7 +142,8 @@ async def serve_forever(settings: dict) -> int:
     # Listings and the neurons' own calls stay answerable while draining.
     server = ServingServer(settings["listen"], allow_while_draining=(
         "/cortex.v1.Cortex/ListNodes", "/cortex.v1.Cortex/ListModels", "/cortex.v1.Fleet/Register",
-        "/cortex.v1.Fleet/Heartbeat"), max_inflight=settings["max_inflight_calls"])
+        "/cortex.v1.Fleet/Heartbeat"), max_inflight=settings["max_inflight_calls"],
+        credentials=security.server_credentials(), interceptors=(security.interceptor(ACCESS),))
     model_health = ModelHealth(server.health)
 
     async def after_poll() -> None:
@@ -155,10 +169,10 @@ async def serve_forever(settings: dict) -> int:
     except (OSError, RuntimeError):  # grpc raises RuntimeError when it cannot bind
         await registry.close()
         raise SystemExit(f"cortex: cannot listen on {settings['listen']}: the address is in use or invalid") from None
-    http, http_listen = HttpFront(service), listen_or_off(settings["http_listen"])
+    http, http_listen = HttpFront(service, security.authenticator()), listen_or_off(settings["http_listen"])
     if http_listen:
         try:
-            http_port = await http.start(http_listen)
+            http_port = await http.start(http_listen, security.https_context())
         except OSError as err:
             await server.stop(0)
             await registry.close()
@@ -168,6 +182,7 @@ async def serve_forever(settings: dict) -> int:
         Path(settings["port_file"]).write_text(str(port))
     log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],
              poll_seconds=settings["poll_seconds"], heartbeat_timeout_seconds=settings["heartbeat_timeout_seconds"])
+    security.warn_if_open("cortex", takes_api_keys=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

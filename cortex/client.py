@@ -26,13 +26,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.server import CHANNEL_OPTIONS
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, sync_channel
 
 
-def check_health(address: str, timeout: float = 3.0, service: str = "") -> str:
+def check_health(address: str, timeout: float = 3.0, service: str = "", security: ChannelSecurity = PLAINTEXT) -> str:
     """The gRPC health status name of any server (cortex or neuron): "SERVING", "NOT_SERVING", ...
-    Raises grpc.RpcError when it cannot be reached."""
-    with grpc.insecure_channel(address) as channel:
+    Raises grpc.RpcError when it cannot be reached. Health needs no credentials, but a TLS server
+    needs TLS (and a neuron with mutual TLS, a client certificate)."""
+    with sync_channel(address, security) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                           timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -69,11 +70,15 @@ def finish_reason(chunk: cpb.GenerateResponse) -> str:
 
 
 class CortexClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        """timeout: default deadline in seconds for unary calls (None: no deadline)."""
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str = "",
+                 tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
+        """timeout: default deadline in seconds for unary calls (None: no deadline).
+        api_key: sent as `authorization: Bearer KEY`. tls_ca: the CA that verifies cortex's
+        certificate (turns TLS on); tls_cert/tls_key: a client certificate to present."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = ChannelSecurity.for_client(api_key, tls_ca, tls_cert, tls_key)
+        self._channel = sync_channel(address, self.security)
         self._stub = cortex_pb2_grpc.CortexStub(self._channel)
 
     def close(self) -> None:
@@ -175,6 +180,6 @@ class CortexClient:
 
     def health(self, timeout: float = 3.0) -> bool:
         try:
-            return check_health(self.address, timeout) == "SERVING"
+            return check_health(self.address, timeout, security=self.security) == "SERVING"
         except grpc.RpcError:
             return False

@@ -71,7 +71,8 @@ def add_subcommands(sub, client_options: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     handler = COMMANDS[args.command]
     try:
-        with CortexClient(args.cortex, timeout=args.timeout) as client:
+        with CortexClient(args.cortex, timeout=args.timeout, api_key=args.client_api_key, tls_ca=args.client_tls_ca,
+                          tls_cert=args.client_tls_cert, tls_key=args.client_tls_key) as client:
             return handler(client, args) or 0
     except grpc.RpcError as err:
         _progress_done()
@@ -282,7 +283,7 @@ def cmd_forward(client: CortexClient, args) -> int:
 def cmd_health(client: CortexClient, args) -> int:
     address = args.address or args.cortex
     try:
-        status = check_health(address, timeout=args.timeout or 3.0)
+        status = check_health(address, timeout=args.timeout or 3.0, security=client.security)
         message = ""
     except grpc.RpcError as err:
         status, message = "UNREACHABLE", f"{err.code().name}: {err.details()}"

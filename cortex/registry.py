@@ -19,6 +19,7 @@ be tested without a server or a wait.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,12 +29,14 @@ import structlog
 
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from common.proto.neuron.v1 import neuron_pb2_grpc
-from common.errors import InvalidArgument, clip
+from common.errors import FailedPrecondition, InvalidArgument, clip
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, aio_channel
 from common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
 
 MISSED_POLLS_DOWN = 3
+VERIFY_SECONDS = 5.0  # a registering neuron must answer Describe within this
 DOWN_EXPIRY_SECONDS = 600.0  # default of `cortex serve --down-expiry-seconds`
 
 # A restarted neuron should be found within a poll or two, not after gRPC's default reconnect
@@ -92,21 +95,23 @@ class Node:
         return next((d for d in self.devices if d.id == device_id), None)
 
 
-def connect(address: str) -> tuple[grpc.aio.Channel, neuron_pb2_grpc.NeuronStub]:
-    channel = grpc.aio.insecure_channel(address, options=NEURON_CHANNEL_OPTIONS)
+def connect_neuron(address: str, security: ChannelSecurity = PLAINTEXT
+                   ) -> tuple[grpc.aio.Channel, neuron_pb2_grpc.NeuronStub]:
+    channel = aio_channel(address, security, options=NEURON_CHANNEL_OPTIONS)
     return channel, neuron_pb2_grpc.NeuronStub(channel)
 
 
 class Registry:
     def __init__(self, static: list[str] = (), poll_seconds: float = 2.0, heartbeat_timeout: float = 6.0,
                  down_expiry: float = DOWN_EXPIRY_SECONDS, clock: Callable[[], float] = time.monotonic,
-                 connect: Callable[[str], tuple] = connect):
+                 connect: Callable[[str], tuple] | None = None, channels: ChannelSecurity = PLAINTEXT):
+        """channels: TLS and the cluster token for every call to a neuron (unless `connect` is given)."""
         self.poll_seconds = poll_seconds
         self.poll_timeout = min(poll_seconds, 1.0)  # Describe answers from cached figures: it is fast
         self.heartbeat_timeout = heartbeat_timeout
         self.down_expiry = down_expiry   # 0: never forget a registered node
         self.clock = clock
-        self._connect = connect
+        self._connect = connect or functools.partial(connect_neuron, security=channels)
         self._nodes: dict[str, Node] = {}
         self._poller: asyncio.Task | None = None
         self.after_poll = None  # called after every poll round (the model table adopts orphans)
@@ -144,7 +149,12 @@ class Registry:
 
     async def register(self, address: str, host: str, version: str) -> Node:
         address = check_address(address)
-        node = self._nodes.get(address) or self._add(address, "registered")
+        node = self._nodes.get(address)
+        if node is None:
+            verified = await self._verified(address)
+            node = self._nodes.setdefault(address, verified)  # a concurrent Register may have won
+            if node is not verified:
+                await verified.channel.close()
         node.host, node.version = host or node.host, version or node.version
         node.last_heartbeat = self.clock()
         log.info("neuron registered", node=address, host=host, version=version, source=node.source)
@@ -276,9 +286,30 @@ class Registry:
     # ------------------------------------------------------------ internals
 
     def _add(self, address: str, source: str) -> Node:
+        node = self._nodes[address] = self._node(address, source)
+        return node
+
+    def _node(self, address: str, source: str) -> Node:
         channel, stub = self._connect(address)
-        node = Node(address, source, channel, stub, down_since=self.clock())
-        self._nodes[address] = node
+        return Node(address, source, channel, stub, down_since=self.clock())
+
+    async def _verified(self, address: str) -> Node:
+        """A node for a new registration, once the address has answered Describe as that neuron
+        (over TLS and with the cluster token when configured). Nothing is kept for one that fails,
+        so made-up registrations cost cortex nothing after the call."""
+        node = self._node(address, "registered")
+        try:
+            reply = await node.stub.Describe(npb.DescribeRequest(), timeout=VERIFY_SECONDS, wait_for_ready=True)
+        except grpc.aio.AioRpcError as err:
+            await node.channel.close()
+            raise FailedPrecondition(f"cannot verify the neuron at {address}: its Describe failed with "
+                                     f"{err.code().name} ({err.details()}); --advertise must be an address cortex "
+                                     "reaches, serving with this fleet's cluster token and TLS settings") from None
+        if reply.address != address:
+            await node.channel.close()
+            raise FailedPrecondition(f"cannot verify the neuron at {address}: the server there says it is "
+                                     f"{reply.address or 'no neuron'!r}; register with the neuron's --advertise address")
+        return node
         return node
 
     async def expire(self) -> list[str]:

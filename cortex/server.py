@@ -16,7 +16,10 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable, from_rpc_error, rpc_method
+from common.errors import (InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable, from_rpc_error,
+                           rpc_method)
+from common.security.credentials import ADMIN
+from common.security.interceptor import AccessPolicy, caller_role
 
 from .api import convert
 from .metrics import CortexMetrics
@@ -24,6 +27,13 @@ from .models import ModelTable, Route
 from .registry import Registry
 
 log = structlog.get_logger("cortex.requests")
+
+# Who may call what (with --api-keys / --cluster-token-file). A user key serves and lists models;
+# everything else, ListNodes included (it shows the fleet's addresses and shard handles), and any
+# method added later, needs an admin key. The Fleet service is for neurons: the cluster token.
+ACCESS = AccessPolicy(cluster_services=("cortex.v1.Fleet",),
+                      user_methods=frozenset({"/cortex.v1.Cortex/Generate", "/cortex.v1.Cortex/Forward",
+                                              "/cortex.v1.Cortex/ListModels"}))
 
 
 def _require_model(name: str) -> None:
@@ -102,7 +112,12 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
 
     @rpc_method
     async def ListModels(self, request, context):
-        return cpb.ListModelsResponse(models=self.models.list())
+        models = self.models.list()
+        if caller_role() != ADMIN:  # handles address shards on the neurons: operators only
+            for model in models:
+                for rank in model.placement:
+                    rank.handle = 0
+        return cpb.ListModelsResponse(models=models)
 
     @rpc_method
     async def LoadModel(self, request, context):

@@ -31,13 +31,14 @@ LABEL org.opencontainers.image.title="cortex" \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CORTEX_LISTEN=0.0.0.0:50051 \
+    CORTEX_HTTP_LISTEN=0.0.0.0:8000 \
     CORTEX_LOG_FORMAT=json
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /home/app
-EXPOSE 50051
+EXPOSE 50051 8000
 # `cortex health ADDR` exits 0 only when the gRPC health service answers SERVING.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["cortex", "health", "127.0.0.1:50051"]

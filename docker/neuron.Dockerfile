@@ -53,6 +53,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CUPY_CACHE_DIR=/home/app/.cupy/kernel_cache \
     NEURON_LISTEN=0.0.0.0:50061 \
+    NEURON_METRICS_LISTEN=0.0.0.0:9400 \
     NEURON_MODEL_ROOT=/models \
     NEURON_DRAIN_SECONDS=30 \
     NEURON_LOG_FORMAT=json \
@@ -63,7 +64,7 @@ WORKDIR /home/app
 # NEURON_MODEL_ROOT=/models, and loads of paths outside the model roots are refused.
 # 50061: gRPC (cortex -> neuron, leader -> follower step streams). NCCL and the CPU collectives
 # engine also listen on ephemeral TCP ports between neurons: see docs/operations.md ("Ports").
-EXPOSE 50061
+EXPOSE 50061 9400
 # `cortex health ADDR` (shipped in this image) exits 0 only when the neuron answers SERVING; while
 # it drains after SIGTERM it answers NOT_SERVING, so the container turns unhealthy at once.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

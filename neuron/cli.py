@@ -12,17 +12,19 @@ import structlog
 
 from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.logs import configure_logging
+from common.security.settings import ServerSecurity, cluster_settings
 from common.server import ServingServer
 
 from common.metrics import listen_or_off, serve_metrics
 
+from .comm_tcp import Rendezvous
 from .device import parse_devices, system_memory_bytes
 from .engine.settings import EngineSettings
 from .health import DeviceWatch
 from .limits import LIMIT_SETTINGS, Limits
 from .metrics import NeuronMetrics
 from .registration import keep_registered
-from .server import NeuronService
+from .server import ACCESS, NeuronService
 from common.proto.neuron.v1 import neuron_pb2_grpc
 from .worker import DeviceWorker
 
@@ -34,7 +36,7 @@ STOP_GRACE_SECONDS = 2.0    # after the drain: time for the final statuses to re
 WORKER_STOP_SECONDS = 20.0  # a worker that takes longer to stop makes the neuron exit non-zero
 
 SETTINGS = [
-    listen_setting("0.0.0.0:50061"),
+    listen_setting("127.0.0.1:50061"),  # loopback until told otherwise: an open server stays on this machine
     Setting("devices", "", "devices: cpu | cpu:0,cpu:1,... | 0,1,... (GPU indices); empty: all GPUs, else cpu"),
     Setting("model_root", ["models"], "directory that checkpoints must live under (repeatable)", multiple=True),
     Setting("cortex", "", "cortex address to register with and heartbeat to (HOST:PORT)"),
@@ -42,7 +44,7 @@ SETTINGS = [
     Setting("cpu_memory_gb", 0.0, "memory budget per CPU device in GB; 0: system memory / CPU devices", type=float,
             minimum=0.0),
     Setting("heartbeat_seconds", 2.0, "heartbeat interval towards cortex", type=float),
-    Setting("metrics_listen", "0.0.0.0:9400", "address of the Prometheus /metrics endpoint (HOST:PORT; port 0 "
+    Setting("metrics_listen", "127.0.0.1:9400", "address of the Prometheus /metrics endpoint (HOST:PORT; port 0 "
             "picks a free one; empty or off: none)"),
     Setting("kv_memory_fraction", DEFAULT_ENGINE.kv_memory_fraction,
             "share of a device's memory left after weights and workspace that becomes KV cache blocks "
@@ -65,6 +67,7 @@ SETTINGS = [
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
             "later so the supervisor restarts the neuron", type=float),
     *LIMIT_SETTINGS,
+    *cluster_settings(require_client_cert_default=True),  # with --tls-ca: only cortex and peer neurons get in
     *SERVER_SETTINGS,
 ]
 
@@ -84,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve(args, SETTINGS, "NEURON", args.config)
         check_model_roots(settings["model_root"])
+        security = ServerSecurity.from_settings(settings)
     except ConfigError as err:
         print(f"neuron: {err}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings["log_level"], settings["log_format"])
     try:
-        return asyncio.run(serve_forever(settings))
+        return asyncio.run(serve_forever(settings, security))
     except KeyboardInterrupt:
         return 0
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
@@ -127,27 +131,36 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
     return workers
 
 
+def _specific_host(listen: str) -> str:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return "" if host in ("", "0.0.0.0", "::", "*") else host
+
+
 def default_advertise(listen: str, port: int) -> str:
     """The listen host when it is a specific address, else this host's name."""
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host in ("", "0.0.0.0", "::", "*"):
-        host = socket.gethostname()
-    return f"{host}:{port}"
+    return f"{_specific_host(listen) or socket.gethostname()}:{port}"
 
 
-async def serve_forever(settings: dict) -> int:
+def rendezvous(security: ServerSecurity) -> Rendezvous:
+    """The CPU collectives' trust: the cluster token, and TLS with the same files as gRPC."""
+    tls = security.tls
+    return Rendezvous(security.cluster_token,
+                      tls.ssl_server_context(security.require_client_cert) if tls.serves_tls else None,
+                      tls.ssl_client_context() if tls.dials_tls else None)
+
+
+async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     workers = build_workers(settings)
     roots = [Path(r).resolve() for r in settings["model_root"]]
     # Describe stays answerable while draining, so cortex and operators can still see the node.
-    service = NeuronService(workers, roots)
+    service = NeuronService(workers, roots, peer_channels=security.peer_channels(), rendezvous=rendezvous(security))
+    service.group_bind_host = _specific_host(settings["listen"])
     service.stall_seconds = settings["watchdog_seconds"]
     service.limits = Limits.from_settings(settings)
-    listen_host = settings["listen"].rsplit(":", 1)[0].strip("[]")
-    if listen_host not in ("", "0.0.0.0", "::", "*"):
-        service.bind_host = listen_host  # group listeners stay on the neuron's own address
     metrics = NeuronMetrics(workers, service.model_of)
     server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
-                           interceptors=(metrics.interceptor,), max_inflight=settings["max_inflight_calls"])
+                           interceptors=(security.interceptor(ACCESS), metrics.interceptor),
+                           max_inflight=settings["max_inflight_calls"], credentials=security.server_credentials())
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
     port = await server.start()
     metrics_runner, metrics_listen = None, listen_or_off(settings["metrics_listen"])
@@ -163,6 +176,7 @@ async def serve_forever(settings: dict) -> int:
         Path(settings["port_file"]).write_text(str(port))
     log.info("neuron serving", listen=settings["listen"], port=port, devices=[w.spec.id for w in workers],
              model_roots=[str(r) for r in roots], advertise=service.advertise)
+    security.warn_if_open("neuron", takes_api_keys=False)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -181,7 +195,8 @@ async def serve_forever(settings: dict) -> int:
     registration = None
     if settings["cortex"]:
         registration = asyncio.create_task(
-            keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"]))
+            keep_registered(settings["cortex"], service.advertise, stop, settings["heartbeat_seconds"],
+                            security.peer_channels()))
     await stop.wait()
     watching.cancel()
     try:

@@ -16,7 +16,7 @@ from typing import Callable
 import grpc
 import structlog
 
-from common.server import CHANNEL_OPTIONS
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, aio_channel
 
 import numpy as np
 
@@ -57,12 +57,12 @@ class Followers:
     """The leader's view of the other ranks. `step` is called on the leader's device thread."""
 
     def __init__(self, group: Group, table: GroupTable, loop: asyncio.AbstractEventLoop,
-                 submit_local: Callable[[Group, BatchInputs], object]):
+                 submit_local: Callable[[Group, BatchInputs], object], channels: ChannelSecurity = PLAINTEXT):
         self.group, self.table, self.loop, self.submit_local = group, table, loop, submit_local
         leader_address = group.members[0].address
         self.local_ranks = [r for r, m in enumerate(group.members) if r and m.address == leader_address]
         remote = sorted({m.address for r, m in enumerate(group.members) if r and m.address != leader_address})
-        self.streams = {address: RemoteFollower(address, group.id, loop) for address in remote}
+        self.streams = {address: RemoteFollower(address, group.id, loop, channels) for address in remote}
         self.step_no = 0
         self._local_futures: list = []   # the previous turn's local follower jobs
 
@@ -121,8 +121,9 @@ def inputs_of(command: pb.StepCommand) -> BatchInputs:
 class RemoteFollower:
     """One FollowSteps stream to another neuron; commands are queued from the device thread."""
 
-    def __init__(self, address: str, group_id: str, loop: asyncio.AbstractEventLoop):
-        self.address, self.group_id, self.loop = address, group_id, loop
+    def __init__(self, address: str, group_id: str, loop: asyncio.AbstractEventLoop,
+                 channels: ChannelSecurity = PLAINTEXT):
+        self.address, self.group_id, self.loop, self.channels = address, group_id, loop, channels
         self.error: str | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task = asyncio.run_coroutine_threadsafe(self._pump(), loop)
@@ -139,7 +140,7 @@ class RemoteFollower:
 
     async def _pump(self) -> None:
         try:
-            async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            async with aio_channel(self.address, self.channels) as channel:
                 async for ack in neuron_pb2_grpc.NeuronStub(channel).FollowSteps(self._commands()):
                     if ack.error:
                         self.error = f"follower {self.address}: {ack.error}"

@@ -11,7 +11,7 @@ import structlog
 
 from common.proto.cortex.v1 import cortex_pb2 as cpb
 from common.proto.cortex.v1 import cortex_pb2_grpc
-from common.server import CHANNEL_OPTIONS
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, aio_channel
 
 from . import __version__
 
@@ -20,10 +20,11 @@ log = structlog.get_logger(__name__)
 UNREACHABLE_LOG_SECONDS = 60.0  # while cortex stays unreachable, how often the warning repeats
 
 
-async def keep_registered(cortex_address: str, advertise: str, stop: asyncio.Event, interval: float = 2.0) -> None:
+async def keep_registered(cortex_address: str, advertise: str, stop: asyncio.Event, interval: float = 2.0,
+                          channels: ChannelSecurity = PLAINTEXT) -> None:
     """Until stop is set: register, then heartbeat every interval (as cortex asks). While cortex
     cannot be reached, retry every interval, logging the first failure and then once a minute."""
-    async with grpc.aio.insecure_channel(cortex_address, options=CHANNEL_OPTIONS) as channel:
+    async with aio_channel(cortex_address, channels) as channel:
         fleet = cortex_pb2_grpc.FleetStub(channel)
         registered = False
         failing_since = logged_at = None

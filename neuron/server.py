@@ -15,6 +15,8 @@ import structlog
 
 from common.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                             Unavailable, clip, rpc_method)
+from common.rpc.channels import PLAINTEXT, ChannelSecurity
+from common.security.interceptor import AccessPolicy
 from common.server import MAX_MESSAGE_BYTES
 
 from . import __version__, comm_nccl, comm_tcp
@@ -38,17 +40,24 @@ from .worker import (CallJob, ClearKvJob, DeviceWorker, DropShardJob, FollowerSt
 
 log = structlog.get_logger(__name__)
 
+# Every neuron RPC is for cortex and peer neurons: the cluster token (with --cluster-token-file).
+ACCESS = AccessPolicy(cluster_services=("neuron.v1.Neuron",))
+
+
 class NeuronService(neuron_pb2_grpc.NeuronServicer):
-    def __init__(self, workers: list[DeviceWorker], model_roots: list[Path], advertise: str = ""):
+    def __init__(self, workers: list[DeviceWorker], model_roots: list[Path], advertise: str = "",
+                 peer_channels: ChannelSecurity = PLAINTEXT, rendezvous: comm_tcp.Rendezvous = comm_tcp.OPEN_RENDEZVOUS):
         self.workers = {w.spec.id: w for w in workers}
         self.model_roots = model_roots
         self.advertise = advertise
+        self.peer_channels = peer_channels   # follower streams to other neurons
+        self.rendezvous = rendezvous         # CPU groups' sockets
+        self.group_bind_host = ""            # where CPU groups' rank 0 listens (default: the advertised host)
         self._handle_owner: dict[int, DeviceWorker] = {}
         self.groups = GroupTable()
         self._issued: set[int] = set()
         self.stall_seconds = 0.0  # the progress watchdog's time (0: off); Describe reports stalls past it
         self.limits = Limits()
-        self.bind_host = "0.0.0.0"  # where group listeners bind: the neuron's own listen host when specific
         # Tokenizing and chat templating run here, never on the event loop (a few threads: a flood
         # of long prompts queues instead of taking every core).
         self._prompt_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt")
@@ -273,7 +282,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         group.handle = shard.handle
         if group.rank == 0:
             shard.followers = group.followers = Followers(group, self.groups, asyncio.get_running_loop(),
-                                                          self._submit_follower_step)
+                                                          self._submit_follower_step, self.peer_channels)
             shard.engine.runner.announce = shard.followers.step
 
     def _submit_follower_step(self, group: Group, inputs: BatchInputs):
@@ -286,8 +295,15 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         worker = self._pick_device(request.device)
         if worker.spec.kind == "cuda":
             return pb.CreateGroupIdResponse(unique_id=comm_nccl.create_group_id())
-        host = self.advertise.rsplit(":", 1)[0] if self.advertise else "127.0.0.1"
-        return pb.CreateGroupIdResponse(unique_id=comm_tcp.create_group_id(host, self.bind_host))
+        host = self.advertise.rsplit(":", 1)[0].strip("[]") if self.advertise else "127.0.0.1"
+        try:
+            uid = comm_tcp.create_group_id(host, self.group_bind_host)
+        except comm_tcp.TooManyGroupIds as err:
+            raise ResourceExhausted(f"{err}; form or destroy the pending groups first") from None
+        except OSError as err:
+            raise FailedPrecondition(f"cannot listen for the group's ranks on {self.group_bind_host or host}: {err}; "
+                                     "--advertise (or --listen) must name an address of this host") from None
+        return pb.CreateGroupIdResponse(unique_id=uid)
 
     @rpc_method
     async def InitGroup(self, request, context):
@@ -310,7 +326,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
             if comm_tcp.is_tcp_group_id(uid):
                 if backend.kind != "cpu":
                     raise InvalidArgument("a CPU group id cannot join a GPU device")
-                return comm_tcp.TcpCommunicator(uid, rank, size, join_timeout, step_timeout)
+                return comm_tcp.TcpCommunicator(uid, rank, size, join_timeout, step_timeout, self.rendezvous)
             if backend.kind != "cuda":
                 raise InvalidArgument("an NCCL group id cannot join a CPU device")
             return comm_nccl.NcclCommunicator(uid, rank, size, backend.stream, step_timeout)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import signal
@@ -15,13 +16,68 @@ from pathlib import Path
 
 import grpc
 
-from common.server import CHANNEL_OPTIONS
+from common.rpc.channels import PLAINTEXT, ChannelSecurity, sync_channel
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = FIXTURES / "models"
 REFERENCE = FIXTURES / "reference"
 FIXTURE_NAMES = ["llama2", "llama3", "llama_sharded", "mistral", "qwen2", "qwen3"]
+
+# CN_TEST_SECURITY=1: every server started through start_neuron/start_cortex runs with TLS (mutual
+# on neurons), a cluster token and API keys, and Server.channel() connects with them, so a test
+# module written for an open fleet runs unchanged against a secured one.
+SECURE = os.environ.get("CN_TEST_SECURITY") == "1"
+
+
+@dataclass(frozen=True)
+class FleetSecrets:
+    """A development CA, certificates, a cluster token and API keys (tools/make_dev_certs.py)."""
+    dir: Path
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def api_key(self, role: str) -> str:
+        return next(line.split()[0] for line in (self.dir / "api-keys").read_text().splitlines()
+                    if line.strip() and not line.startswith("#") and line.split()[1] == role)
+
+    def token(self) -> str:
+        return (self.dir / "cluster-token").read_text().strip()
+
+    def server_flags(self, tls: bool = True, token: bool = True, api_keys: bool = False) -> list[str]:
+        flags = []
+        if tls:
+            flags += ["--tls-cert", self.path("node.pem"), "--tls-key", self.path("node-key.pem"),
+                      "--tls-ca", self.path("ca.pem")]
+        if token:
+            flags += ["--cluster-token-file", self.path("cluster-token")]
+        if api_keys:
+            flags += ["--api-keys", self.path("api-keys")]
+        return flags
+
+    def peer(self, tls: bool = True, token: bool = True) -> ChannelSecurity:
+        """What cortex or a neuron presents: the node certificate and the cluster token."""
+        from common.security.tls import TlsFiles
+        files = TlsFiles(self.path("ca.pem"), self.path("node.pem"), self.path("node-key.pem"))
+        return ChannelSecurity.for_peer(files if tls else TlsFiles(), self.token() if token else "")
+
+    def client(self, role: str = "admin", tls: bool = True, cert: bool = False) -> ChannelSecurity:
+        return ChannelSecurity.for_client(self.api_key(role) if role else "", self.path("ca.pem") if tls else "",
+                                          self.path("client.pem") if cert else "",
+                                          self.path("client-key.pem") if cert else "")
+
+
+def make_secrets() -> FleetSecrets:
+    from tools.make_dev_certs import make_dev_certs
+    directory = Path(tempfile.mkdtemp(prefix="cn-secrets-"))
+    make_dev_certs(directory, tokens=True)
+    return FleetSecrets(directory)
+
+
+@functools.cache
+def session_secrets() -> FleetSecrets:
+    return make_secrets()
 
 
 @dataclass
@@ -31,6 +87,7 @@ class Server:
     port: int
     log_path: Path
     args: list[str] = field(default_factory=list)
+    security: ChannelSecurity = PLAINTEXT  # what channel() connects with
 
     @property
     def address(self) -> str:
@@ -40,7 +97,7 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def channel(self) -> grpc.aio.Channel:
-        return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        return sync_channel(self.address, self.security)
 
     def terminate(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
@@ -98,7 +155,12 @@ def start_neuron(devices: str = "cpu", model_roots: list[Path] | None = None, ex
     argv = ["-m", "neuron.cli", "serve", "--devices", devices, "--metrics-listen", "off"]
     for root in roots:
         argv += ["--model-root", str(root)]
-    return start_server(argv + (extra or []), env=env, listen=listen)
+    if SECURE:
+        argv += session_secrets().server_flags()
+    server = start_server(argv + (extra or []), env=env, listen=listen)
+    if SECURE:
+        server.security = session_secrets().peer()
+    return server
 
 
 def start_cortex(neurons: list[str] | None = None, extra: list[str] | None = None, env: dict | None = None,
@@ -106,7 +168,12 @@ def start_cortex(neurons: list[str] | None = None, extra: list[str] | None = Non
     argv = ["-m", "cortex.cli", "serve", "--http-listen", "off"]  # extra may give --http-listen
     for address in neurons or []:
         argv += ["--neuron", address]
-    return start_server(argv + (extra or []), env=env, listen=listen)
+    if SECURE:
+        argv += session_secrets().server_flags(api_keys=True)
+    server = start_server(argv + (extra or []), env=env, listen=listen)
+    if SECURE:
+        server.security = session_secrets().client("admin")
+    return server
 
 
 def logged_port(server: Server, event: str, timeout: float = 30.0) -> int:

@@ -30,6 +30,10 @@ COMPONENTS = [("cortex", "cortex.cli", "CORTEX", "cortex serve"), ("neuron", "ne
 ENV_ONLY = [
     ("CORTEX_ADDRESS", "cortex client commands", "127.0.0.1:50051",
      "cortex address for `cortex nodes|models|load|unload|generate|forward` (flag `--cortex`)"),
+    ("CORTEX_API_KEY", "cortex client commands", "(empty)",
+     "API key the client commands send as `authorization: Bearer KEY` (flag `--api-key`); they also read "
+     "CORTEX_TLS_CA, CORTEX_TLS_CERT and CORTEX_TLS_KEY (flags `--tls-ca`, `--tls-cert`, `--tls-key`) as the "
+     "CA that verifies cortex and an optional client certificate"),
     ("NEURON_FUSED", "neuron", "auto",
      "fused CUDA kernels: auto (on GPUs when the model's shapes suit them), off, cuda, numpy (tests)"),
     ("LOG_FORMAT", "cortex, neuron", "", "overrides `log_format` of both servers (json or console)"),

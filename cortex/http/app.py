@@ -14,14 +14,17 @@ import time
 import uuid
 from contextlib import aclosing
 
+import grpc
 import structlog
 from aiohttp import web
 
 from common.errors import ServiceError
 from common.metrics import metrics_response, start_site
 from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.security.interceptor import Authenticator, Refusal
 
 from . import openai_api
+from .auth import authorize_request
 from .errors import ApiError, bad_request, failed_model_error, from_service_error, internal_error
 
 log = structlog.get_logger("cortex.http")
@@ -34,8 +37,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024  # long token-id prompts exceed aiohttp's 1 Mi
 
 
 class HttpFront:
-    def __init__(self, service):
+    def __init__(self, service, authenticator: Authenticator | None = None):
         self.service = service              # cortex.server.CortexService
+        self.authenticator = authenticator or Authenticator()  # no keys configured: open
         self.started = int(time.time())
         self.draining = False
         self.inflight = 0
@@ -51,8 +55,9 @@ class HttpFront:
         self.app.router.add_post("/v1/completions", lambda request: self.complete(request, chat=False))
         self.app.router.add_post("/v1/chat/completions", lambda request: self.complete(request, chat=True))
 
-    async def start(self, listen: str) -> int:
-        self._runner, port = await start_site(self.app, listen, handler_cancellation=True)
+    async def start(self, listen: str, ssl_context=None) -> int:
+        """ssl_context: HTTPS (cortex's --tls-cert); None: HTTP."""
+        self._runner, port = await start_site(self.app, listen, ssl_context=ssl_context, handler_cancellation=True)
         return port
 
     async def drain(self, seconds: float) -> int:
@@ -94,7 +99,17 @@ class HttpFront:
 
     @web.middleware
     async def _authorize(self, request: web.Request, handler):
-        """The one place where API keys will be checked (raise ApiError 401 or 403); open for now."""
+        """API keys, as on the gRPC API: `Authorization: Bearer KEY`; 401 without a known key, 403
+        for a user key on an admin route (cortex/http/auth.py says which routes need what)."""
+        try:
+            request["role"] = authorize_request(self.authenticator, request.method, request.path, request.headers)
+        except Refusal as refusal:
+            if refusal.code == grpc.StatusCode.UNAUTHENTICATED:
+                error = ApiError(401, refusal.message, "authentication_error", None, "invalid_api_key")
+                response = error.response()
+                response.headers["WWW-Authenticate"] = 'Bearer realm="cortex"'
+                return response
+            raise ApiError(403, refusal.message, "permission_error", None, "permission_denied") from None
         return await handler(request)
 
     @web.middleware

@@ -48,10 +48,12 @@ class FakeChannel:
 
 
 class FakeNeuron:
-    """Describe answers with `devices`, or raises `error` when set; records how it was called."""
+    """Describe answers with `devices` and `address` (what a neuron says it is), or raises `error`
+    when set; records how it was called."""
 
-    def __init__(self, *devices: npb.Device):
+    def __init__(self, *devices: npb.Device, address: str = ""):
         self.devices = list(devices)
+        self.address = address
         self.error: grpc.aio.AioRpcError | None = None
         self.describe_calls: list[dict] = []
         self.dropped: list[int] = []
@@ -60,7 +62,7 @@ class FakeNeuron:
         self.describe_calls.append({"timeout": timeout, "wait_for_ready": wait_for_ready})
         if self.error is not None:
             raise self.error
-        return npb.DescribeResponse(host="h", version="v", devices=self.devices)
+        return npb.DescribeResponse(host="h", version="v", devices=self.devices, address=self.address)
 
     async def DropShard(self, request, timeout=None):
         self.dropped.append(request.handle)
@@ -78,4 +80,4 @@ class FakeFleet:
         self.neurons: dict[str, FakeNeuron] = {}
 
     def __call__(self, address: str):
-        return FakeChannel(), self.neurons.setdefault(address, FakeNeuron())
+        return FakeChannel(), self.neurons.setdefault(address, FakeNeuron(address=address))

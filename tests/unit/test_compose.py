@@ -148,15 +148,28 @@ def healthcheck_command(stage: Stage) -> list[str]:
     return exec_form("HEALTHCHECK CMD", f" {check}".split(" CMD ", 1)[1])
 
 
-def assert_health_command(where: str, command: list[str], listen: str, monkeypatch) -> None:
-    """`cortex health 127.0.0.1:PORT`, PORT being the one the server listens on, and a real subcommand."""
-    assert command[:2] == ["cortex", "health"] and len(command) == 3, (
+def assert_health_command(where: str, command: list[str], listen: str, monkeypatch,
+                          env: dict[str, str] | None = None, settings: dict | None = None) -> None:
+    """`cortex health [client TLS flags] 127.0.0.1:PORT`, PORT being the one the server listens on, a
+    real subcommand; against a TLS server (settings given) it speaks TLS with the server's CA, and
+    presents a certificate where the server requires one."""
+    assert command[:2] == ["cortex", "health"], (
         f"{where}: the health check must be the gRPC health command `cortex health ADDR`, got {command}")
-    host, port = command[2].rsplit(":", 1)
+    with monkeypatch.context() as m:  # the client options default from the container's environment
+        for name in [k for k in os.environ if k.startswith("CORTEX_")]:
+            m.delenv(name)
+        for name, value in (env or {}).items():
+            m.setenv(name, str(value))
+        args = parse("cortex", command[1:])
+    assert args.command == "health" and args.address, f"{where}: {command}"
+    host, port = args.address.rsplit(":", 1)
     assert host in ("127.0.0.1", "localhost"), f"{where}: probe the server from inside the container: {command}"
     assert int(port) == port_of(listen), f"{where}: health check probes port {port}, the server listens on {listen}"
-    args = parse("cortex", command[1:])
-    assert args.command == "health"
+    if settings and settings.get("tls_cert"):
+        assert args.client_tls_ca == settings["tls_ca"], f"{where}: a TLS server is probed over TLS with its CA"
+        if settings["tls_require_client_cert"]:
+            assert args.client_tls_cert and args.client_tls_key, (
+                f"{where}: the server requires client certificates, so the probe must present one")
 
 
 @pytest.mark.parametrize("component", ["cortex", "neuron"])
@@ -285,8 +298,9 @@ def read_cmd(component: str) -> list[str]:
 
 
 def check_common(name: str, service: dict, component: str, settings: dict, monkeypatch) -> None:
+    env = {**image_env(component), **interpolate(environment(service), {})}
     assert_health_command(f"{name}.healthcheck", interpolate(service["healthcheck"]["test"], {})[1:],
-                          settings["listen"], monkeypatch)
+                          settings["listen"], monkeypatch, env, settings)
     assert service["healthcheck"]["test"][0] == "CMD", f"{name}: exec-form health check (no shell needed)"
     assert service.get("restart") in ("always", "unless-stopped", "on-failure"), f"{name}: restart policy"
     from neuron.cli import STOP_GRACE_SECONDS
@@ -391,3 +405,39 @@ def test_docker_compose_config_validates(path, extra):
     result = subprocess.run([binary, "-f", str(path), *extra, "config", "-q"], capture_output=True, text=True,
                             env=env, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("path", [COMPOSE, MULTIHOST], ids=["single-host", "multihost"])
+def test_compose_wires_api_keys_cluster_token_and_tls_as_secrets(path, monkeypatch):
+    doc = load_compose(path)
+    declared = doc.get("secrets", {})
+    for name, secret in declared.items():
+        assert "file" in secret and "secrets" in interpolate(secret["file"], {}), f"secret {name}: {secret}"
+    for name, service in doc["services"].items():
+        if "build" not in service:
+            continue  # not ours (prometheus)
+        component, settings = service_settings(name, service, monkeypatch)
+        files = ["cluster_token_file", "tls_cert", "tls_key", "tls_ca"] + (["api_keys"] if component == "cortex" else [])
+        mounted = set(service.get("secrets", []))
+        for setting in files:
+            value = settings[setting]
+            assert value.startswith("/run/secrets/"), f"{name}: {setting} must come from a Docker secret: {value!r}"
+            secret = value.removeprefix("/run/secrets/")
+            assert secret in mounted, f"{name}: {setting} reads {value}, but the service does not mount {secret}"
+            assert secret in declared, f"{path.name}: secret {secret} is not declared"
+        if component == "neuron":
+            assert settings["tls_require_client_cert"], f"{name}: neurons take only cortex and peers (mutual TLS)"
+
+
+
+def test_prometheus_scrapes_cortex_over_https_with_the_fleet_ca(monkeypatch):
+    services = load_compose(COMPOSE)["services"]
+    _, cortex = service_settings("cortex", services["cortex"], monkeypatch)
+    assert cortex["tls_cert"], "the compose cortex serves TLS, its HTTP port included"
+    prometheus = services["prometheus"]
+    mount = next(str(v) for v in prometheus["volumes"] if "prometheus.yml" in str(v))
+    config = yaml.safe_load((DOCKER / mount.split(":")[0].removeprefix("./")).read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "cortex"]
+    assert job.get("scheme") == "https", "cortex's /metrics is on its HTTPS port"
+    ca = job["tls_config"]["ca_file"]
+    assert ca == cortex["tls_ca"] and ca.removeprefix("/run/secrets/") in prometheus.get("secrets", [])

@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2  # noqa: F401
 from tests.helpers import ROOT
 
 DOC = ROOT / "docs" / "operations.md"
+GRPCURL_VALUE_FLAGS = {"-max-time", "-H", "-cacert", "-cert", "-key", "-authority", "-servername",
+                       "-rpc-header", "-reflect-header", "-connect-timeout"}
 REFLECTION = {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 
 
@@ -51,7 +53,7 @@ def grpcurl_calls() -> list[tuple[str, str | None, list[str]]]:
             if words[i] == "-d":
                 body = words[i + 1]
                 i += 2
-            elif words[i] == "-max-time":
+            elif words[i] in GRPCURL_VALUE_FLAGS:
                 i += 2
             elif words[i].startswith("-"):
                 i += 1

@@ -8,9 +8,9 @@ import asyncio
 import grpc
 import pytest
 
-from common.errors import InvalidArgument
+from common.errors import FailedPrecondition, InvalidArgument
 from cortex.registry import DOWN_EXPIRY_SECONDS, MISSED_POLLS_DOWN, Registry
-from tests.unit.cortex_fakes import Clock, FakeFleet, device, rpc_error, shard
+from tests.unit.cortex_fakes import Clock, FakeFleet, FakeNeuron, device, rpc_error, shard
 
 REFUSED = "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:1: Connection refused"
 
@@ -139,3 +139,17 @@ def test_a_drop_that_failed_is_done_when_the_node_answers_again():
     reg.schedule_drop("a:1", 99)  # no longer on the node (it restarted): forgotten, not dropped
     run(reg.poll(node))
     assert neuron.dropped == [5] and node.pending_drops == set()
+
+
+def test_a_registration_is_kept_only_once_the_address_answers_as_that_neuron():
+    reg, fleet, _ = registry()
+    fleet.neurons["c:3"] = FakeNeuron(device("0", 10), address="10.9.9.9:1")  # another server answers there
+    fleet.neurons["d:4"] = FakeNeuron(device("0", 10), address="d:4")
+    fleet.neurons["d:4"].error = rpc_error(grpc.StatusCode.UNAUTHENTICATED, "send the cluster token")
+    for address, why in (("c:3", "says it is '10.9.9.9:1'"), ("d:4", "UNAUTHENTICATED (send the cluster token)")):
+        with pytest.raises(FailedPrecondition) as err:
+            run(reg.register(address, "fake", "0"))
+        assert why in err.value.message
+    assert reg.nodes() == [], "a refused registration leaves nothing behind"
+    fleet.neurons["d:4"].error = None
+    assert run(reg.register("d:4", "real", "1")).up and [n.address for n in reg.nodes()] == ["d:4"]

@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by both processes: the channel factory (channels.py)."""
