@@ -135,8 +135,11 @@ def test_a_neuron_whose_device_worker_died_says_so_and_exits_non_zero(monkeypatc
     def crash(backend):
         raise _Bug("simulated bug in the device thread")
 
+    from common.security.settings import ServerSecurity
+    security = ServerSecurity.from_settings(settings)  # no credentials: an open server, as in the other tests
+
     async def scenario():
-        serving = asyncio.create_task(cli.serve_forever(settings))
+        serving = asyncio.create_task(cli.serve_forever(settings, security))
         while not (port_file.exists() and port_file.read_text()):
             await asyncio.sleep(0.02)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port_file.read_text()}") as ch:
