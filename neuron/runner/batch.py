@@ -5,6 +5,7 @@ identical inputs), so it holds plain arrays only, no requests.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,35 +51,40 @@ def wanted_rows(chunk: ScheduledChunk) -> int:
 
 
 def build_batch(plan: SchedulerOutput, block_size: int) -> tuple[BatchInputs, list[RowSpan]]:
+    """The plan as flat arrays, built with whole-array NumPy operations: the Python work left per
+    request is reading its fields (a turn of 256 decodes is on the device thread's critical path)."""
     chunks = plan.chunks
-    lengths = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
-    query_start = np.zeros(len(chunks) + 1, dtype=np.int32)
+    n = len(chunks)
+    lengths = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=n)
+    starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
+    query_start = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths, out=query_start[1:])
     total = int(query_start[-1])
-    token_ids = np.empty(total, dtype=np.int32)
-    positions = np.empty(total, dtype=np.int32)
-    slot_mapping = np.empty(total, dtype=np.int64)
-    context_lens = np.empty(len(chunks), dtype=np.int32)
-    max_blocks = max((len(c.block_ids) for c in chunks), default=0)
-    block_tables = np.zeros((len(chunks), max(max_blocks, 1)), dtype=np.int32)
+    token_ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), dtype=np.int32, count=total)
+    owner = np.repeat(np.arange(n), lengths)                       # each row's request
+    positions = starts[owner] + np.arange(total) - query_start[:-1][owner]
+    table_lens = np.fromiter((len(c.block_ids) for c in chunks), dtype=np.int64, count=n)
+    context_lens = starts + lengths
+    short = np.flatnonzero(table_lens * block_size < context_lens)
+    if len(short):
+        c = chunks[int(short[0])]
+        raise ValueError(f"request {c.request.request_id}: {len(c.block_ids)} blocks cannot hold "
+                         f"{int(context_lens[short[0]])} tokens")
+    block_tables = np.zeros((n, max(int(table_lens.max(initial=0)), 1)), dtype=np.int32)
+    flat_blocks = np.fromiter(itertools.chain.from_iterable(c.block_ids for c in chunks), dtype=np.int32,
+                              count=int(table_lens.sum()))
+    block_tables[np.repeat(np.arange(n), table_lens), np.arange(len(flat_blocks)) - np.repeat(
+        np.cumsum(table_lens) - table_lens, table_lens)] = flat_blocks
+    slot_mapping = (block_tables[owner, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
     rows: list[int] = []
     spans: list[RowSpan] = []
     for r, chunk in enumerate(chunks):
-        lo, hi = int(query_start[r]), int(query_start[r + 1])
-        pos = np.arange(chunk.start, chunk.start + (hi - lo), dtype=np.int64)
-        table = np.asarray(chunk.block_ids, dtype=np.int64)
-        if len(table) * block_size < chunk.start + (hi - lo):
-            raise ValueError(f"request {chunk.request.request_id}: {len(table)} blocks cannot hold "
-                             f"{chunk.start + (hi - lo)} tokens")
-        token_ids[lo:hi] = chunk.token_ids
-        positions[lo:hi] = pos
-        slot_mapping[lo:hi] = table[pos // block_size] * block_size + pos % block_size
-        context_lens[r] = chunk.start + (hi - lo)
-        block_tables[r, :len(table)] = table
         wanted = wanted_rows(chunk)
         if wanted:
+            hi = int(query_start[r + 1])
             spans.append(RowSpan(chunk, len(rows), len(rows) + wanted))
             rows.extend(range(hi - wanted, hi))
-    inputs = BatchInputs(token_ids, positions, slot_mapping, query_start, context_lens, block_tables,
-                         np.asarray(rows, dtype=np.int32))
+    inputs = BatchInputs(token_ids, positions.astype(np.int32), slot_mapping, query_start,
+                         context_lens.astype(np.int32), block_tables, np.asarray(rows, dtype=np.int32))
     return inputs, spans
