@@ -71,6 +71,11 @@ class DecodeAttention:
         return cls(PagedAttentionCuda(dtype_name, head_dim, group).decode, max_context)
 
     @classmethod
+    def gathered(cls, max_context: int) -> "DecodeAttention":
+        """CPU devices: every decode row's blocks gathered into one padded batch, one masked softmax."""
+        return cls(gathered_decode_attention, max_context)
+
+    @classmethod
     def numpy_mirror(cls, max_context: int) -> "DecodeAttention":
         from neuron.kernels.paged_attention import paged_decode_attention_numpy
         return cls(paged_decode_attention_numpy, max_context)
@@ -79,6 +84,34 @@ class DecodeAttention:
         scale = 1.0 / float(q.shape[-1]) ** 0.5
         return self.run(q, layer_keys, layer_values, batch.block_tables, batch.context_lens, scale, window or 0,
                         splits=self.splits)
+
+
+def gathered_decode_attention(q, layer_keys, layer_values, block_tables, context_lens, scale: float, window: int = 0,
+                              splits: int = 1):
+    """q [n, Hq, d], one query per request at position context_lens[r] - 1, over its blocks: the
+    requests' keys gathered into [n, L, Hkv, d] (L: the longest context, rounded up to blocks), the
+    positions past each context (or before its window) masked, one batched softmax. NumPy arrays;
+    the arithmetic of causal_attention, so a request's result differs from its own pass only where
+    the padding changes a sum's order (float rounding). `splits` is the kernel's and unused here."""
+    n, hq, d = q.shape
+    block_size, hkv = layer_keys.shape[1], layer_keys.shape[2]
+    lens = np.asarray(context_lens)
+    blocks = -(-int(lens.max()) // block_size)
+    tables = np.asarray(block_tables)[:, :blocks]
+    keys = layer_keys[tables].reshape(n, blocks * block_size, hkv, d).transpose(0, 2, 3, 1)    # [n, Hkv, d, L]
+    values = layer_values[tables].reshape(n, blocks * block_size, hkv, d).transpose(0, 2, 1, 3)  # [n, Hkv, L, d]
+    qh = q.reshape(n, hkv, hq // hkv, d)
+    scores = (qh @ keys).astype(np.float32)                                                   # [n, Hkv, g, L]
+    scores *= scale
+    position = np.arange(blocks * block_size)[None, :]
+    masked = position >= lens[:, None]
+    if window:
+        masked |= position <= (lens - 1 - window)[:, None]
+    scores = np.where(masked[:, None, None, :], -np.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return (probs.astype(values.dtype) @ values).reshape(n, hq, d)
 
 
 def _bmm(xp, a, b):

@@ -68,11 +68,14 @@ class LlamaModel:
 
     def _decode_attention(self, mode: str, max_context: int) -> DecodeAttention | None:
         """forward_batch's attention for decode rows: "auto" (the paged decode kernel on a GPU when
-        the shapes suit it, else the gather path), "off", or "numpy" (the kernel's NumPy mirror: tests)."""
+        the shapes suit it, one batched gather on a CPU), "off" (per request, the prefill path), or
+        "numpy" (the kernel's NumPy mirror: tests)."""
         if mode == "numpy":
             return DecodeAttention.numpy_mirror(max_context)
-        if mode == "off" or self.xp is np:
+        if mode == "off":
             return None
+        if self.xp is np:
+            return DecodeAttention.gathered(max_context)
         from ..kernels.paged_attention import MAX_GROUP
         group = self.layout.local_heads // self.layout.local_kv_heads
         dtype_name = np.dtype(self.p["embed"].dtype).name
