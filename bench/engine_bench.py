@@ -3,6 +3,8 @@ profile of a decode turn, beside the weight + KV read limit and the matmul limit
 same run; and the fixtures' bf16 greedy tokens batched against alone.
 
     python bench/engine_bench.py [--models 1b,8b] [--concurrency 1,64,256] [--out DIR]
+    python bench/engine_bench.py --device cpu --models cpu-512 --concurrency 1,16 --prompt 32 --tokens 64 \
+        --skip-fixtures                                   # the CPU engine without gRPC (float32)
 
 Requests are fed to the shard's ShardEngine as the device thread would (Scheduler -> ModelRunner ->
 update), `--prompt` random tokens each, `--tokens` output tokens, ignoring EOS. Output tok/s counts
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -24,14 +27,14 @@ import numpy as np
 
 from bench.common import ROOT, commit, copy_bandwidth, gpu_name, time_ms
 from bench.make_checkpoint import SHAPES, write_checkpoint
-from neuron.device import CudaBackend, DeviceSpec
+from neuron.device import CpuBackend, CudaBackend, DeviceSpec
 from neuron.engine.core import Caller
 from neuron.engine.request import Request
 from neuron.engine.settings import EngineSettings
 from neuron.sampling import SamplingConfig
 from neuron.shard import LoadRequest, load_shard
 
-MODELS = {"1b": "llama-3.2-1b", "8b": "llama-3-8b"}
+MODELS = {"1b": "llama-3.2-1b", "8b": "llama-3-8b", "cpu-512": "cpu-512"}
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
@@ -41,9 +44,27 @@ def matmul_rate(cp) -> float:
     return 2 * 8192 ** 3 / ms / 1e9  # TFLOP/s
 
 
+def cpu_ceilings() -> tuple[float, float]:
+    """Copy bandwidth (GB/s, read + write) and float32 matmul rate (TFLOP/s) of this CPU, with NumPy."""
+    a = np.ones(1 << 27, dtype=np.uint8)
+    b = np.ones_like(a)  # touched: page faults are not bandwidth
+    np.copyto(b, a)
+    t = time.perf_counter()
+    for _ in range(5):
+        np.copyto(b, a)
+    copy = 2 * 5 * a.nbytes / (time.perf_counter() - t) / 1e9
+    m = np.ones((2048, 2048), dtype=np.float32)
+    m @ m
+    t = time.perf_counter()
+    for _ in range(3):
+        m @ m
+    return copy, 3 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e12
+
+
 def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_context: int = 2048):
     settings = EngineSettings(max_seqs=max_seqs, cuda_graphs=graphs, kv_memory_fraction=0.5)
-    req = LoadRequest(directory=directory, model=name, dtype="bfloat16", max_context=max_context, max_seqs=max_seqs)
+    dtype = "bfloat16" if backend.kind == "cuda" else "float32"
+    req = LoadRequest(directory=directory, model=name, dtype=dtype, max_context=max_context, max_seqs=max_seqs)
     return load_shard(backend, req, 1, lambda p: None, threading.Event(), settings=settings)
 
 
@@ -72,7 +93,11 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
                     tflops: float) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, SHAPES[shape])
+        if shape in SHAPES:
+            write_checkpoint(tmp, SHAPES[shape])
+        else:  # the CPU benchmark's shape
+            from bench.serving_bench import SHAPES as SERVING_SHAPES
+            write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
         for graphs in [args.graphs]:
             shard = load(backend, Path(tmp), name, graphs, max(concurrency))
             report = shard.engine.runner.graphs.report if shard.engine.runner.graphs else None
@@ -133,13 +158,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--graphs", action="store_true", help="ask for CUDA graphs of decode turns")
     parser.add_argument("--skip-fixtures", action="store_true")
+    parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    backend = CudaBackend(DeviceSpec("0", "cuda", 0))
-    cp = backend.xp
-    bandwidth, tflops = copy_bandwidth(cp), matmul_rate(cp)
-    print(f"GPU: {gpu_name()}   copy {bandwidth:.0f} GB/s   fp16 matmul {tflops:.0f} TFLOP/s", flush=True)
-    result = {"commit": commit(), "gpu": gpu_name(), "copy_gb_s": bandwidth, "matmul_tflops": tflops,
+    if args.device == "cpu":
+        backend, name = CpuBackend(DeviceSpec("cpu", "cpu", 0), 16 << 30), f"cpu ({os.cpu_count()} cores)"
+        bandwidth, tflops = cpu_ceilings()
+    else:
+        backend = CudaBackend(DeviceSpec(args.device, "cuda", int(args.device)))
+        bandwidth, tflops, name = copy_bandwidth(backend.xp), matmul_rate(backend.xp), gpu_name()
+    print(f"device: {name}   copy {bandwidth:.0f} GB/s   matmul {tflops:.3f} TFLOP/s", flush=True)
+    result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
               "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)
