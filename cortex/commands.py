@@ -33,7 +33,8 @@ def add_subcommands(sub, client_options: argparse.ArgumentParser) -> None:
                       help="weights dtype (default: the checkpoint's on GPUs, float32 on CPU)")
     load.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (devices)")
     load.add_argument("--max-context", type=int, default=0, help="longest sequence (default: the neuron's)")
-    load.add_argument("--kv-slots", type=int, default=0, help="concurrent sequences (default: 4)")
+    load.add_argument("--kv-slots", type=int, default=0,
+                      help="requests the model runs at once (default: the neuron's --max-seqs, 256)")
     load.add_argument("--node", default="", help="load on this neuron only")
     load.add_argument("--device", default="", help="load on this device of --node")
 
