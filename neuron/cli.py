@@ -58,6 +58,10 @@ SETTINGS = [
     Setting("prefix_caching", DEFAULT_ENGINE.prefix_caching,
             "keep full KV blocks by content so a repeated prompt prefix is not recomputed; "
             "--no-prefix-caching (or NEURON_PREFIX_CACHING=0) turns it off", type=bool),
+    Setting("max_prefill_chunk", DEFAULT_ENGINE.max_prefill_chunk,
+            "while requests are decoding, prompt tokens one request computes per turn (a long prompt then "
+            "delays each running stream's next token by one such chunk, not a whole turn budget); 0: no cap",
+            type=int, minimum=0),
     Setting("cuda_graphs", DEFAULT_ENGINE.cuda_graphs,
             "on GPUs, capture decode turns as CUDA graphs per batch-size bucket at load (single-device shards); "
             "experimental: CuPy refuses cuBLAS inside a capture today, so the load logs it and runs eagerly",
@@ -120,7 +124,7 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
     engine = EngineSettings(kv_memory_fraction=settings["kv_memory_fraction"], block_size=settings["block_size"],
                             max_batched_tokens=settings["max_batched_tokens"], max_seqs=settings["max_seqs"],
                             max_waiting=settings["max_waiting"], prefix_caching=settings["prefix_caching"],
-                            cuda_graphs=settings["cuda_graphs"])
+                            cuda_graphs=settings["cuda_graphs"], max_prefill_chunk=settings["max_prefill_chunk"])
     try:
         engine.check()
     except ValueError as err:

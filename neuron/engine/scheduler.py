@@ -55,7 +55,10 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, block_manager: KVBlockManager, max_batched_tokens: int = 2048, max_seqs: int = 256,
-                 max_waiting: int = 1024):
+                 max_waiting: int = 1024, max_prefill_chunk: int = 0):
+        """max_prefill_chunk: while any request is decoding, a prompt is computed at most this many tokens
+        a turn (0: only the token budget bounds it), so a long prompt arriving stretches the running
+        streams' turns by a bounded amount instead of one whole budget of prefill."""
         if max_batched_tokens < 1 or max_seqs < 1 or max_waiting < 0:
             raise ValueError(f"max_batched_tokens ({max_batched_tokens}) and max_seqs ({max_seqs}) must be >= 1, "
                              f"max_waiting ({max_waiting}) >= 0")
@@ -63,6 +66,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.max_seqs = max_seqs
         self.max_waiting = max_waiting
+        self.max_prefill_chunk = max_prefill_chunk
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._requests: dict[str, Request] = {}      # every request not yet finished, by id
@@ -142,9 +146,11 @@ class Scheduler:
             self._remove_aborted()
             chunks: list[ScheduledChunk] = []
             budget = self.max_batched_tokens
-            budget, preempted = self._schedule_running(chunks, budget)
+            decoding = self.max_prefill_chunk > 0 and any(r.output_ids for r in self._running)
+            chunk_cap = self.max_prefill_chunk if decoding else budget
+            budget, preempted = self._schedule_running(chunks, budget, chunk_cap)
             if not preempted:
-                self._schedule_waiting(chunks, budget)
+                self._schedule_waiting(chunks, budget, chunk_cap)
             finished, self._finished_ids = self._finished_ids, []
             return SchedulerOutput(chunks=chunks, preempted=preempted, finished=finished)
 
@@ -155,12 +161,12 @@ class Scheduler:
                 self._finish(request, *reasons)
         self._aborted.clear()
 
-    def _schedule_running(self, chunks: list[ScheduledChunk], budget: int) -> tuple[int, list[str]]:
+    def _schedule_running(self, chunks: list[ScheduledChunk], budget: int, chunk_cap: int) -> tuple[int, list[str]]:
         preempted: list[str] = []
         index = 0
         while index < len(self._running) and budget > 0:
             request = self._running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, chunk_cap)
             if num_new == 0:             # nothing left to compute (cannot happen while it runs)
                 index += 1
                 continue
@@ -176,12 +182,12 @@ class Scheduler:
                 index += 1
         return budget, preempted
 
-    def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int) -> None:
+    def _schedule_waiting(self, chunks: list[ScheduledChunk], budget: int, chunk_cap: int) -> None:
         manager = self.block_manager
         while self._waiting and budget > 0 and len(self._running) < self.max_seqs:
             request = self._waiting[0]
             computed_blocks, num_hit = manager.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_hit, budget)
+            num_new = min(request.num_tokens - num_hit, budget, chunk_cap)
             if not manager.allocate(request, num_new, computed_blocks):
                 break
             self._waiting.popleft()

@@ -418,3 +418,23 @@ def test_stats_report_queues_blocks_and_prefix_hits():
     scheduler.abort("a")
     turn(scheduler)                                            # b starts from a's two cached blocks
     assert scheduler.stats().kv.hits == 8
+
+
+def test_while_others_decode_a_long_prompt_is_computed_in_capped_chunks():
+    scheduler = make_scheduler(max_batched_tokens=64, max_prefill_chunk=8)
+    scheduler.add(make_request("d", range(4), max_tokens=100, ignore_eos=True))
+    turn(scheduler)                                            # d's prompt: nobody decodes yet, no cap
+    scheduler.add(make_request("long", range(100, 140), ignore_eos=True))  # shares no block with d
+    starts = []
+    for _ in range(5):
+        plan, _ = turn(scheduler)
+        assert ("d", plan.chunks[0].start, 1, True) == shape(plan)[0]  # d gets its token every turn
+        starts += [(c.start, len(c.token_ids)) for c in plan.chunks if c.request.request_id == "long"]
+    assert starts == [(0, 8), (8, 8), (16, 8), (24, 8), (32, 8)]
+
+
+def test_without_decoding_requests_a_prompt_takes_the_whole_budget():
+    scheduler = make_scheduler(max_batched_tokens=32, max_prefill_chunk=8)
+    scheduler.add(make_request("long", range(40), ignore_eos=True))
+    plan, _ = turn(scheduler)
+    assert shape(plan) == [("long", 0, 32, False)]
