@@ -44,18 +44,20 @@ class ModelRunner:
             self.announce(inputs.for_follower())
         logits = self._run(inputs)
         samples = [s for s in spans if not s.chunk.request.want_logits]
-        rows = []
-        for span in samples:
-            request = span.chunk.request
-            if request.sampler_state is None:
-                request.sampler_state = RowSampler.create(request.sampling, self.vocab_size)
-            rows.append(SampleRow(request.sampler_state, span.lo, request.all_token_ids))
-        ids = sample_rows(self.xp, logits, rows)
+        ids = sample_rows(self.xp, logits, [self._sample_row(span) for span in samples])
         sampled = {span.chunk.request.request_id: token for span, token in zip(samples, ids)}
         scoring = {s.chunk.request.request_id: s for s in spans if s.chunk.request.want_logits}
         out_logits = {rid: np.ascontiguousarray(to_host(logits[s.lo:s.hi]), dtype=np.float32)
                       for rid, s in scoring.items()}
         return RunnerOutput(sampled=sampled, logits=out_logits)
+
+    def _sample_row(self, span) -> SampleRow:
+        request = span.chunk.request
+        if request.sampler_state is None:
+            request.sampler_state = RowSampler.create(request.sampling, self.vocab_size)
+        # The prompt + output history only feeds the repetition penalty: not copied each turn without one.
+        history = request.all_token_ids if request.sampling.repetition_penalty != 1.0 else []
+        return SampleRow(request.sampler_state, span.lo, history)
 
     def follow(self, inputs: BatchInputs) -> None:
         self._run(inputs)
