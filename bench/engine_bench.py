@@ -9,8 +9,8 @@ same run; and the fixtures' bf16 greedy tokens batched against alone.
 Requests are fed to the shard's ShardEngine as the device thread would (Scheduler -> ModelRunner ->
 update), `--prompt` random tokens each, `--tokens` output tokens, ignoring EOS. Output tok/s counts
 every generated token over the wall time from the first turn to the last. Decode turns run eagerly
-unless `--graphs` asks for CUDA-graph capture (refused by CuPy's cuBLAS bindings today: the load
-then logs it and runs eagerly). Writes engine_bench-<time>.json.
+replayed from CUDA graphs, eagerly, or both on the same shard (`--graphs both`, the default: the
+eager rows are the baseline of the captured ones). Writes engine_bench-<time>.json.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from bench.common import ROOT, commit, copy_bandwidth, gpu_name, time_ms
 from bench.make_checkpoint import SHAPES, write_checkpoint
+from bench.turn_profile import print_profile, profile_decode_turn
 from neuron.device import CpuBackend, CudaBackend, DeviceSpec
 from neuron.engine.core import Caller
 from neuron.engine.request import Request
@@ -98,30 +99,39 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
         else:  # the CPU benchmark's shape
             from bench.serving_bench import SHAPES as SERVING_SHAPES
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
-        for graphs in [args.graphs]:
-            shard = load(backend, Path(tmp), name, graphs, max(concurrency))
-            report = shard.engine.runner.graphs.report if shard.engine.runner.graphs else None
+        shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency))
+        captured = shard.engine.runner.graphs
+        report = captured.report if captured else None
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs]
+        for graphs, n in [(g, n) for n in concurrency for g in modes]:
+            # eager and captured turns on the same shard: the runner's graphs set or not
+            shard.engine.runner.graphs = captured if graphs else None
             rng = np.random.default_rng(0)
-            for n in concurrency:
-                prompts = [rng.integers(10, 1000, args.prompt).tolist() for _ in range(n)]
-                run_requests(shard, prompts[:1], 4)  # warm-up
-                turns: list = []
-                requests, seconds = run_requests(shard, prompts, args.tokens, turns)
-                generated = sum(len(r.output_ids) for r in requests)
-                kv_bytes = n * (args.prompt + args.tokens / 2) * shard.kv.nbytes / max(shard.kv.tokens, 1)
-                step_limit = max((weight_bytes(shard) + kv_bytes) / (bandwidth * 1e9),
-                                 2 * shard.num_parameters * n / (tflops * 1e12))
-                turn_ms = 1e3 * statistics.median(turns) if turns else None
-                row = {"model": name, "concurrency": n, "graphs": graphs, "output_tok_s": generated / seconds,
-                       "decode_turn_ms_p50": turn_ms, "roofline_tok_s": n / step_limit,
-                       "graph_sizes": sorted(report.sizes) if report else [],
-                       "graph_capture_s": report.seconds if report else None}
-                rows.append(row)
-                print(f"{name:>3} n={n:>3} graphs={graphs!s:>5}  {row['output_tok_s']:>9.1f} tok/s   "
-                      f"decode turn p50 {turn_ms or 0:>7.2f} ms   roofline {row['roofline_tok_s']:>9.1f} tok/s", flush=True)
-            shard.engine.fail_all(RuntimeError("bench done"))
-            del shard
-            backend.release_cached()
+            prompts = [rng.integers(10, 1000, args.prompt).tolist() for _ in range(n)]
+            run_requests(shard, prompts[:1], 4)  # warm-up
+            turns: list = []
+            requests, seconds = run_requests(shard, prompts, args.tokens, turns)
+            generated = sum(len(r.output_ids) for r in requests)
+            kv_bytes = n * (args.prompt + args.tokens / 2) * shard.kv.nbytes / max(shard.kv.tokens, 1)
+            step_limit = max((weight_bytes(shard) + kv_bytes) / (bandwidth * 1e9),
+                             2 * shard.num_parameters * n / (tflops * 1e12))
+            turn_ms = 1e3 * statistics.median(turns) if turns else None
+            row = {"model": name, "concurrency": n, "graphs": bool(graphs and report and report.sizes),
+                   "output_tok_s": generated / seconds,
+                   "decode_turn_ms_p50": turn_ms, "roofline_tok_s": n / step_limit,
+                   "graph_sizes": sorted(report.sizes) if report else [],
+                   "graph_capture_s": report.seconds if report else None}
+            if backend.kind == "cuda" and graphs:
+                row["profile"] = profile_decode_turn(shard, n, args.prompt + args.tokens // 2, bandwidth, tflops)
+                replay = row["profile"].get("graph_replay", {}).get("ms")
+                row["host_ms_per_turn"] = turn_ms - replay if turn_ms and replay else None
+                print_profile(name, row["profile"])
+            rows.append(row)
+            print(f"{name:>3} n={n:>3} graphs={row['graphs']!s:>5}  {row['output_tok_s']:>9.1f} tok/s   "
+                  f"decode turn p50 {turn_ms or 0:>7.2f} ms (host {row.get('host_ms_per_turn') or 0:.2f})   roofline {row['roofline_tok_s']:>9.1f} tok/s", flush=True)
+        shard.engine.fail_all(RuntimeError("bench done"))
+        del shard, captured
+        backend.release_cached()
     return rows
 
 
@@ -156,7 +166,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,64,256")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--graphs", action="store_true", help="ask for CUDA graphs of decode turns")
+    parser.add_argument("--graphs", choices=("on", "off", "both"), default="both",
+                        help="decode turns replayed from CUDA graphs, eager, or each (same shard, same run)")
     parser.add_argument("--skip-fixtures", action="store_true")
     parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

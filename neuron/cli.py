@@ -63,8 +63,8 @@ SETTINGS = [
             "delays each running stream's next token by one such chunk, not a whole turn budget); 0: no cap",
             type=int, minimum=0),
     Setting("cuda_graphs", DEFAULT_ENGINE.cuda_graphs,
-            "on GPUs, capture decode turns as CUDA graphs per batch-size bucket at load (single-device shards); "
-            "experimental: CuPy refuses cuBLAS inside a capture today, so the load logs it and runs eagerly",
+            "on GPUs, capture decode turns as CUDA graphs per batch-size bucket at load (single-device shards; "
+            "a capture that fails is logged and those turns run eagerly); --no-cuda-graphs turns it off",
             type=bool),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),

@@ -15,9 +15,8 @@ class EngineSettings:
     max_waiting: int = 1024                              # requests queued beyond that; more: RESOURCE_EXHAUSTED
     prefix_caching: bool = True
     max_prefill_chunk: int = 512                         # prompt tokens a turn while others decode (0: no cap)
-    # GPU decode turns replayed from CUDA graphs per batch-size bucket. Off: CuPy refuses its cuBLAS
-    # calls inside a capture today (bench/NOTES.md), so a load asking for graphs runs them eagerly.
-    cuda_graphs: bool = False
+    # GPU decode turns replayed from CUDA graphs per batch-size bucket (single-device shards)
+    cuda_graphs: bool = True
 
     def check(self) -> None:
         problems = []

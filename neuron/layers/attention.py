@@ -39,11 +39,15 @@ class AttentionMetadata:
 
 @dataclass
 class DecodeBatch:
-    requests: np.ndarray              # host: their indices among the turn's requests
+    """Query rows the paged decode kernel attends in one launch, each as its own sequence: a
+    request's one decode token, or (`every_row`) every row of the turn, a prompt chunk's row seeing
+    the keys up to its own position (its KV is written before the attention runs)."""
+    requests: np.ndarray              # host: the turn's requests whose rows are all in the batch
     others: np.ndarray                # host: the other requests' indices (the gather path)
-    rows: Any                         # device int64: their rows of the flat batch
+    rows: Any                         # device int64: their rows of the flat batch; None: every row, in order
     block_tables: Any                 # device int32 [n, max_blocks]
-    context_lens: Any                 # device int32 [n]
+    context_lens: Any                 # device int32 [n]: keys each row sees, its own included
+    max_context: int = 0              # host: the longest of context_lens (0: not known, the shard's maximum)
 
     @classmethod
     def select(cls, xp, query_start: np.ndarray, context_lens: np.ndarray, block_tables: np.ndarray):
@@ -51,39 +55,63 @@ class DecodeBatch:
         requests = np.flatnonzero(single)
         if len(requests) == 0:
             return None
-        return cls(requests, np.flatnonzero(~single), xp.asarray(query_start[requests].astype(np.int64)),
+        rows = None if len(requests) == len(single) else xp.asarray(query_start[requests].astype(np.int64))
+        return cls(requests, np.flatnonzero(~single), rows,
                    xp.asarray(np.ascontiguousarray(block_tables[requests])),
-                   xp.asarray(context_lens[requests].astype(np.int32)))
+                   xp.asarray(context_lens[requests].astype(np.int32)), int(context_lens[requests].max()))
+
+    @classmethod
+    def every_row(cls, xp, query_start: np.ndarray, positions: np.ndarray, block_tables: np.ndarray):
+        """Every row of the turn: row t of request r has r's block table and positions[t] + 1 keys."""
+        owner = np.repeat(np.arange(len(query_start) - 1), np.diff(query_start))
+        lens = positions.astype(np.int32) + 1
+        everyone = np.arange(len(query_start) - 1)
+        return cls(everyone, everyone[:0], None, xp.asarray(np.ascontiguousarray(block_tables[owner])),
+                   xp.asarray(lens), int(lens.max(initial=0)))
+
+
+WORKSPACE_CAP_BYTES = 256 << 20   # the kernel's float32 split partials per launch; more rows: several launches
 
 
 class DecodeAttention:
-    """One query token per request over its blocks, for a batch of requests at once. Its split of
-    the keys is fixed per shard (from max_context), so a request's result does not depend on what
-    else is in the batch."""
+    """One query row per sequence over its blocks, for a batch of rows at once. The keys are split
+    every SPLIT_KEYS positions whatever the batch, and splits past a row's context are skipped, so a
+    row's result does not depend on what else is in the batch (nor on how many splits a launch has).
+    `prefill_rows`: prompt chunks' rows go through it too (the kernel and its mirror), else only
+    decode rows (the CPU's gathered path: its padded gather would be [rows, context] per row)."""
 
-    def __init__(self, run, max_context: int):
+    def __init__(self, run, max_context: int, prefill_rows: bool):
         from neuron.kernels.paged_attention import num_splits
-        self.run, self.splits = run, num_splits(max_context)
+        self.run, self.splits, self.prefill_rows = run, num_splits(max_context), prefill_rows
 
     @classmethod
     def cuda(cls, dtype_name: str, head_dim: int, group: int, max_context: int) -> "DecodeAttention":
         from neuron.kernels.paged_attention import PagedAttentionCuda
-        return cls(PagedAttentionCuda(dtype_name, head_dim, group).decode, max_context)
+        return cls(PagedAttentionCuda(dtype_name, head_dim, group).decode, max_context, True)
 
     @classmethod
     def gathered(cls, max_context: int) -> "DecodeAttention":
         """CPU devices: every decode row's blocks gathered into one padded batch, one masked softmax."""
-        return cls(gathered_decode_attention, max_context)
+        return cls(gathered_decode_attention, max_context, False)
 
     @classmethod
     def numpy_mirror(cls, max_context: int) -> "DecodeAttention":
         from neuron.kernels.paged_attention import paged_decode_attention_numpy
-        return cls(paged_decode_attention_numpy, max_context)
+        return cls(paged_decode_attention_numpy, max_context, True)
 
     def __call__(self, q, layer_keys, layer_values, batch: DecodeBatch, window: int | None):
-        scale = 1.0 / float(q.shape[-1]) ** 0.5
-        return self.run(q, layer_keys, layer_values, batch.block_tables, batch.context_lens, scale, window or 0,
-                        splits=self.splits)
+        from neuron.kernels.paged_attention import num_splits
+        n, hq, d = q.shape
+        scale = 1.0 / float(d) ** 0.5
+        splits = num_splits(batch.max_context) if batch.max_context else self.splits
+        piece = max(1, WORKSPACE_CAP_BYTES // (hq * splits * (d + 2) * 4))
+        parts = [self.run(q[a:a + piece], layer_keys, layer_values, batch.block_tables[a:a + piece],
+                          batch.context_lens[a:a + piece], scale, window or 0, splits=splits)
+                 for a in range(0, n, piece)]
+        if len(parts) == 1:
+            return parts[0]
+        xp = np if isinstance(q, np.ndarray) else __import__("cupy")
+        return xp.concatenate(parts)
 
 
 def gathered_decode_attention(q, layer_keys, layer_values, block_tables, context_lens, scale: float, window: int = 0,
@@ -153,6 +181,9 @@ def paged_attention(xp, q, layer_keys, layer_values, meta: AttentionMetadata, wi
                     decode: DecodeAttention | None = None):
     """q [T, Hq, d] of the whole batch over each request's blocks; returns [T, Hq * d]."""
     T, hq, d = q.shape
+    if decode is not None and meta.decode is not None and meta.decode.rows is None:
+        # every row is in the kernel's batch, in order: no gather or scatter of rows
+        return decode(q, layer_keys, layer_values, meta.decode, window).reshape(T, hq * d)
     out = xp.empty((T, hq * d), dtype=q.dtype)
     others = range(meta.num_requests)
     if decode is not None and meta.decode is not None:

@@ -18,31 +18,13 @@ import structlog
 from ..collectives import Communicator
 from ..engine.kv_cache import PagedKvCache
 from ..kv_cache import KvCache
-from ..layers.attention import AttentionMetadata, DecodeAttention, causal_attention, paged_attention, write_kv
+from ..layers.attention import AttentionMetadata, DecodeAttention, causal_attention, paged_attention
+from ..layers.ops import CudaLayerOps, HeadLayout, LayerOps, Rotary, apply_rope, rms_norm, silu
 from .config import ModelConfig
 from .rope import cos_sin_tables
 from .sharding import TpLayout
 
 log = structlog.get_logger(__name__)
-
-
-def rms_norm(xp, x, weight, eps: float):
-    xf = x.astype(xp.float32)
-    normed = xf / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
-
-
-def apply_rope(xp, x, cos, sin):
-    """x [T, heads, d]; cos/sin [T, d] float32. Rotate-half form, computed in float32."""
-    xf = x.astype(xp.float32)
-    half = x.shape[-1] // 2
-    rotated = xp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
-
-
-def silu(xp, x):
-    xf = x.astype(xp.float32)
-    return (xf / (1.0 + xp.exp(-xf))).astype(x.dtype)
 
 
 def attention(xp, q, keys, values, start: int, window: int | None):
@@ -56,7 +38,8 @@ class LlamaModel:
     fused engine on the kernels' NumPy mirror: for tests). NEURON_FUSED overrides "auto"."""
 
     def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int,
-                 fused: str = "auto", decode_attention: str = "auto"):
+                 fused: str = "auto", decode_attention: str = "auto", layer_ops: str = "auto",
+                 small_m_gemv: bool = True):
         self.config, self.layout, self.p, self.xp, self.comm = config, layout, params, xp, comm
         cos, sin = cos_sin_tables(config, max_context)
         self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
@@ -65,6 +48,25 @@ class LlamaModel:
         self.kv_size = layout.local_kv_heads * config.head_dim
         self.fused = self._fused_engine(fused)
         self.decode_attention = self._decode_attention(decode_attention, max_context)
+        self.heads = HeadLayout(layout.local_heads, layout.local_kv_heads, config.head_dim)
+        self.ops = self._layer_ops(layer_ops, small_m_gemv)
+
+    def _layer_ops(self, mode: str, small_m_gemv: bool) -> LayerOps:
+        """forward_batch's ops: "auto" (the fused CUDA ops on a GPU, plain ops on a CPU) or "plain"."""
+        if mode not in ("auto", "plain"):
+            raise ValueError(f"layer_ops must be auto or plain, not {mode!r}")
+        if mode == "plain" or self.xp is np:
+            return LayerOps(self.xp, self.cos, self.sin)
+        dtype_name = np.dtype(self.p["embed"].dtype).name
+        gemv = None
+        if small_m_gemv:
+            from . import kernels
+            reason = kernels.supports(self.config, self.layout, dtype_name)
+            if reason is None:
+                gemv = kernels.CudaOps(dtype_name)
+            else:
+                log.info("one-row products through cuBLAS (the GEMV kernels do not fit this model)", reason=reason)
+        return CudaLayerOps(self.xp, self.cos, self.sin, dtype_name, small_m_gemv=gemv)
 
     def _decode_attention(self, mode: str, max_context: int) -> DecodeAttention | None:
         """forward_batch's attention for decode rows: "auto" (the paged decode kernel on a GPU when
@@ -189,18 +191,43 @@ class LlamaModel:
         """One pass over every scheduled token: token_ids/positions device int arrays [T]; KV is written
         into meta.slot_mapping's slots. Returns float32 logits [len(logits_rows), vocab] for the rows
         asked (device int array), or None when none are (a TP follower, a turn of middle chunks)."""
-        xp, p, c = self.xp, self.p, self.config
-        cos, sin = self.cos[positions], self.sin[positions]
+        ops, p, c = self.ops, self.p, self.config
+        rotary = ops.rotary(positions)
         x = p["embed"][token_ids]
+        h = ops.rms_norm(x, p["0.input_norm"], c.rms_norm_eps)
         for i in range(c.num_layers):
-            h = rms_norm(xp, x, p[f"{i}.input_norm"], c.rms_norm_eps)
-            x = x + self._paged_attention_block(i, h, cos, sin, kv, meta)
-            h = rms_norm(xp, x, p[f"{i}.post_norm"], c.rms_norm_eps)
-            x = x + self._mlp_block(i, h)
+            x, h = ops.add_rms_norm(x, self._batch_attention(i, h, rotary, kv, meta), p[f"{i}.post_norm"],
+                                    c.rms_norm_eps)
+            # the residual add of the MLP comes with the next layer's norm (the final norm after the last)
+            following = p[f"{i + 1}.input_norm"] if i + 1 < c.num_layers else p["norm"]
+            x, h = ops.add_rms_norm(x, self._batch_mlp(i, h), following, c.rms_norm_eps)
         if logits_rows is None or len(logits_rows) == 0:
             return None
-        x = rms_norm(xp, x[logits_rows], p["norm"], c.rms_norm_eps)
-        return (x @ self.lm_head.T).astype(xp.float32)
+        return ops.linear(h[logits_rows], self.lm_head).astype(self.xp.float32)
+
+    def _batch_attention(self, i: int, h, rotary: Rotary, kv: PagedKvCache, meta: AttentionMetadata):
+        ops, p, c = self.ops, self.p, self.config
+        qkv = ops.linear(h, p[f"{i}.qkv"])
+        if c.qkv_bias:
+            qkv = qkv + p[f"{i}.qkv_bias"]
+        q = ops.rope_write_kv(qkv, rotary, self.heads, kv.flat_keys(i), kv.flat_values(i), meta.slot_mapping,
+                              p.get(f"{i}.q_norm") if c.qk_norm else None, p.get(f"{i}.k_norm") if c.qk_norm else None,
+                              c.rms_norm_eps)
+        attended = paged_attention(self.xp, q, kv.keys[i], kv.values[i], meta, c.sliding_window, self.decode_attention)
+        out = self.comm.all_reduce(ops.linear(attended, p[f"{i}.o"]))
+        if f"{i}.o_bias" in p:  # a row-parallel bias (every rank holds it): added once, after the sum
+            out = out + p[f"{i}.o_bias"]
+        return out
+
+    def _batch_mlp(self, i: int, h):
+        ops, p = self.ops, self.p
+        gate_up = ops.linear(h, p[f"{i}.gate_up"])
+        if f"{i}.gate_up_bias" in p:
+            gate_up = gate_up + p[f"{i}.gate_up_bias"]
+        out = self.comm.all_reduce(ops.linear(ops.silu_mul(gate_up), p[f"{i}.down"]))
+        if f"{i}.down_bias" in p:
+            out = out + p[f"{i}.down_bias"]
+        return out
 
     def _qkv(self, i: int, h, cos, sin):
         xp, p, c = self.xp, self.p, self.config
@@ -215,14 +242,3 @@ class LlamaModel:
             q = rms_norm(xp, q, p[f"{i}.q_norm"], c.rms_norm_eps)
             k = rms_norm(xp, k, p[f"{i}.k_norm"], c.rms_norm_eps)
         return apply_rope(xp, q, cos, sin), apply_rope(xp, k, cos, sin), v
-
-    def _paged_attention_block(self, i: int, h, cos, sin, kv: PagedKvCache, meta: AttentionMetadata):
-        q, k, v = self._qkv(i, h, cos, sin)
-        flat_keys, flat_values = kv.flat_keys(i), kv.flat_values(i)
-        write_kv(flat_keys, flat_values, k, v, meta.slot_mapping)
-        attended = paged_attention(self.xp, q, kv.keys[i], kv.values[i], meta, self.config.sliding_window,
-                                   self.decode_attention)
-        out = self.comm.all_reduce(attended @ self.p[f"{i}.o"].T)
-        if f"{i}.o_bias" in self.p:  # a row-parallel bias (every rank holds it): added once, after the sum
-            out = out + self.p[f"{i}.o_bias"]
-        return out

@@ -129,7 +129,7 @@ class DecodeGraphs:
 
     def _forward(self, bucket: _Bucket):
         every = np.arange(bucket.size)
-        decode = DecodeBatch(every, every[:0], bucket.rows, bucket.block_tables, bucket.context_lens)
+        decode = DecodeBatch(every, every[:0], None, bucket.block_tables, bucket.context_lens)
         meta = AttentionMetadata(slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
                                  query_start=np.arange(bucket.size + 1, dtype=np.int32),
                                  context_lens=np.ones(bucket.size, dtype=np.int32),

@@ -70,7 +70,9 @@ class ModelRunner:
             return logits if len(inputs.logits_rows) else None  # a follower samples nothing
         xp = self.xp
         decode = None
-        if self.model.decode_attention is not None:
+        if self.model.decode_attention is not None and self.model.decode_attention.prefill_rows:
+            decode = DecodeBatch.every_row(xp, inputs.query_start, inputs.positions, inputs.block_tables)
+        elif self.model.decode_attention is not None:
             decode = DecodeBatch.select(xp, inputs.query_start, inputs.context_lens, inputs.block_tables)
         meta = AttentionMetadata(slot_mapping=xp.asarray(inputs.slot_mapping), block_tables=xp.asarray(inputs.block_tables),
                                  query_start=inputs.query_start, context_lens=inputs.context_lens,

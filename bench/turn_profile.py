@@ -1,0 +1,87 @@
+"""Where a decode turn's time goes, on a GPU shard: each op class of the batched forward pass timed
+alone with CUDA events at the turn's batch size, beside its bandwidth or FLOP limit, and the whole
+captured turn replayed from its CUDA graph. Used by engine_bench.py (in process: the host time of a
+turn is engine_bench's measured turn minus the replay).
+
+Op classes, summed over the layers: `gemm` (qkv, o, gate/up, down and the LM head at M = batch),
+`attention` (the paged decode kernel at the given context), `norms` (residual add + RMSNorm twice,
+rotary + KV write, silu * up), `sampler` (greedy, the turn's one copy to the host included).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.common import time_ms
+from neuron.layers.attention import DecodeBatch
+from neuron.runner.sampler import RowSampler, SampleRow, sample_rows
+from neuron.sampling import SamplingConfig
+
+
+def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflops: float) -> dict:
+    model, kv = shard.model, shard.kv
+    cp, ops, p, c = model.xp, model.ops, model.p, model.config
+    rng = np.random.default_rng(0)
+    h = cp.asarray(rng.standard_normal((n, c.hidden_size)).astype(np.float32)).astype(p["embed"].dtype)
+    layers = c.num_layers
+    out: dict = {"concurrency": n, "context": context}
+
+    def timed(name: str, fn, bytes_moved: float, flops: float, times: int = 1) -> None:
+        ms = time_ms(cp, fn, reps=10) * times
+        limit = max(bytes_moved / (bandwidth_gb_s * 1e9), flops / (tflops * 1e12)) * 1e3
+        out[name] = {"ms": round(ms, 4), "limit_ms": round(limit, 4)}
+
+    weights = [p[f"0.{w}"] for w in ("qkv", "o", "gate_up", "down")]
+    inputs = {w.shape[1]: cp.ascontiguousarray(cp.broadcast_to(h[:, :1], (n, w.shape[1]))) for w in weights}
+
+    def gemms():
+        for w in weights:
+            ops.linear(inputs[w.shape[1]], w)
+    gemm_bytes = sum(int(w.nbytes) for w in weights) * layers
+    gemm_flops = 2 * n * sum(w.shape[0] * w.shape[1] for w in weights) * layers
+    timed("gemm_layers", gemms, gemm_bytes, gemm_flops, layers)
+    timed("gemm_lm_head", lambda: ops.linear(h, model.lm_head), int(model.lm_head.nbytes),
+          2 * n * model.lm_head.shape[0] * model.lm_head.shape[1])
+
+    # attention over `context` keys per row: blocks drawn at random from the pool (contents irrelevant)
+    blocks = -(-context // kv.block_size)
+    tables = rng.integers(0, kv.num_blocks, (n, blocks)).astype(np.int32)
+    batch = DecodeBatch(np.arange(n), np.arange(0), None, cp.asarray(tables),
+                        cp.asarray(np.full(n, context, dtype=np.int32)))
+    q = cp.asarray(rng.standard_normal((n, model.heads.q_heads, c.head_dim)).astype(np.float32)).astype(h.dtype)
+    kv_bytes = 2 * n * context * model.heads.kv_size * h.dtype.itemsize
+    if model.decode_attention is not None:
+        timed("attention", lambda: model.decode_attention(q, kv.keys[0], kv.values[0], batch, c.sliding_window),
+              kv_bytes * layers, 4 * n * context * model.heads.q_size * layers, layers)
+
+    qkv = ops.linear(h, p["0.qkv"])
+    gate_up = ops.linear(h, p["0.gate_up"])
+    rotary = ops.rotary(cp.asarray(np.full(n, context - 1, dtype=np.int32)))
+    slots = cp.asarray(np.full(n, kv.scratch_block * kv.block_size, dtype=np.int64))
+    x = h.copy()
+
+    def norms():
+        ops.add_rms_norm(x, h, p["0.post_norm"], c.rms_norm_eps)
+        ops.add_rms_norm(x, h, p["0.input_norm"], c.rms_norm_eps)
+        ops.rope_write_kv(qkv, rotary, model.heads, kv.flat_keys(0), kv.flat_values(0), slots)
+        ops.silu_mul(gate_up)
+    item = h.dtype.itemsize
+    norm_bytes = item * n * (6 * c.hidden_size + 2 * qkv.shape[1] + 3 * gate_up.shape[1] // 2)
+    timed("norms_rope_silu", norms, norm_bytes * layers, 0, layers)
+
+    logits = cp.asarray(rng.standard_normal((n, c.vocab_size)).astype(np.float32))
+    rows = [SampleRow(RowSampler.create(SamplingConfig(), c.vocab_size), j, []) for j in range(n)]
+    timed("sampler", lambda: sample_rows(cp, logits, rows), int(logits.nbytes), 0)
+
+    graphs = shard.engine.runner.graphs
+    bucket = None if graphs is None else next((graphs.buckets[b] for b in sorted(graphs.buckets) if b >= n), None)
+    if bucket is not None and bucket.graph is not None:
+        stream = cp.cuda.get_current_stream()
+        timed("graph_replay", lambda: bucket.graph.launch(stream),
+              shard.weight_bytes + kv_bytes * layers, 2 * shard.num_parameters * n)
+        out["graph_bucket"] = bucket.size
+    return out
+
+
+def print_profile(name: str, row: dict) -> None:
+    parts = [f"{k} {v['ms']:.3f} ms (limit {v['limit_ms']:.3f})" for k, v in row.items() if isinstance(v, dict)]
+    print(f"{name:>3} n={row['concurrency']:>3} profile: " + "; ".join(parts), flush=True)

@@ -1,0 +1,180 @@
+"""The layer ops the batched forward pass is written over, in two implementations.
+
+`LayerOps` is plain array arithmetic on `xp` (NumPy on CPU, CuPy on GPU): the reference. On a GPU,
+`CudaLayerOps` runs the same ops as one kernel each (layer_ops.cu: the residual add with its
+RMSNorm, rotary embedding with the paged KV write, silu(gate) * up) and its products through cuBLAS
+called by ctypes (kernels/cublas_gemm.py), so that a decode turn has no host synchronisation, no
+allocation outside the memory pool and no CuPy cuBLAS call: it can be captured in a CUDA graph.
+Both round every intermediate alike; tests/gpu/test_gpu_layer_ops.py holds one against the other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.dtypes import KERNEL_CODES
+
+from .attention import write_kv
+
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+
+
+def rms_norm(xp, x, weight, eps: float):
+    xf = x.astype(xp.float32)
+    normed = xf / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def apply_rope(xp, x, cos, sin):
+    """x [T, heads, d]; cos/sin [T, d] float32. Rotate-half form, computed in float32."""
+    xf = x.astype(xp.float32)
+    half = x.shape[-1] // 2
+    rotated = xp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+def silu(xp, x):
+    xf = x.astype(xp.float32)
+    return (xf / (1.0 + xp.exp(-xf))).astype(x.dtype)
+
+
+@dataclass
+class Rotary:
+    """The turn's rotary inputs: positions [T] (device int32) and, for the plain path, their rows
+    of the cos/sin tables (gathered once per turn, not per layer)."""
+    positions: Any
+    cos: Any
+    sin: Any
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def q_size(self) -> int:
+        return self.q_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+class LayerOps:
+    def __init__(self, xp, cos_table, sin_table):
+        self.xp, self.cos_table, self.sin_table = xp, cos_table, sin_table
+
+    def linear(self, x, W):
+        """x [T, K] @ W[N, K]^T, float32 accumulation, rounded once to x's dtype."""
+        return x @ W.T
+
+    def rotary(self, positions) -> Rotary:
+        return Rotary(positions, self.cos_table[positions], self.sin_table[positions])
+
+    def rms_norm(self, x, weight, eps: float):
+        return rms_norm(self.xp, x, weight, eps)
+
+    def add_rms_norm(self, x, delta, weight, eps: float):
+        """(x + delta, rms_norm(x + delta)): the residual add and the next norm. The fused op updates
+        x in place; callers use the returned residual."""
+        x = x + delta
+        return x, rms_norm(self.xp, x, weight, eps)
+
+    def silu_mul(self, gate_up):
+        inter = gate_up.shape[-1] // 2
+        return silu(self.xp, gate_up[:, :inter]) * gate_up[:, inter:]
+
+    def rope_write_kv(self, qkv, rotary: Rotary, heads: HeadLayout, flat_keys, flat_values, slot_mapping,
+                      q_norm=None, k_norm=None, eps: float = 0.0):
+        """qkv [T, q + 2 kv] -> rotated q [T, Hq, d]; rotated k and v written into their slots.
+        q_norm/k_norm (Qwen3): RMSNorm of each head before the rotation."""
+        xp, d = self.xp, heads.head_dim
+        T = qkv.shape[0]
+        q = qkv[:, : heads.q_size].reshape(T, -1, d)
+        k = qkv[:, heads.q_size: heads.q_size + heads.kv_size].reshape(T, -1, d)
+        v = qkv[:, heads.q_size + heads.kv_size:].reshape(T, -1, d)
+        if q_norm is not None:
+            q = rms_norm(xp, q, q_norm, eps)
+            k = rms_norm(xp, k, k_norm, eps)
+        q, k = apply_rope(xp, q, rotary.cos, rotary.sin), apply_rope(xp, k, rotary.cos, rotary.sin)
+        write_kv(flat_keys, flat_values, k, v, slot_mapping)
+        return q
+
+
+class CudaLayerOps(LayerOps):
+    """The fused implementation on CuPy arrays. `small_m_gemv`: a one-row product runs the fused
+    engine's bandwidth-tuned GEMV (model/kernels.py) instead of cuBLAS."""
+
+    THREADS = 256
+
+    def __init__(self, xp, cos_table, sin_table, dtype_name: str, small_m_gemv=None):
+        super().__init__(xp, cos_table, sin_table)
+        from neuron.kernels.cublas_gemm import CublasGemm
+
+        self.gemm = CublasGemm.for_current_device()
+        self.gemv = small_m_gemv
+        source = (KERNEL_DIR / "layer_ops.cu").read_text()
+        module = xp.RawModule(code=source, options=("--std=c++17", f"-I{KERNEL_DIR}",
+                                                    f"-DDT={KERNEL_CODES[dtype_name]}"))
+        self._add_rms_norm = module.get_function("add_rms_norm")
+        self._rope_write_kv = module.get_function("rope_write_kv")
+        self._silu_mul = module.get_function("silu_mul")
+        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.runtime.getDevice())
+        self._grid_cap = 8 * props["multiProcessorCount"]
+
+    def linear(self, x, W):
+        if self.gemv is not None and x.shape[0] == 1:
+            out = self.xp.empty((1, W.shape[0]), dtype=x.dtype)
+            self.gemv.gemv(W, self.xp.ascontiguousarray(x).reshape(-1), out.reshape(-1), "none", "store")
+            return out
+        return self.gemm.linear(x, W)
+
+    def rotary(self, positions) -> Rotary:
+        return Rotary(positions, None, None)  # the kernel reads the tables at each row's position
+
+    def _norm(self, x, delta, weight, eps: float):
+        out = self.xp.empty_like(x)
+        h = x.shape[-1]
+        self._add_rms_norm((x.shape[0],), (self.THREADS,),
+                           (x, delta if delta is not None else 0, weight, out, np.int32(h), np.float32(eps)))
+        return out
+
+    def rms_norm(self, x, weight, eps: float):
+        if x.ndim != 2 or not x.flags.c_contiguous:
+            return super().rms_norm(x, weight, eps)
+        return self._norm(x, None, weight, eps)
+
+    def add_rms_norm(self, x, delta, weight, eps: float):
+        if not (x.flags.c_contiguous and delta.flags.c_contiguous):
+            return super().add_rms_norm(x, delta, weight, eps)
+        return x, self._norm(x, delta, weight, eps)
+
+    def silu_mul(self, gate_up):
+        if not gate_up.flags.c_contiguous:
+            return super().silu_mul(gate_up)
+        T, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = self.xp.empty((T, inter), dtype=gate_up.dtype)
+        total = T * inter
+        grid = max(1, min(self._grid_cap, -(-total // self.THREADS)))
+        self._silu_mul((grid,), (self.THREADS,), (gate_up, out, np.int32(inter), np.int64(total)))
+        return out
+
+    def rope_write_kv(self, qkv, rotary: Rotary, heads: HeadLayout, flat_keys, flat_values, slot_mapping,
+                      q_norm=None, k_norm=None, eps: float = 0.0):
+        if q_norm is not None or not qkv.flags.c_contiguous:
+            if rotary.cos is None:
+                rotary = LayerOps.rotary(self, rotary.positions)
+            return super().rope_write_kv(qkv, rotary, heads, flat_keys, flat_values, slot_mapping, q_norm, k_norm, eps)
+        T = qkv.shape[0]
+        q = self.xp.empty((T, heads.q_heads, heads.head_dim), dtype=qkv.dtype)
+        if T:
+            self._rope_write_kv((T,), (self.THREADS,),
+                                (qkv, rotary.positions, self.cos_table, self.sin_table, slot_mapping, q, flat_keys,
+                                 flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads),
+                                 np.int32(heads.head_dim)))
+        return q

@@ -1,0 +1,128 @@
+"""The fused layer ops (layer_ops.cu, cuBLAS by ctypes, the one-row GEMV) against the plain ops
+they replace, on CuPy arrays; and a CUDA graph of them replays what they compute eagerly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+cp = pytest.importorskip("cupy")
+
+from neuron.layers.ops import CudaLayerOps, HeadLayout, LayerOps  # noqa: E402
+
+DTYPES = ["bfloat16", "float32"]
+
+
+def dtype_of(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return np.float32
+
+
+def rand(rng, shape, dtype_name, scale=1.0):
+    return cp.asarray((rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype_of(dtype_name)))
+
+
+def tables(max_positions=64, d=64):
+    angles = np.outer(np.arange(max_positions), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
+    angles = np.concatenate([angles, angles], axis=-1)
+    return cp.asarray(np.cos(angles).astype(np.float32)), cp.asarray(np.sin(angles).astype(np.float32))
+
+
+def ops_pair(dtype_name, gemv=None):
+    cos, sin = tables()
+    return LayerOps(cp, cos, sin), CudaLayerOps(cp, cos, sin, dtype_name, small_m_gemv=gemv)
+
+
+def as_f32(a):
+    return cp.asnumpy(a.astype(cp.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_matches_plain(dtype):
+    rng = np.random.default_rng(0)
+    plain, fused = ops_pair(dtype)
+    x, delta, w = rand(rng, (37, 4096), dtype), rand(rng, (37, 4096), dtype), rand(rng, (4096,), dtype)
+    x_ref, h_ref = plain.add_rms_norm(x.copy(), delta, w, 1e-5)
+    x_new, h_new = fused.add_rms_norm(x.copy(), delta, w, 1e-5)
+    assert np.array_equal(as_f32(x_new), as_f32(x_ref))  # the residual add rounds alike
+    # the sum of squares is taken in another order: a float32 root a unit of the last place apart
+    # changes most float32 outputs by that unit, and a few bfloat16 ones where it crosses a rounding
+    tolerance = 1e-2 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(as_f32(h_new), as_f32(h_ref), rtol=tolerance, atol=tolerance)
+    if dtype == "bfloat16":
+        assert np.mean(as_f32(h_new) == as_f32(h_ref)) > 0.99
+    np.testing.assert_allclose(as_f32(fused.rms_norm(x, w, 1e-5)), as_f32(plain.rms_norm(x, w, 1e-5)),
+                               rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_plain(dtype):
+    rng = np.random.default_rng(1)
+    plain, fused = ops_pair(dtype)
+    gate_up = rand(rng, (19, 2 * 1000), dtype, 3.0)
+    assert np.array_equal(as_f32(fused.silu_mul(gate_up)), as_f32(plain.silu_mul(gate_up)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_matches_plain(dtype):
+    rng = np.random.default_rng(2)
+    plain, fused = ops_pair(dtype)
+    heads = HeadLayout(8, 2, 64)
+    T, slots = 11, 48
+    qkv = rand(rng, (T, (8 + 4) * 64), dtype)
+    positions = cp.asarray(rng.integers(0, 64, T).astype(np.int32))
+    slot_mapping = cp.asarray(rng.permutation(slots)[:T].astype(np.int64))
+    caches = [cp.zeros((slots, 2, 64), dtype=qkv.dtype) for _ in range(4)]
+    q_ref = plain.rope_write_kv(qkv, plain.rotary(positions), heads, caches[0], caches[1], slot_mapping)
+    q_new = fused.rope_write_kv(qkv, fused.rotary(positions), heads, caches[2], caches[3], slot_mapping)
+    assert np.array_equal(as_f32(q_new), as_f32(q_ref))
+    assert np.array_equal(as_f32(caches[2]), as_f32(caches[0]))
+    assert np.array_equal(as_f32(caches[3]), as_f32(caches[1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 64, 257])
+def test_cublas_linear_matches_cupy_matmul(dtype, m):
+    rng = np.random.default_rng(3)
+    _, fused = ops_pair(dtype)
+    x, W = rand(rng, (m, 512), dtype), rand(rng, (768, 512), dtype, 0.05)
+    tolerance = 2e-2 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(as_f32(fused.linear(x, W)), as_f32(x @ W.T), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_row_gemv_matches_cublas(dtype):
+    from neuron.model.kernels import CudaOps
+
+    rng = np.random.default_rng(4)
+    _, fused = ops_pair(dtype, gemv=CudaOps(dtype))
+    x, W = rand(rng, (1, 1024), dtype), rand(rng, (4096, 1024), dtype, 0.05)
+    tolerance = 2e-2 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(as_f32(fused.linear(x, W)), as_f32(fused.gemm.linear(x, W)),
+                               rtol=tolerance, atol=tolerance)
+
+
+def test_a_cuda_graph_of_the_fused_ops_replays_them():
+    """cuBLAS by ctypes inside a capture: the reason this module exists (CuPy's bindings refuse)."""
+    rng = np.random.default_rng(5)
+    _, fused = ops_pair("bfloat16")
+    x, W, w = rand(rng, (8, 256), "bfloat16"), rand(rng, (512, 256), "bfloat16", 0.05), rand(rng, (256,), "bfloat16")
+    pool = cp.cuda.MemoryPool()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream, cp.cuda.using_allocator(pool.malloc):
+        def body():
+            return fused.silu_mul(fused.linear(fused.rms_norm(x, w, 1e-5), W))
+        eager = body()
+        stream.synchronize()
+        stream.begin_capture()
+        captured = body()
+        graph = stream.end_capture()
+        x[...] = rand(rng, (8, 256), "bfloat16")  # new inputs in the same buffer
+        graph.launch(stream)
+        again = body()
+        stream.synchronize()
+    assert not np.array_equal(as_f32(eager), as_f32(again))
+    assert np.array_equal(as_f32(captured), as_f32(again))
