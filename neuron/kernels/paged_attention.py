@@ -21,6 +21,22 @@ SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
 MAX_GROUP = 16        # query heads per kv head the kernel is built for
 
 
+STATIC_SHARED_BUDGET = 44 * 1024   # of the 48 KiB a block may hold statically
+
+
+def block_threads(head_dim: int, group: int, split_keys: int = SPLIT_KEYS) -> int:
+    """Threads per block: as many as the static shared memory allows, up to 512. The P @ V loop runs
+    over the split's keys once per threads / head_dim "parts", so with one part (128 threads at
+    head_dim 128) a thread walks all 256 keys of its split one dependent load after another, which
+    is what bounds a decode turn of few sequences (bench/NOTES.md)."""
+    for threads in (512, 256, 128):
+        parts = threads // head_dim
+        shared = 4 * (group * head_dim + group * split_keys + 2 * group + parts * group * head_dim)
+        if parts >= 1 and shared <= STATIC_SHARED_BUDGET:
+            return threads
+    return max(128, head_dim)
+
+
 def num_splits(max_context: int, split_keys: int = SPLIT_KEYS) -> int:
     return max(1, math.ceil(max_context / split_keys))
 
@@ -82,7 +98,7 @@ class PagedAttentionCuda:
                              f"query heads per kv head; got head_dim {head_dim}, group {group}")
         self.cp = cupy
         self.head_dim, self.group, self.split_keys = head_dim, group, split_keys
-        self.threads = max(128, head_dim)
+        self.threads = block_threads(head_dim, group, split_keys)
         source = (KERNEL_DIR / "paged_attention.cu").read_text()
         options = ("--std=c++17", f"-I{KERNEL_DIR}", f"-DDT={KERNEL_CODES[dtype_name]}", f"-DPA_D={head_dim}",
                    f"-DPA_G={group}", f"-DPA_THREADS={self.threads}", f"-DPA_SPLIT={split_keys}")

@@ -39,7 +39,7 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int,
                  fused: str = "auto", decode_attention: str = "auto", layer_ops: str = "auto",
-                 small_m_gemv: bool = True):
+                 small_m_gemv: bool = False):
         self.config, self.layout, self.p, self.xp, self.comm = config, layout, params, xp, comm
         cos, sin = cos_sin_tables(config, max_context)
         self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
@@ -52,7 +52,11 @@ class LlamaModel:
         self.ops = self._layer_ops(layer_ops, small_m_gemv)
 
     def _layer_ops(self, mode: str, small_m_gemv: bool) -> LayerOps:
-        """forward_batch's ops: "auto" (the fused CUDA ops on a GPU, plain ops on a CPU) or "plain"."""
+        """forward_batch's ops: "auto" (the fused CUDA ops on a GPU, plain ops on a CPU) or "plain".
+        `small_m_gemv` (off): one-row products through the fused engine's GEMV instead of cuBLAS. Off
+        because its sums run in another order than cuBLAS's at M > 1, so a request's greedy tokens
+        alone (M = 1) drifted from its tokens batched: every fixture failed batched == alone with it
+        on, in float32 too; and it was no faster inside the graph (bench/NOTES.md)."""
         if mode not in ("auto", "plain"):
             raise ValueError(f"layer_ops must be auto or plain, not {mode!r}")
         if mode == "plain" or self.xp is np:
