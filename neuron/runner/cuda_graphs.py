@@ -9,13 +9,14 @@ graph per turn instead of a few hundred kernels.
 
 Intermediate arrays of every capture come from one private memory pool that only graphs use, so
 no eager allocation can take memory a graph writes on replay; the graphs never run at the same
-time, so they share that pool (as vLLM's graphs share theirs).
+time, so they share that pool (as vLLM's graphs share theirs). Nothing that must survive another
+graph's replay lives in that pool: each bucket's input buffers come from the ordinary allocator,
+and a graph's logits are read before any other graph runs.
 
 On a CPU device (tests) the same buffers, padding and kernel path run eagerly: `capture=False`.
 
-Off by default (`--cuda-graphs`): on CuPy every capture is refused today, because CuPy's cuBLAS
-bindings raise "calling cuBLAS API during stream capture is currently unsupported" (bench/NOTES.md);
-a load that asks for graphs logs that and runs its decode turns eagerly.
+On by default on GPUs (`--no-cuda-graphs` turns it off). The products go through cuBLAS called by
+ctypes (kernels/cublas_gemm.py): CuPy's own cuBLAS bindings refuse to run inside a capture.
 """
 from __future__ import annotations
 
@@ -100,14 +101,17 @@ class DecodeGraphs:
     def _build(self, size: int) -> _Bucket:
         xp, kv = self.xp, self.kv
         pad = kv.scratch_block
+        # The inputs stay outside the private pool: memory there holds the intermediates of the
+        # graphs captured before, which their replays overwrite (`rows`, never uploaded again,
+        # would then pick other rows' logits).
+        bucket = _Bucket(size,
+                         token_ids=xp.zeros(size, dtype=xp.int32),
+                         positions=xp.zeros(size, dtype=xp.int32),
+                         slot_mapping=xp.full(size, pad * kv.block_size, dtype=xp.int64),
+                         block_tables=xp.full((size, self.max_blocks), pad, dtype=xp.int32),
+                         context_lens=xp.ones(size, dtype=xp.int32),
+                         rows=xp.arange(size, dtype=xp.int64))
         with self._allocating():
-            bucket = _Bucket(size,
-                             token_ids=xp.zeros(size, dtype=xp.int32),
-                             positions=xp.zeros(size, dtype=xp.int32),
-                             slot_mapping=xp.full(size, pad * kv.block_size, dtype=xp.int64),
-                             block_tables=xp.full((size, self.max_blocks), pad, dtype=xp.int32),
-                             context_lens=xp.ones(size, dtype=xp.int32),
-                             rows=xp.arange(size, dtype=xp.int64))
             if self.capture_graphs:
                 self._forward(bucket)  # warm-up: compiles kernels, sets up cuBLAS, outside the capture
                 stream = xp.cuda.get_current_stream()
