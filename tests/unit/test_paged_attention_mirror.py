@@ -60,3 +60,49 @@ def test_mirror_ignores_blocks_past_the_context():
     k_cache[5, 2:] = -1e6   # positions 6 and 7 of the sequence: also past it
     after = paged_decode_attention_numpy(q, k_cache, v_cache, tables, lens, 0.5)
     assert np.array_equal(before, after)
+
+
+def test_every_row_batch_gives_each_prompt_row_its_own_context():
+    """A turn's rows as kernel sequences: row t of request r has r's table and positions[t] + 1 keys."""
+    from neuron.layers.attention import DecodeBatch
+
+    query_start = np.array([0, 3, 4, 6], dtype=np.int32)          # 3 prompt rows, 1 decode row, 2 rows
+    positions = np.array([0, 1, 2, 9, 4, 5], dtype=np.int32)
+    tables = np.array([[7, 0], [3, 5], [1, 2]], dtype=np.int32)
+    batch = DecodeBatch.every_row(np, query_start, positions, tables)
+    assert batch.rows is None and len(batch.others) == 0
+    assert batch.context_lens.tolist() == [1, 2, 3, 10, 5, 6]
+    assert batch.block_tables.tolist() == [[7, 0]] * 3 + [[3, 5]] + [[1, 2]] * 2
+    assert batch.max_context == 10
+
+
+def test_rows_split_over_launches_and_fewer_splits_give_the_same_result(monkeypatch):
+    """The workspace cap cuts a big batch into launches, and a launch takes only the splits its
+    longest row needs: neither changes a row's result (splits past a context are skipped)."""
+    from neuron.layers import attention
+
+    rng = np.random.default_rng(3)
+    k_cache, v_cache = make_cache(rng, 40, 16, 2, 8)
+    lens = rng.integers(1, 600, 9).astype(np.int32)         # 1-3 splits of 256 keys
+    tables = np.stack([rng.permutation(40) for _ in lens]).astype(np.int32)
+    q = rng.standard_normal((9, 4, 8)).astype(np.float32)
+    op = attention.DecodeAttention.numpy_mirror(max_context=1024)   # 4 splits per shard
+    whole = op(q, k_cache, v_cache, attention.DecodeBatch(np.arange(9), np.arange(0), None, tables, lens), None)
+    monkeypatch.setattr(attention, "WORKSPACE_CAP_BYTES", 1)  # one row per launch
+    pieces = op(q, k_cache, v_cache, attention.DecodeBatch(np.arange(9), np.arange(0), None, tables, lens,
+                                                           int(lens.max())), None)
+    np.testing.assert_array_equal(whole, pieces)
+    np.testing.assert_allclose(whole, reference(q, k_cache, v_cache, tables, lens, 1 / np.sqrt(8), 0), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_block_threads_stay_within_static_shared_memory():
+    from neuron.kernels.paged_attention import STATIC_SHARED_BUDGET, block_threads
+
+    for d in (64, 128):
+        for group in (1, 2, 4, 8, 16):
+            threads = block_threads(d, group)
+            parts = threads // d
+            shared = 4 * (group * d + group * 256 + 2 * group + parts * group * d)
+            assert threads >= d and shared <= STATIC_SHARED_BUDGET
+    assert block_threads(128, 4) == 512   # four threads per output dim in P @ V
