@@ -55,3 +55,41 @@ def test_only_turns_of_single_token_chunks_count_as_decode():
     assert is_decode_only(decode) and is_decode_only(decode.for_follower())
     mixed, _ = build_batch(SchedulerOutput([ScheduledChunk(a, [2, 3], 1, [0], True)]), 4)
     assert not is_decode_only(mixed)
+
+
+def test_bucket_inputs_are_not_allocated_in_the_graphs_private_pool(monkeypatch):
+    """Memory of the private pool is the captured graphs' intermediates, which every replay
+    overwrites: a bucket's input buffers (its `rows` above all, never uploaded again) must come from
+    the ordinary allocator, or a larger bucket's replay corrupts a smaller bucket's turns."""
+    import contextlib
+
+    model, kv, _ = build("llama3", decode="numpy")
+    graphs = DecodeGraphs(model, kv, max_seqs=4, capture=False)
+    inside = {"pool": False}
+    allocated_in_pool = []
+
+    @contextlib.contextmanager
+    def private_pool():
+        inside["pool"] = True
+        try:
+            yield
+        finally:
+            inside["pool"] = False
+
+    class RecordingXp:
+        """numpy, noting which arrays are made while the private pool is the allocator."""
+        def __getattr__(self, name):
+            attr = getattr(np, name)
+            if name in ("zeros", "full", "ones", "arange", "empty"):
+                def make(*args, **kwargs):
+                    if inside["pool"]:
+                        allocated_in_pool.append(name)
+                    return attr(*args, **kwargs)
+                return make
+            return attr
+
+    monkeypatch.setattr(graphs, "_allocating", private_pool)
+    monkeypatch.setattr(graphs, "xp", RecordingXp())
+    bucket = graphs._build(4)
+    assert allocated_in_pool == []
+    assert bucket.rows.tolist() == [0, 1, 2, 3]
