@@ -5,6 +5,7 @@ mid-stream freeing the neuron at once."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -82,6 +83,19 @@ def neuron_gauge(fleet, name: str, **labels) -> float:
     family = families.get(name)
     return sum(s.value for s in family.samples if s.name == name or s.name == name + "_total"
                if labels.items() <= s.labels.items()) if family else 0.0
+
+
+def settled_count(fleet, name: str, **labels) -> float:
+    """A counter once it has not moved for half a second (at most 10 s): calls that ended just before
+    are in it."""
+    value, deadline = neuron_gauge(fleet, name, **labels), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = neuron_gauge(fleet, name, **labels)
+        if again == value:
+            break
+        value = again
+    return value
 
 
 def tokenizer(name: str) -> Tokenizer:
@@ -254,7 +268,10 @@ def test_full_queue_is_429_and_disconnect_frees_the_neuron(fleet, client):
     """The slow model has one KV slot. A stream holds it; the HTTP client disconnects mid-stream and
     the slot is free again at once (the neuron stopped). Then the slot is held again and 256
     requests wait behind it: the next one is refused with 429."""
-    cancelled = neuron_gauge(fleet, "neuron_requests", model="slow", code="CANCELLED")
+    # the earlier tests' abandoned slow generations (deadlines) may still be stopping: count from after
+    wait_until(lambda: neuron_gauge(fleet, "neuron_requests_running") == 0, timeout=30,
+               what="the earlier tests' generations to end")
+    cancelled = settled_count(fleet, "neuron_requests", model="slow", code="CANCELLED")
     stream = client.completions.create(model="slow", prompt=PROMPT, max_tokens=LONG_TOKENS, stream=True,
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
