@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from common.dtypes import KERNEL_CODES
 
+from . import load_module
 
-KERNEL_DIR = Path(__file__).resolve().parent
+
 SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
 MAX_GROUP = 16        # query heads per kv head the kernel is built for
 
@@ -99,10 +99,8 @@ class PagedAttentionCuda:
         self.cp = cupy
         self.head_dim, self.group, self.split_keys = head_dim, group, split_keys
         self.threads = block_threads(head_dim, group, split_keys)
-        source = (KERNEL_DIR / "paged_attention.cu").read_text()
-        options = ("--std=c++17", f"-I{KERNEL_DIR}", f"-DDT={KERNEL_CODES[dtype_name]}", f"-DPA_D={head_dim}",
-                   f"-DPA_G={group}", f"-DPA_THREADS={self.threads}", f"-DPA_SPLIT={split_keys}")
-        module = cupy.RawModule(code=source, options=options)
+        module = load_module("paged_attention.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
+                             f"-DPA_G={group}", f"-DPA_THREADS={self.threads}", f"-DPA_SPLIT={split_keys}")
         self._partial = module.get_function("paged_decode_partial")
         self._combine = module.get_function("paged_decode_combine")
 

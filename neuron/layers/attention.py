@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from neuron.kernels.paged_attention import num_splits, paged_decode_attention_numpy
+
 SCORE_ELEMENTS_CAP = 1 << 24   # float32 scores per query piece: 64 MiB
 
 
@@ -80,14 +82,15 @@ class DecodeAttention:
     `prefill_rows`: prompt chunks' rows go through it too (the kernel and its mirror), else only
     decode rows (the CPU's gathered path: its padded gather would be [rows, context] per row)."""
 
-    def __init__(self, run, max_context: int, prefill_rows: bool):
-        from neuron.kernels.paged_attention import num_splits
-        self.run, self.splits, self.prefill_rows = run, num_splits(max_context), prefill_rows
+    def __init__(self, run, max_context: int, prefill_rows: bool, xp=np):
+        self.run, self.splits, self.prefill_rows, self.xp = run, num_splits(max_context), prefill_rows, xp
 
     @classmethod
     def cuda(cls, dtype_name: str, head_dim: int, group: int, max_context: int) -> "DecodeAttention":
+        import cupy
+
         from neuron.kernels.paged_attention import PagedAttentionCuda
-        return cls(PagedAttentionCuda(dtype_name, head_dim, group).decode, max_context, True)
+        return cls(PagedAttentionCuda(dtype_name, head_dim, group).decode, max_context, True, cupy)
 
     @classmethod
     def gathered(cls, max_context: int) -> "DecodeAttention":
@@ -96,11 +99,9 @@ class DecodeAttention:
 
     @classmethod
     def numpy_mirror(cls, max_context: int) -> "DecodeAttention":
-        from neuron.kernels.paged_attention import paged_decode_attention_numpy
         return cls(paged_decode_attention_numpy, max_context, True)
 
     def __call__(self, q, layer_keys, layer_values, batch: DecodeBatch, window: int | None):
-        from neuron.kernels.paged_attention import num_splits
         n, hq, d = q.shape
         scale = 1.0 / float(d) ** 0.5
         splits = num_splits(batch.max_context) if batch.max_context else self.splits
@@ -108,10 +109,7 @@ class DecodeAttention:
         parts = [self.run(q[a:a + piece], layer_keys, layer_values, batch.block_tables[a:a + piece],
                           batch.context_lens[a:a + piece], scale, window or 0, splits=splits)
                  for a in range(0, n, piece)]
-        if len(parts) == 1:
-            return parts[0]
-        xp = np if isinstance(q, np.ndarray) else __import__("cupy")
-        return xp.concatenate(parts)
+        return parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
 
 
 def gathered_decode_attention(q, layer_keys, layer_values, block_tables, context_lens, scale: float, window: int = 0,

@@ -9,17 +9,14 @@ Both round every intermediate alike; tests/gpu/test_gpu_layer_ops.py holds one a
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.dtypes import KERNEL_CODES
 
 from .attention import write_kv
-
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 
 def rms_norm(xp, x, weight, eps: float):
@@ -41,13 +38,21 @@ def silu(xp, x):
     return (xf / (1.0 + xp.exp(-xf))).astype(x.dtype)
 
 
-@dataclass
 class Rotary:
-    """The turn's rotary inputs: positions [T] (device int32) and, for the plain path, their rows
-    of the cos/sin tables (gathered once per turn, not per layer)."""
-    positions: Any
-    cos: Any
-    sin: Any
+    """The turn's rotary inputs: positions [T] (device int32) over the shard's cos/sin tables. The
+    plain path reads `cos`/`sin`, their rows at the positions, gathered on first use (once a turn,
+    not per layer); the fused kernel reads the tables at each row's position itself."""
+
+    def __init__(self, positions, cos_table, sin_table):
+        self.positions, self.cos_table, self.sin_table = positions, cos_table, sin_table
+
+    @functools.cached_property
+    def cos(self):
+        return self.cos_table[self.positions]
+
+    @functools.cached_property
+    def sin(self):
+        return self.sin_table[self.positions]
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class LayerOps:
         return x @ W.T
 
     def rotary(self, positions) -> Rotary:
-        return Rotary(positions, self.cos_table[positions], self.sin_table[positions])
+        return Rotary(positions, self.cos_table, self.sin_table)
 
     def rms_norm(self, x, weight, eps: float):
         return rms_norm(self.xp, x, weight, eps)
@@ -114,13 +119,12 @@ class CudaLayerOps(LayerOps):
 
     def __init__(self, xp, cos_table, sin_table, dtype_name: str, small_m_gemv=None):
         super().__init__(xp, cos_table, sin_table)
+        from neuron.kernels import load_module
         from neuron.kernels.cublas_gemm import CublasGemm
 
         self.gemm = CublasGemm.for_current_device()
         self.gemv = small_m_gemv
-        source = (KERNEL_DIR / "layer_ops.cu").read_text()
-        module = xp.RawModule(code=source, options=("--std=c++17", f"-I{KERNEL_DIR}",
-                                                    f"-DDT={KERNEL_CODES[dtype_name]}"))
+        module = load_module("layer_ops.cu", KERNEL_CODES[dtype_name])
         self._add_rms_norm = module.get_function("add_rms_norm")
         self._rope_write_kv = module.get_function("rope_write_kv")
         self._silu_mul = module.get_function("silu_mul")
@@ -133,9 +137,6 @@ class CudaLayerOps(LayerOps):
             self.gemv.gemv(W, self.xp.ascontiguousarray(x).reshape(-1), out.reshape(-1), "none", "store")
             return out
         return self.gemm.linear(x, W)
-
-    def rotary(self, positions) -> Rotary:
-        return Rotary(positions, None, None)  # the kernel reads the tables at each row's position
 
     def _norm(self, x, delta, weight, eps: float):
         out = self.xp.empty_like(x)
@@ -167,14 +168,12 @@ class CudaLayerOps(LayerOps):
     def rope_write_kv(self, qkv, rotary: Rotary, heads: HeadLayout, flat_keys, flat_values, slot_mapping,
                       q_norm=None, k_norm=None, eps: float = 0.0):
         if q_norm is not None or not qkv.flags.c_contiguous:
-            if rotary.cos is None:
-                rotary = LayerOps.rotary(self, rotary.positions)
             return super().rope_write_kv(qkv, rotary, heads, flat_keys, flat_values, slot_mapping, q_norm, k_norm, eps)
         T = qkv.shape[0]
         q = self.xp.empty((T, heads.q_heads, heads.head_dim), dtype=qkv.dtype)
         if T:
             self._rope_write_kv((T,), (self.THREADS,),
-                                (qkv, rotary.positions, self.cos_table, self.sin_table, slot_mapping, q, flat_keys,
+                                (qkv, rotary.positions, rotary.cos_table, rotary.sin_table, slot_mapping, q, flat_keys,
                                  flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads),
                                  np.int32(heads.head_dim)))
         return q
