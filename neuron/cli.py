@@ -48,7 +48,7 @@ SETTINGS = [
             "picks a free one; empty or off: none)"),
     Setting("kv_memory_fraction", DEFAULT_ENGINE.kv_memory_fraction,
             "share of a device's memory left after weights and workspace that becomes KV cache blocks "
-            "(CPU devices: at most max_seqs x max_context tokens)", type=float),
+            "(at most max_seqs x max_context tokens on a CPU, 4x that on a GPU)", type=float),
     Setting("block_size", DEFAULT_ENGINE.block_size, "tokens per KV cache block", type=int),
     Setting("max_batched_tokens", DEFAULT_ENGINE.max_batched_tokens,
             "tokens one engine turn computes over all requests (prefills are chunked to fit)", type=int),

@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096
 GPU_WORKSPACE_BYTES = 512 << 20  # activations, logits and cuBLAS workspace beside the weights
+GPU_POOL_SEQUENCES = 4  # GPU KV pool cap, in units of max_seqs x max_context tokens
 
 
 @dataclass
@@ -161,10 +162,12 @@ def plan_load(directory: Path, dtype_request: str, device_kind: str, max_context
 
 
 def size_kv(plan: LoadPlan, settings: EngineSettings, max_seqs: int, device_kind: str, free_bytes: int) -> KvSizing:
-    """The block pool: `kv_memory_fraction` of what is left after weights and workspace. On a CPU
-    device also at most max_seqs sequences of max_context tokens, so small models stay small."""
+    """The block pool: `kv_memory_fraction` of what is left after weights and workspace, capped so
+    small models stay small: on a CPU at max_seqs sequences of max_context tokens, on a GPU at
+    GPU_POOL_SEQUENCES times that (the surplus holds cached prefixes). Without the GPU cap a tiny
+    model took the whole device (134 GB, 32M blocks, 44 s to set up) and left none for other shards."""
     room = free_bytes - plan.weight_bytes - plan.workspace_bytes
-    cap = max_seqs * plan.max_context if device_kind == "cpu" else None
+    cap = max_seqs * plan.max_context * (1 if device_kind == "cpu" else GPU_POOL_SEQUENCES)
     return size_pool(room, settings.kv_memory_fraction, plan.kv_bytes_per_token * settings.block_size,
                      settings.block_size, plan.max_context, cap)
 
