@@ -3,6 +3,10 @@
 of each process read from /proc before and after each run and divided by the tokens streamed.
 
     python bench/stream_cost_bench.py [--streams 64] [--tokens 128] [--runs 3]
+    python bench/stream_cost_bench.py --device 0 --shape 1b --streams 64,256   # on a GPU
+
+Beside the microseconds per token each run reports each process's busy share (CPU seconds / wall
+seconds; 1.0 = one core saturated): a process near 1.0 is the one holding the stream back.
 
 Throughput on a small machine is noisy (client, cortex and neuron share its cores); CPU microseconds
 per token vary less, so this is the figure to hold a change of the token path against (they still
@@ -45,42 +49,55 @@ def snapshot(neuron_pid: int, cortex_pid: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--streams", default="64", help="comma-separated stream counts")
+    parser.add_argument("--device", default="cpu", help="cpu, or a CUDA GPU index")
+    parser.add_argument("--shape", default="tiny", help=f"checkpoint shape (1b, 8b on a GPU), of {','.join(SHAPES)}")
+    parser.add_argument("--client-procs", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     runs = []
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    streams = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tiny"
-        write_checkpoint(path, SHAPES["tiny"], dtype="float32")
+        path = Path(tmp) / args.shape
+        write_checkpoint(path, SHAPES[args.shape], dtype=dtype)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-        d = deploy(path, "cpu", "float32", 1024, args.streams, {}, [])
+        d = deploy(path, args.device, dtype, 1024, max(streams), {}, [])
         try:
             rng = np.random.default_rng(0)
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                run_workload(pool, 1, d.cortex.address, d.model, random_prompts(rng, 4, 8, vocab), 8)
-                for _ in range(args.runs):
-                    prompts = random_prompts(rng, args.streams, args.prompt_tokens, vocab)
-                    before, t0 = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter()
-                    measured = run_workload(pool, 1, d.cortex.address, d.model, prompts, args.tokens)
-                    after, seconds = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter() - t0
-                    tokens = args.streams * args.tokens
-                    row = {k: 1e6 * (after[k] - before[k]) / tokens for k in after}
-                    row.update(output_tok_s=measured["output_tok_s"], wall_s=seconds, errors=measured.get("errors", 0))
-                    runs.append(row)
-                    print("  ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+            with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
+                run_workload(pool, args.client_procs, d.cortex.address, d.model, random_prompts(rng, 4, 8, vocab), 8)
+                for n in streams:
+                    for _ in range(args.runs):
+                        prompts = random_prompts(rng, n, args.prompt_tokens, vocab)
+                        before, t0 = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter()
+                        measured = run_workload(pool, args.client_procs, d.cortex.address, d.model, prompts,
+                                                args.tokens)
+                        after, seconds = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter() - t0
+                        tokens = n * args.tokens
+                        row = {"streams": n, **{k: 1e6 * (after[k] - before[k]) / tokens for k in after},
+                               **{f"{k}_busy": (after[k] - before[k]) / seconds for k in after}}
+                        row.update(output_tok_s=measured["output_tok_s"], wall_s=seconds,
+                                   errors=measured.get("errors", 0))
+                        runs.append(row)
+                        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in row.items()), flush=True)
         finally:
             d.stop()
-    keys = ["neuron", "cortex"]
-    median = {k: statistics.median(r[k] for r in runs) for k in keys + ["output_tok_s"]}
-    print("CPU us per token (median of runs): " + ", ".join(f"{k} {median[k]:.1f}" for k in keys)
-          + f"; {median['output_tok_s']:.0f} tok/s")
+    keys = ["neuron", "cortex", "neuron_busy", "cortex_busy", "output_tok_s"]
+    median = {n: {k: statistics.median(r[k] for r in runs if r["streams"] == n) for k in keys} for n in streams}
+    for n, m in median.items():
+        print(f"{n} streams, median of runs: CPU us per token neuron {m['neuron']:.1f}, cortex {m['cortex']:.1f}; "
+              f"busy neuron {m['neuron_busy']:.2f}, cortex {m['cortex_busy']:.2f}; {m['output_tok_s']:.0f} tok/s")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"stream_cost_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"commit": commit(), "cpus": os.cpu_count(), "streams": args.streams,
-                               "tokens": args.tokens, "runs": runs, "median_us_per_token": median}, indent=1))
+    out.write_text(json.dumps({"commit": commit(),
+                               "cpus": os.cpu_count(), "device": args.device, "shape": args.shape,
+                               "streams": streams, "tokens": args.tokens, "runs": runs,
+                               "median_by_streams": median}, indent=1))
     print(f"wrote {out}")
 
 
