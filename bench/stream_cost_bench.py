@@ -6,7 +6,7 @@ of each process read from /proc before and after each run and divided by the tok
     python bench/stream_cost_bench.py --device 0 --shape 1b --streams 64,256   # on a GPU
 
 Beside the microseconds per token each run reports each process's busy share (CPU seconds / wall
-seconds; 1.0 = one core saturated): a process near 1.0 is the one holding the stream back.
+seconds over the span the streams ran; 1.0 = one core saturated): a process near 1.0 is the one holding the stream back.
 
 Throughput on a small machine is noisy (client, cortex and neuron share its cores); CPU microseconds
 per token vary less, so this is the figure to hold a change of the token path against (they still
@@ -79,7 +79,8 @@ def main() -> None:
                         after, seconds = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter() - t0
                         tokens = n * args.tokens
                         row = {"streams": n, **{k: 1e6 * (after[k] - before[k]) / tokens for k in after},
-                               **{f"{k}_busy": (after[k] - before[k]) / seconds for k in after}}
+                               # over the streaming span (the run's wall time includes the clients' start wait)
+                               **{f"{k}_busy": (after[k] - before[k]) / measured["seconds"] for k in after}}
                         row.update(output_tok_s=measured["output_tok_s"], wall_s=seconds,
                                    errors=measured.get("errors", 0))
                         runs.append(row)

@@ -79,14 +79,18 @@ def from_rpc_error(err: grpc.RpcError, prefix: str = "") -> ServiceError:
     return error
 
 
-async def _abort(context, err: Exception, method: str):
+def status_of(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status an error ends a call with; anything not a ServiceError is a bug, logged here."""
     if isinstance(err, ServiceError):
         # Capped: a status message travels in the trailers, and trailers past gRPC's metadata limit
         # reach the client as RESOURCE_EXHAUSTED instead of the real code.
-        await context.abort(err.code, clip(err.message, MESSAGE_CHARS))
-    log.exception("internal error", method=method)
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        f"internal error in {method}: {clip(repr(err), 1000)} (a bug: please report it)")
+        return err.code, clip(err.message, MESSAGE_CHARS)
+    log.error("internal error", method=method, exc_info=err)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {clip(repr(err), 1000)} (a bug: please report it)"
+
+
+async def _abort(context, err: Exception, method: str):
+    await context.abort(*status_of(err, method))
 
 
 def rpc_method(fn):

@@ -24,6 +24,7 @@ from common.security.interceptor import AccessPolicy, caller_role
 from .api import convert
 from .metrics import CortexMetrics
 from .models import ModelTable, Route
+from .node_streams import NodeStreams
 from .registry import Registry
 
 log = structlog.get_logger("cortex.requests")
@@ -98,6 +99,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         self.metrics = metrics or CortexMetrics()
         self.max_prompt_bytes = MAX_PROMPT_BYTES
         self.max_logits_bytes = MAX_LOGITS_BYTES
+        self.node_streams = NodeStreams(registry)
 
     def _model_label(self, name: str) -> str:
         try:
@@ -162,28 +164,18 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             route = self.models.route(request.model)
             request_id = request.request_id or uuid.uuid4().hex[:16]
             entry.fields.update(node=route.node, request_id=request_id)
-            call = route.stub.Generate(convert.generate_request(request, route.handle, request_id), timeout=timeout)
-            tracked = self.registry.track(route.node, call)  # ended with UNAVAILABLE if the node goes DOWN
+            # One GenerateStream call per node carries every generation routed there (node_streams.py).
+            stream = self.node_streams.get(route.node, route.stub)
             timer.begin()
-            try:
-                async for chunk in call:
-                    if chunk.token_ids and first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    completion += len(chunk.token_ids)
-                    timer.tokens(len(chunk.token_ids))
-                    if chunk.finish_reason:
-                        final = chunk
-                    yield convert.generate_response(chunk, request_id)
-                entry.code = "OK"
-            except grpc.aio.AioRpcError as err:
-                raise _relay(err, route) from None
-            except asyncio.CancelledError:
-                if not tracked.cut:
-                    raise  # our client went away
-                raise Unavailable(tracked.cut) from None
-            finally:
-                self.registry.untrack(route.node, tracked)
-                call.cancel()  # no-op when finished; stops the neuron's work when our client went away
+            async for chunk in stream.generate(convert.generate_request(request, route.handle, request_id), timeout):
+                if chunk.token_ids and first_token_at is None:
+                    first_token_at = time.perf_counter()
+                completion += len(chunk.token_ids)
+                timer.tokens(len(chunk.token_ids))
+                if chunk.finish_reason:
+                    final = chunk
+                yield convert.generate_response(chunk, request_id)
+            entry.code = "OK"
         except Exception as err:
             entry.fail(err)
             raise

@@ -162,10 +162,12 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     service.stall_seconds = settings["watchdog_seconds"]
     service.limits = Limits.from_settings(settings)
     metrics = NeuronMetrics(workers, service.model_of)
+    service.metrics = metrics
     server = ServingServer(settings["listen"], allow_while_draining=("/neuron.v1.Neuron/Describe",),
                            interceptors=(security.interceptor(ACCESS), metrics.interceptor),
                            max_inflight=settings["max_inflight_calls"], credentials=security.server_credentials())
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
+    service.draining = lambda: server.draining
     port = await server.start()
     metrics_runner, metrics_listen = None, listen_or_off(settings["metrics_listen"])
     if metrics_listen:

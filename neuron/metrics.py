@@ -110,6 +110,18 @@ class NeuronMetrics:
                               "its first token (queue and prefill)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.interceptor = _GenerateInterceptor(self)
 
+    # What one generation streamed and how it ended; Generate calls (through the interceptor) and
+    # GenerateStream's generations report the same way.
+    def tokens(self, model: str, count: int, first_after_s: float | None = None) -> None:
+        self.generation_tokens.labels(model).inc(count)
+        if first_after_s is not None:
+            self.ttft.labels(model).observe(first_after_s)
+
+    def ended(self, model: str, code: str, prompt_tokens: int = 0) -> None:
+        self.requests.labels(model, code).inc()
+        if prompt_tokens:
+            self.prompt_tokens.labels(model).inc(prompt_tokens)
+
 
 class _GenerateInterceptor(grpc.aio.ServerInterceptor):
     """Counts what each Generate call streamed and how it ended, without touching the handler."""
@@ -131,10 +143,8 @@ class _GenerateInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for reply in behavior(request, context):
                     if reply.token_ids:
-                        m.generation_tokens.labels(model).inc(len(reply.token_ids))
-                        if first:
-                            m.ttft.labels(model).observe(time.perf_counter() - started)
-                            first = False
+                        m.tokens(model, len(reply.token_ids), time.perf_counter() - started if first else None)
+                        first = False
                     if reply.finish_reason:
                         prompt = reply.usage.prompt_tokens
                     yield reply
@@ -144,7 +154,5 @@ class _GenerateInterceptor(grpc.aio.ServerInterceptor):
                 code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
                 raise
             finally:
-                m.requests.labels(model, code).inc()
-                if prompt:
-                    m.prompt_tokens.labels(model).inc(prompt)
+                m.ended(model, code, prompt)
         return observed

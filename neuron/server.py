@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import structlog
@@ -30,6 +31,7 @@ from .loader import resolve_checkpoint
 from .runner.batch import BatchInputs
 from .sampling import resolve_sampling
 from .service.convert import sampling_request
+from .service.generate_stream import Generation, GenerationStream
 from .service.responses import ResponseBuilder, responses
 from .shard import LoadRequest, Shard, plan_load
 from .tokenizer import TextStream
@@ -61,6 +63,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         # Tokenizing and chat templating run here, never on the event loop (a few threads: a flood
         # of long prompts queues instead of taking every core).
         self._prompt_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt")
+        self.metrics = None                      # NeuronMetrics, for GenerateStream's generations
+        self.draining: Callable[[], bool] = lambda: False  # the server's drain state (GenerateStream ends on it)
 
     # ------------------------------------------------------------ helpers
 
@@ -225,15 +229,33 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 
     @rpc_method
     async def Generate(self, request, context):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        generation = await self.prepare_generation(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            await generation.submit()
+            async for message in responses(events, generation.builder):
+                yield message
+            generation.log_done(message.timing)
+        finally:
+            # No-op when the device finished; the engine aborts the request after a stop string, or
+            # when the caller went away.
+            generation.caller.cancel()
+
+    @rpc_method
+    async def GenerateStream(self, request_iterator, context):
+        async for message in GenerationStream(self, self.metrics, self.draining).serve(request_iterator):
+            yield message
+
+    async def prepare_generation(self, request: pb.GenerateRequest, emit) -> Generation:
+        """A Generate request checked and made ready for its device (`Generation.submit`); `emit`,
+        called on the device thread, receives its events. Raises ServiceError for bad input."""
         started = time.perf_counter()
         worker, shard = self._lookup(request.handle)
         prompt_ids = await self._prompt_ids(shard, request.prompt)
         context_left = shard.kv.max_context - len(prompt_ids)
         sampling = resolve_sampling(sampling_request(request.sampling), shard.generation_config, context_left=context_left,
                                     vocab_size=shard.config.vocab_size)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        caller = Caller(emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         if sampling.stop and shard.tokenizer is None:
             raise FailedPrecondition(f"{shard.request.model} has no tokenizer.json, so stop strings cannot be matched; "
                                      "use stop_token_ids")
@@ -243,18 +265,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         # The engine's id is unique per shard even when callers reuse theirs.
         engine_request = Request(f"{request_id}-{secrets.token_hex(6)}", prompt_ids, sampling, shard.kv.max_context,
                                  eos_ids=frozenset(shard.eos_ids()))
-        try:
-            await asyncio.wrap_future(worker.submit(GenerateJob(request.handle, engine_request, caller)))
-            async for message in responses(events, builder):
-                yield message
-            timing = message.timing
-            log.info("generate done", request_id=request_id, handle=request.handle, model=shard.request.model,
-                     prompt_tokens=len(prompt_ids), completion_tokens=builder.completion_tokens,
-                     finish=builder.finish.stop_reason, ttft_ms=round(timing.time_to_first_token_ms, 2))
-        finally:
-            # No-op when the device finished; the engine aborts the request after a stop string, or
-            # when the caller went away.
-            caller.cancel()
+        caller = Caller(emit=emit)
+        return Generation(request.handle, shard.request.model, builder, caller, worker,
+                          GenerateJob(request.handle, engine_request, caller))
 
     async def _prompt_ids(self, shard: Shard, prompt: pb.Prompt) -> list[int]:
         check_prompt_size(prompt, self.limits)

@@ -64,6 +64,11 @@ class NeuronStub:
                 request_serializer=neuron_dot_v1_dot_neuron__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=neuron_dot_v1_dot_neuron__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/neuron.v1.Neuron/GenerateStream',
+                request_serializer=neuron_dot_v1_dot_neuron__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=neuron_dot_v1_dot_neuron__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.ClearKv = channel.unary_unary(
                 '/neuron.v1.Neuron/ClearKv',
                 request_serializer=neuron_dot_v1_dot_neuron__pb2.ClearKvRequest.SerializeToString,
@@ -136,6 +141,17 @@ class NeuronServicer:
 
     def Generate(self, request, context):
         """Streams generated tokens. Cancelling the call stops the work on the device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
+        """Many generations over one call (what cortex uses): each `start` sent up begins one under the
+        caller's `id` (unique among the call's open generations), a `cancel` ends one. Down comes one
+        message per wake-up of the call with the new messages of every generation that has any, so a
+        decode turn of 64 requests costs one gRPC message instead of 64. Each generation's responses
+        are exactly those Generate would stream for it; its failure is an update with a status code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,6 +234,11 @@ def add_NeuronServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=neuron_dot_v1_dot_neuron__pb2.GenerateRequest.FromString,
                     response_serializer=neuron_dot_v1_dot_neuron__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=neuron_dot_v1_dot_neuron__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=neuron_dot_v1_dot_neuron__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'ClearKv': grpc.unary_unary_rpc_method_handler(
                     servicer.ClearKv,
@@ -412,6 +433,33 @@ class Neuron:
             '/neuron.v1.Neuron/Generate',
             neuron_dot_v1_dot_neuron__pb2.GenerateRequest.SerializeToString,
             neuron_dot_v1_dot_neuron__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/neuron.v1.Neuron/GenerateStream',
+            neuron_dot_v1_dot_neuron__pb2.GenerateStreamRequest.SerializeToString,
+            neuron_dot_v1_dot_neuron__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

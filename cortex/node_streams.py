@@ -1,0 +1,152 @@
+"""Generations to a neuron over one GenerateStream call per node instead of one Generate call each.
+
+A decode turn of 64 requests then reaches cortex as one message, not 64: on one H200 the per-message
+work of gRPC in Python, once in the neuron and once here, capped a single neuron near 7,000 tok/s
+(bench/NOTES.md, session 6). Each generation keeps its own queue; updates that queue up while the
+client's stream is busy go out merged into one message (its tokens and text joined), so a loaded
+cortex sends fewer, larger messages instead of falling behind.
+
+Failure semantics are Generate's: a neuron error ends that generation with the neuron's status
+(the node named); the call breaking, or the node marked DOWN, ends every generation on it with
+UNAVAILABLE; a client that goes away or runs out of time cancels its generation on the neuron.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from common.errors import DeadlineExceeded, ServiceError, Unavailable, clip
+from common.proto.neuron.v1 import neuron_pb2 as npb
+
+from .registry import Registry
+
+log = structlog.get_logger(__name__)
+
+
+def _error(code: int, message: str, node: str) -> ServiceError:
+    error = ServiceError(clip(f"node {node}: {message}", 4096))
+    error.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return error
+
+
+def merge(updates: list[npb.GenerateResponse]) -> npb.GenerateResponse:
+    """One response for consecutive ones of a generation: ids and text joined, the rest (finish,
+    usage, timing) from the last."""
+    if len(updates) == 1:
+        return updates[0]
+    merged = npb.GenerateResponse()
+    merged.CopyFrom(updates[-1])
+    del merged.token_ids[:]
+    for u in updates:
+        merged.token_ids.extend(u.token_ids)
+    merged.text = "".join(u.text for u in updates)
+    return merged
+
+
+class NodeStream:
+    """One open GenerateStream call to a node, shared by every generation cortex routes there."""
+
+    def __init__(self, node: str, stub, registry: Registry):
+        self.node, self.stub, self.registry = node, stub, registry
+        self._ids = itertools.count(1)
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._queues: dict[int, asyncio.Queue] = {}
+        self.closed = False
+        self._call = stub.GenerateStream(self._requests())
+        self._tracked = registry.track(node, self._call)  # cut (cancelled) when the node goes DOWN
+        self._reader = asyncio.create_task(self._read(), name=f"generate-stream-{node}")
+
+    async def _requests(self):
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                return
+            yield message
+
+    async def _read(self) -> None:
+        error: ServiceError = Unavailable(f"node {self.node}: its generation stream ended (the neuron is shutting "
+                                          "down); retry")
+        try:
+            async for message in self._call:
+                for update in message.updates:
+                    queue = self._queues.get(update.id)
+                    if queue is not None:
+                        queue.put_nowait(update)
+        except grpc.aio.AioRpcError as err:
+            if self._tracked.cut:
+                error = Unavailable(self._tracked.cut)
+            elif err.code() == grpc.StatusCode.CANCELLED:
+                error = Unavailable(f"node {self.node}: the generation stream was cancelled; retry")
+            else:
+                error = _error(err.code().value[0], err.details() or err.code().name, self.node)
+        except asyncio.CancelledError:
+            error = Unavailable(f"node {self.node}: cortex closed the generation stream; retry")
+        finally:
+            self.closed = True
+            self.registry.untrack(self.node, self._tracked)
+            for queue in self._queues.values():
+                queue.put_nowait(error)
+
+    async def generate(self, request: npb.GenerateRequest, timeout: float | None) -> AsyncIterator[npb.GenerateResponse]:
+        """The responses of one generation, as Generate would stream them (merged when they queue up).
+        Raises ServiceError: the neuron's status, UNAVAILABLE, or DEADLINE_EXCEEDED after `timeout`."""
+        key, queue = next(self._ids), asyncio.Queue()
+        self._queues[key] = queue
+        self._outbox.put_nowait(npb.GenerateStreamRequest(id=key, start=request))
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        finished = False
+        try:
+            while not finished:
+                if deadline is None:
+                    first = await queue.get()
+                else:
+                    try:
+                        first = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                    except TimeoutError:
+                        raise DeadlineExceeded("Deadline Exceeded: the request's deadline passed before the "
+                                               "generation finished") from None
+                items = [first]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                responses = []
+                for item in items:
+                    if isinstance(item, ServiceError):
+                        raise item
+                    if item.error_code:
+                        raise _error(item.error_code, item.error_message, self.node)
+                    responses.append(item.response)
+                    finished = finished or bool(item.response.finish_reason)
+                yield merge(responses)
+        finally:
+            del self._queues[key]
+            if not finished and not self.closed:
+                self._outbox.put_nowait(npb.GenerateStreamRequest(id=key, cancel=True))
+
+    def close(self) -> None:
+        self._outbox.put_nowait(None)
+
+
+class NodeStreams:
+    """The open NodeStream of each node, opened on first use and again after it breaks."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._streams: dict[str, NodeStream] = {}
+
+    def get(self, node: str, stub) -> NodeStream:
+        stream = self._streams.get(node)
+        if stream is None or stream.closed or stream.stub is not stub:
+            if stream is not None and not stream.closed:
+                stream.close()
+            stream = self._streams[node] = NodeStream(node, stub, self.registry)
+        return stream
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
