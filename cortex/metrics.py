@@ -63,6 +63,8 @@ class GenerationTimer:
     started: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
     running: bool = False
+    _tokens: object = field(default=None, init=False, repr=False)        # this model's labelled series
+    _inter_token: object = field(default=None, init=False, repr=False)
 
     def begin(self) -> None:
         self.metrics.running.labels(self.model).inc()
@@ -71,17 +73,19 @@ class GenerationTimer:
     def tokens(self, count: int) -> None:
         if not count:
             return
-        m, now = self.metrics, time.perf_counter()
-        m.generation_tokens.labels(self.model).inc(count)
+        now = time.perf_counter()
         gaps, gap = count, 0.0
         if self.last_token_at is None:
-            m.ttft.labels(self.model).observe(now - self.started)
+            # The labelled series are looked up once per generation, not once per message.
+            self._tokens = self.metrics.generation_tokens.labels(self.model)
+            self._inter_token = self.metrics.inter_token.labels(self.model)
+            self.metrics.ttft.labels(self.model).observe(now - self.started)
             gaps -= 1  # the first token has no gap before it; those that came with it have none either
         else:
             gap = (now - self.last_token_at) / count  # tokens in one message share its gap
-        hist = m.inter_token.labels(self.model)
+        self._tokens.inc(count)
         for _ in range(gaps):
-            hist.observe(gap)
+            self._inter_token.observe(gap)
         self.last_token_at = now
 
     def end(self, code: str, prompt_tokens: int | None) -> None:

@@ -113,7 +113,8 @@ class NeuronMetrics:
     # What one generation streamed and how it ended; Generate calls (through the interceptor) and
     # GenerateStream's generations report the same way.
     def tokens(self, model: str, count: int, first_after_s: float | None = None) -> None:
-        self.generation_tokens.labels(model).inc(count)
+        if count:
+            self.generation_tokens.labels(model).inc(count)
         if first_after_s is not None:
             self.ttft.labels(model).observe(first_after_s)
 

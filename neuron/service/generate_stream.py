@@ -104,23 +104,29 @@ class GenerationStream:
 
     async def serve(self, requests) -> AsyncIterator[pb.GenerateStreamResponse]:
         reader = asyncio.create_task(self._read(requests))
+        watch = asyncio.create_task(self._watch_drain())
         try:
             while self._reading or self.open:
                 if self.draining() and not self.open:
                     return  # the drain waits for this call; new generations go to other nodes
-                try:
-                    await asyncio.wait_for(self.inbox.ready.wait(), DRAIN_CHECK_S)
-                except TimeoutError:
-                    continue
+                await self.inbox.ready.wait()
                 updates = self._updates(self.inbox.take())
                 if updates:
                     yield pb.GenerateStreamResponse(updates=updates)
         finally:
             reader.cancel()
+            watch.cancel()
             for task in self._tasks:
                 task.cancel()
             for key in list(self.open):
                 self._end(key, "CANCELLED")
+
+    async def _watch_drain(self) -> None:
+        """Wake the writer once the server drains, so an idle call ends (a timeout on every wait
+        would cost a timer per message)."""
+        while not self.draining():
+            await asyncio.sleep(DRAIN_CHECK_S)
+        self.inbox.wake()
 
     # ------------------------------------------------------------ requests from the caller
 
@@ -164,7 +170,7 @@ class GenerationStream:
         events_of: dict[int, list] = {}
         for key, event in items:
             events_of.setdefault(key, []).append(event)
-        updates = []
+        updates, tokens_of = [], {}
         for key, events in events_of.items():
             generation = self.open.get(key)
             if generation is None:
@@ -183,20 +189,22 @@ class GenerationStream:
             if message is None:
                 continue
             updates.append(pb.GenerateUpdate(id=key, response=message))
-            self._count(key, generation, message)
+            self._count(key, generation, message, tokens_of)
             if generation.builder.finish is not None:
                 generation.log_done(message.timing)
                 self._end(key, "OK")
+        for model, count in tokens_of.items():
+            self.metrics.tokens(model, count)
         return updates
 
-    def _count(self, key: int, generation: Generation, message: pb.GenerateResponse) -> None:
+    def _count(self, key: int, generation: Generation, message: pb.GenerateResponse, tokens_of: dict) -> None:
+        """Note a message's tokens in `tokens_of` (model -> count, added to the metrics once per wake-up)."""
         if self.metrics is None or not message.token_ids:
             return
-        first = None
         if key not in self._first_token_seen:
             self._first_token_seen.add(key)
-            first = time.perf_counter() - generation.builder.started
-        self.metrics.tokens(generation.model, len(message.token_ids), first)
+            self.metrics.tokens(generation.model, 0, time.perf_counter() - generation.builder.started)
+        tokens_of[generation.model] = tokens_of.get(generation.model, 0) + len(message.token_ids)
 
     def _end(self, key: int, code: str) -> None:
         generation = self.open.pop(key, None)
