@@ -100,7 +100,8 @@ class NeuronMetrics:
         self.model_of = model_of
         r = self.registry
         r.register(DeviceCollector(workers))
-        self.requests = Counter("neuron_requests", "Generate calls that ended, by gRPC status code",
+        self.requests = Counter("neuron_requests",
+                                "generations that ended (Generate calls and GenerateStream's), by gRPC status code",
                                 ["model", "code"], registry=r)
         self.prompt_tokens = Counter("neuron_prompt_tokens", "prompt tokens of finished generations", ["model"],
                                      registry=r)
