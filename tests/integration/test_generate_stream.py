@@ -1,18 +1,23 @@
 """GenerateStream on a real neuron: many generations over one call give each exactly what Generate
 gives it alone; a bad request fails alone with its status; a cancel ends one generation and the
-others go on; the neuron's metrics count the stream's generations as they count Generate calls."""
+others go on; the neuron's metrics count the stream's generations as they count Generate calls; a
+draining neuron ends cortex's idle stream instead of waiting out its drain time for it."""
 from __future__ import annotations
 
 import queue
+import signal
 import threading
+import time
 import urllib.request
 
 import grpc
 import pytest
 
+from common.proto.cortex.v1 import cortex_pb2 as cpb
+from common.proto.cortex.v1 import cortex_pb2_grpc
 from common.proto.neuron.v1 import neuron_pb2 as pb
 from common.proto.neuron.v1 import neuron_pb2_grpc
-from tests.helpers import MODELS, free_port, start_neuron, wait_until
+from tests.helpers import MODELS, free_port, start_cortex, start_neuron, wait_until
 
 PROMPTS = [[1, 45, 97, 143, 200], [1, 7, 8], [1, 300, 301, 302, 303, 304, 305], [1, 99]]
 
@@ -134,3 +139,24 @@ def test_the_metrics_count_the_streams_generations(neuron):
     finally:
         call.close()
     wait_until(lambda: counted("OK") == ok_before + 2, what="two OK generations counted")
+
+
+def test_a_draining_neuron_ends_cortexs_idle_stream_so_its_drain_does_not_wait_for_it():
+    neuron = start_neuron(devices="cpu", model_roots=[MODELS], extra=["--drain-seconds", "30"])
+    cortex = start_cortex([neuron.address])
+    try:
+        stub = cortex_pb2_grpc.CortexStub(cortex.channel())
+        wait_until(lambda: stub.ListNodes(cpb.ListNodesRequest()).nodes[0].state == cpb.NODE_STATE_UP,
+                   timeout=30, what="the neuron UP")
+        list(stub.LoadModel(cpb.LoadModelRequest(name="m", path="llama2", max_context=64), timeout=60))
+        done = cpb.GenerateRequest(model="m", prompt=cpb.Prompt(tokens=cpb.TokenIds(ids=[1, 5, 9])),
+                                   sampling=cpb.SamplingParams(max_tokens=4, ignore_eos=True))
+        assert sum(len(m.token_ids) for m in stub.Generate(done, timeout=30)) == 4  # the node stream is open
+        started = time.monotonic()
+        neuron.proc.send_signal(signal.SIGTERM)
+        neuron.proc.wait(60)
+        # Well inside the 30 s drain: the idle stream ended as soon as the drain began.
+        assert neuron.proc.returncode == 0 and time.monotonic() - started < 15
+    finally:
+        cortex.kill()
+        neuron.kill()
