@@ -72,11 +72,19 @@ class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
 
 
+def status_error(code: grpc.StatusCode, message: str) -> ServiceError:
+    """A ServiceError carrying a status received from downstream, code unchanged."""
+    error = ServiceError(clip(message, MESSAGE_CHARS))
+    error.code = code
+    return error
+
+
 def from_rpc_error(err: grpc.RpcError, prefix: str = "") -> ServiceError:
     """Re-raise a downstream status with the same code, the message prefixed (e.g. the node)."""
-    error = ServiceError(clip(f"{prefix}{err.details()}", MESSAGE_CHARS))
-    error.code = err.code()
-    return error
+    return status_error(err.code(), f"{prefix}{err.details()}")
+
+
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # number on the wire -> StatusCode
 
 
 def status_of(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:

@@ -204,6 +204,11 @@ class ServingServer:
         return self._drain.draining
 
     @property
+    def drain_message(self) -> str:
+        """What calls refused while draining are told."""
+        return self._drain.message
+
+    @property
     def inflight(self) -> int:
         """Calls running now (health and reflection not counted)."""
         return self._drain.inflight

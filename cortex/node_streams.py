@@ -19,18 +19,12 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
-from common.errors import DeadlineExceeded, ServiceError, Unavailable, clip
+from common.errors import STATUS_CODES, DeadlineExceeded, ServiceError, Unavailable, from_rpc_error, status_error
 from common.proto.neuron.v1 import neuron_pb2 as npb
 
 from .registry import Registry
 
 log = structlog.get_logger(__name__)
-
-
-def _error(code: int, message: str, node: str) -> ServiceError:
-    error = ServiceError(clip(f"node {node}: {message}", 4096))
-    error.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    return error
 
 
 def merge(updates: list[npb.GenerateResponse]) -> npb.GenerateResponse:
@@ -82,7 +76,7 @@ class NodeStream:
             elif err.code() == grpc.StatusCode.CANCELLED:
                 error = Unavailable(f"node {self.node}: the generation stream was cancelled; retry")
             else:
-                error = _error(err.code().value[0], err.details() or err.code().name, self.node)
+                error = from_rpc_error(err, f"node {self.node}: ")
         except asyncio.CancelledError:
             error = Unavailable(f"node {self.node}: cortex closed the generation stream; retry")
         finally:
@@ -113,7 +107,8 @@ class NodeStream:
                     if isinstance(item, ServiceError):
                         raise item
                     if item.error_code:
-                        raise _error(item.error_code, item.error_message, self.node)
+                        raise status_error(STATUS_CODES.get(item.error_code, grpc.StatusCode.UNKNOWN),
+                                           f"node {self.node}: {item.error_message}")
                     responses.append(item.response)
                     finished = finished or bool(item.response.finish_reason)
                 yield merge(responses)

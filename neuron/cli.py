@@ -167,7 +167,7 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
                            interceptors=(security.interceptor(ACCESS), metrics.interceptor),
                            max_inflight=settings["max_inflight_calls"], credentials=security.server_credentials())
     server.add(neuron_pb2_grpc.add_NeuronServicer_to_server, service, "neuron.v1.Neuron")
-    service.draining = lambda: server.draining
+    service.drain_message = lambda: server.drain_message if server.draining else ""
     port = await server.start()
     metrics_runner, metrics_listen = None, listen_or_off(settings["metrics_listen"])
     if metrics_listen:

@@ -64,7 +64,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         # of long prompts queues instead of taking every core).
         self._prompt_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prompt")
         self.metrics = None                      # NeuronMetrics, for GenerateStream's generations
-        self.draining: Callable[[], bool] = lambda: False  # the server's drain state (GenerateStream ends on it)
+        # While the server drains: the message its refusals carry ("" when serving); GenerateStream
+        # refuses new generations with it and ends once idle.
+        self.drain_message: Callable[[], str] = lambda: ""
 
     # ------------------------------------------------------------ helpers
 
@@ -244,7 +246,7 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 
     @rpc_method
     async def GenerateStream(self, request_iterator, context):
-        async for message in GenerationStream(self, self.metrics, self.draining).serve(request_iterator):
+        async for message in GenerationStream(self, self.metrics, self.drain_message).serve(request_iterator):
             yield message
 
     async def prepare_generation(self, request: pb.GenerateRequest, emit) -> Generation:

@@ -92,10 +92,10 @@ class _Starting:
 class GenerationStream:
     """The server side of one GenerateStream call."""
 
-    def __init__(self, service, metrics=None, draining: Callable[[], bool] = lambda: False):
+    def __init__(self, service, metrics=None, drain_message: Callable[[], str] = lambda: ""):
         self.service = service         # NeuronService: prepare_generation
         self.metrics = metrics         # NeuronMetrics or None
-        self.draining = draining
+        self.drain_message = drain_message  # "" while the server serves
         self.inbox = Inbox(asyncio.get_running_loop())
         self.open: dict[int, Generation | _Starting] = {}
         self._first_token_seen: set[int] = set()
@@ -107,7 +107,7 @@ class GenerationStream:
         watch = asyncio.create_task(self._watch_drain())
         try:
             while self._reading or self.open:
-                if self.draining() and not self.open:
+                if self.drain_message() and not self.open:
                     return  # the drain waits for this call; new generations go to other nodes
                 await self.inbox.ready.wait()
                 updates = self._updates(self.inbox.take())
@@ -124,7 +124,7 @@ class GenerationStream:
     async def _watch_drain(self) -> None:
         """Wake the writer once the server drains, so an idle call ends (a timeout on every wait
         would cost a timer per message)."""
-        while not self.draining():
+        while not self.drain_message():
             await asyncio.sleep(DRAIN_CHECK_S)
         self.inbox.wake()
 
@@ -146,9 +146,8 @@ class GenerationStream:
             self.inbox.post(key, ErrorEvent(ServiceError(f"generation id {key} is already open on this call")))
             return
         self.open[key] = _Starting(request.handle)
-        if self.draining():
-            self.inbox.post(key, ErrorEvent(Unavailable("this neuron is shutting down (draining): it takes no new "
-                                                        "requests; retry on another node")))
+        if message := self.drain_message():
+            self.inbox.post(key, ErrorEvent(Unavailable(message)))
             return
         task = asyncio.create_task(self._begin(key, request))
         self._tasks.add(task)
