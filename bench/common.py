@@ -69,3 +69,21 @@ def time_kernel_groups(cp, groups: dict, reps: int = 20) -> dict:
         ms = time_ms(cp, graph.launch, reps=reps)
         timed[name] = {"ms": ms, "bytes": read, "gb_s": read / ms / 1e6 if read else None}
     return timed
+
+
+def graph_ms(cp, fn, repeat: int = 10, reps: int = 10) -> float:
+    """Device time of one fn() in ms, fn captured `repeat` times back to back in one CUDA graph and
+    replayed: the kernels' own time with the gaps a decode turn's graph has, no Python launch cost.
+    fn must be capturable (no host sync, no allocation outside the memory pool); raises if not."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()  # warm-up outside the capture: module loads, kernel attributes, workspaces
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            for _ in range(repeat):
+                fn()
+        finally:
+            graph = stream.end_capture()
+        graph.upload(stream)
+        return time_ms(cp, lambda: graph.launch(stream), reps=reps) / repeat

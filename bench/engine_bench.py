@@ -86,6 +86,18 @@ def run_requests(shard, prompts: list[list[int]], tokens: int, turn_times: list 
     return requests, time.perf_counter() - started
 
 
+def use_small_m_gemv(shard, max_seqs: int, graphs: bool) -> None:
+    """One-row products through the fused engine's GEMV (not the serving default: see LlamaModel),
+    the decode graphs captured again with it."""
+    from neuron.model import kernels
+    from neuron.runner.cuda_graphs import DecodeGraphs
+
+    shard.model.ops.gemv = kernels.CudaOps(np.dtype(shard.model.p["embed"].dtype).name)
+    if graphs:
+        shard.engine.runner.graphs = DecodeGraphs(shard.model, shard.kv, max_seqs, capture=True)
+        shard.engine.runner.graphs.prepare()
+
+
 def weight_bytes(shard) -> int:
     return shard.weight_bytes
 
@@ -100,6 +112,8 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
             from bench.serving_bench import SHAPES as SERVING_SHAPES
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
         shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency))
+        if args.small_m_gemv:
+            use_small_m_gemv(shard, max(concurrency), args.graphs != "off")
         captured = shard.engine.runner.graphs
         report = captured.report if captured else None
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs]
@@ -169,6 +183,7 @@ def main() -> None:
     parser.add_argument("--graphs", choices=("on", "off", "both"), default="both",
                         help="decode turns replayed from CUDA graphs, eager, or each (same shard, same run)")
     parser.add_argument("--skip-fixtures", action="store_true")
+    parser.add_argument("--small-m-gemv", action="store_true", help="one-row products through the GEMV kernel")
     parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -180,6 +195,7 @@ def main() -> None:
         bandwidth, tflops, name = copy_bandwidth(backend.xp), matmul_rate(backend.xp), gpu_name()
     print(f"device: {name}   copy {bandwidth:.0f} GB/s   matmul {tflops:.3f} TFLOP/s", flush=True)
     result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
+              "small_m_gemv": args.small_m_gemv,
               "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)

@@ -3,7 +3,8 @@ alone with CUDA events at the turn's batch size, beside its bandwidth or FLOP li
 captured turn replayed from its CUDA graph. Used by engine_bench.py (in process: the host time of a
 turn is engine_bench's measured turn minus the replay).
 
-Op classes, summed over the layers: `gemm` (qkv, o, gate/up, down and the LM head at M = batch),
+Each op class is captured in a CUDA graph and replayed (bench.common.graph_ms), so its figure is
+device time with a graph's launch gaps, not Python's launch cost. Op classes, summed over the layers: `gemm` (qkv, o, gate/up, down and the LM head at M = batch),
 `attention` (the paged decode kernel at the given context), `norms` (residual add + RMSNorm twice,
 rotary + KV write, silu * up), `sampler` (greedy, the turn's one copy to the host included).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.common import time_ms
+from bench.common import graph_ms, time_ms
 from neuron.layers.attention import DecodeBatch
 from neuron.runner.sampler import RowSampler, SampleRow, sample_rows
 from neuron.sampling import SamplingConfig
@@ -25,10 +26,18 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
     layers = c.num_layers
     out: dict = {"concurrency": n, "context": context}
 
-    def timed(name: str, fn, bytes_moved: float, flops: float, times: int = 1) -> None:
-        ms = time_ms(cp, fn, reps=10) * times
+    def timed(name: str, fn, bytes_moved: float, flops: float, times: int = 1, captured: bool = True) -> None:
+        """Captured ops are timed inside a CUDA graph (device time, as in the turn's graph); an op
+        that cannot be captured (the sampler's copy to the host) is timed eagerly."""
+        how = "graph"
+        try:
+            ms = graph_ms(cp, fn) * times if captured else None
+        except Exception:  # noqa: BLE001 - an op that refuses capture is still timed
+            ms = None
+        if ms is None:
+            ms, how = time_ms(cp, fn, reps=10) * times, "eager"
         limit = max(bytes_moved / (bandwidth_gb_s * 1e9), flops / (tflops * 1e12)) * 1e3
-        out[name] = {"ms": round(ms, 4), "limit_ms": round(limit, 4)}
+        out[name] = {"ms": round(ms, 4), "limit_ms": round(limit, 4), "timed": how}
 
     weights = [p[f"0.{w}"] for w in ("qkv", "o", "gate_up", "down")]
     inputs = {w.shape[1]: cp.ascontiguousarray(cp.broadcast_to(h[:, :1], (n, w.shape[1]))) for w in weights}
@@ -70,14 +79,14 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
 
     logits = cp.asarray(rng.standard_normal((n, c.vocab_size)).astype(np.float32))
     rows = [SampleRow(RowSampler.create(SamplingConfig(), c.vocab_size), j, []) for j in range(n)]
-    timed("sampler", lambda: sample_rows(cp, logits, rows), int(logits.nbytes), 0)
+    timed("sampler", lambda: sample_rows(cp, logits, rows), int(logits.nbytes), 0, captured=False)
 
     graphs = shard.engine.runner.graphs
     bucket = None if graphs is None else next((graphs.buckets[b] for b in sorted(graphs.buckets) if b >= n), None)
     if bucket is not None and bucket.graph is not None:
         stream = cp.cuda.get_current_stream()
         timed("graph_replay", lambda: bucket.graph.launch(stream),
-              shard.weight_bytes + kv_bytes * layers, 2 * shard.num_parameters * n)
+              shard.weight_bytes + kv_bytes * layers, 2 * shard.num_parameters * n, captured=False)
         out["graph_bucket"] = bucket.size
     return out
 

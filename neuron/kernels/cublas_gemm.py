@@ -127,3 +127,126 @@ class CublasGemm:
                                      out.data.ptr, out_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                "cublasGemmEx")
         return out
+
+
+# -- cuBLASLt: the same product with an algorithm chosen by measurement (bench/gemm_choice_bench.py)
+
+CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB = 3, 4
+CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1
+CUDA_R_32F = 0
+
+
+class LtAlgo(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64 * 8)]
+
+
+class LtHeuristic(ctypes.Structure):
+    _fields_ = [("algo", LtAlgo), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+_lt_library: ctypes.CDLL | None = None
+
+
+def _load_lt_library() -> ctypes.CDLL:
+    """libcublasLt: libcublas depends on it, so it is mapped once libcublas is."""
+    _load_library()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rsplit(maxsplit=1)[-1]
+            if os.path.basename(path).startswith("libcublasLt.so"):
+                return ctypes.CDLL(path)
+    for name in ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise RuntimeError("libcublasLt is not loaded and none was found by name")
+
+
+def _bind_lt(lib: ctypes.CDLL) -> None:
+    p, i, u64, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64
+    signatures = {
+        "cublasLtCreate": [ctypes.POINTER(p)],
+        "cublasLtMatmulDescCreate": [ctypes.POINTER(p), i, i],
+        "cublasLtMatmulDescSetAttribute": [p, i, p, ctypes.c_size_t],
+        "cublasLtMatrixLayoutCreate": [ctypes.POINTER(p), i, u64, u64, i64],
+        "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(p)],
+        "cublasLtMatmulPreferenceSetAttribute": [p, i, p, ctypes.c_size_t],
+        "cublasLtMatmulAlgoGetHeuristic": [p, p, p, p, p, p, p, i, ctypes.POINTER(LtHeuristic), ctypes.POINTER(i)],
+        "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, ctypes.POINTER(LtAlgo), p, ctypes.c_size_t, p],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, i
+
+
+class CublasLtGemm:
+    """x [M, K] @ W[N, K]^T through cublasLtMatmul with an explicit algorithm: cuBLASLt lists the
+    candidates for a shape (`candidates`), the caller times them and keeps one per M. Same layout
+    and float32 accumulation as CublasGemm.linear."""
+
+    def __init__(self):
+        global _lt_library
+        import cupy
+
+        self.cp = cupy
+        with _lock:
+            if _lt_library is None:
+                lib = _load_lt_library()
+                _bind_lt(lib)
+                _lt_library = lib
+        self.lib = _lt_library
+        handle = ctypes.c_void_p()
+        _check(self.lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
+        self.handle = handle
+        self.workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
+        self._one, self._zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self._layouts: dict = {}
+
+    def _descriptors(self, m: int, n: int, k: int, in_type: int, out_type: int):
+        key = (m, n, k, in_type, out_type)
+        if key not in self._layouts:
+            desc = ctypes.c_void_p()
+            _check(self.lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F, CUDA_R_32F),
+                   "cublasLtMatmulDescCreate")
+            for attribute, op in ((CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T), (CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N)):
+                value = ctypes.c_int(op)
+                _check(self.lib.cublasLtMatmulDescSetAttribute(desc, attribute, ctypes.byref(value), 4),
+                       "cublasLtMatmulDescSetAttribute")
+            layouts = []
+            for dtype, rows, cols, ld in ((in_type, k, n, k), (in_type, k, m, k), (out_type, n, m, n)):
+                layout = ctypes.c_void_p()
+                _check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows, cols, ld),
+                       "cublasLtMatrixLayoutCreate")
+                layouts.append(layout)
+            self._layouts[key] = (desc, *layouts)
+        return self._layouts[key]
+
+    def candidates(self, m: int, n: int, k: int, dtype_name: str, count: int = 16) -> list[LtAlgo]:
+        in_type = CUDA_DATA_TYPES[dtype_name]
+        desc, a, b, c = self._descriptors(m, n, k, in_type, in_type)
+        pref = ctypes.c_void_p()
+        _check(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
+        limit = ctypes.c_uint64(WORKSPACE_BYTES)
+        _check(self.lib.cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                             ctypes.byref(limit), 8), "cublasLtMatmulPreferenceSetAttribute")
+        results = (LtHeuristic * count)()
+        returned = ctypes.c_int(0)
+        _check(self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, c, c, pref, count, results,
+                                                       ctypes.byref(returned)), "cublasLtMatmulAlgoGetHeuristic")
+        return [results[j].algo for j in range(returned.value) if results[j].state == 0]
+
+    def linear(self, x, W, algo: LtAlgo, out=None):
+        cp = self.cp
+        m, k = x.shape
+        n = W.shape[0]
+        if out is None:
+            out = cp.empty((m, n), dtype=x.dtype)
+        in_type, out_type = CUDA_DATA_TYPES[x.dtype.name], CUDA_DATA_TYPES[out.dtype.name]
+        desc, a, b, c = self._descriptors(m, n, k, in_type, out_type)
+        stream = cp.cuda.get_current_stream().ptr
+        _check(self.lib.cublasLtMatmul(self.handle, desc, ctypes.byref(self._one), W.data.ptr, a, x.data.ptr, b,
+                                       ctypes.byref(self._zero), out.data.ptr, c, out.data.ptr, c, ctypes.byref(algo),
+                                       self.workspace.data.ptr, WORKSPACE_BYTES, stream), "cublasLtMatmul")
+        return out
