@@ -69,6 +69,32 @@ def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_c
     return load_shard(backend, req, 1, lambda p: None, threading.Event(), settings=settings)
 
 
+class TurnLog:
+    """Wraps the shard's runner: every turn's kind (decode-only, prompt-only, mixed), tokens and
+    seconds (execute returns once the sampled ids are on the host, so its time is the device's)."""
+
+    def __init__(self, runner):
+        self.runner, self.turns = runner, []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, plan):
+        started = time.perf_counter()
+        out = self.runner.execute(plan)
+        decoding = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.start > 0)
+        kind = "decode" if decoding == len(plan.chunks) else ("prompt" if decoding == 0 else "mixed")
+        self.turns.append((kind, plan.num_tokens, time.perf_counter() - started))
+        return out
+
+    def summary(self) -> dict:
+        out = {}
+        for kind in ("decode", "prompt", "mixed"):
+            sel = [t for t in self.turns if t[0] == kind]
+            out[kind] = {"turns": len(sel), "tokens": sum(t[1] for t in sel), "seconds": round(sum(t[2] for t in sel), 4)}
+        return out
+
+
 def run_requests(shard, prompts: list[list[int]], tokens: int, turn_times: list | None = None) -> tuple[list, float]:
     requests = []
     for i, prompt in enumerate(prompts):
@@ -124,7 +150,9 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
             prompts = [rng.integers(10, 1000, args.prompt).tolist() for _ in range(n)]
             run_requests(shard, prompts[:1], 4)  # warm-up
             turns: list = []
+            turn_log = shard.engine.runner = TurnLog(shard.engine.runner)
             requests, seconds = run_requests(shard, prompts, args.tokens, turns)
+            shard.engine.runner = turn_log.runner
             generated = sum(len(r.output_ids) for r in requests)
             kv_bytes = n * (args.prompt + args.tokens / 2) * shard.kv.nbytes / max(shard.kv.tokens, 1)
             step_limit = max((weight_bytes(shard) + kv_bytes) / (bandwidth * 1e9),
@@ -134,13 +162,14 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
                    "output_tok_s": generated / seconds,
                    "decode_turn_ms_p50": turn_ms, "roofline_tok_s": n / step_limit,
                    "graph_sizes": sorted(report.sizes) if report else [],
-                   "graph_capture_s": report.seconds if report else None}
+                   "graph_capture_s": report.seconds if report else None, "turns": turn_log.summary()}
             if backend.kind == "cuda" and graphs:
                 row["profile"] = profile_decode_turn(shard, n, args.prompt + args.tokens // 2, bandwidth, tflops)
                 replay = row["profile"].get("graph_replay", {}).get("ms")
                 row["host_ms_per_turn"] = turn_ms - replay if turn_ms and replay else None
                 print_profile(name, row["profile"])
             rows.append(row)
+            print(f"{name:>3} n={n:>3} turns {row['turns']}", flush=True)
             print(f"{name:>3} n={n:>3} graphs={row['graphs']!s:>5}  {row['output_tok_s']:>9.1f} tok/s   "
                   f"decode turn p50 {turn_ms or 0:>7.2f} ms (host {row.get('host_ms_per_turn') or 0:.2f})   roofline {row['roofline_tok_s']:>9.1f} tok/s", flush=True)
         shard.engine.fail_all(RuntimeError("bench done"))
