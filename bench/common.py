@@ -75,7 +75,14 @@ def graph_ms(cp, fn, repeat: int = 10, reps: int = 10) -> float:
     """Device time of one fn() in ms, fn captured `repeat` times back to back in one CUDA graph and
     replayed: the kernels' own time with the gaps a decode turn's graph has, no Python launch cost.
     fn must be capturable (no host sync, no allocation outside the memory pool); raises if not."""
-    stream = cp.cuda.Stream(non_blocking=True)
+    stream, previous = cp.cuda.Stream(non_blocking=True), cp.cuda.get_current_stream()
+    try:
+        return _graph_ms(cp, stream, fn, repeat, reps)
+    finally:
+        previous.use()  # `with stream` would restore CuPy's stack, not a stream made current by use()
+
+
+def _graph_ms(cp, stream, fn, repeat: int, reps: int) -> float:
     with stream:
         fn()  # warm-up outside the capture: module loads, kernel attributes, workspaces
         stream.synchronize()

@@ -253,8 +253,19 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
     runner.graphs = _capture_decode_graphs(backend, model, kv, layout, max_seqs, settings, progress)
     scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
                           settings.max_batched_tokens, max_seqs, settings.max_waiting, settings.max_prefill_chunk)
-    return Shard(handle, req, config, dtype, layout, model, kv, ShardEngine(scheduler, runner, layout.size > 1), max_seqs, tokenizer,
+    engine = ShardEngine(scheduler, runner, layout.size > 1)
+    _warm_up(backend, engine, layout, min(settings.max_batched_tokens, max_context - 1), req.model, progress)
+    return Shard(handle, req, config, dtype, layout, model, kv, engine, max_seqs, tokenizer,
                  generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm)
+
+
+def _warm_up(backend, engine: ShardEngine, layout, tokens: int, model: str, progress) -> None:
+    """One full prompt turn on a single-GPU shard (ShardEngine.warm_up). Not on a TP rank, whose turn
+    runs collectives with ranks that are not in a turn at load; not on a CPU (nothing to compile)."""
+    if backend.kind != "cuda" or layout.size > 1:
+        return
+    progress(LoadProgress("warm-up", 0, 0, 0, 0, 0.0))
+    log.info("warm-up turn done", model=model, tokens=tokens, seconds=round(engine.warm_up(tokens), 3))
 
 
 def _capture_decode_graphs(backend, model, kv: PagedKvCache, layout, max_seqs: int, settings: EngineSettings,

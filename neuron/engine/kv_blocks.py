@@ -130,6 +130,10 @@ class KVBlockManager:
             self._cached[block_hash] = block.block_id
         self._num_registered[request] = num_full
 
+    def reset_counters(self) -> None:
+        """Zero the prefix-cache lookup counters (after the load-time warm-up, which is no traffic)."""
+        self._queries = self._hits = 0
+
     def reset_prefix_cache(self) -> int:
         """Forget every free cached block (blocks in use keep their hashes); returns how many."""
         dropped = list(self._free_cached)

@@ -72,3 +72,24 @@ def test_a_turn_that_raises_fails_its_requests_and_the_worker_serves_on(worker):
     while shard.engine.stats.running and time.monotonic() < deadline:  # refreshed at the end of the turn
         time.sleep(0.01)
     assert shard.engine.stats.running == 0 and shard.engine.stats.kv.blocks_used == 0
+
+
+def test_the_load_time_warm_up_leaves_no_trace_and_the_tokens_unchanged():
+    from neuron.device import CpuBackend
+    from neuron.shard import load_shard
+
+    ref = np.load(REFERENCE / "llama2.npz")
+    shard = load_shard(CpuBackend(DeviceSpec("cpu", "cpu", 0), 1 << 30),
+                       LoadRequest(MODELS / "llama2", "llama2", max_context=256), 1, lambda p: None, threading.Event())
+    engine = shard.engine
+    assert engine.warm_up(200) > 0
+    stats = engine.stats
+    assert (stats.running, stats.waiting, stats.kv.blocks_used, stats.kv.blocks_cached) == (0, 0, 0, 0)
+    assert (stats.kv.queries, stats.kv.hits) == (0, 0)
+    events = Events()
+    prompt = ref["prompt_ids"].tolist()
+    engine.add(Request("after", prompt, SamplingConfig(max_tokens=len(ref["greedy_ids"]), ignore_eos=True), 256),
+               Caller(emit=events))
+    while engine.has_work():
+        engine.step()
+    assert isinstance(events.end, FinishEvent) and events.tokens == ref["greedy_ids"].tolist()
