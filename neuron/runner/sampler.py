@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neuron.kernels.argmax import argmax_rows_cuda
 from neuron.sampling import SamplingConfig, _penalize_repetition, draw
 
 
@@ -39,7 +40,11 @@ def sample_rows(xp, logits, rows: list[SampleRow]) -> list[int]:
     """Token ids for `rows` of float32 logits [R, vocab], in the order of `rows`."""
     if not rows:
         return []
-    scores = logits[xp.asarray(np.asarray([r.row for r in rows], dtype=np.int64))].astype(xp.float32)
+    row_index = xp.asarray(np.asarray([r.row for r in rows], dtype=np.int64))
+    if xp is not np and all(r.sampler.config.greedy and r.sampler.config.repetition_penalty == 1.0 for r in rows):
+        # every row greedy (the common batch): one kernel over the logits in place, no gathered copy
+        return argmax_rows_cuda(logits, row_index).get().tolist()
+    scores = logits[row_index].astype(xp.float32)
     for j, r in enumerate(rows):
         penalty = r.sampler.config.repetition_penalty
         if penalty != 1.0 and r.history:
