@@ -3,7 +3,9 @@
 // return), so a row's pick is the same whatever the batch. One module for every batch size: CuPy's
 // argmax is a reduction compiled per shape (0.1-0.2 s of NVRTC for each new row count, measured on
 // the H200), and it needs the rows gathered and copied first.
-#include <math.h>
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)   // NVRTC has no <math.h>
+#endif
 
 __device__ __forceinline__ bool beats(float v, int i, float best, int bi) {
     const bool vn = isnan(v), bn = isnan(best);
