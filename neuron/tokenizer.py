@@ -56,7 +56,6 @@ class Tokenizer:
         self.chat_template: str | None = _pick_chat_template(tokenizer_config.get("chat_template"))
         self.bos_token_id: int | None = self._id_of(self._special.get("bos_token"))
         self.eos_token_ids: set[int] = self._eos_ids()
-        self._one_id_text: dict[int, str] = {}   # decode_one's memo
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer | None:
@@ -89,14 +88,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def decode_one(self, token_id: int) -> str:
-        """decode([token_id]), remembered: a TextStream decodes its newest token alone once per
-        sampled token, and the text of one id never changes (at most one entry per vocab id)."""
-        text = self._one_id_text.get(token_id)
-        if text is None:
-            text = self._one_id_text[token_id] = self.decode([token_id])
-        return text
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     seconds: float = RENDER_SECONDS) -> str:
@@ -186,20 +177,12 @@ class TextStream:
         for used, token_id in enumerate(token_ids, start=1):
             if self._stopped:
                 break
-            text, stop = self.push_one(token_id)
+            self._ids.append(token_id)
+            text, stop = self._step()
             released.append(text)
             if stop is not None:
                 return StreamDelta("".join(released), stop, used)
         return StreamDelta("".join(released), None, 0 if self._stopped else len(token_ids))
-
-    def push_one(self, token_id: int) -> tuple[str, str | None]:
-        """Add one generated token: the text it releases, and the stop string it completed (or
-        None). The streaming path's call (one per sampled token), so it builds no StreamDelta.
-        After a stop string matched it gives ("", None)."""
-        if self._stopped:
-            return "", None
-        self._ids.append(token_id)
-        return self._step()
 
     def finish(self) -> StreamDelta:
         """The text still held back, once generation ended; a stop string found in it still ends
@@ -239,17 +222,12 @@ class TextStream:
     def _window_text(self) -> tuple[str, bool]:
         """The window's text past what was already read, and whether it is complete (does not end
         in an incomplete character)."""
-        if self._read - self._prefix == 1:  # the usual window: the token read last, then the new ones
-            prefix_text = self._tokenizer.decode_one(self._ids[self._prefix])
-        else:
-            prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read])
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read])
         text = self._tokenizer.decode(self._ids[self._prefix:])
         return text[len(prefix_text):], not text.endswith("\ufffd")
 
     def _first_stop(self, text: str) -> tuple[int, str] | None:
         """The stop string in `text` that is completed first, as (position, stop string)."""
-        if not self._stop:
-            return None  # most requests have no stop strings; this runs once per token
         found = [(index, stop) for stop in self._stop if (index := text.find(stop)) >= 0]
         return min(found, key=lambda item: (item[0] + len(item[1]), item[0]), default=None)
 

@@ -110,9 +110,9 @@ class GenerationStream:
                 if self.drain_message() and not self.open:
                     return  # the drain waits for this call; new generations go to other nodes
                 await self.inbox.ready.wait()
-                message = self._message(self.inbox.take())
-                if message.updates:
-                    yield message
+                updates = self._updates(self.inbox.take())
+                if updates:
+                    yield pb.GenerateStreamResponse(updates=updates)
         finally:
             reader.cancel()
             watch.cancel()
@@ -165,13 +165,11 @@ class GenerationStream:
 
     # ------------------------------------------------------------ updates to the caller
 
-    def _message(self, items: list[tuple[int, object]]) -> pb.GenerateStreamResponse:
-        """One message with an update for each generation that has news in `items`. Each update is
-        written in place (an update built apart and then added would be copied, for every token)."""
+    def _updates(self, items: list[tuple[int, object]]) -> list[pb.GenerateUpdate]:
         events_of: dict[int, list] = {}
         for key, event in items:
             events_of.setdefault(key, []).append(event)
-        message, tokens_of = pb.GenerateStreamResponse(), {}
+        updates, tokens_of = [], {}
         for key, events in events_of.items():
             generation = self.open.get(key)
             if generation is None:
@@ -179,34 +177,33 @@ class GenerationStream:
             try:
                 if isinstance(generation, _Starting):
                     raise next(e.error for e in events if isinstance(e, ErrorEvent))
-                folded = generation.builder.fold(events)
+                message = generation.builder.take(events)
             except StopIteration:
                 continue
             except Exception as err:  # noqa: BLE001 - the device's or the request's error
                 code, text = status_of(err, "GenerateStream")
-                message.updates.add(id=key, error_code=code.value[0], error_message=text)
+                updates.append(pb.GenerateUpdate(id=key, error_code=code.value[0], error_message=text))
                 self._end(key, code.name)
                 continue
-            if folded is None:
+            if message is None:
                 continue
-            response = message.updates.add(id=key).response
-            generation.builder.write(response, *folded)
-            self._count(key, generation, len(folded[0]), tokens_of)
+            updates.append(pb.GenerateUpdate(id=key, response=message))
+            self._count(key, generation, message, tokens_of)
             if generation.builder.finish is not None:
-                generation.log_done(response.timing)
+                generation.log_done(message.timing)
                 self._end(key, "OK")
         for model, count in tokens_of.items():
             self.metrics.tokens(model, count)
-        return message
+        return updates
 
-    def _count(self, key: int, generation: Generation, tokens: int, tokens_of: dict) -> None:
-        """Note an update's tokens in `tokens_of` (model -> count, added to the metrics once per wake-up)."""
-        if self.metrics is None or not tokens:
+    def _count(self, key: int, generation: Generation, message: pb.GenerateResponse, tokens_of: dict) -> None:
+        """Note a message's tokens in `tokens_of` (model -> count, added to the metrics once per wake-up)."""
+        if self.metrics is None or not message.token_ids:
             return
         if key not in self._first_token_seen:
             self._first_token_seen.add(key)
             self.metrics.tokens(generation.model, 0, time.perf_counter() - generation.builder.started)
-        tokens_of[generation.model] = tokens_of.get(generation.model, 0) + tokens
+        tokens_of[generation.model] = tokens_of.get(generation.model, 0) + len(message.token_ids)
 
     def _end(self, key: int, code: str) -> None:
         generation = self.open.pop(key, None)

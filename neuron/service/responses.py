@@ -34,17 +34,6 @@ class ResponseBuilder:
     def take(self, events: list) -> pb.GenerateResponse | None:
         """The message for events that arrived together, or None when they add nothing to send.
         Raises the device's error. Once `finish` is set, the rest of the events are ignored."""
-        folded = self.fold(events)
-        if folded is None:
-            return None
-        message = pb.GenerateResponse()
-        self.write(message, *folded)
-        return message
-
-    def fold(self, events: list) -> tuple[list[int], str] | None:
-        """What events that arrived together add to the output, as (token ids, text), or None when
-        they add nothing to send; `write` puts it into a message. Raises the device's error. Once
-        `finish` is set, the rest of the events are ignored."""
         ids: list[int] = []
         delta = ""
         for event in events:
@@ -55,25 +44,15 @@ class ResponseBuilder:
             else:
                 delta += self._token(event, ids)
             if self.finish is not None:
-                return ids, delta
-        return (ids, delta) if ids else None
-
-    def write(self, message: pb.GenerateResponse, ids: list[int], delta: str) -> None:
-        """Fill an empty message with what `fold` gave, and with the finish, usage and timing once
-        the output is complete. GenerateStream writes into its update's response in place:
-        building a message and then setting it as a field would copy it."""
-        message.token_ids.extend(ids)
-        message.text = delta
-        message.request_id = self.request_id
-        if self.finish is not None:
-            self._write_final(message)
+                return self._final(ids, delta)
+        return pb.GenerateResponse(token_ids=ids, text=delta, request_id=self.request_id) if ids else None
 
     def _token(self, event: TokenEvent, ids: list[int]) -> str:
         """Add one sampled token to the output; its text delta. A token that completes a stop
         string is kept (and counted) and finishes the output."""
         delta, stop = "", None
         if self.text is not None:
-            delta, stop = self.text.push_one(event.token_id)
+            delta, stop, _ = self.text.push([event.token_id])
         ids.append(event.token_id)
         self.completion_tokens += 1
         if self.first_sampled_at is None:
@@ -93,20 +72,18 @@ class ResponseBuilder:
             self.finish = FinishEvent("stop", f"stop:{tail.stop}")
         return tail.text
 
-    def _write_final(self, message: pb.GenerateResponse) -> None:
+    def _final(self, ids: list[int], delta: str) -> pb.GenerateResponse:
         now = time.perf_counter()
         first = self.first_sampled_at if self.first_sampled_at is not None else now
         last = self.last_sampled_at if self.last_sampled_at is not None else now
         decode_seconds = last - first
         rate = (self.completion_tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0
-        message.finish_reason = FINISH[self.finish.reason]
-        message.stop_reason = self.finish.stop_reason
-        message.usage.prompt_tokens = self.prompt_tokens
-        message.usage.completion_tokens = self.completion_tokens
-        timing = message.timing
-        timing.time_to_first_token_ms = (first - self.started) * 1e3
-        timing.total_ms = (now - self.started) * 1e3
-        timing.decode_tokens_per_second = rate
+        return pb.GenerateResponse(
+            token_ids=ids, text=delta, finish_reason=FINISH[self.finish.reason], stop_reason=self.finish.stop_reason,
+            usage=pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
+            timing=pb.Timing(time_to_first_token_ms=(first - self.started) * 1e3, total_ms=(now - self.started) * 1e3,
+                             decode_tokens_per_second=rate),
+            request_id=self.request_id)
 
 
 async def responses(events: asyncio.Queue, builder: ResponseBuilder) -> AsyncIterator[pb.GenerateResponse]:

@@ -355,26 +355,6 @@ def test_stream_equals_decode_for_random_ids(byte_level):
 
 
 @pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
-def test_decode_one_is_decode_of_that_id_asked_twice(request, name):
-    tokenizer = request.getfixturevalue(name)
-    for _ in range(2):  # the second time from its memo
-        for token_id in range(tokenizer.vocab_size):
-            assert tokenizer.decode_one(token_id) == tokenizer.decode([token_id]), token_id
-
-
-def test_push_one_gives_what_push_gives_one_id_at_a_time(byte_level):
-    rng = random.Random(1)
-    for _ in range(100):
-        ids = [rng.randrange(byte_level.vocab_size) for _ in range(rng.randrange(1, 30))]
-        stop = [byte_level.decode(ids[3:5])] if len(ids) > 5 else []
-        by_list, by_one = TextStream(byte_level, stop), TextStream(byte_level, stop)
-        for token_id in ids:
-            text, matched, _ = by_list.push([token_id])
-            assert by_one.push_one(token_id) == (text, matched), ids
-        assert by_one.finish() == by_list.finish()
-
-
-@pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
 def test_stream_holds_partial_characters(request, name):
     tokenizer = request.getfixturevalue(name)
     ids = tokenizer.encode("a🦄b", add_special_tokens=False)
