@@ -31,7 +31,7 @@ LAYERS = {"1b": 16, "8b": 32}
 
 def matmul_rate(cp) -> float:
     a = cp.ones((8192, 8192), dtype=cp.float16)
-    return 2 * 8192 ** 3 / time_ms(cp, lambda: a @ a) / 1e9   # eager: CuPy's matmul refuses capture
+    return 2 * 8192 ** 3 / time_ms(cp, lambda: a @ a) / 1e9   # TFLOP/s (FLOP / ms / 1e9); eager: CuPy's matmul refuses capture
 
 
 def best_lt(cp, lt, x, W, out, candidates: int):
@@ -94,7 +94,7 @@ def main() -> None:
     from neuron.model import kernels
 
     bandwidth = copy_bandwidth(cp)
-    tflops = matmul_rate(cp) / 1e3
+    tflops = matmul_rate(cp)
     print(f"copy {bandwidth:,.0f} GB/s, fp16 matmul {tflops:,.0f} TFLOP/s", flush=True)
     gemm, lt = CublasGemm.for_current_device(), CublasLtGemm()
     gemv = kernels.CudaOps("bfloat16")
