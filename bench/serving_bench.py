@@ -21,7 +21,11 @@ In one run it:
    client streams are spread over --client-procs processes so the client is not what is measured;
 4. runs the baseline, transformers batched `generate` eager at the same batch sizes, in its own
    process (bench/hf_batch_baseline.py; skipped with a note when torch is missing);
-5. prints one table and writes bench/results/serving_bench-<time>.json (rows of {model, workload,
+5. on a GPU, after the served runs (the GPU free again), profiles a decode turn of each model in
+   process at --profile-concurrency (bench/engine_bench.py's rows: GEMMs, attention, norms, sampler
+   and the graph replay timed inside CUDA graphs, each beside its limit, and the host time per
+   turn; skipped with --no-profile);
+6. prints one table and writes bench/results/serving_bench-<time>.json (rows of {model, workload,
    concurrency, output_tok_s, ttft_p50_ms, ttft_p99_ms, itl_p50_ms, itl_p99_ms, baseline_tok_s,
    roofline_tok_s}, the commit, the GPU) and the table as a .log beside it.
 
@@ -335,6 +339,11 @@ def table(result: dict) -> str:
     lines += ["", "tok/s: output tokens of all streams / wall time from the first submission to the last token, "
               "through cortex over gRPC. TTFT and ITL in ms, client side. HF: transformers batched generate, eager, "
               "same batch. roofline: max(weight+KV bytes / copy bandwidth, FLOPs / matmul rate) per step."]
+    for row in result.get("profiles", []):
+        parts = [f"{k} {v['ms']:.3f} ms (limit {v['limit_ms']:.3f})" for k, v in row.get("profile", {}).items()
+                 if isinstance(v, dict)]
+        lines.append(f"profile {row['model']} n={row['concurrency']}: decode turn p50 {fmt(row['decode_turn_ms_p50'], '.2f')} "
+                     f"ms, host {fmt(row.get('host_ms_per_turn'), '.2f')} ms; " + "; ".join(parts))
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -457,9 +466,30 @@ def parse_args(argv=None):
     parser.add_argument("--neuron-arg", action="append", default=[], help="extra `neuron serve` flag (repeatable)")
     parser.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 4)))
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--profile-concurrency", default="1,64,256", help="decode-turn profiles (GPU only)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "neuron-serving-bench"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     return parser.parse_args(argv)
+
+
+def decode_turn_profiles(keys: list[str], args, ceil: dict) -> list[dict]:
+    """engine_bench's in-process rows (decode turn p50, host time, per-op profile) for each model."""
+    from types import SimpleNamespace
+
+    from bench.engine_bench import MODELS, throughput_rows
+    from neuron.device import CudaBackend, DeviceSpec
+
+    log("decode-turn profiles, in process")
+    backend = CudaBackend(DeviceSpec(args.device, "cuda", int(args.device)))
+    options = SimpleNamespace(graphs="on", prompt=args.prompt_tokens, tokens=args.tokens, small_m_gemv=False)
+    concurrency = [int(c) for c in args.profile_concurrency.split(",") if c]
+    rows = []
+    for key in keys:
+        if key in MODELS:
+            rows += throughput_rows(backend, key, MODELS[key], concurrency, options, ceil["copy_gb_s"],
+                                    ceil["matmul_tflop_s"])
+    return rows
 
 
 def main(argv=None) -> int:
@@ -480,6 +510,8 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=args.client_procs, mp_context=get_context("spawn")) as pool:
         for key in keys:
             result["rows"] += bench_model(key, args, result["ceilings"], pool, work, result["notes"])
+    if args.profile and args.device != "cpu":
+        result["profiles"] = decode_turn_profiles(keys, args, result["ceilings"])
     text = table(result)
     print("\n" + text, flush=True)
     out = Path(args.out)
