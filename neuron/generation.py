@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per token
 class TokenEvent:
     token_id: int
     # When the token was sampled (time.perf_counter on the device thread): TTFT and decode rate are

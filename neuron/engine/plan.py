@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .request import Request
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per request per turn: slots, not frozen (4x cheaper to build)
 class ScheduledChunk:
     """One request's share of a turn: compute KV for `token_ids` at positions start.. and, when the
     chunk reaches the last known token, sample the next one (or return logits for a scoring request)."""

@@ -37,7 +37,7 @@ from .plan import RunnerOutput, ScheduledChunk, SchedulerOutput
 from .request import Request, RequestStatus
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per request per turn
 class RequestUpdate:
     """What one turn did to one request, for the output side (detokenize, stop strings, events)."""
     request: Request

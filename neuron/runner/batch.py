@@ -33,7 +33,7 @@ class BatchInputs:
                            self.block_tables, np.zeros(0, dtype=np.int32))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per sampling request per turn
 class RowSpan:
     """Where one chunk's logits are in the turn's logits [R, vocab]: rows lo:hi."""
     chunk: ScheduledChunk

@@ -29,7 +29,7 @@ class RowSampler:
         return cls(config, top_k, np.random.Generator(np.random.PCG64(config.seed)))  # seed None: OS entropy
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per sampling request per turn
 class SampleRow:
     sampler: RowSampler
     row: int                           # index into the turn's logits
