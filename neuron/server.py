@@ -30,7 +30,7 @@ from .limits import Limits
 from .loader import resolve_checkpoint
 from .runner.batch import BatchInputs
 from .sampling import resolve_sampling
-from .service.convert import sampling_request
+from .service.convert import graph_fields, sampling_request
 from .service.generate_stream import Generation, GenerationStream
 from .service.responses import ResponseBuilder, responses
 from .shard import LoadRequest, Shard, plan_load
@@ -196,7 +196,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
                             vocab_size=shard.config.vocab_size, tp_rank=shard.layout.rank, tp_size=shard.layout.size,
                             load_seconds=shard.load_seconds, path=str(shard.request.directory),
                             kv_block_size=shard.kv.block_size, kv_blocks_total=shard.kv.num_blocks,
-                            kv_tokens=shard.kv.tokens)
+                            kv_tokens=shard.kv.tokens, warm_up_seconds=shard.warm_up_seconds,
+                            **graph_fields(shard.engine.runner.graphs))
 
     @rpc_method
     async def DropShard(self, request, context):

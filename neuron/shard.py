@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_MAX_CONTEXT = 4096
 GPU_WORKSPACE_BYTES = 512 << 20  # activations, logits and cuBLAS workspace beside the weights
 GPU_POOL_SEQUENCES = 4  # GPU KV pool cap, in units of max_seqs x max_context tokens
+GRAPH_POOL_BUDGET_BYTES = 2 << 30  # decode graphs stop being captured past this much pool (262-272 MiB measured)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Shard:
     num_parameters: int
     load_seconds: float
     comm: Communicator = field(default_factory=SingleRank)
+    warm_up_seconds: float = 0.0
     followers: object = None     # groups.Followers on a TP leader: handed every turn before it runs
 
     @property
@@ -254,18 +256,22 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
     scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
                           settings.max_batched_tokens, max_seqs, settings.max_waiting, settings.max_prefill_chunk)
     engine = ShardEngine(scheduler, runner, layout.size > 1)
-    _warm_up(backend, engine, layout, min(settings.max_batched_tokens, max_context - 1), req.model, progress)
+    warm_up = _warm_up(backend, engine, layout, min(settings.max_batched_tokens, max_context - 1), req.model, progress)
     return Shard(handle, req, config, dtype, layout, model, kv, engine, max_seqs, tokenizer,
-                 generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm)
+                 generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm,
+                 warm_up)
 
 
-def _warm_up(backend, engine: ShardEngine, layout, tokens: int, model: str, progress) -> None:
-    """One full prompt turn on a single-GPU shard (ShardEngine.warm_up). Not on a TP rank, whose turn
-    runs collectives with ranks that are not in a turn at load; not on a CPU (nothing to compile)."""
+def _warm_up(backend, engine: ShardEngine, layout, tokens: int, model: str, progress) -> float:
+    """One full prompt turn on a single-GPU shard (ShardEngine.warm_up); its seconds, 0 when none ran.
+    Not on a TP rank, whose turn runs collectives with ranks that are not in a turn at load; not on
+    a CPU (nothing to compile)."""
     if backend.kind != "cuda" or layout.size > 1:
-        return
+        return 0.0
     progress(LoadProgress("warm-up", 0, 0, 0, 0, 0.0))
-    log.info("warm-up turn done", model=model, tokens=tokens, seconds=round(engine.warm_up(tokens), 3))
+    seconds = engine.warm_up(tokens)
+    log.info("warm-up turn done", model=model, tokens=tokens, seconds=round(seconds, 3))
+    return seconds
 
 
 def _capture_decode_graphs(backend, model, kv: PagedKvCache, layout, max_seqs: int, settings: EngineSettings,
@@ -280,10 +286,12 @@ def _capture_decode_graphs(backend, model, kv: PagedKvCache, layout, max_seqs: i
     progress(LoadProgress("cuda-graphs", 0, 0, 0, 0, 0.0))
     graphs = DecodeGraphs(model, kv, max_seqs, capture=True)
     try:
-        graphs.prepare()
+        report = graphs.prepare(budget_bytes=GRAPH_POOL_BUDGET_BYTES)
     except Exception as err:  # noqa: BLE001 - graphs are an optimisation: decode still runs eagerly
         log.warning("decode graph capture failed; decode turns run eagerly", error=f"{type(err).__name__}: {err}")
         return None
+    progress(LoadProgress("cuda-graphs", report.pool_bytes, GRAPH_POOL_BUDGET_BYTES, len(report.sizes),
+                          len(graphs.sizes), 0.0))
     return graphs
 
 

@@ -34,3 +34,12 @@ def sampling_request(params: pb.SamplingParams) -> SamplingRequest:
         stop_token_ids=tuple(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
     )
+
+
+def graph_fields(graphs) -> dict:
+    """ShardInfo's CUDA-graph fields from the runner's DecodeGraphs (None: decode turns run eagerly)."""
+    if graphs is None or not graphs.capture_graphs:
+        return {}
+    report = graphs.report
+    return {"cuda_graph_batch_sizes": sorted(report.sizes), "cuda_graph_seconds": report.seconds,
+            "cuda_graph_pool_bytes": report.pool_bytes}

@@ -45,3 +45,19 @@ def test_batched_greedy_equals_alone_on_the_gpu(worker, name, dtype):
             assert alone == [expected for _, expected in cases]
     finally:
         drop(worker, handle)
+
+
+def test_a_gpu_load_captures_graphs_warms_up_and_reports_both(worker):
+    stages = []
+    handle, shard = load(worker, FIXTURES / "models" / FIXTURE_NAMES[0], "bfloat16", max_context=256, max_seqs=16,
+                         progress=stages.append)
+    try:
+        graphs = shard.engine.runner.graphs
+        assert graphs is not None and graphs.report.sizes and shard.warm_up_seconds > 0
+        captured = [p for p in stages if p.stage == "cuda-graphs" and p.tensors_total]
+        assert captured and captured[-1].tensors_done == len(graphs.report.sizes) == captured[-1].tensors_total
+        assert "warm-up" in [p.stage for p in stages]
+        stats = shard.engine.stats
+        assert (stats.running, stats.kv.blocks_used, stats.kv.blocks_cached, stats.kv.queries) == (0, 0, 0, 0)
+    finally:
+        drop(worker, handle)

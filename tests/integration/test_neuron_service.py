@@ -192,6 +192,8 @@ def test_not_enough_memory_is_resource_exhausted_and_nothing_is_left(bad_root):
             assert not after.shards and after.free_bytes == before.free_bytes
             info = list(stub.LoadShard(pb.LoadShardRequest(path="good", max_context=8)))[-1].loaded
             assert info.max_context == 8 and info.kv_tokens >= 8 and info.kv_blocks_total >= 1
+            # a CPU shard runs every turn eagerly and has nothing to warm up
+            assert list(info.cuda_graph_batch_sizes) == [] and info.warm_up_seconds == 0
     finally:
         small.kill()
 

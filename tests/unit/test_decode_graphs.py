@@ -93,3 +93,16 @@ def test_bucket_inputs_are_not_allocated_in_the_graphs_private_pool(monkeypatch)
     bucket = graphs._build(4)
     assert allocated_in_pool == []
     assert bucket.rows.tolist() == [0, 1, 2, 3]
+
+
+def test_shard_info_reports_the_captured_buckets_and_nothing_for_eager_turns():
+    from types import SimpleNamespace
+
+    from neuron.runner.cuda_graphs import CaptureReport
+    from neuron.service.convert import graph_fields
+
+    assert graph_fields(None) == {}
+    assert graph_fields(SimpleNamespace(capture_graphs=False, report=CaptureReport([1, 2], 0.1, 0))) == {}
+    captured = SimpleNamespace(capture_graphs=True, report=CaptureReport([8, 1, 4], 0.25, 3 << 20))
+    assert graph_fields(captured) == {"cuda_graph_batch_sizes": [1, 4, 8], "cuda_graph_seconds": 0.25,
+                                      "cuda_graph_pool_bytes": 3 << 20}

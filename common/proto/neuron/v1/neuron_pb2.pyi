@@ -187,7 +187,7 @@ class LoadProgress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., gb_per_s: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("handle", "model", "device", "architecture", "dtype", "num_parameters", "weight_bytes", "kv_bytes", "max_context", "max_seqs", "vocab_size", "tp_rank", "tp_size", "load_seconds", "path", "kv_block_size", "kv_blocks_total", "kv_tokens")
+    __slots__ = ("handle", "model", "device", "architecture", "dtype", "num_parameters", "weight_bytes", "kv_bytes", "max_context", "max_seqs", "vocab_size", "tp_rank", "tp_size", "load_seconds", "path", "kv_block_size", "kv_blocks_total", "kv_tokens", "cuda_graph_batch_sizes", "cuda_graph_seconds", "cuda_graph_pool_bytes", "warm_up_seconds")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,10 @@ class ShardInfo(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WARM_UP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     handle: int
     model: str
     device: str
@@ -224,7 +228,11 @@ class ShardInfo(_message.Message):
     kv_block_size: int
     kv_blocks_total: int
     kv_tokens: int
-    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., max_seqs: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
+    cuda_graph_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    cuda_graph_seconds: float
+    cuda_graph_pool_bytes: int
+    warm_up_seconds: float
+    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., max_seqs: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., cuda_graph_seconds: _Optional[float] = ..., cuda_graph_pool_bytes: _Optional[int] = ..., warm_up_seconds: _Optional[float] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("progress", "loaded")
