@@ -489,4 +489,5 @@ def shard_summary(handle: int, shard: Shard) -> pb.ShardSummary:
         max_context=shard.kv.max_context, vocab_size=shard.config.vocab_size, kv_block_size=shard.kv.block_size,
         kv_blocks_total=shard.kv.num_blocks, kv_tokens=shard.kv.tokens, max_seqs=shard.max_seqs,
         running=stats.running, waiting=stats.waiting, kv_blocks_used=stats.kv.blocks_used,
-        prefix_cache_queries=stats.kv.queries, prefix_cache_hits=stats.kv.hits)
+        prefix_cache_queries=stats.kv.queries, prefix_cache_hits=stats.kv.hits,
+        warm_up_seconds=shard.warm_up_seconds, **graph_fields(shard.engine.runner.graphs))

@@ -17,7 +17,8 @@ _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "r
 _SHARD_FIELDS = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error",
                  "path", "architecture", "max_context", "vocab_size",
                  "kv_block_size", "kv_blocks_total", "kv_tokens", "max_seqs", "running", "waiting", "kv_blocks_used",
-                 "prefix_cache_queries", "prefix_cache_hits")
+                 "prefix_cache_queries", "prefix_cache_hits", "cuda_graph_batch_sizes", "cuda_graph_seconds",
+                 "cuda_graph_pool_bytes", "warm_up_seconds")
 _PROGRESS_FIELDS = ("stage", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "gb_per_s")
 
 

@@ -96,3 +96,19 @@ def test_enum_names_for_people():
     assert model_state(cpb.ModelInfo(state=cpb.MODEL_STATE_FAILED)) == "FAILED"
     assert node_state(cpb.Node(state=cpb.NODE_STATE_DOWN)) == "DOWN"
     assert model_state(cpb.ModelInfo(state=42)) == "42"  # a state newer than these stubs
+
+
+def test_a_node_shard_summary_reaches_the_public_one_field_for_field():
+    from common.proto.cortex.v1 import cortex_pb2 as cpb
+    from common.proto.neuron.v1 import neuron_pb2 as npb
+    from cortex.api.convert import shard_summary
+
+    public_fields = set(cpb.ShardSummary.DESCRIPTOR.fields_by_name)
+    assert public_fields <= set(npb.ShardSummary.DESCRIPTOR.fields_by_name)
+    node = npb.ShardSummary(handle=3, model="m", running=2, kv_tokens=4096, prefix_cache_hits=16,
+                            cuda_graph_batch_sizes=[1, 2, 4], cuda_graph_seconds=0.3, cuda_graph_pool_bytes=1 << 28,
+                            warm_up_seconds=0.05)
+    public = shard_summary(node)
+    for name in public_fields:
+        assert getattr(public, name) == getattr(node, name), name
+    assert list(public.cuda_graph_batch_sizes) == [1, 2, 4]
