@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 
+from common.errors import ResourceExhausted
 from neuron.collectives import CollectiveError
 from neuron.generation import ErrorEvent, FinishEvent, TokenEvent
 
@@ -142,8 +143,12 @@ class ShardEngine:
 
         started = time.perf_counter()
         events: list = []
-        self.add(Request("warm-up", [0] * num_tokens, SamplingConfig(max_tokens=1, ignore_eos=True), num_tokens + 1),
-                 Caller(emit=events.append))
+        try:
+            self.add(Request("warm-up", [0] * num_tokens, SamplingConfig(max_tokens=1, ignore_eos=True),
+                             num_tokens + 1), Caller(emit=events.append))
+        except ResourceExhausted as err:  # --max-waiting 0 queues nothing: no warm-up, the load goes on
+            log.warning("no warm-up turn", reason=str(err))
+            return 0.0
         while self.has_work():
             self.step()
         self.reset_prefix_cache()

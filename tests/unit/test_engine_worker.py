@@ -93,3 +93,14 @@ def test_the_load_time_warm_up_leaves_no_trace_and_the_tokens_unchanged():
     while engine.has_work():
         engine.step()
     assert isinstance(events.end, FinishEvent) and events.tokens == ref["greedy_ids"].tolist()
+
+
+def test_no_warm_up_when_the_waiting_queue_takes_nothing():
+    from neuron.device import CpuBackend
+    from neuron.engine.settings import EngineSettings
+    from neuron.shard import load_shard
+
+    shard = load_shard(CpuBackend(DeviceSpec("cpu", "cpu", 0), 1 << 30),
+                       LoadRequest(MODELS / "llama2", "llama2", max_context=64), 1, lambda p: None, threading.Event(),
+                       settings=EngineSettings(max_waiting=0))
+    assert shard.engine.warm_up(32) == 0.0 and not shard.engine.has_work()
