@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, commit, copy_bandwidth, gpu_name, graph_ms, time_ms
+from bench.common import ROOT, commit, copy_bandwidth, gpu_name, graph_ms
+from bench.engine_bench import matmul_rate
 
 SHAPES = {  # name -> [(matrix, N, K)]
     "1b": [("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192),
@@ -27,11 +28,6 @@ SHAPES = {  # name -> [(matrix, N, K)]
            ("lm_head", 128256, 4096)],
 }
 LAYERS = {"1b": 16, "8b": 32}
-
-
-def matmul_rate(cp) -> float:
-    a = cp.ones((8192, 8192), dtype=cp.float16)
-    return 2 * 8192 ** 3 / time_ms(cp, lambda: a @ a) / 1e9   # TFLOP/s (FLOP / ms / 1e9); eager: CuPy's matmul refuses capture
 
 
 def best_lt(cp, lt, x, W, out, candidates: int):

@@ -19,6 +19,7 @@ import structlog
 from common.errors import ResourceExhausted
 from neuron.collectives import CollectiveError
 from neuron.generation import ErrorEvent, FinishEvent, TokenEvent
+from neuron.sampling import SamplingConfig
 
 from .request import Request
 from .scheduler import RequestUpdate, Scheduler, SchedulerStats
@@ -139,8 +140,6 @@ class ShardEngine:
         kernels): 2.5-3.3 s on the H200 for the first 2,048-token turn, which the first user's time
         to first token paid before this ran at load. The prompt's blocks leave the prefix cache and
         its lookup leaves the hit counters."""
-        from neuron.sampling import SamplingConfig
-
         started = time.perf_counter()
         events: list = []
         try:

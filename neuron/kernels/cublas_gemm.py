@@ -23,24 +23,35 @@ CUDA_DATA_TYPES = {"bfloat16": 14, "float16": 2, "float32": 0}
 WORKSPACE_BYTES = 32 << 20    # what cuBLAS recommends for Hopper (cuBLAS docs, cublasSetWorkspace)
 
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
+_libraries: dict[str, ctypes.CDLL] = {}
 _per_device: dict[int, "CublasGemm"] = {}
 
 
-def _load_library() -> ctypes.CDLL:
-    """The libcublas CuPy linked against (found in this process's mappings), else one by soname."""
+def _find_library(stem: str) -> ctypes.CDLL:
+    """`stem`.so as CuPy linked against it (found in this process's mappings: importing CuPy's cuBLAS
+    maps libcublas and libcublasLt, its dependency), else one by soname."""
     import cupy_backends.cuda.libs.cublas  # noqa: F401 - maps libcublas into the process
     with open("/proc/self/maps") as maps:
         for line in maps:
             path = line.rsplit(maxsplit=1)[-1]
-            if os.path.basename(path).startswith("libcublas.so"):
+            if os.path.basename(path).startswith(f"{stem}.so"):
                 return ctypes.CDLL(path)
-    for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+    for name in (f"{stem}.so.13", f"{stem}.so.12", f"{stem}.so"):
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    raise RuntimeError("libcublas is not loaded and none was found by name")
+    raise RuntimeError(f"{stem} is not loaded and none was found by name")
+
+
+def _library(stem: str, bind) -> ctypes.CDLL:
+    """The process's one handle on `stem`, its entry points typed by `bind` on first use."""
+    with _lock:
+        if stem not in _libraries:
+            lib = _find_library(stem)
+            bind(lib)
+            _libraries[stem] = lib
+        return _libraries[stem]
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -64,16 +75,10 @@ class CublasGemm:
     device (a device's work is issued by its one worker thread)."""
 
     def __init__(self):
-        global _library
         import cupy
 
         self.cp = cupy
-        with _lock:
-            if _library is None:
-                lib = _load_library()
-                _bind(lib)
-                _library = lib
-        self.lib = _library
+        self.lib = _library("libcublas", _bind)
         handle = ctypes.c_void_p()
         _check(self.lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         self.handle = handle
@@ -145,25 +150,6 @@ class LtHeuristic(ctypes.Structure):
                 ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
 
-_lt_library: ctypes.CDLL | None = None
-
-
-def _load_lt_library() -> ctypes.CDLL:
-    """libcublasLt: libcublas depends on it, so it is mapped once libcublas is."""
-    _load_library()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.rsplit(maxsplit=1)[-1]
-            if os.path.basename(path).startswith("libcublasLt.so"):
-                return ctypes.CDLL(path)
-    for name in ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    raise RuntimeError("libcublasLt is not loaded and none was found by name")
-
-
 def _bind_lt(lib: ctypes.CDLL) -> None:
     p, i, u64, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64
     signatures = {
@@ -187,16 +173,10 @@ class CublasLtGemm:
     and float32 accumulation as CublasGemm.linear."""
 
     def __init__(self):
-        global _lt_library
         import cupy
 
         self.cp = cupy
-        with _lock:
-            if _lt_library is None:
-                lib = _load_lt_library()
-                _bind_lt(lib)
-                _lt_library = lib
-        self.lib = _lt_library
+        self.lib = _library("libcublasLt", _bind_lt)
         handle = ctypes.c_void_p()
         _check(self.lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
         self.handle = handle
