@@ -1,9 +1,16 @@
-"""Paged decode attention (paged_attention.cu): its CuPy launcher and its NumPy mirror.
+"""Paged attention of query rows over a paged KV cache: its CuPy launcher and NumPy mirrors.
 
-Both take one query token per sequence, q [B, q_heads, head_dim], against a paged KV cache of one
-layer, k_cache / v_cache [num_blocks, block_size, kv_heads, head_dim], with block_tables
-[B, max_blocks] (int32) and context_lens [B] (int32: keys per sequence, the query's own included).
-They return [B, q_heads, head_dim] in the cache's dtype. A sliding window of W keeps the last W keys.
+Two kernels with one contract. Each query row, q [B, q_heads, head_dim], attends over a paged KV
+cache of one layer, k_cache / v_cache [num_blocks, block_size, kv_heads, head_dim], through its row
+of block_tables [B, max_blocks] (int32) to context_lens[b] keys (int32, its own included), and the
+result is [B, q_heads, head_dim] in the cache's dtype. A sliding window of W keeps the last W keys.
+
+- paged_attention.cu (CUDA cores, any storage dtype): one row per block, float32 throughout.
+- paged_attention_mma.cu (tensor cores, bf16/f16 with head_dim a multiple of 16): tiles of up to
+  TILE_ROWS consecutive rows of one sequence share each key read; probabilities are rounded to the
+  storage type before P @ V, as transformers' eager attention rounds them.
+Both split the keys every SPLIT_KEYS positions whatever the batch, so a row's result does not depend
+on the rows launched with it.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from . import load_module
 
 SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
 MAX_GROUP = 16        # query heads per kv head the kernel is built for
+TILE_ROWS = 16        # query rows of one sequence per tensor-core tile (one mma row block)
+MMA_WARPS = 4         # query heads per block of the tensor-core kernel (one warp each)
 
 
 STATIC_SHARED_BUDGET = 44 * 1024   # of the 48 KiB a block may hold statically
@@ -78,6 +87,73 @@ def paged_decode_attention_numpy(q, k_cache, v_cache, block_tables, context_lens
     return out.astype(k_cache.dtype)
 
 
+def uses_tensor_cores(dtype_name: str, head_dim: int) -> bool:
+    """Whether paged_attention_mma.cu serves this cache: 16-bit storage, head_dim in 16-column steps
+    (the mma's k) and at most 256 (its output accumulators live in registers)."""
+    return dtype_name in ("bfloat16", "float16") and head_dim % 16 == 0 and head_dim <= 256
+
+
+def tile_keys(head_dim: int) -> int:
+    """Keys staged in shared memory per step of the tensor-core kernel: K and V tiles fit 48 KiB."""
+    return 64 if head_dim <= 128 else 32
+
+
+def query_tiles(query_start: np.ndarray, rows: int = TILE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles of a flat batch: each request's rows query_start[r]:query_start[r+1] cut every `rows`
+    rows. Returns (first row, row count) per tile, int32."""
+    counts = np.diff(query_start).astype(np.int64)
+    per_request = -(-counts // rows)
+    offsets = np.arange(int(per_request.sum())) - np.repeat(np.cumsum(per_request) - per_request, per_request)
+    first = np.repeat(query_start[:-1].astype(np.int64), per_request) + offsets * rows
+    count = np.minimum(rows, np.repeat(counts, per_request) - offsets * rows)
+    return first.astype(np.int32), count.astype(np.int32)
+
+
+def paged_tile_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale: float, window: int = 0,
+                               split_keys: int = SPLIT_KEYS, step_keys: int = 64) -> np.ndarray:
+    """paged_attention_mma.cu's arithmetic on the host, one row at a time: within each split an
+    online softmax over `step_keys` keys at a time (float32 scores, max and sum), each step's
+    probabilities rounded to the cache dtype before P @ V, the splits combined at the end. A tile
+    shares key reads only, so rows are independent here."""
+    batch, q_heads, d = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    out = np.zeros((batch, q_heads, d), dtype=np.float32)
+    for b in range(batch):
+        ctx = int(context_lens[b])
+        positions = np.arange(ctx)
+        blocks = np.asarray(block_tables[b])[positions // block_size]
+        keys = k_cache[blocks, positions % block_size].astype(np.float32)       # [ctx, kv_heads, d]
+        values = v_cache[blocks, positions % block_size].astype(np.float32)
+        qf = q[b].astype(np.float32).reshape(kv_heads, group, d)
+        splits = []
+        for lo in range(0, ctx, split_keys):
+            m = np.full((kv_heads, group, 1), -np.inf, dtype=np.float32)
+            total = np.zeros((kv_heads, group, 1), dtype=np.float32)
+            acc = np.zeros((kv_heads, group, d), dtype=np.float32)
+            for k0 in range(lo, min(ctx, lo + split_keys), step_keys):
+                seen = np.arange(k0, min(ctx, k0 + step_keys))
+                if window > 0:
+                    seen = seen[seen > ctx - 1 - window]
+                if len(seen) == 0:
+                    continue
+                scores = np.einsum("hgd,jhd->hgj", qf, keys[seen]) * np.float32(scale)
+                m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
+                alpha = np.exp(m - m_new)
+                p = np.exp(scores - m_new)
+                total = total * alpha + p.sum(axis=-1, keepdims=True)
+                acc = acc * alpha + np.einsum("hgj,jhd->hgd", p.astype(k_cache.dtype).astype(np.float32),
+                                              values[seen])
+                m = m_new
+            if np.isfinite(m).all():
+                splits.append((m, total, acc))
+        top = np.max(np.stack([s[0] for s in splits]), axis=0)
+        denom = sum(t * np.exp(m - top) for m, t, _ in splits)
+        numer = sum(a * np.exp(m - top) for m, _, a in splits)
+        out[b] = (numer / denom).reshape(q_heads, d)
+    return out.astype(k_cache.dtype)
+
+
 @dataclass
 class _Workspace:
     part_out: object
@@ -85,11 +161,13 @@ class _Workspace:
 
 
 class PagedAttentionCuda:
-    """Compiles paged_attention.cu for one (dtype, head_dim, group) and launches it on CuPy arrays on
-    the current stream. `decode` allocates nothing when given `out` and a workspace from `workspace`,
-    so it can be captured in a CUDA graph."""
+    """Compiles the kernel that serves one (dtype, head_dim, group), the tensor-core one where
+    `uses_tensor_cores`, and launches it on CuPy arrays on the current stream. `decode` allocates
+    nothing when given `out` and a workspace from `workspace`, so it can be captured in a CUDA graph.
+    `tiled`: whether `decode` takes `tiles` (rows of one sequence sharing key reads)."""
 
-    def __init__(self, dtype_name: str, head_dim: int, group: int, split_keys: int = SPLIT_KEYS):
+    def __init__(self, dtype_name: str, head_dim: int, group: int, split_keys: int = SPLIT_KEYS,
+                 tensor_cores: bool = True):
         import cupy
 
         vec = 4 if dtype_name == "float32" else 8
@@ -98,11 +176,22 @@ class PagedAttentionCuda:
                              f"query heads per kv head; got head_dim {head_dim}, group {group}")
         self.cp = cupy
         self.head_dim, self.group, self.split_keys = head_dim, group, split_keys
-        self.threads = block_threads(head_dim, group, split_keys)
-        module = load_module("paged_attention.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
-                             f"-DPA_G={group}", f"-DPA_THREADS={self.threads}", f"-DPA_SPLIT={split_keys}")
-        self._partial = module.get_function("paged_decode_partial")
-        self._combine = module.get_function("paged_decode_combine")
+        self.tiled = tensor_cores and uses_tensor_cores(dtype_name, head_dim)   # False: benchmarks' baseline
+        if self.tiled:
+            self.warps = min(group, MMA_WARPS)
+            self.chunks = -(-group // self.warps)
+            self.threads = 32 * self.warps
+            module = load_module("paged_attention_mma.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
+                                 f"-DPA_G={group}", f"-DPA_W={self.warps}", f"-DPA_KT={tile_keys(head_dim)}",
+                                 f"-DPA_SPLIT={split_keys}")
+            self._partial = module.get_function("paged_tile_partial")
+            self._combine = module.get_function("paged_row_combine")
+        else:
+            self.threads = block_threads(head_dim, group, split_keys)
+            module = load_module("paged_attention.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
+                                 f"-DPA_G={group}", f"-DPA_THREADS={self.threads}", f"-DPA_SPLIT={split_keys}")
+            self._partial = module.get_function("paged_decode_partial")
+            self._combine = module.get_function("paged_decode_combine")
 
     def workspace(self, batch: int, q_heads: int, splits: int) -> _Workspace:
         cp = self.cp
@@ -110,7 +199,9 @@ class PagedAttentionCuda:
                           cp.empty((batch, q_heads, splits, 2), dtype=cp.float32))
 
     def decode(self, q, k_cache, v_cache, block_tables, context_lens, scale: float, window: int = 0,
-               splits: int = 1, out=None, workspace: _Workspace | None = None):
+               splits: int = 1, out=None, workspace: _Workspace | None = None, tiles=None):
+        """`tiles`: (first row, row count) int32 device arrays from `query_tiles`, on the tiled
+        kernel only; None: every row its own tile."""
         cp = self.cp
         batch, q_heads, d = q.shape
         kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -118,9 +209,20 @@ class PagedAttentionCuda:
             out = cp.empty_like(q)
         if workspace is None:
             workspace = self.workspace(batch, q_heads, splits)
-        self._partial((batch, kv_heads, splits), (self.threads,),
-                      (q, k_cache, v_cache, block_tables, context_lens, workspace.part_out, workspace.part_ml,
-                       np.int32(kv_heads), np.int32(block_size), np.int32(block_tables.shape[1]),
-                       np.float32(scale), np.int32(window)))
-        self._combine((batch * q_heads,), (min(128, d),), (workspace.part_out, workspace.part_ml, out, np.int32(splits)))
+        table_width = np.int32(block_tables.shape[1])
+        if not self.tiled:
+            self._partial((batch, kv_heads, splits), (self.threads,),
+                          (q, k_cache, v_cache, block_tables, context_lens, workspace.part_out, workspace.part_ml,
+                           np.int32(kv_heads), np.int32(block_size), table_width, np.float32(scale), np.int32(window)))
+            self._combine((batch * q_heads,), (min(128, d),),
+                          (workspace.part_out, workspace.part_ml, out, np.int32(splits)))
+            return out
+        first, count = tiles if tiles is not None else (context_lens, context_lens)   # unread when per row
+        num_tiles = batch if tiles is None else len(first)
+        self._partial((num_tiles, kv_heads * self.chunks, splits), (self.threads,),
+                      (q, k_cache, v_cache, block_tables, context_lens, first, count, workspace.part_out,
+                       workspace.part_ml, np.int32(kv_heads), np.int32(block_size), table_width,
+                       np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None)))
+        self._combine((batch * q_heads,), (min(128, d),),
+                      (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads), np.int32(splits)))
         return out

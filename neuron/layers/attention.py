@@ -12,12 +12,12 @@ take the gather path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from neuron.kernels.paged_attention import num_splits, paged_decode_attention_numpy
+from neuron.kernels.paged_attention import TILE_ROWS, num_splits, paged_decode_attention_numpy, query_tiles
 
 SCORE_ELEMENTS_CAP = 1 << 24   # float32 scores per query piece: 64 MiB
 
@@ -43,13 +43,37 @@ class AttentionMetadata:
 class DecodeBatch:
     """Query rows the paged decode kernel attends in one launch, each as its own sequence: a
     request's one decode token, or (`every_row`) every row of the turn, a prompt chunk's row seeing
-    the keys up to its own position (its KV is written before the attention runs)."""
+    the keys up to its own position (its KV is written before the attention runs). With `tiles`, a
+    tiled kernel reads each key once for up to TILE_ROWS rows of a chunk; the rows' results are the
+    same as without."""
     requests: np.ndarray              # host: the turn's requests whose rows are all in the batch
     others: np.ndarray                # host: the other requests' indices (the gather path)
     rows: Any                         # device int64: their rows of the flat batch; None: every row, in order
     block_tables: Any                 # device int32 [n, max_blocks]
     context_lens: Any                 # device int32 [n]: keys each row sees, its own included
     max_context: int = 0              # host: the longest of context_lens (0: not known, the shard's maximum)
+    # host (first row, row count) per tile of consecutive rows of one request, for a tiled kernel;
+    # None: every row its own tile
+    tiles: tuple[np.ndarray, np.ndarray] | None = None
+    _device_tiles: dict = field(default_factory=dict, repr=False)
+
+    def tile_pieces(self, xp, piece_rows: int) -> list[tuple[int, int, Any]]:
+        """The tiles cut into launches of at most `piece_rows` rows (never inside a tile): per launch
+        its rows a:b and its tiles as device (first row - a, row count). Uploaded once per turn,
+        whatever the number of layers."""
+        if piece_rows not in self._device_tiles:
+            first, count = self.tiles
+            pieces, start = [], 0
+            while start < len(first):
+                a = int(first[start])
+                stop = start + 1
+                while stop < len(first) and int(first[stop]) + int(count[stop]) - a <= piece_rows:
+                    stop += 1
+                b = int(first[stop - 1]) + int(count[stop - 1])
+                pieces.append((a, b, (xp.asarray(first[start:stop] - a), xp.asarray(count[start:stop]))))
+                start = stop
+            self._device_tiles[piece_rows] = pieces
+        return self._device_tiles[piece_rows]
 
     @classmethod
     def select(cls, xp, query_start: np.ndarray, context_lens: np.ndarray, block_tables: np.ndarray):
@@ -63,13 +87,16 @@ class DecodeBatch:
                    xp.asarray(context_lens[requests].astype(np.int32)), int(context_lens[requests].max()))
 
     @classmethod
-    def every_row(cls, xp, query_start: np.ndarray, positions: np.ndarray, block_tables: np.ndarray):
-        """Every row of the turn: row t of request r has r's block table and positions[t] + 1 keys."""
+    def every_row(cls, xp, query_start: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
+                  tiled: bool = False):
+        """Every row of the turn: row t of request r has r's block table and positions[t] + 1 keys.
+        `tiled`: each request's rows also cut into tiles of TILE_ROWS for a tiled kernel."""
         owner = np.repeat(np.arange(len(query_start) - 1), np.diff(query_start))
         lens = positions.astype(np.int32) + 1
         everyone = np.arange(len(query_start) - 1)
         return cls(everyone, everyone[:0], None, xp.asarray(np.ascontiguousarray(block_tables[owner])),
-                   xp.asarray(lens), int(lens.max(initial=0)))
+                   xp.asarray(lens), int(lens.max(initial=0)),
+                   query_tiles(query_start, TILE_ROWS) if tiled else None)
 
 
 WORKSPACE_CAP_BYTES = 256 << 20   # the kernel's float32 split partials per launch; more rows: several launches
@@ -82,15 +109,17 @@ class DecodeAttention:
     `prefill_rows`: prompt chunks' rows go through it too (the kernel and its mirror), else only
     decode rows (the CPU's gathered path: its padded gather would be [rows, context] per row)."""
 
-    def __init__(self, run, max_context: int, prefill_rows: bool, xp=np):
+    def __init__(self, run, max_context: int, prefill_rows: bool, xp=np, tiled: bool = False):
         self.run, self.splits, self.prefill_rows, self.xp = run, num_splits(max_context), prefill_rows, xp
+        self.tiled = tiled   # `run` takes `tiles=`: a prompt chunk's rows share key reads
 
     @classmethod
     def cuda(cls, dtype_name: str, head_dim: int, group: int, max_context: int) -> "DecodeAttention":
         import cupy
 
         from neuron.kernels.paged_attention import PagedAttentionCuda
-        return cls(PagedAttentionCuda(dtype_name, head_dim, group).decode, max_context, True, cupy)
+        kernel = PagedAttentionCuda(dtype_name, head_dim, group)
+        return cls(kernel.decode, max_context, True, cupy, tiled=kernel.tiled)
 
     @classmethod
     def gathered(cls, max_context: int) -> "DecodeAttention":
@@ -106,9 +135,14 @@ class DecodeAttention:
         scale = 1.0 / float(d) ** 0.5
         splits = num_splits(batch.max_context) if batch.max_context else self.splits
         piece = max(1, WORKSPACE_CAP_BYTES // (hq * splits * (d + 2) * 4))
-        parts = [self.run(q[a:a + piece], layer_keys, layer_values, batch.block_tables[a:a + piece],
-                          batch.context_lens[a:a + piece], scale, window or 0, splits=splits)
-                 for a in range(0, n, piece)]
+        if self.tiled and batch.tiles is not None:
+            parts = [self.run(q[a:b], layer_keys, layer_values, batch.block_tables[a:b], batch.context_lens[a:b],
+                              scale, window or 0, splits=splits, tiles=tiles)
+                     for a, b, tiles in batch.tile_pieces(self.xp, max(piece, TILE_ROWS))]
+        else:
+            parts = [self.run(q[a:a + piece], layer_keys, layer_values, batch.block_tables[a:a + piece],
+                              batch.context_lens[a:a + piece], scale, window or 0, splits=splits)
+                     for a in range(0, n, piece)]
         return parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
 
 

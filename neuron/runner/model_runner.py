@@ -71,7 +71,8 @@ class ModelRunner:
         xp = self.xp
         decode = None
         if self.model.decode_attention is not None and self.model.decode_attention.prefill_rows:
-            decode = DecodeBatch.every_row(xp, inputs.query_start, inputs.positions, inputs.block_tables)
+            decode = DecodeBatch.every_row(xp, inputs.query_start, inputs.positions, inputs.block_tables,
+                                           tiled=self.model.decode_attention.tiled)
         elif self.model.decode_attention is not None:
             decode = DecodeBatch.select(xp, inputs.query_start, inputs.context_lens, inputs.block_tables)
         meta = AttentionMetadata(slot_mapping=xp.asarray(inputs.slot_mapping), block_tables=xp.asarray(inputs.block_tables),

@@ -106,3 +106,41 @@ def test_block_threads_stay_within_static_shared_memory():
             shared = 4 * (group * d + group * 256 + 2 * group + parts * group * d)
             assert threads >= d and shared <= STATIC_SHARED_BUDGET
     assert block_threads(128, 4) == 512   # four threads per output dim in P @ V
+
+
+def test_query_tiles_cut_each_request_every_sixteen_rows():
+    from neuron.kernels.paged_attention import query_tiles
+
+    first, count = query_tiles(np.array([0, 1, 34, 34, 50], dtype=np.int32))   # 1, 33, 0, 16 rows
+    assert first.tolist() == [0, 1, 17, 33, 34]
+    assert count.tolist() == [1, 16, 16, 1, 16]
+
+
+def test_tile_pieces_cover_every_row_once_and_never_cut_a_tile():
+    from neuron.layers.attention import DecodeBatch
+
+    query_start = np.array([0, 1, 40, 41, 141], dtype=np.int32)
+    positions = np.concatenate([[9], np.arange(39), [3], np.arange(100)]).astype(np.int32)
+    tables = np.zeros((4, 8), dtype=np.int32)
+    batch = DecodeBatch.every_row(np, query_start, positions, tables, tiled=True)
+    for piece_rows in (16, 40, 1000):
+        covered = []
+        for a, b, (first, count) in batch.tile_pieces(np, piece_rows):
+            assert b - a <= piece_rows
+            assert first[0] == 0 and first[-1] + count[-1] == b - a
+            covered += [a + f + i for f, c in zip(first, count) for i in range(c)]
+        assert covered == list(range(141))
+
+
+def test_tile_mirror_equals_softmax_attention_in_float32():
+    from neuron.kernels.paged_attention import paged_tile_attention_numpy
+
+    rng = np.random.default_rng(4)
+    k_cache, v_cache = make_cache(rng, 40, 4, 2, 8)
+    lens = np.array([1, 7, 16, 23, 130], dtype=np.int32)
+    tables = np.stack([rng.permutation(40) for _ in lens]).astype(np.int32)
+    q = rng.standard_normal((5, 6, 8)).astype(np.float32)
+    for window in (0, 5):
+        got = paged_tile_attention_numpy(q, k_cache, v_cache, tables, lens, 0.35, window, split_keys=64, step_keys=8)
+        want = reference(q, k_cache, v_cache, tables, lens, 0.35, window)
+        assert np.abs(got - want).max() < 1e-5

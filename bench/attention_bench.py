@@ -1,0 +1,92 @@
+"""Paged attention alone, per layer: the CUDA-core kernel (paged_attention.cu, one row per block)
+beside the tensor-core one (paged_attention_mma.cu, tiles of 16 rows), for the 8B shape's heads.
+
+    python bench/attention_bench.py [--device 0]
+
+Cases: decode turns (one row per sequence) at 1 / 64 / 256 sequences and contexts 256 / 2,048, and
+prompt turns (a 512-row chunk at the end of a 4,096-token prompt; 16 prompts of 128 rows). Each is
+timed inside a CUDA graph and printed beside its limit: the larger of its KV bytes (each key read
+once) over the copy bandwidth and its FLOPs over the matmul rate, both measured in this run.
+Writes attention_bench-<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import commit, copy_bandwidth, gpu_name, graph_ms  # noqa: E402
+from bench.engine_bench import matmul_rate  # noqa: E402
+from neuron.kernels.paged_attention import PagedAttentionCuda, num_splits, query_tiles  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16   # Llama-3.1-8B
+
+
+def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, bandwidth: float, tflops: float) -> dict:
+    """chunks: (start position, rows) per sequence; every sequence's keys up to its chunk's end are cached."""
+    rng = np.random.default_rng(0)
+    max_blocks = max(-(-(start + rows) // BLOCK) for start, rows in chunks)
+    num_blocks = max_blocks * len(chunks) + 1
+    k = cp.asarray(rng.standard_normal((num_blocks, BLOCK, KV_HEADS, HEAD_DIM), dtype=np.float32)).astype(cp.bfloat16)
+    v = cp.asarray(rng.standard_normal((num_blocks, BLOCK, KV_HEADS, HEAD_DIM), dtype=np.float32)).astype(cp.bfloat16)
+    tables = rng.permutation(num_blocks)[: max_blocks * len(chunks)].reshape(len(chunks), max_blocks).astype(np.int32)
+    counts = [rows for _, rows in chunks]
+    owner = np.repeat(np.arange(len(chunks)), counts)
+    lens = np.concatenate([np.arange(start, start + rows) for start, rows in chunks]).astype(np.int32) + 1
+    n = len(lens)
+    q = cp.asarray(rng.standard_normal((n, Q_HEADS, HEAD_DIM), dtype=np.float32)).astype(cp.bfloat16)
+    row_tables, row_lens = cp.asarray(np.ascontiguousarray(tables[owner])), cp.asarray(lens)
+    first, count = query_tiles(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    tiles = (cp.asarray(first), cp.asarray(count))
+    splits = num_splits(int(lens.max()))
+    out = cp.empty_like(q)
+    kv_bytes = sum(2 * (start + rows) * KV_HEADS * HEAD_DIM * 2 for start, rows in chunks)
+    flops = 4 * Q_HEADS * HEAD_DIM * float(lens.sum())
+    limit = max(kv_bytes / bandwidth / 1e6, flops / tflops / 1e9)
+    row = {"case": name, "rows": n, "sequences": len(chunks), "kv_bytes": kv_bytes, "flops": flops,
+           "limit_ms": limit}
+    for label, kernel in kernels.items():
+        work = kernel.workspace(n, Q_HEADS, splits)
+        extra = {"tiles": tiles} if kernel.tiled else {}
+        row[f"{label}_ms"] = graph_ms(cp, lambda: kernel.decode(q, k, v, row_tables, row_lens, HEAD_DIM ** -0.5, 0,
+                                                                splits, out=out, workspace=work, **extra))
+    print(f"{name:<34} rows {n:>5}  " + "  ".join(f"{label} {row[f'{label}_ms']:.3f} ms" for label in kernels)
+          + f"  (limit {limit:.3f} ms)", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    import cupy as cp
+    cp.cuda.Device(args.device).use()
+    bandwidth, tflops = copy_bandwidth(cp), matmul_rate(cp)
+    print(f"copy {bandwidth:.0f} GB/s, matmul {tflops:.0f} TFLOP/s", flush=True)
+    group = Q_HEADS // KV_HEADS
+    kernels = {"cuda_cores": PagedAttentionCuda("bfloat16", HEAD_DIM, group, tensor_cores=False),
+               "tensor_cores": PagedAttentionCuda("bfloat16", HEAD_DIM, group)}
+    cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (256, 2048) for b in (1, 64, 256)]
+    cases += [("prompt chunk 512 rows at 3584", [(3584, 512)]),
+              ("prompt chunk 256 rows at 3840", [(3840, 256)]),
+              ("16 prompts x 128 rows", [(0, 128)] * 16),
+              ("chunk 512 at 3584 + 64 decode at 256", [(3584, 512)] + [(255, 1)] * 64)]
+    rows = [case(cp, name, chunks, kernels, bandwidth, tflops) for name, chunks in cases]
+    result = {"bench": "attention_bench", "commit": commit(), "gpu": gpu_name(args.device), "copy_gb_s": bandwidth,
+              "matmul_tflops": tflops, "heads": [Q_HEADS, KV_HEADS, HEAD_DIM], "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"attention_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

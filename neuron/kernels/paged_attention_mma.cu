@@ -1,0 +1,210 @@
+// Paged attention on tensor cores: tiles of up to 16 query rows of one sequence against its KV blocks
+// (GQA, split-K), for 16-bit caches. Decode rows are tiles of one row; a prompt chunk's consecutive
+// rows share tiles, so its keys are read once per 16 rows instead of once per row.
+//
+// Same layouts as paged_attention.cu: the cache is [num_blocks, block_size, kv_heads, head_dim];
+// row r attends to positions 0 .. context_lens[r] - 1 of the blocks in block_tables[r].
+//
+// Pass 1 (paged_tile_partial), grid (tiles, kv_heads * head_chunks, splits): one block takes one
+// tile, one kv head (up to PA_W of its query heads, one warp each) and the PA_SPLIT keys of one
+// split. It walks the split PA_KT keys at a time (K and V staged in shared memory once for all its
+// warps): S = Q K^T by mma.m16n8k16, an online softmax in float32, then P (rounded to the storage
+// type) @ V by mma. It writes each row's unnormalised output and (max, sum) in base 2.
+// Pass 2 (paged_row_combine), grid (rows * q_heads): the row's own splits, ceil(context / PA_SPLIT),
+// rescaled to their common max and normalised.
+//
+// Why a row's result does not depend on its tile-mates, its chunk boundaries or the batch: every
+// row's scores, maxima and sums come from its own mma row (the tensor core never mixes rows), the
+// key tiles sit at fixed multiples of PA_KT inside fixed splits, and keys a row may not see get
+// probability exactly 0 (a tile with none of its keys changes neither its max, nor its sum, nor its
+// output). Tile-mates only decide where a CTA stops reading keys.
+//
+// Compile-time: DT (0 bf16, 1 f16), PA_D head_dim (multiple of 16), PA_G query heads per kv head,
+// PA_W warps per block (<= PA_G), PA_KT keys per shared tile, PA_SPLIT keys per split (multiple of PA_KT).
+#include "dtype.cuh"
+
+#define PA_ROWS 16
+#define PA_THREADS (32 * PA_W)
+#define PA_CHUNKS ((PA_G + PA_W - 1) / PA_W)
+#define PA_STRIDE (PA_D + 8)   // 16-bit elements per shared row: the padding spreads a warp's fragment loads over all banks
+
+__device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+    unsigned r;
+#if DT == 0
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+// c[4] += a[4] (16x16, row) * b[2] (16x8, col), float32 accumulation
+__device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const unsigned* b) {
+#if DT == 0
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+#endif
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
+    const T* __restrict__ q,              // [rows, q_heads, PA_D]
+    const T* __restrict__ k_cache,
+    const T* __restrict__ v_cache,
+    const int* __restrict__ block_tables, // [rows, max_blocks]
+    const int* __restrict__ context_lens, // [rows]
+    const int* __restrict__ tile_first,   // [tiles]: first row (ignored when per_row)
+    const int* __restrict__ tile_rows,    // [tiles]: rows in the tile, consecutive positions of one sequence
+    float* __restrict__ part_out,         // [rows, q_heads, splits, PA_D]
+    float* __restrict__ part_ml,          // [rows, q_heads, splits, 2]
+    int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row)
+{
+    const int tile = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+    const int kvh = blockIdx.y / PA_CHUNKS, head_in_group = (blockIdx.y % PA_CHUNKS) * PA_W + (threadIdx.x >> 5);
+    const int first = per_row ? tile : tile_first[tile];
+    const int count = per_row ? 1 : tile_rows[tile];
+    const int pos0 = context_lens[first] - 1;     // positions pos0 .. pos0 + count - 1
+    const int split_lo = split * PA_SPLIT;
+    if (split_lo > pos0 + count - 1) return;       // no row of the tile reads this split
+    const int hi = min(pos0 + count, split_lo + PA_SPLIT);
+    int lo = split_lo;
+    if (window > 0) lo = max(lo, (pos0 - window + 1) / PA_KT * PA_KT);   // earlier key tiles are masked for every row
+
+    __shared__ __align__(16) T sk[PA_KT][PA_STRIDE];
+    __shared__ __align__(16) T sv[PA_KT][PA_STRIDE];
+
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bool active = head_in_group < PA_G;
+    const int q_heads = kv_heads * PA_G;
+    const int head = kvh * PA_G + (active ? head_in_group : 0);
+    const int* table = block_tables + (size_t)first * max_blocks;
+
+    // Q as A fragments: rows g and g + 8 of the tile, dims 16 kk + 2 t (+1, +8, +9)
+    unsigned qa[PA_D / 16][4];
+    {
+        const T* q0 = q + ((size_t)(first + g) * q_heads + head) * PA_D + 2 * t;
+        const T* q1 = q0 + (size_t)8 * q_heads * PA_D;
+#pragma unroll
+        for (int kk = 0; kk < PA_D / 16; ++kk) {
+            qa[kk][0] = g < count ? *reinterpret_cast<const unsigned*>(q0 + 16 * kk) : 0u;
+            qa[kk][1] = g + 8 < count ? *reinterpret_cast<const unsigned*>(q1 + 16 * kk) : 0u;
+            qa[kk][2] = g < count ? *reinterpret_cast<const unsigned*>(q0 + 16 * kk + 8) : 0u;
+            qa[kk][3] = g + 8 < count ? *reinterpret_cast<const unsigned*>(q1 + 16 * kk + 8) : 0u;
+        }
+    }
+    const int pos[2] = {pos0 + g, pos0 + g + 8};
+    float o[PA_D / 8][4];
+#pragma unroll
+    for (int n = 0; n < PA_D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    for (int k0 = lo; k0 < hi; k0 += PA_KT) {
+        __syncthreads();   // the previous tile's K and V are consumed
+        for (int i = threadIdx.x; i < PA_KT * (PA_D / 8); i += PA_THREADS) {
+            const int kr = i / (PA_D / 8), c = (i % (PA_D / 8)) * 8, j = k0 + kr;
+            uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = kv4;   // zeros past hi: 0 * V stays 0
+            if (j < hi) {
+                const size_t at = (((size_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh) * PA_D + c;
+                kv4 = *reinterpret_cast<const uint4*>(k_cache + at);
+                vv4 = *reinterpret_cast<const uint4*>(v_cache + at);
+            }
+            *reinterpret_cast<uint4*>(&sk[kr][c]) = kv4;
+            *reinterpret_cast<uint4*>(&sv[kr][c]) = vv4;
+        }
+        __syncthreads();
+        if (!active) continue;
+
+        float s[PA_KT / 8][4];
+#pragma unroll
+        for (int n = 0; n < PA_KT / 8; ++n) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < PA_D / 16; ++kk) {
+                const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&sk[8 * n + g][16 * kk + 2 * t]),
+                                       *reinterpret_cast<const unsigned*>(&sk[8 * n + g][16 * kk + 8 + 2 * t])};
+                mma_16816(s[n], qa[kk], b);
+            }
+        }
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < PA_KT / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + 8 * n + 2 * t + (e & 1), p = pos[e >> 1];
+                const bool seen = key <= p && (window <= 0 || key > p - window);
+                s[n][e] = seen ? s[n][e] * scale_log2 : -INFINITY;
+                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+            }
+        float base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+            const float m_new = fmaxf(m[r], tile_max[r]);
+            base[r] = m_new == -INFINITY ? 0.f : m_new;     // a row with no key yet: all its p are 0
+            const float alpha = exp2f(m[r] - base[r]);      // exactly 1 while the max holds
+            m[r] = m_new;
+            l[r] *= alpha;
+#pragma unroll
+            for (int n = 0; n < PA_D / 8; ++n) { o[n][2 * r] *= alpha; o[n][2 * r + 1] *= alpha; }
+        }
+#pragma unroll
+        for (int n = 0; n < PA_KT / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+                l[e >> 1] += s[n][e];
+            }
+        // P @ V: the S accumulators of keys 16 kk .. 16 kk + 15 are already P's A fragment
+#pragma unroll
+        for (int kk = 0; kk < PA_KT / 16; ++kk) {
+            const unsigned a[4] = {pack_pair(s[2 * kk][0], s[2 * kk][1]), pack_pair(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_pair(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_pair(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const int k_a = 16 * kk + 2 * t, k_b = k_a + 8;
+#pragma unroll
+            for (int n = 0; n < PA_D / 8; ++n) {
+                const int dd = 8 * n + g;
+                const unsigned b[2] = {(unsigned)sv[k_a][dd] | ((unsigned)sv[k_a + 1][dd] << 16),
+                                       (unsigned)sv[k_b][dd] | ((unsigned)sv[k_b + 1][dd] << 16)};
+                mma_16816(o[n], a, b);
+            }
+        }
+    }
+    if (!active) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        const int row = g + 8 * r;
+        if (row >= count) continue;
+        const size_t at = ((size_t)(first + row) * q_heads + head) * splits + split;
+#pragma unroll
+        for (int n = 0; n < PA_D / 8; ++n)
+            *reinterpret_cast<float2*>(part_out + at * PA_D + 8 * n + 2 * t) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+        if (t == 0) { part_ml[at * 2] = m[r]; part_ml[at * 2 + 1] = l[r]; }
+    }
+}
+
+extern "C" __global__ void paged_row_combine(
+    const float* __restrict__ part_out,   // [rows, q_heads, splits, PA_D]
+    const float* __restrict__ part_ml,    // [rows, q_heads, splits, 2], max in base 2
+    const int* __restrict__ context_lens, // [rows]
+    T* __restrict__ out,                  // [rows, q_heads, PA_D]
+    int q_heads, int splits)
+{
+    const size_t item = blockIdx.x;        // row * q_heads + head
+    const int mine = (context_lens[item / q_heads] + PA_SPLIT - 1) / PA_SPLIT;   // the row's own splits
+    const float* ml = part_ml + item * splits * 2;
+    float top = -INFINITY;
+    for (int s = 0; s < mine; ++s) if (ml[2 * s + 1] > 0.f) top = fmaxf(top, ml[2 * s]);
+    float denom = 0.f;
+    for (int s = 0; s < mine; ++s) if (ml[2 * s + 1] > 0.f) denom += ml[2 * s + 1] * exp2f(ml[2 * s] - top);
+    for (int dd = threadIdx.x; dd < PA_D; dd += blockDim.x) {
+        float numer = 0.f;
+        for (int s = 0; s < mine; ++s)
+            if (ml[2 * s + 1] > 0.f) numer += part_out[(item * splits + s) * PA_D + dd] * exp2f(ml[2 * s] - top);
+        out[item * PA_D + dd] = ft(denom > 0.f ? numer / denom : 0.f);
+    }
+}
