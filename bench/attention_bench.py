@@ -24,9 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import commit, copy_bandwidth, gpu_name, graph_ms  # noqa: E402
 from bench.engine_bench import matmul_rate  # noqa: E402
+from common.dtypes import DTYPES  # noqa: E402
 from neuron.kernels.paged_attention import PagedAttentionCuda, num_splits, query_tiles  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16   # Llama-3.1-8B
+BF16 = DTYPES["bfloat16"]
 
 
 def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, bandwidth: float, tflops: float) -> dict:
@@ -34,14 +36,14 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, bandwidth:
     rng = np.random.default_rng(0)
     max_blocks = max(-(-(start + rows) // BLOCK) for start, rows in chunks)
     num_blocks = max_blocks * len(chunks) + 1
-    k = cp.asarray(rng.standard_normal((num_blocks, BLOCK, KV_HEADS, HEAD_DIM), dtype=np.float32)).astype(cp.bfloat16)
-    v = cp.asarray(rng.standard_normal((num_blocks, BLOCK, KV_HEADS, HEAD_DIM), dtype=np.float32)).astype(cp.bfloat16)
+    k = cp.asarray(rng.standard_normal((num_blocks, BLOCK, KV_HEADS, HEAD_DIM)).astype(BF16))
+    v = cp.asarray(rng.standard_normal((num_blocks, BLOCK, KV_HEADS, HEAD_DIM)).astype(BF16))
     tables = rng.permutation(num_blocks)[: max_blocks * len(chunks)].reshape(len(chunks), max_blocks).astype(np.int32)
     counts = [rows for _, rows in chunks]
     owner = np.repeat(np.arange(len(chunks)), counts)
     lens = np.concatenate([np.arange(start, start + rows) for start, rows in chunks]).astype(np.int32) + 1
     n = len(lens)
-    q = cp.asarray(rng.standard_normal((n, Q_HEADS, HEAD_DIM), dtype=np.float32)).astype(cp.bfloat16)
+    q = cp.asarray(rng.standard_normal((n, Q_HEADS, HEAD_DIM)).astype(BF16))
     row_tables, row_lens = cp.asarray(np.ascontiguousarray(tables[owner])), cp.asarray(lens)
     first, count = query_tiles(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     tiles = (cp.asarray(first), cp.asarray(count))

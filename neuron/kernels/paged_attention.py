@@ -94,8 +94,9 @@ def uses_tensor_cores(dtype_name: str, head_dim: int) -> bool:
 
 
 def tile_keys(head_dim: int) -> int:
-    """Keys staged in shared memory per step of the tensor-core kernel: K and V tiles fit 48 KiB."""
-    return 64 if head_dim <= 128 else 32
+    """Keys staged in shared memory per step of the tensor-core kernel: two stages of K and V
+    tiles fit the 48 KiB of static shared memory."""
+    return 32 if head_dim <= 128 else 16
 
 
 def query_tiles(query_start: np.ndarray, rows: int = TILE_ROWS) -> tuple[np.ndarray, np.ndarray]:

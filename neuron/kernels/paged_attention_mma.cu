@@ -8,7 +8,7 @@
 // Pass 1 (paged_tile_partial), grid (tiles, kv_heads * head_chunks, splits): one block takes one
 // tile, one kv head (up to PA_W of its query heads, one warp each) and the PA_SPLIT keys of one
 // split. It walks the split PA_KT keys at a time (K and V staged in shared memory once for all its
-// warps): S = Q K^T by mma.m16n8k16, an online softmax in float32, then P (rounded to the storage
+// warps, the next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16, an online softmax in float32, then P (rounded to the storage
 // type) @ V by mma. It writes each row's unnormalised output and (max, sum) in base 2.
 // Pass 2 (paged_row_combine), grid (rows * q_heads): the row's own splits, ceil(context / PA_SPLIT),
 // rescaled to their common max and normalised.
@@ -36,6 +36,13 @@ __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #endif
     return r;
+}
+
+// 16 bytes global -> shared without registers; `valid` false writes 16 zero bytes instead
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
+    unsigned address;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(address), "l"(gmem), "r"(valid ? 16 : 0));
 }
 
 // c[4] += a[4] (16x16, row) * b[2] (16x8, col), float32 accumulation
@@ -72,8 +79,9 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     int lo = split_lo;
     if (window > 0) lo = max(lo, (pos0 - window + 1) / PA_KT * PA_KT);   // earlier key tiles are masked for every row
 
-    __shared__ __align__(16) T sk[PA_KT][PA_STRIDE];
-    __shared__ __align__(16) T sv[PA_KT][PA_STRIDE];
+    // Two stages of K and V: the next key tile is copied in (cp.async) while this one is used.
+    __shared__ __align__(16) T sk[2][PA_KT][PA_STRIDE];
+    __shared__ __align__(16) T sv[2][PA_KT][PA_STRIDE];
 
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bool active = head_in_group < PA_G;
@@ -100,77 +108,84 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     for (int n = 0; n < PA_D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-    for (int k0 = lo; k0 < hi; k0 += PA_KT) {
-        __syncthreads();   // the previous tile's K and V are consumed
+    auto stage = [&](int buf, int k0) {
+#pragma unroll
         for (int i = threadIdx.x; i < PA_KT * (PA_D / 8); i += PA_THREADS) {
             const int kr = i / (PA_D / 8), c = (i % (PA_D / 8)) * 8, j = k0 + kr;
-            uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = kv4;   // zeros past hi: 0 * V stays 0
-            if (j < hi) {
-                const size_t at = (((size_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh) * PA_D + c;
-                kv4 = *reinterpret_cast<const uint4*>(k_cache + at);
-                vv4 = *reinterpret_cast<const uint4*>(v_cache + at);
-            }
-            *reinterpret_cast<uint4*>(&sk[kr][c]) = kv4;
-            *reinterpret_cast<uint4*>(&sv[kr][c]) = vv4;
+            const bool valid = j < hi;   // past hi the copy writes zeros: 0 * V stays 0
+            const size_t at = valid ? (((size_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh) * PA_D + c : 0;
+            copy16_async(&sk[buf][kr][c], k_cache + at, valid);
+            copy16_async(&sv[buf][kr][c], v_cache + at, valid);
         }
-        __syncthreads();
-        if (!active) continue;
-
-        float s[PA_KT / 8][4];
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    if (lo < hi) stage(0, lo);
+    for (int k0 = lo, buf = 0; k0 < hi; k0 += PA_KT, buf ^= 1) {
+        if (k0 + PA_KT < hi) {
+            stage(buf ^ 1, k0 + PA_KT);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        __syncthreads();   // this tile is in, for every thread
+        if (active) {
+            float s[PA_KT / 8][4];
 #pragma unroll
-        for (int n = 0; n < PA_KT / 8; ++n) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+            for (int n = 0; n < PA_KT / 8; ++n) {
+                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < PA_D / 16; ++kk) {
-                const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&sk[8 * n + g][16 * kk + 2 * t]),
-                                       *reinterpret_cast<const unsigned*>(&sk[8 * n + g][16 * kk + 8 + 2 * t])};
-                mma_16816(s[n], qa[kk], b);
+                for (int kk = 0; kk < PA_D / 16; ++kk) {
+                    const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&sk[buf][8 * n + g][16 * kk + 2 * t]),
+                                           *reinterpret_cast<const unsigned*>(&sk[buf][8 * n + g][16 * kk + 8 + 2 * t])};
+                    mma_16816(s[n], qa[kk], b);
+                }
+            }
+            float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int n = 0; n < PA_KT / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + 8 * n + 2 * t + (e & 1), p = pos[e >> 1];
+                    const bool seen = key <= p && (window <= 0 || key > p - window);
+                    s[n][e] = seen ? s[n][e] * scale_log2 : -INFINITY;
+                    tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+                }
+            float base[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+                const float m_new = fmaxf(m[r], tile_max[r]);
+                base[r] = m_new == -INFINITY ? 0.f : m_new;     // a row with no key yet: all its p are 0
+                const float alpha = exp2f(m[r] - base[r]);      // exactly 1 while the max holds
+                m[r] = m_new;
+                l[r] *= alpha;
+#pragma unroll
+                for (int n = 0; n < PA_D / 8; ++n) { o[n][2 * r] *= alpha; o[n][2 * r + 1] *= alpha; }
+            }
+#pragma unroll
+            for (int n = 0; n < PA_KT / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+                    l[e >> 1] += s[n][e];
+                }
+            // P @ V: the S accumulators of keys 16 kk .. 16 kk + 15 are already P's A fragment
+#pragma unroll
+            for (int kk = 0; kk < PA_KT / 16; ++kk) {
+                const unsigned a[4] = {pack_pair(s[2 * kk][0], s[2 * kk][1]), pack_pair(s[2 * kk][2], s[2 * kk][3]),
+                                       pack_pair(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_pair(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                const int k_a = 16 * kk + 2 * t, k_b = k_a + 8;
+#pragma unroll
+                for (int n = 0; n < PA_D / 8; ++n) {
+                    const int dd = 8 * n + g;
+                    const unsigned b[2] = {(unsigned)sv[buf][k_a][dd] | ((unsigned)sv[buf][k_a + 1][dd] << 16),
+                                           (unsigned)sv[buf][k_b][dd] | ((unsigned)sv[buf][k_b + 1][dd] << 16)};
+                    mma_16816(o[n], a, b);
+                }
             }
         }
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int n = 0; n < PA_KT / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = k0 + 8 * n + 2 * t + (e & 1), p = pos[e >> 1];
-                const bool seen = key <= p && (window <= 0 || key > p - window);
-                s[n][e] = seen ? s[n][e] * scale_log2 : -INFINITY;
-                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
-            }
-        float base[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-            const float m_new = fmaxf(m[r], tile_max[r]);
-            base[r] = m_new == -INFINITY ? 0.f : m_new;     // a row with no key yet: all its p are 0
-            const float alpha = exp2f(m[r] - base[r]);      // exactly 1 while the max holds
-            m[r] = m_new;
-            l[r] *= alpha;
-#pragma unroll
-            for (int n = 0; n < PA_D / 8; ++n) { o[n][2 * r] *= alpha; o[n][2 * r + 1] *= alpha; }
-        }
-#pragma unroll
-        for (int n = 0; n < PA_KT / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[n][e] = exp2f(s[n][e] - base[e >> 1]);
-                l[e >> 1] += s[n][e];
-            }
-        // P @ V: the S accumulators of keys 16 kk .. 16 kk + 15 are already P's A fragment
-#pragma unroll
-        for (int kk = 0; kk < PA_KT / 16; ++kk) {
-            const unsigned a[4] = {pack_pair(s[2 * kk][0], s[2 * kk][1]), pack_pair(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_pair(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_pair(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const int k_a = 16 * kk + 2 * t, k_b = k_a + 8;
-#pragma unroll
-            for (int n = 0; n < PA_D / 8; ++n) {
-                const int dd = 8 * n + g;
-                const unsigned b[2] = {(unsigned)sv[k_a][dd] | ((unsigned)sv[k_a + 1][dd] << 16),
-                                       (unsigned)sv[k_b][dd] | ((unsigned)sv[k_b + 1][dd] << 16)};
-                mma_16816(o[n], a, b);
-            }
-        }
+        __syncthreads();   // every warp is done with this stage before it is refilled
     }
     if (!active) return;
 #pragma unroll
