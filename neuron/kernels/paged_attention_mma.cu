@@ -8,8 +8,8 @@
 // Pass 1 (paged_tile_partial), grid (tiles, kv_heads * head_chunks, splits): one block takes one
 // tile, one kv head (up to PA_W of its query heads, one warp each) and the PA_SPLIT keys of one
 // split. It walks the split PA_KT keys at a time (K and V staged in shared memory once for all its
-// warps, the next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16, an online softmax in float32, then P (rounded to the storage
-// type) @ V by mma. It writes each row's unnormalised output and (max, sum) in base 2.
+// warps, the next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16,
+// an online softmax in float32, then P @ V by mma with P as two 16-bit parts. It writes each row's unnormalised output and (max, sum) in base 2.
 // Pass 2 (paged_row_combine), grid (rows * q_heads): the row's own splits, ceil(context / PA_SPLIT),
 // rescaled to their common max and normalised.
 //
@@ -43,6 +43,19 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool 
     unsigned address;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(address), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+// x0, x1 as 16-bit pairs hi + lo: hi the rounded value, lo what rounding lost, so P @ V sees about
+// 16 bits of each probability (one 16-bit P cost 1e-3 of cosine on the tiny Mistral fixture)
+__device__ __forceinline__ void split_pair(float x0, float x1, unsigned& hi, unsigned& lo) {
+    hi = pack_pair(x0, x1);
+#if DT == 0
+    const float h0 = __uint_as_float(hi << 16), h1 = __uint_as_float(hi & 0xffff0000u);
+#else
+    float h0, h1;
+    asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }" : "=f"(h0), "=f"(h1) : "r"(hi));
+#endif
+    lo = pack_pair(x0 - h0, x1 - h1);
 }
 
 // c[4] += a[4] (16x16, row) * b[2] (16x8, col), float32 accumulation
@@ -170,18 +183,22 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
                     s[n][e] = exp2f(s[n][e] - base[e >> 1]);
                     l[e >> 1] += s[n][e];
                 }
-            // P @ V: the S accumulators of keys 16 kk .. 16 kk + 15 are already P's A fragment
+            // P @ V: the S accumulators of keys 16 kk .. 16 kk + 15 are already P's A fragment, as hi + lo
 #pragma unroll
             for (int kk = 0; kk < PA_KT / 16; ++kk) {
-                const unsigned a[4] = {pack_pair(s[2 * kk][0], s[2 * kk][1]), pack_pair(s[2 * kk][2], s[2 * kk][3]),
-                                       pack_pair(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_pair(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                unsigned hi[4], lo[4];
+                split_pair(s[2 * kk][0], s[2 * kk][1], hi[0], lo[0]);
+                split_pair(s[2 * kk][2], s[2 * kk][3], hi[1], lo[1]);
+                split_pair(s[2 * kk + 1][0], s[2 * kk + 1][1], hi[2], lo[2]);
+                split_pair(s[2 * kk + 1][2], s[2 * kk + 1][3], hi[3], lo[3]);
                 const int k_a = 16 * kk + 2 * t, k_b = k_a + 8;
 #pragma unroll
                 for (int n = 0; n < PA_D / 8; ++n) {
                     const int dd = 8 * n + g;
                     const unsigned b[2] = {(unsigned)sv[buf][k_a][dd] | ((unsigned)sv[buf][k_a + 1][dd] << 16),
                                            (unsigned)sv[buf][k_b][dd] | ((unsigned)sv[buf][k_b + 1][dd] << 16)};
-                    mma_16816(o[n], a, b);
+                    mma_16816(o[n], hi, b);
+                    mma_16816(o[n], lo, b);
                 }
             }
         }
