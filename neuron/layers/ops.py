@@ -128,6 +128,11 @@ class CudaLayerOps(LayerOps):
         self._add_rms_norm = module.get_function("add_rms_norm")
         self._rope_write_kv = module.get_function("rope_write_kv")
         self._silu_mul = module.get_function("silu_mul")
+        # the 16-byte-vector kernels, for the shapes that allow them (every model served so far)
+        self._vec = 4 if dtype_name == "float32" else 8
+        self._add_rms_norm_vec = module.get_function("add_rms_norm_vec")
+        self._rope_write_kv_vec = module.get_function("rope_write_kv_vec")
+        self._silu_mul_vec = module.get_function("silu_mul_vec")
         props = xp.cuda.runtime.getDeviceProperties(xp.cuda.runtime.getDevice())
         self._grid_cap = 8 * props["multiProcessorCount"]
 
@@ -138,11 +143,18 @@ class CudaLayerOps(LayerOps):
             return out
         return self.gemm.linear(x, W)
 
+    NORM_CHUNKS = 4   # layer_ops.cu's: vectors a thread of add_rms_norm_vec holds
+
     def _norm(self, x, delta, weight, eps: float):
         out = self.xp.empty_like(x)
         h = x.shape[-1]
-        self._add_rms_norm((x.shape[0],), (self.THREADS,),
-                           (x, delta if delta is not None else 0, weight, out, np.int32(h), np.float32(eps)))
+        args = (x, delta if delta is not None else 0, weight, out, np.int32(h), np.float32(eps))
+        chunks = h // self._vec
+        threads = min(512, -(-chunks // 32) * 32)   # a vector a thread up to 4,096 bf16 columns
+        if h % self._vec == 0 and chunks <= self.NORM_CHUNKS * threads:
+            self._add_rms_norm_vec((x.shape[0],), (threads,), args)
+        else:
+            self._add_rms_norm((x.shape[0],), (self.THREADS,), args)
         return out
 
     def rms_norm(self, x, weight, eps: float):
@@ -161,8 +173,10 @@ class CudaLayerOps(LayerOps):
         T, inter = gate_up.shape[0], gate_up.shape[1] // 2
         out = self.xp.empty((T, inter), dtype=gate_up.dtype)
         total = T * inter
-        grid = max(1, min(self._grid_cap, -(-total // self.THREADS)))
-        self._silu_mul((grid,), (self.THREADS,), (gate_up, out, np.int32(inter), np.int64(total)))
+        vec = self._vec if inter % self._vec == 0 else 1
+        grid = max(1, min(self._grid_cap, -(-total // (self.THREADS * vec))))
+        kernel = self._silu_mul_vec if vec > 1 else self._silu_mul
+        kernel((grid,), (self.THREADS,), (gate_up, out, np.int32(inter), np.int64(total)))
         return out
 
     def rope_write_kv(self, qkv, rotary: Rotary, heads: HeadLayout, flat_keys, flat_values, slot_mapping,
@@ -172,7 +186,8 @@ class CudaLayerOps(LayerOps):
         T = qkv.shape[0]
         q = self.xp.empty((T, heads.q_heads, heads.head_dim), dtype=qkv.dtype)
         if T:
-            self._rope_write_kv((T,), (self.THREADS,),
+            kernel = self._rope_write_kv_vec if heads.head_dim % 8 == 0 else self._rope_write_kv
+            kernel((T,), (self.THREADS,),
                                 (qkv, rotary.positions, rotary.cos_table, rotary.sin_table, slot_mapping, q, flat_keys,
                                  flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads),
                                  np.int32(heads.head_dim)))

@@ -31,8 +31,8 @@ def tables(max_positions=64, d=64):
     return cp.asarray(np.cos(angles).astype(np.float32)), cp.asarray(np.sin(angles).astype(np.float32))
 
 
-def ops_pair(dtype_name, gemv=None):
-    cos, sin = tables()
+def ops_pair(dtype_name, gemv=None, d=64):
+    cos, sin = tables(d=d)
     return LayerOps(cp, cos, sin), CudaLayerOps(cp, cos, sin, dtype_name, small_m_gemv=gemv)
 
 
@@ -41,10 +41,11 @@ def as_f32(a):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_add_rms_norm_matches_plain(dtype):
+@pytest.mark.parametrize("h", [4096, 2052, 64])   # 2052: not whole vectors, the scalar kernel
+def test_add_rms_norm_matches_plain(dtype, h):
     rng = np.random.default_rng(0)
     plain, fused = ops_pair(dtype)
-    x, delta, w = rand(rng, (37, 4096), dtype), rand(rng, (37, 4096), dtype), rand(rng, (4096,), dtype)
+    x, delta, w = rand(rng, (37, h), dtype), rand(rng, (37, h), dtype), rand(rng, (h,), dtype)
     x_ref, h_ref = plain.add_rms_norm(x.copy(), delta, w, 1e-5)
     x_new, h_new = fused.add_rms_norm(x.copy(), delta, w, 1e-5)
     assert np.array_equal(as_f32(x_new), as_f32(x_ref))  # the residual add rounds alike
@@ -59,23 +60,25 @@ def test_add_rms_norm_matches_plain(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_matches_plain(dtype):
+@pytest.mark.parametrize("inter", [1000, 1001])   # 1001: the scalar kernel
+def test_silu_mul_matches_plain(dtype, inter):
     rng = np.random.default_rng(1)
     plain, fused = ops_pair(dtype)
-    gate_up = rand(rng, (19, 2 * 1000), dtype, 3.0)
+    gate_up = rand(rng, (19, 2 * inter), dtype, 3.0)
     assert np.array_equal(as_f32(fused.silu_mul(gate_up)), as_f32(plain.silu_mul(gate_up)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_write_kv_matches_plain(dtype):
+@pytest.mark.parametrize("d", [64, 12])   # 12: not whole groups of four pairs, the scalar kernel
+def test_rope_write_kv_matches_plain(dtype, d):
     rng = np.random.default_rng(2)
-    plain, fused = ops_pair(dtype)
-    heads = HeadLayout(8, 2, 64)
+    plain, fused = ops_pair(dtype, d=d)
+    heads = HeadLayout(8, 2, d)
     T, slots = 11, 48
-    qkv = rand(rng, (T, (8 + 4) * 64), dtype)
+    qkv = rand(rng, (T, (8 + 4) * d), dtype)
     positions = cp.asarray(rng.integers(0, 64, T).astype(np.int32))
     slot_mapping = cp.asarray(rng.permutation(slots)[:T].astype(np.int64))
-    caches = [cp.zeros((slots, 2, 64), dtype=qkv.dtype) for _ in range(4)]
+    caches = [cp.zeros((slots, 2, d), dtype=qkv.dtype) for _ in range(4)]
     q_ref = plain.rope_write_kv(qkv, plain.rotary(positions), heads, caches[0], caches[1], slot_mapping)
     q_new = fused.rope_write_kv(qkv, fused.rotary(positions), heads, caches[2], caches[3], slot_mapping)
     assert np.array_equal(as_f32(q_new), as_f32(q_ref))
