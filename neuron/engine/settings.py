@@ -14,7 +14,7 @@ class EngineSettings:
     max_seqs: int = 256                                  # requests running at once (a load may ask fewer)
     max_waiting: int = 1024                              # requests queued beyond that; more: RESOURCE_EXHAUSTED
     prefix_caching: bool = True
-    max_prefill_chunk: int = 512                         # prompt tokens a turn while others decode (0: no cap)
+    max_prefill_chunk: int = 256                         # prompt tokens a turn while others decode (0: no cap)
     # GPU decode turns replayed from CUDA graphs per batch-size bucket (single-device shards)
     cuda_graphs: bool = True
 
