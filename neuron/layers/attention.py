@@ -130,6 +130,11 @@ class DecodeAttention:
     def numpy_mirror(cls, max_context: int) -> "DecodeAttention":
         return cls(paged_decode_attention_numpy, max_context, True)
 
+    @classmethod
+    def numpy_tile_mirror(cls, max_context: int) -> "DecodeAttention":
+        """The tensor-core kernel's mirror, given tiles as the kernel is: tests of the tile plumbing."""
+        return cls(tiled_mirror, max_context, True, tiled=True)
+
     def __call__(self, q, layer_keys, layer_values, batch: DecodeBatch, window: int | None):
         n, hq, d = q.shape
         scale = 1.0 / float(d) ** 0.5
@@ -144,6 +149,26 @@ class DecodeAttention:
                               batch.context_lens[a:a + piece], scale, window or 0, splits=splits)
                      for a in range(0, n, piece)]
         return parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
+
+
+def tiled_mirror(q, layer_keys, layer_values, block_tables, context_lens, scale: float, window: int = 0,
+                 splits: int = 1, tiles=None):
+    """paged_tile_attention_numpy, after checking what the kernel relies on: the tiles cover the
+    launch's rows once, in order, and each tile's rows share a block table and have consecutive
+    positions. `splits` is the kernel's and unused here."""
+    from neuron.kernels.paged_attention import paged_tile_attention_numpy, tile_keys
+
+    rows = q.shape[0]
+    first, count = tiles if tiles is not None else (np.arange(rows), np.ones(rows, dtype=np.int32))
+    covered = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)]) if len(first) else np.arange(0)
+    if not np.array_equal(covered, np.arange(rows)) or (count > TILE_ROWS).any():
+        raise AssertionError(f"tiles {list(zip(first, count))} do not cover rows 0..{rows - 1} once")
+    for f, c in zip(first, count):
+        if not (np.array_equal(block_tables[f:f + c], np.broadcast_to(block_tables[f], block_tables[f:f + c].shape))
+                and np.array_equal(context_lens[f:f + c], context_lens[f] + np.arange(c))):
+            raise AssertionError(f"tile at row {f} mixes requests or positions")
+    return paged_tile_attention_numpy(q, layer_keys, layer_values, block_tables, context_lens, scale, window,
+                                      step_keys=tile_keys(q.shape[-1]))
 
 
 def gathered_decode_attention(q, layer_keys, layer_values, block_tables, context_lens, scale: float, window: int = 0,

@@ -74,10 +74,13 @@ class LlamaModel:
 
     def _decode_attention(self, mode: str, max_context: int) -> DecodeAttention | None:
         """forward_batch's attention for decode rows: "auto" (the paged decode kernel on a GPU when
-        the shapes suit it, one batched gather on a CPU), "off" (per request, the prefill path), or
-        "numpy" (the kernel's NumPy mirror: tests)."""
+        the shapes suit it, one batched gather on a CPU), "off" (per request, the prefill path),
+        "numpy" (the CUDA-core kernel's NumPy mirror: tests) or "numpy-tiles" (the tensor-core
+        kernel's, with prompt rows in tiles: tests)."""
         if mode == "numpy":
             return DecodeAttention.numpy_mirror(max_context)
+        if mode == "numpy-tiles":
+            return DecodeAttention.numpy_tile_mirror(max_context)
         if mode == "off":
             return None
         if self.xp is np:

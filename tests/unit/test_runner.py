@@ -96,8 +96,9 @@ def run_to(runner, sched, requests, steps: int, late: dict[int, list[Request]] |
     return active
 
 
-# "numpy": decode rows through the paged decode kernel's mirror, as the GPU runs them.
-@pytest.mark.parametrize("decode", ["off", "numpy"])
+# "numpy": every row through the CUDA-core kernel's mirror; "numpy-tiles": through the tensor-core
+# kernel's, prompt chunks in tiles of 16 rows, as the GPU runs them.
+@pytest.mark.parametrize("decode", ["off", "numpy", "numpy-tiles"])
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_batched_greedy_tokens_equal_transformers_for_each_request(name, decode):
     ref = np.load(REFERENCE / f"{name}.npz")
@@ -113,7 +114,7 @@ def test_batched_greedy_tokens_equal_transformers_for_each_request(name, decode)
             assert r.output_ids == [int(t) for t in ref["greedy_ids"]], r.request_id
 
 
-@pytest.mark.parametrize("decode", ["off", "numpy"])
+@pytest.mark.parametrize("decode", ["off", "numpy", "numpy-tiles"])
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_batched_logits_equal_the_single_sequence_pass(name, decode):
     ref = np.load(REFERENCE / f"{name}.npz")
@@ -146,6 +147,22 @@ def test_batched_logits_equal_the_single_sequence_pass(name, decode):
     assert rel(last_logits[0], ref["logits_last"]) < 1e-4
 
 
+def test_tiles_cut_into_launches_give_the_same_logits(monkeypatch):
+    """A long prompt's tiles spread over several launches (the partials' cap) attend as in one."""
+    ref = np.load(REFERENCE / "llama3.npz")
+    ids = ref["long_prompt_ids"].tolist()
+
+    def score():
+        model, kv, config = build("llama3", decode="numpy-tiles")
+        scoring = request("score", ids)
+        scoring.want_logits = scoring.all_positions = True
+        return ModelRunner(model, kv, config.vocab_size).execute(HandScheduler(kv, chunk=1000).plan([scoring]))
+
+    whole = score().logits["score"]
+    monkeypatch.setattr(attention, "WORKSPACE_CAP_BYTES", 1)   # one tile a launch
+    assert np.array_equal(score().logits["score"], whole)
+
+
 def test_prefill_attention_in_query_pieces_gives_the_same_logits(monkeypatch):
     ref = np.load(REFERENCE / "llama2.npz")
     model, kv, config = build("llama2")
@@ -159,7 +176,7 @@ def test_prefill_attention_in_query_pieces_gives_the_same_logits(monkeypatch):
     assert rel(out.logits["score"], alone) < 1e-5
 
 
-@pytest.mark.parametrize("decode", ["off", "numpy"])
+@pytest.mark.parametrize("decode", ["off", "numpy", "numpy-tiles"])
 @pytest.mark.parametrize("window", [5, 8, 13])
 def test_sliding_window_over_blocks_equals_the_single_sequence_pass(window, decode):
     ids = np.load(REFERENCE / "mistral.npz")["long_prompt_ids"][:40].tolist()
