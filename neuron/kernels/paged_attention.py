@@ -51,20 +51,25 @@ def num_splits(max_context: int, split_keys: int = SPLIT_KEYS) -> int:
     return max(1, math.ceil(max_context / split_keys))
 
 
+def _row_keys_values(k_cache, v_cache, table, ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..ctx-1 of one row's blocks, float32 [ctx, kv_heads, d] each."""
+    positions = np.arange(ctx)
+    blocks = np.asarray(table)[positions // k_cache.shape[1]]
+    offsets = positions % k_cache.shape[1]
+    return k_cache[blocks, offsets].astype(np.float32), v_cache[blocks, offsets].astype(np.float32)
+
+
 def paged_decode_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale: float, window: int = 0,
                                  split_keys: int = SPLIT_KEYS, splits: int | None = None) -> np.ndarray:
     """The kernel's arithmetic on the host: float32 scores and sums per split, combined at the end."""
     batch, q_heads, d = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
     splits = splits or num_splits(int(np.max(context_lens)), split_keys)
     out = np.zeros((batch, q_heads, d), dtype=np.float32)
     for b in range(batch):
         ctx = int(context_lens[b])
-        positions = np.arange(ctx)
-        blocks = np.asarray(block_tables[b])[positions // block_size]
-        keys = k_cache[blocks, positions % block_size].astype(np.float32)      # [ctx, kv_heads, d]
-        values = v_cache[blocks, positions % block_size].astype(np.float32)
+        keys, values = _row_keys_values(k_cache, v_cache, block_tables[b], ctx)
         qf = q[b].astype(np.float32).reshape(kv_heads, group, d) * np.float32(scale)
         numer = np.zeros((kv_heads, group, d), dtype=np.float32)
         maxes, sums, parts = [], [], []
@@ -116,18 +121,14 @@ def paged_tile_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, 
     """paged_attention_mma.cu's arithmetic on the host, one row at a time: within each split an
     online softmax over `step_keys` keys at a time (float32 scores, max and sum), each step's
     probabilities in float32 (the kernel's two 16-bit parts hold about 16 bits), the splits
-    combined at the end. A tile
-    shares key reads only, so rows are independent here."""
+    combined at the end. A tile shares key reads only, so rows are independent here."""
     batch, q_heads, d = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
     out = np.zeros((batch, q_heads, d), dtype=np.float32)
     for b in range(batch):
         ctx = int(context_lens[b])
-        positions = np.arange(ctx)
-        blocks = np.asarray(block_tables[b])[positions // block_size]
-        keys = k_cache[blocks, positions % block_size].astype(np.float32)       # [ctx, kv_heads, d]
-        values = v_cache[blocks, positions % block_size].astype(np.float32)
+        keys, values = _row_keys_values(k_cache, v_cache, block_tables[b], ctx)
         qf = q[b].astype(np.float32).reshape(kv_heads, group, d)
         splits = []
         for lo in range(0, ctx, split_keys):
