@@ -33,6 +33,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[str] = field(default_factory=list)   # request ids whose blocks were freed this turn
     finished: list[str] = field(default_factory=list)    # request ids that left since the last turn
+    # A plan made by Scheduler.schedule_ahead: chunk i's one token is the i-th id the turn still
+    # running samples (on the device, unknown to the host yet); its token_ids hold placeholders.
+    fed_by: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -146,14 +146,18 @@ class DecodeGraphs:
         return (bool(self.buckets) and is_decode_only(inputs) and len(inputs.context_lens) <= max(self.buckets)
                 and inputs.block_tables.shape[1] <= self.max_blocks)
 
-    def run(self, inputs: BatchInputs):
-        """Logits [n, vocab] (device, float32) of a decode-only turn of n requests."""
+    def run(self, inputs: BatchInputs, tokens_from=None):
+        """Logits [n, vocab] (device, float32) of a decode-only turn of n requests. tokens_from:
+        (rows, device ids, index) when rows' token ids are ids[index] (model_runner.feed_tokens)."""
         n = len(inputs.context_lens)
         bucket = self.buckets[min(b for b in self.buckets if b >= n)]
         pad = self.kv.scratch_block
         tables = np.full((bucket.size, self.max_blocks), pad, dtype=np.int32)
         tables[:n, :inputs.block_tables.shape[1]] = inputs.block_tables
         self._upload(bucket.token_ids, inputs.token_ids, 0)
+        if tokens_from is not None:
+            from .model_runner import feed_tokens
+            feed_tokens(self.xp, bucket.token_ids, tokens_from)
         self._upload(bucket.positions, inputs.positions, 0)
         self._upload(bucket.slot_mapping, inputs.slot_mapping, pad * self.kv.block_size)
         self._upload(bucket.context_lens, inputs.context_lens, 1)

@@ -7,7 +7,8 @@ come back to the host. `follow(inputs)` is a follower rank's turn: the same mode
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,12 +18,29 @@ from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, build_batch
 from .cuda_graphs import DecodeGraphs
-from .sampler import RowSampler, SampleRow, sample_rows
+from .sampler import RowSampler, SampleRow, sample_rows_on_device
 
 
 def to_host(array) -> np.ndarray:
     """A device array's copy on the host (a NumPy array is already there)."""
     return array if isinstance(array, np.ndarray) else array.get()
+
+
+def feed_tokens(xp, token_ids, tokens_from) -> None:
+    """token_ids[rows] = ids[index] on the device: a turn launched ahead takes the tokens the turn
+    before it sampled, in stream order after them."""
+    rows, ids, index = tokens_from
+    token_ids[xp.asarray(np.asarray(rows, dtype=np.int64))] = ids[xp.asarray(index)]
+
+
+@dataclass(slots=True)
+class LaunchedTurn:
+    """A turn queued on the device: what `finish` needs to bring its results back."""
+    plan: SchedulerOutput
+    samples: list = field(default_factory=list)   # RowSpans of the sampling chunks, in the order of ids
+    ids: Any = None                               # device int64 [len(samples)]
+    scoring: list = field(default_factory=list)   # RowSpans of the scoring chunks
+    logits: Any = None                            # device [R, vocab] float32, kept only for scoring rows
 
 
 class ModelRunner:
@@ -37,18 +55,39 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None   # decode turns that fit a captured bucket replay its graph
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        return self.finish(self.launch(plan))
+
+    def launch(self, plan: SchedulerOutput, feed: "LaunchedTurn | None" = None) -> "LaunchedTurn":
+        """The turn's work queued on the device, its ids not yet back (on a CPU it has all run).
+        `feed`: the turn still running whose sampled ids are this plan's tokens (a plan from
+        Scheduler.schedule_ahead: chunk i's one token is feed's sample plan.fed_by[i]); they are
+        copied on the device, so this turn can start before the host knows them."""
         if plan.is_empty:
-            return RunnerOutput()
+            return LaunchedTurn(plan)
         inputs, spans = build_batch(plan, self.kv.block_size)
+        tokens_from = None
+        if feed is not None:
+            if self.announce is not None:
+                raise ValueError("a turn fed on the device cannot be sent to TP followers (their token ids "
+                                 "would be placeholders)")
+            tokens_from = (inputs.query_start[:-1], feed.ids, np.asarray(plan.fed_by, dtype=np.int64))
         if self.announce is not None:
             self.announce(inputs.for_follower())
-        logits = self._run(inputs)
+        logits = self._run(inputs, tokens_from)
         samples = [s for s in spans if not s.chunk.request.want_logits]
-        ids = sample_rows(self.xp, logits, [self._sample_row(span) for span in samples])
-        sampled = {span.chunk.request.request_id: token for span, token in zip(samples, ids)}
-        scoring = {s.chunk.request.request_id: s for s in spans if s.chunk.request.want_logits}
-        out_logits = {rid: np.ascontiguousarray(to_host(logits[s.lo:s.hi]), dtype=np.float32)
-                      for rid, s in scoring.items()}
+        ids = sample_rows_on_device(self.xp, logits, [self._sample_row(span) for span in samples])
+        scoring = [s for s in spans if s.chunk.request.want_logits]
+        return LaunchedTurn(plan, samples, ids, scoring, logits if scoring else None)
+
+    def finish(self, launched: "LaunchedTurn") -> RunnerOutput:
+        """The launched turn's ids (and scoring logits) on the host: waits for the device."""
+        if launched.plan.is_empty:
+            return RunnerOutput()
+        ids = to_host(launched.ids).tolist()
+        sampled = {span.chunk.request.request_id: token for span, token in zip(launched.samples, ids)}
+        out_logits = {s.chunk.request.request_id: np.ascontiguousarray(to_host(launched.logits[s.lo:s.hi]),
+                                                                       dtype=np.float32)
+                      for s in launched.scoring}
         return RunnerOutput(sampled=sampled, logits=out_logits)
 
     def _sample_row(self, span) -> SampleRow:
@@ -62,9 +101,10 @@ class ModelRunner:
     def follow(self, inputs: BatchInputs) -> None:
         self._run(inputs)
 
-    def _run(self, inputs: BatchInputs):
+    def _run(self, inputs: BatchInputs, tokens_from=None):
+        """tokens_from: (rows, device ids, index) when rows' token ids are ids[index], on the device."""
         if self.graphs is not None and self.graphs.can_run(inputs):
-            logits = self.graphs.run(inputs)
+            logits = self.graphs.run(inputs, tokens_from)
             if self.bound is not None:
                 self.bound()
             return logits if len(inputs.logits_rows) else None  # a follower samples nothing
@@ -79,8 +119,10 @@ class ModelRunner:
                                  query_start=inputs.query_start, context_lens=inputs.context_lens,
                                  block_size=self.kv.block_size, decode=decode)
         rows = xp.asarray(inputs.logits_rows) if len(inputs.logits_rows) else None
-        logits = self.model.forward_batch(xp.asarray(inputs.token_ids), xp.asarray(inputs.positions), meta, self.kv,
-                                          rows)
+        token_ids = xp.asarray(inputs.token_ids)
+        if tokens_from is not None:
+            feed_tokens(xp, token_ids, tokens_from)
+        logits = self.model.forward_batch(token_ids, xp.asarray(inputs.positions), meta, self.kv, rows)
         if self.bound is not None:
             self.bound()  # NCCL is asynchronous: a hung collective must not hang the device thread
         return logits

@@ -38,12 +38,19 @@ class SampleRow:
 
 def sample_rows(xp, logits, rows: list[SampleRow]) -> list[int]:
     """Token ids for `rows` of float32 logits [R, vocab], in the order of `rows`."""
+    ids = sample_rows_on_device(xp, logits, rows)
+    return [int(t) for t in (ids if isinstance(ids, np.ndarray) else ids.get())]  # the turn's one copy back
+
+
+def sample_rows_on_device(xp, logits, rows: list[SampleRow]):
+    """sample_rows' ids as an int64 array on the logits' device, not yet copied back (no sync): a
+    turn launched ahead takes its tokens from it there."""
     if not rows:
-        return []
+        return xp.zeros(0, dtype=xp.int64)
     row_index = xp.asarray(np.asarray([r.row for r in rows], dtype=np.int64))
     if xp is not np and all(r.sampler.config.greedy and r.sampler.config.repetition_penalty == 1.0 for r in rows):
         # every row greedy (the common batch): one kernel over the logits in place, no gathered copy
-        return argmax_rows_cuda(logits, row_index).get().tolist()
+        return argmax_rows_cuda(logits, row_index)
     scores = logits[row_index].astype(xp.float32)
     for j, r in enumerate(rows):
         penalty = r.sampler.config.repetition_penalty
@@ -60,8 +67,7 @@ def sample_rows(xp, logits, rows: list[SampleRow]) -> list[int]:
     for j, r in enumerate(rows):
         if not r.sampler.config.greedy:
             ids[j] = _draw(xp, scores[j], r.sampler)
-    host = ids if isinstance(ids, np.ndarray) else ids.get()  # the turn's one copy back
-    return [int(t) for t in host]
+    return ids
 
 
 def _draw(xp, scores, sampler: RowSampler):

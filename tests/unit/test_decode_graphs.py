@@ -17,9 +17,9 @@ class CountingGraphs(DecodeGraphs):
         super().__init__(*args, **kwargs)
         self.turns = []
 
-    def run(self, inputs):
+    def run(self, inputs, tokens_from=None):
         self.turns.append(len(inputs.context_lens))
-        return super().run(inputs)
+        return super().run(inputs, tokens_from)
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
