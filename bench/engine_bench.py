@@ -62,8 +62,10 @@ def cpu_ceilings() -> tuple[float, float]:
     return copy, 3 * 2 * 2048 ** 3 / (time.perf_counter() - t) / 1e12
 
 
-def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_context: int = 2048):
-    settings = EngineSettings(max_seqs=max_seqs, cuda_graphs=graphs, kv_memory_fraction=0.5)
+def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_context: int = 2048,
+         async_scheduling: bool = False):
+    settings = EngineSettings(max_seqs=max_seqs, cuda_graphs=graphs, kv_memory_fraction=0.5,
+                              async_scheduling=async_scheduling)
     dtype = "bfloat16" if backend.kind == "cuda" else "float32"
     req = LoadRequest(directory=directory, model=name, dtype=dtype, max_context=max_context, max_seqs=max_seqs)
     return load_shard(backend, req, 1, lambda p: None, threading.Event(), settings=settings)
@@ -71,20 +73,27 @@ def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_c
 
 class TurnLog:
     """Wraps the shard's runner: every turn's kind (decode-only, prompt-only, mixed), tokens and
-    seconds (execute returns once the sampled ids are on the host, so its time is the device's)."""
+    seconds from its launch until its ids are on the host (the device's time, plus the host's when
+    nothing was queued ahead)."""
 
     def __init__(self, runner):
-        self.runner, self.turns = runner, []
+        self.runner, self.turns, self._launched_at = runner, [], {}
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def execute(self, plan):
+    def launch(self, plan, feed=None):
         started = time.perf_counter()
-        out = self.runner.execute(plan)
+        launched = self.runner.launch(plan, feed)
+        self._launched_at[id(launched)] = started
+        return launched
+
+    def finish(self, launched):
+        out = self.runner.finish(launched)
+        plan = launched.plan
         decoding = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.start > 0)
         kind = "decode" if decoding == len(plan.chunks) else ("prompt" if decoding == 0 else "mixed")
-        self.turns.append((kind, plan.num_tokens, time.perf_counter() - started))
+        self.turns.append((kind, plan.num_tokens, time.perf_counter() - self._launched_at.pop(id(launched))))
         return out
 
     def summary(self) -> dict:
@@ -137,7 +146,8 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
         else:  # the CPU benchmark's shape
             from bench.serving_bench import SHAPES as SERVING_SHAPES
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
-        shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency))
+        shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency),
+                     async_scheduling=args.async_scheduling)
         if args.small_m_gemv:
             use_small_m_gemv(shard, max(concurrency), args.graphs != "off")
         captured = shard.engine.runner.graphs
@@ -213,6 +223,9 @@ def main() -> None:
                         help="decode turns replayed from CUDA graphs, eager, or each (same shard, same run)")
     parser.add_argument("--skip-fixtures", action="store_true")
     parser.add_argument("--small-m-gemv", action="store_true", help="one-row products through the GEMV kernel")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="queue each decode turn behind the running one (EngineSettings.async_scheduling); "
+                             "a turn's logged seconds then overlap the next's")
     parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -224,7 +237,7 @@ def main() -> None:
         bandwidth, tflops, name = copy_bandwidth(backend.xp), matmul_rate(backend.xp), gpu_name()
     print(f"device: {name}   copy {bandwidth:.0f} GB/s   matmul {tflops:.3f} TFLOP/s", flush=True)
     result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
-              "small_m_gemv": args.small_m_gemv,
+              "small_m_gemv": args.small_m_gemv, "async_scheduling": args.async_scheduling,
               "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)

@@ -66,6 +66,10 @@ SETTINGS = [
             "on GPUs, capture decode turns as CUDA graphs per batch-size bucket at load (single-device shards; "
             "a capture that fails is logged and those turns run eagerly); --no-cuda-graphs turns it off",
             type=bool),
+    Setting("async_scheduling", DEFAULT_ENGINE.async_scheduling,
+            "while a decode turn runs on the device, plan the next one and queue it behind, its tokens taken "
+            "from the running turn's samples on the device, so a turn's host work overlaps the next turn "
+            "(single-device shards; not yet measured on a GPU, so off by default)", type=bool),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
@@ -124,7 +128,8 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
     engine = EngineSettings(kv_memory_fraction=settings["kv_memory_fraction"], block_size=settings["block_size"],
                             max_batched_tokens=settings["max_batched_tokens"], max_seqs=settings["max_seqs"],
                             max_waiting=settings["max_waiting"], prefix_caching=settings["prefix_caching"],
-                            cuda_graphs=settings["cuda_graphs"], max_prefill_chunk=settings["max_prefill_chunk"])
+                            cuda_graphs=settings["cuda_graphs"], max_prefill_chunk=settings["max_prefill_chunk"],
+                            async_scheduling=settings["async_scheduling"])
     try:
         engine.check()
     except ValueError as err:

@@ -255,7 +255,7 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
     runner.graphs = _capture_decode_graphs(backend, model, kv, layout, max_seqs, settings, progress)
     scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
                           settings.max_batched_tokens, max_seqs, settings.max_waiting, settings.max_prefill_chunk)
-    engine = ShardEngine(scheduler, runner, layout.size > 1)
+    engine = ShardEngine(scheduler, runner, layout.size > 1, settings.async_scheduling)
     warm_up = _warm_up(backend, engine, layout, min(settings.max_batched_tokens, max_context - 1), req.model, progress)
     return Shard(handle, req, config, dtype, layout, model, kv, engine, max_seqs, tokenizer,
                  generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm,

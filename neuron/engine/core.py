@@ -69,11 +69,19 @@ class Caller:
 
 
 class ShardEngine:
-    def __init__(self, scheduler: Scheduler, runner, lockstep: bool = False):
+    def __init__(self, scheduler: Scheduler, runner, lockstep: bool = False, async_scheduling: bool = False):
         """lockstep: a TP rank, whose every turn must run on all ranks; a turn that fails there
-        leaves the ranks' collectives out of step, so it fails the group (CollectiveError)."""
+        leaves the ranks' collectives out of step, so it fails the group (CollectiveError).
+        async_scheduling: while a decode turn runs on the device, the next one is planned and
+        queued behind it with its tokens fed on the device (Scheduler.schedule_ahead), so the
+        host's update and events of a turn overlap the device's next turn (not on TP ranks,
+        whose followers need the tokens on the host)."""
         self.scheduler, self.runner, self.lockstep = scheduler, runner, lockstep
+        self.async_scheduling = async_scheduling and not lockstep
+        if self.async_scheduling:
+            runner.queue_copies = True
         self._callers: dict[str, Caller] = {}
+        self._ahead = None          # (plan, LaunchedTurn) queued behind the turn being finished
         self.stats: SchedulerStats = scheduler.stats()   # refreshed after every turn, read by Describe
 
     def add(self, request: Request, caller: Caller) -> None:
@@ -83,20 +91,32 @@ class ShardEngine:
         self.stats = self.scheduler.stats()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._ahead is not None or self.scheduler.has_work()
 
-    def step(self) -> None:
+    def step(self, ahead: bool = True) -> None:
         """One turn. A CollectiveError propagates (the TP group is broken: the worker fails the
         shard); any other failure fails this turn's requests and the engine serves on (on a TP
-        rank it is a CollectiveError too)."""
+        rank it is a CollectiveError too). With async scheduling (and `ahead`) the next turn may
+        be left queued on the device when this returns; `drain` finishes it."""
         for request_id, caller in list(self._callers.items()):
             if caller.gone:
                 self.scheduler.abort(request_id)
-        plan = self.scheduler.schedule()
-        for request_id in plan.finished:
-            self._callers.pop(request_id, None)
+        plans = []
         try:
-            out = self.runner.execute(plan)
+            if self._ahead is not None:
+                plan, launched = self._ahead
+                self._ahead = None
+                plans.append(plan)
+            else:
+                plan = self._take(self.scheduler.schedule())
+                plans.append(plan)
+                launched = self.runner.launch(plan)
+            if ahead and self.async_scheduling:
+                next_plan = self.scheduler.schedule_ahead(plan)
+                if next_plan is not None:
+                    plans.append(self._take(next_plan))
+                    self._ahead = (next_plan, self.runner.launch(next_plan, feed=launched))
+            out = self.runner.finish(launched)
             sampled_at = time.perf_counter()
             updates = self.scheduler.update(plan, out)
         except CollectiveError:
@@ -104,13 +124,26 @@ class ShardEngine:
         except Exception as err:  # noqa: BLE001 - a bad turn fails its requests, not the device thread
             if self.lockstep:
                 raise CollectiveError(f"a turn failed on the leader: {err!r}") from err
-            log.exception("engine turn failed", requests=len(plan.chunks))
-            for chunk in plan.chunks:
-                self._fail(chunk.request.request_id, err)
+            self._ahead = None
+            log.exception("engine turn failed", requests=sum(len(p.chunks) for p in plans))
+            for failed in plans:
+                for chunk in failed.chunks:
+                    self._fail(chunk.request.request_id, err)
             return
         for update in updates:
             self._post(update, sampled_at)
         self.stats = self.scheduler.stats()
+
+    def drain(self) -> None:
+        """Finish the turn left queued on the device, if any (before anything that changes the
+        shard between turns)."""
+        while self._ahead is not None:
+            self.step(ahead=False)
+
+    def _take(self, plan):
+        for request_id in plan.finished:
+            self._callers.pop(request_id, None)
+        return plan
 
     def _fail(self, request_id: str, err: Exception) -> None:
         self.scheduler.abort(request_id)
@@ -159,7 +192,10 @@ class ShardEngine:
         return time.perf_counter() - started
 
     def fail_all(self, error: Exception) -> None:
-        """Every request ends with `error` (the model is dropped, its group broke, the neuron stops)."""
+        """Every request ends with `error` (the model is dropped, its group broke, the neuron stops).
+        A turn left queued on the device is dropped unfinished: its blocks are freed, and whatever
+        reuses them is queued behind it."""
+        self._ahead = None
         self.scheduler.finish_all("error", str(error))
         callers, self._callers = self._callers, {}
         for caller in callers.values():
@@ -167,4 +203,5 @@ class ShardEngine:
         self.stats = self.scheduler.stats()
 
     def reset_prefix_cache(self) -> int:
+        self.drain()
         return self.scheduler.block_manager.reset_prefix_cache()

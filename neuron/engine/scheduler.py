@@ -154,6 +154,43 @@ class Scheduler:
             finished, self._finished_ids = self._finished_ids, []
             return SchedulerOutput(chunks=chunks, preempted=preempted, finished=finished)
 
+    def schedule_ahead(self, running: SchedulerOutput) -> SchedulerOutput | None:
+        """The next turn, planned while `running` (scheduled, not yet updated) is still on the
+        device: one more decode token for each of its requests, that token being the one `running`
+        samples (`fed_by`: the runner copies it on the device). None, and nothing changes, unless
+        `running` is a decode turn of every running request (each chunk one sampled token, no
+        scoring, no repetition penalty: it needs the token on the host), nothing waits or was
+        aborted, and the blocks are there. A request that `running` brings to max_tokens or to its
+        context is left out; one that stops on an EOS or stop id leaves at update(running), and its
+        chunk here is computed and dropped (update skips requests no longer running)."""
+        with self._lock:
+            chunks = running.chunks
+            if (self._waiting or self._aborted or not chunks or len(chunks) != len(self._running)
+                    or any(c.request is not r for c, r in zip(chunks, self._running))):
+                return None
+            for c in chunks:
+                request = c.request
+                if (not c.sample or len(c.token_ids) != 1 or request.want_logits
+                        or request.sampling.repetition_penalty != 1.0):
+                    return None
+            ahead: list[ScheduledChunk] = []
+            fed_by: list[int] = []
+            for i, c in enumerate(chunks):
+                request = c.request
+                if (len(request.output_ids) + 1 >= request.sampling.max_tokens
+                        or request.num_tokens + 1 >= request.max_context):
+                    continue                     # `running`'s token finishes it
+                # KV for the token `running` computes and the one it samples (computed here)
+                if not self.block_manager.allocate(request, 2):
+                    return None                  # blocks taken so far stay: the next turn needs them anyway
+                ahead.append(ScheduledChunk(request=request, token_ids=[0], start=request.num_tokens,
+                                            block_ids=list(request.block_ids), sample=True))
+                fed_by.append(i)
+            if not ahead:
+                return None
+            finished, self._finished_ids = self._finished_ids, []
+            return SchedulerOutput(chunks=ahead, finished=finished, fed_by=fed_by)
+
     def _remove_aborted(self) -> None:
         for request_id, reasons in self._aborted.items():
             request = self._requests.get(request_id)

@@ -17,6 +17,9 @@ class EngineSettings:
     max_prefill_chunk: int = 256                         # prompt tokens a turn while others decode (0: no cap)
     # GPU decode turns replayed from CUDA graphs per batch-size bucket (single-device shards)
     cuda_graphs: bool = True
+    # the next decode turn queued on the device behind the running one (single-device shards);
+    # off until measured on a GPU (bench/NOTES.md, session 8)
+    async_scheduling: bool = False
 
     def check(self) -> None:
         problems = []

@@ -33,12 +33,31 @@ def feed_tokens(xp, token_ids, tokens_from) -> None:
     token_ids[xp.asarray(np.asarray(rows, dtype=np.int64))] = ids[xp.asarray(index)]
 
 
+def queue_copy_back(xp, ids):
+    """ids' copy into pinned host memory, queued on the stream right behind the sampler, and an event
+    recorded after it: `finish` waits for that point of the stream, not for a turn queued later
+    (a plain .get() would wait for everything queued before it). On a CPU: ids as they are."""
+    if isinstance(ids, np.ndarray) or not len(ids):
+        return (ids if isinstance(ids, np.ndarray) else np.zeros(0, dtype=np.int64)), None
+    import cupyx
+
+    host = cupyx.empty_pinned(ids.shape, dtype=ids.dtype)
+    stream = xp.cuda.get_current_stream()
+    runtime = xp.cuda.runtime
+    runtime.memcpyAsync(host.ctypes.data, ids.data.ptr, ids.nbytes, runtime.memcpyDeviceToHost, stream.ptr)
+    ready = xp.cuda.Event(disable_timing=True)
+    ready.record(stream)
+    return host, ready
+
+
 @dataclass(slots=True)
 class LaunchedTurn:
     """A turn queued on the device: what `finish` needs to bring its results back."""
     plan: SchedulerOutput
     samples: list = field(default_factory=list)   # RowSpans of the sampling chunks, in the order of ids
     ids: Any = None                               # device int64 [len(samples)]
+    host_ids: Any = None                          # their copy on the host (pinned), valid once `ready`
+    ready: Any = None                             # CUDA event after the copy; None on a CPU
     scoring: list = field(default_factory=list)   # RowSpans of the scoring chunks
     logits: Any = None                            # device [R, vocab] float32, kept only for scoring rows
 
@@ -53,6 +72,9 @@ class ModelRunner:
         self.xp = model.xp
         self.announce, self.bound = announce, bound
         self.graphs: DecodeGraphs | None = None   # decode turns that fit a captured bucket replay its graph
+        # ids copied back through a queued copy and an event (queue_copy_back), for async
+        # scheduling: a plain copy would wait for the turn queued behind
+        self.queue_copies = False
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         return self.finish(self.launch(plan))
@@ -76,14 +98,17 @@ class ModelRunner:
         logits = self._run(inputs, tokens_from)
         samples = [s for s in spans if not s.chunk.request.want_logits]
         ids = sample_rows_on_device(self.xp, logits, [self._sample_row(span) for span in samples])
+        host_ids, ready = queue_copy_back(self.xp, ids) if self.queue_copies else (None, None)
         scoring = [s for s in spans if s.chunk.request.want_logits]
-        return LaunchedTurn(plan, samples, ids, scoring, logits if scoring else None)
+        return LaunchedTurn(plan, samples, ids, host_ids, ready, scoring, logits if scoring else None)
 
     def finish(self, launched: "LaunchedTurn") -> RunnerOutput:
         """The launched turn's ids (and scoring logits) on the host: waits for the device."""
         if launched.plan.is_empty:
             return RunnerOutput()
-        ids = to_host(launched.ids).tolist()
+        if launched.ready is not None:
+            launched.ready.synchronize()   # the ids' copy landed; a turn queued after it may still run
+        ids = (launched.host_ids if launched.host_ids is not None else to_host(launched.ids)).tolist()
         sampled = {span.chunk.request.request_id: token for span, token in zip(launched.samples, ids)}
         out_logits = {s.chunk.request.request_id: np.ascontiguousarray(to_host(launched.logits[s.lo:s.hi]),
                                                                        dtype=np.float32)

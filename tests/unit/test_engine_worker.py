@@ -50,16 +50,16 @@ def test_a_turn_that_raises_fails_its_requests_and_the_worker_serves_on(worker):
     prompt, expected = ref["prompt_ids"].tolist(), ref["greedy_ids"].tolist()
     shard = worker.submit(LoadShardJob(LoadRequest(MODELS / "llama2", "llama2", max_context=256), 7,
                                        lambda p: None, threading.Event())).result(30)
-    runner, real_execute = shard.engine.runner, shard.engine.runner.execute
+    runner, real_launch = shard.engine.runner, shard.engine.runner.launch
     calls = []
 
-    def broken_once(plan):
+    def broken_once(plan, feed=None):
         calls.append(plan)
         if len(calls) == 1:
             raise RuntimeError("a bug in one turn")
-        return real_execute(plan)
+        return real_launch(plan, feed)
 
-    runner.execute = broken_once
+    runner.launch = broken_once
     first = generate(worker, 7, shard, "first", prompt)
     assert first.done.wait(10)
     assert isinstance(first.end, ErrorEvent) and "a bug in one turn" in str(first.end.error)
