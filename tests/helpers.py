@@ -206,3 +206,19 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout:g}s (last value: {value!r})")
         time.sleep(interval)
+
+
+class EngineEvents:
+    """A Generate caller's emit for in-process engine tests: token ids, the end event, and `done`."""
+
+    def __init__(self):
+        import threading
+        self.tokens, self.end, self.done = [], None, threading.Event()
+
+    def __call__(self, event):
+        from neuron.generation import TokenEvent
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.token_id)
+        else:
+            self.end = event
+            self.done.set()

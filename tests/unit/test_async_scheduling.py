@@ -16,10 +16,10 @@ from neuron.engine.plan import RunnerOutput
 from neuron.engine.request import Request
 from neuron.engine.scheduler import Scheduler
 from neuron.engine.settings import EngineSettings
-from neuron.generation import FinishEvent, TokenEvent
+from neuron.generation import FinishEvent
 from neuron.sampling import SamplingConfig
 from neuron.shard import LoadRequest, load_shard
-from tests.helpers import MODELS, REFERENCE
+from tests.helpers import MODELS, REFERENCE, EngineEvents
 
 BS = 4
 
@@ -68,18 +68,6 @@ def test_schedule_ahead_declines_what_it_cannot_plan(case):
     assert scheduler.block_manager.stats.blocks_used == used
 
 
-class Events:
-    def __init__(self):
-        self.tokens, self.end, self.done = [], None, threading.Event()
-
-    def __call__(self, event):
-        if isinstance(event, TokenEvent):
-            self.tokens.append(event.token_id)
-        else:
-            self.end = event
-            self.done.set()
-
-
 class CountingFeeds:
     """Wraps the runner: how many turns were launched fed from the turn before."""
 
@@ -116,7 +104,7 @@ def serve(name: str, async_scheduling: bool, num_blocks_cap: int | None = None):
     events, callers = {}, {}
     def add(i):
         prompt = long_prompt[: 5 + 7 * i]
-        events[i] = Events()
+        events[i] = EngineEvents()
         callers[i] = Caller(emit=events[i])
         eos = i % 3 == 0                                     # some stop on the model's EOS ids too
         engine.add(Request(f"r{i}", prompt, SamplingConfig(max_tokens=6 + 3 * i, ignore_eos=not eos), 128,

@@ -11,11 +11,11 @@ import pytest
 from neuron.device import DeviceSpec
 from neuron.engine.core import Caller
 from neuron.engine.request import Request
-from neuron.generation import ErrorEvent, FinishEvent, TokenEvent
+from neuron.generation import ErrorEvent, FinishEvent
 from neuron.sampling import SamplingConfig
 from neuron.shard import LoadRequest
 from neuron.worker import DeviceWorker, ForwardJob, GenerateJob, LoadShardJob
-from tests.helpers import MODELS, REFERENCE
+from tests.helpers import MODELS, REFERENCE, EngineEvents
 
 
 @pytest.fixture
@@ -26,20 +26,8 @@ def worker():
     w.stop()
 
 
-class Events:
-    def __init__(self):
-        self.tokens, self.end, self.done = [], None, threading.Event()
-
-    def __call__(self, event):
-        if isinstance(event, TokenEvent):
-            self.tokens.append(event.token_id)
-        else:
-            self.end = event
-            self.done.set()
-
-
-def generate(worker, handle, shard, rid, prompt, n=32) -> Events:
-    events = Events()
+def generate(worker, handle, shard, rid, prompt, n=32) -> EngineEvents:
+    events = EngineEvents()
     request = Request(rid, prompt, SamplingConfig(max_tokens=n, ignore_eos=True), shard.kv.max_context)
     worker.submit(GenerateJob(handle, request, Caller(emit=events))).result(10)
     return events
@@ -86,7 +74,7 @@ def test_the_load_time_warm_up_leaves_no_trace_and_the_tokens_unchanged():
     stats = engine.stats
     assert (stats.running, stats.waiting, stats.kv.blocks_used, stats.kv.blocks_cached) == (0, 0, 0, 0)
     assert (stats.kv.queries, stats.kv.hits) == (0, 0)
-    events = Events()
+    events = EngineEvents()
     prompt = ref["prompt_ids"].tolist()
     engine.add(Request("after", prompt, SamplingConfig(max_tokens=len(ref["greedy_ids"]), ignore_eos=True), 256),
                Caller(emit=events))
