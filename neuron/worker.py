@@ -241,7 +241,8 @@ class DeviceWorker:
         self.backend.used += shard.nbytes
         log.info("shard loaded", model=job.request.model, handle=job.handle, device=self.spec.id, dtype=shard.dtype,
                  weight_bytes=shard.weight_bytes, kv_bytes=shard.kv.nbytes, kv_blocks=shard.kv.num_blocks,
-                 block_size=shard.kv.block_size, max_seqs=shard.max_seqs, seconds=round(shard.load_seconds, 3))
+                 block_size=shard.kv.block_size, max_seqs=shard.max_seqs, seconds=round(shard.load_seconds, 3),
+                 async_scheduling=shard.engine.async_scheduling)
         return shard
 
     def _drop(self, job: DropShardJob, error: Exception | None = None) -> int:

@@ -259,3 +259,22 @@ def test_prefix_caching_can_be_turned_off():
             assert shard.prefix_cache_hits == 0
     finally:
         srv.kill()
+
+
+@pytest.fixture(scope="module")
+def async_scheduling():
+    srv = start_neuron(devices="cpu:0", model_roots=[MODELS], extra=ENGINE + ["--async-scheduling"])
+    yield srv
+    assert srv.terminate() == 0, srv.log()
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_concurrent_greedy_with_async_scheduling_give_the_tokens_of_their_prompt_alone(async_scheduling, name):
+    with async_scheduling.channel() as channel:
+        stub = neuron_pb2_grpc.NeuronStub(channel)
+        info = load(stub, name)
+        try:
+            assert_concurrent_greedy_matches_alone(stub, info.handle, name)
+        finally:
+            stub.DropShard(pb.DropShardRequest(handle=info.handle))
+    assert '"async_scheduling": true' in async_scheduling.log()   # the flag reached the engine
