@@ -1,7 +1,8 @@
 """ShardEngine: one shard's serving engine, driven by its device thread one turn at a time.
 
-A turn is `plan = scheduler.schedule()` -> `out = runner.execute(plan)` -> `scheduler.update(plan,
-out)`, then every request's caller is told what happened: a Generate caller gets TokenEvent /
+A turn is `plan = scheduler.schedule()` -> `launched = runner.launch(plan)` -> `out =
+runner.finish(launched)` -> `scheduler.update(plan, out)` (with async scheduling the next decode
+turn is planned and launched before `finish`), then every request's caller is told what happened: a Generate caller gets TokenEvent /
 FinishEvent / ErrorEvent through its `emit`, a Forward caller's future gets the logits. A caller
 that went away (its `cancelled` is set, or its future was cancelled) is aborted at the next turn.
 """

@@ -1,9 +1,11 @@
 """ModelRunner: runs one turn's plan on the shard's device.
 
-`execute(plan)`: the plan becomes BatchInputs (host), the followers of a TP leader are sent the same
-inputs, the arrays are uploaded, the model runs once over every scheduled token, and the batched
-sampler picks the next token of every sampling request. Only ids (and a scoring request's logits)
-come back to the host. `follow(inputs)` is a follower rank's turn: the same model pass, no sampling.
+`execute(plan)` = `finish(launch(plan))`. `launch`: the plan becomes BatchInputs (host), the
+followers of a TP leader are sent the same inputs, the arrays are uploaded, the model runs once over
+every scheduled token, and the batched sampler picks the next token of every sampling request, all
+queued on the device. `finish`: only ids (and a scoring request's logits) come back to the host.
+Between the two, async scheduling launches the next turn fed from this one's ids on the device.
+`follow(inputs)` is a follower rank's turn: the same model pass, no sampling.
 """
 from __future__ import annotations
 
