@@ -6,9 +6,10 @@ tokens plus this chunk). The chunk's keys and values are written into their slot
 request attends over its own blocks, causally within the chunk. A long chunk is cut into query
 pieces so the score tensor [heads, q, L] stays under SCORE_ELEMENTS_CAP.
 
-With a `DecodeAttention` (the paged decode kernel on GPUs, its NumPy mirror in tests), every request
-with one query row this turn is attended in one launch for the whole batch; chunks of several rows
-take the gather path.
+With a `DecodeAttention` whose `prefill_rows` is set (the paged attention kernels on GPUs, their
+NumPy mirrors in tests), every row of the turn is attended in one launch (prompt chunks in tiles of
+TILE_ROWS on the tensor-core kernel). On CPUs (`gathered`) only requests with one query row this
+turn are; chunks of several rows take the gather path above.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class AttentionMetadata:
 
 @dataclass
 class DecodeBatch:
-    """Query rows the paged decode kernel attends in one launch, each as its own sequence: a
+    """Query rows the paged attention kernel attends in one launch, each as its own sequence: a
     request's one decode token, or (`every_row`) every row of the turn, a prompt chunk's row seeing
     the keys up to its own position (its KV is written before the attention runs). With `tiles`, a
     tiled kernel reads each key once for up to TILE_ROWS rows of a chunk; the rows' results are the

@@ -73,7 +73,7 @@ class LlamaModel:
         return CudaLayerOps(self.xp, self.cos, self.sin, dtype_name, small_m_gemv=gemv)
 
     def _decode_attention(self, mode: str, max_context: int) -> DecodeAttention | None:
-        """forward_batch's attention for decode rows: "auto" (the paged decode kernel on a GPU when
+        """forward_batch's attention for decode rows: "auto" (the paged attention kernel on a GPU when
         the shapes suit it, one batched gather on a CPU), "off" (per request, the prefill path),
         "numpy" (the CUDA-core kernel's NumPy mirror: tests) or "numpy-tiles" (the tensor-core
         kernel's, with prompt rows in tiles: tests)."""
@@ -89,7 +89,7 @@ class LlamaModel:
         group = self.layout.local_heads // self.layout.local_kv_heads
         dtype_name = np.dtype(self.p["embed"].dtype).name
         if group > MAX_GROUP or self.config.head_dim % (4 if dtype_name == "float32" else 8):
-            log.info("paged decode kernel off for this model; decode attention gathers blocks", group=group,
+            log.info("paged attention kernel off for this model; decode attention gathers blocks", group=group,
                      head_dim=self.config.head_dim)
             return None
         return DecodeAttention.cuda(dtype_name, self.config.head_dim, group, max_context)

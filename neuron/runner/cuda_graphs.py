@@ -64,7 +64,7 @@ class CaptureReport:
 
 class DecodeGraphs:
     def __init__(self, model, kv, max_seqs: int, capture: bool):
-        """`model.decode_attention` must be set: graph rows attend through the paged decode kernel."""
+        """`model.decode_attention` must be set: graph rows attend through the paged attention kernel."""
         self.model, self.kv, self.capture_graphs = model, kv, capture
         self.xp = model.xp
         self.max_blocks = -(-kv.max_context // kv.block_size)
