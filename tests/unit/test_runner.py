@@ -222,6 +222,21 @@ def test_batched_sampler_picks_what_the_per_request_sampler_picks():
             histories[i].append(batched[i])
 
 
+def test_batched_draws_equal_the_per_request_sampler_with_ties_and_mixed_filters():
+    """Every sampling row drawn at once (draw_rows): logits with many ties (stable order decides),
+    rows with and without sorting filters side by side, top-k at the vocabulary's size."""
+    rng = np.random.default_rng(5)
+    vocab = 64
+    settings = SETTINGS[2:] + [dict(temperature=0.6, top_k=vocab, seed=6), dict(temperature=1.0, top_k=3, seed=7),
+                               dict(temperature=0.5, top_p=0.3, min_p=0.2, seed=8), dict(temperature=1.5, seed=9)]
+    samplers = [RowSampler.create(SamplingConfig(**s), vocab) for s in settings]
+    singles = [Sampler(SamplingConfig(**s), vocab) for s in settings]
+    for _ in range(40):
+        logits = rng.integers(-3, 4, (len(settings), vocab)).astype(np.float32)   # ties everywhere
+        rows = [SampleRow(samplers[i], i, []) for i in range(len(settings))]
+        assert sample_rows(np, logits, rows) == [singles[i].sample(np, logits[i], []) for i in range(len(settings))]
+
+
 def test_build_batch_maps_each_token_to_its_block_slot():
     r1, r2 = request("x", list(range(1, 11))), request("y", [5, 6, 7])
     r2.num_computed_tokens = 2
