@@ -47,7 +47,6 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, bandwidth:
     row_tables, row_lens = cp.asarray(np.ascontiguousarray(tables[owner])), cp.asarray(lens)
     first, count = query_tiles(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     tiles = (cp.asarray(first), cp.asarray(count))
-    splits = num_splits(int(lens.max()))
     out = cp.empty_like(q)
     kv_bytes = sum(2 * (start + rows) * KV_HEADS * HEAD_DIM * 2 for start, rows in chunks)
     flops = 4 * Q_HEADS * HEAD_DIM * float(lens.sum())
@@ -55,6 +54,7 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, bandwidth:
     row = {"case": name, "rows": n, "sequences": len(chunks), "kv_bytes": kv_bytes, "flops": flops,
            "limit_ms": limit}
     for label, kernel in kernels.items():
+        splits = num_splits(int(lens.max()), kernel.split_keys)
         work = kernel.workspace(n, Q_HEADS, splits)
         extra = {"tiles": tiles} if kernel.tiled else {}
         row[f"{label}_ms"] = graph_ms(cp, lambda: kernel.decode(q, k, v, row_tables, row_lens, HEAD_DIM ** -0.5, 0,
@@ -67,6 +67,9 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, bandwidth:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=int, default=0)
+    parser.add_argument("--split-keys", default="",
+                        help="comma-separated split sizes to try on the tensor-core kernel beside the default 256 "
+                             "(a candidate, not what serves: a row's bits depend on it)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     import cupy as cp
@@ -76,6 +79,8 @@ def main() -> None:
     group = Q_HEADS // KV_HEADS
     kernels = {"cuda_cores": PagedAttentionCuda("bfloat16", HEAD_DIM, group, tensor_cores=False),
                "tensor_cores": PagedAttentionCuda("bfloat16", HEAD_DIM, group)}
+    for keys in [int(k) for k in args.split_keys.split(",") if k]:
+        kernels[f"tensor_cores_split{keys}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, split_keys=keys)
     cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (256, 2048) for b in (1, 64, 256)]
     cases += [("prompt chunk 512 rows at 3584", [(3584, 512)]),
               ("prompt chunk 256 rows at 3840", [(3840, 256)]),
