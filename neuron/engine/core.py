@@ -2,8 +2,9 @@
 
 A turn is `plan = scheduler.schedule()` -> `launched = runner.launch(plan)` -> `out =
 runner.finish(launched)` -> `scheduler.update(plan, out)` (with async scheduling the next decode
-turn is planned and launched before `finish`), then every request's caller is told what happened: a Generate caller gets TokenEvent /
-FinishEvent / ErrorEvent through its `emit`, a Forward caller's future gets the logits. A caller
+turn is planned and launched before `finish`), then every request's caller is told what happened:
+a Generate caller gets TokenEvent / FinishEvent / ErrorEvent through its `emit`, a Forward caller's
+future gets the logits. A caller
 that went away (its `cancelled` is set, or its future was cancelled) is aborted at the next turn.
 """
 from __future__ import annotations
@@ -109,13 +110,13 @@ class ShardEngine:
                 self._ahead = None
                 plans.append(plan)
             else:
-                plan = self._take(self.scheduler.schedule())
+                plan = self._forget_finished(self.scheduler.schedule())
                 plans.append(plan)
                 launched = self.runner.launch(plan)
             if ahead and self.async_scheduling:
                 next_plan = self.scheduler.schedule_ahead(plan)
                 if next_plan is not None:
-                    plans.append(self._take(next_plan))
+                    plans.append(self._forget_finished(next_plan))
                     self._ahead = (next_plan, self.runner.launch(next_plan, feed=launched))
             out = self.runner.finish(launched)
             sampled_at = time.perf_counter()
@@ -141,7 +142,8 @@ class ShardEngine:
         while self._ahead is not None:
             self.step(ahead=False)
 
-    def _take(self, plan):
+    def _forget_finished(self, plan):
+        """The plan, after dropping the callers of the requests it announces as finished."""
         for request_id in plan.finished:
             self._callers.pop(request_id, None)
         return plan

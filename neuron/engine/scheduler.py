@@ -151,8 +151,7 @@ class Scheduler:
             budget, preempted = self._schedule_running(chunks, budget, chunk_cap)
             if not preempted:
                 self._schedule_waiting(chunks, budget, chunk_cap)
-            finished, self._finished_ids = self._finished_ids, []
-            return SchedulerOutput(chunks=chunks, preempted=preempted, finished=finished)
+            return SchedulerOutput(chunks=chunks, preempted=preempted, finished=self._take_finished())
 
     def schedule_ahead(self, running: SchedulerOutput) -> SchedulerOutput | None:
         """The next turn, planned while `running` (scheduled, not yet updated) is still on the
@@ -188,8 +187,12 @@ class Scheduler:
                 fed_by.append(i)
             if not ahead:
                 return None
-            finished, self._finished_ids = self._finished_ids, []
-            return SchedulerOutput(chunks=ahead, finished=finished, fed_by=fed_by)
+            return SchedulerOutput(chunks=ahead, finished=self._take_finished(), fed_by=fed_by)
+
+    def _take_finished(self) -> list[str]:
+        """The ids finished since the last plan, for the next plan to announce (once)."""
+        finished, self._finished_ids = self._finished_ids, []
+        return finished
 
     def _remove_aborted(self) -> None:
         for request_id, reasons in self._aborted.items():

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from neuron.kernels.paged_attention import TILE_ROWS, num_splits, paged_decode_attention_numpy, query_tiles
+from neuron.kernels.paged_attention import (TILE_ROWS, num_splits, paged_decode_attention_numpy,
+                                            paged_tile_attention_numpy, query_tiles, tile_keys)
 
 SCORE_ELEMENTS_CAP = 1 << 24   # float32 scores per query piece: 64 MiB
 
@@ -157,8 +158,6 @@ def tiled_mirror(q, layer_keys, layer_values, block_tables, context_lens, scale:
     """paged_tile_attention_numpy, after checking what the kernel relies on: the tiles cover the
     launch's rows once, in order, and each tile's rows share a block table and have consecutive
     positions. `splits` is the kernel's and unused here."""
-    from neuron.kernels.paged_attention import paged_tile_attention_numpy, tile_keys
-
     rows = q.shape[0]
     first, count = tiles if tiles is not None else (np.arange(rows), np.ones(rows, dtype=np.int32))
     covered = np.concatenate([np.arange(f, f + c) for f, c in zip(first, count)]) if len(first) else np.arange(0)

@@ -116,6 +116,7 @@ class CudaLayerOps(LayerOps):
     engine's bandwidth-tuned GEMV (model/kernels.py) instead of cuBLAS."""
 
     THREADS = 256
+    NORM_CHUNKS = 4   # layer_ops.cu's: vectors a thread of add_rms_norm_vec holds
 
     def __init__(self, xp, cos_table, sin_table, dtype_name: str, small_m_gemv=None):
         super().__init__(xp, cos_table, sin_table)
@@ -142,8 +143,6 @@ class CudaLayerOps(LayerOps):
             self.gemv.gemv(W, self.xp.ascontiguousarray(x).reshape(-1), out.reshape(-1), "none", "store")
             return out
         return self.gemm.linear(x, W)
-
-    NORM_CHUNKS = 4   # layer_ops.cu's: vectors a thread of add_rms_norm_vec holds
 
     def _norm(self, x, delta, weight, eps: float):
         out = self.xp.empty_like(x)
@@ -188,7 +187,6 @@ class CudaLayerOps(LayerOps):
         if T:
             kernel = self._rope_write_kv_vec if heads.head_dim % 8 == 0 else self._rope_write_kv
             kernel((T,), (self.THREADS,),
-                                (qkv, rotary.positions, rotary.cos_table, rotary.sin_table, slot_mapping, q, flat_keys,
-                                 flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads),
-                                 np.int32(heads.head_dim)))
+                   (qkv, rotary.positions, rotary.cos_table, rotary.sin_table, slot_mapping, q, flat_keys,
+                    flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads), np.int32(heads.head_dim)))
         return q

@@ -89,3 +89,10 @@ def build_batch(plan: SchedulerOutput, block_size: int) -> tuple[BatchInputs, li
     inputs = BatchInputs(token_ids, positions.astype(np.int32), slot_mapping, query_start,
                          context_lens.astype(np.int32), block_tables, np.asarray(rows, dtype=np.int32))
     return inputs, spans
+
+
+def feed_tokens(xp, token_ids, tokens_from) -> None:
+    """token_ids[rows] = ids[index] on the device: a turn launched ahead takes the tokens the turn
+    before it sampled, in stream order after them."""
+    rows, ids, index = tokens_from
+    token_ids[xp.asarray(np.asarray(rows, dtype=np.int64))] = ids[xp.asarray(index)]

@@ -28,7 +28,7 @@ import structlog
 
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
-from .batch import BatchInputs
+from .batch import BatchInputs, feed_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -148,7 +148,7 @@ class DecodeGraphs:
 
     def run(self, inputs: BatchInputs, tokens_from=None):
         """Logits [n, vocab] (device, float32) of a decode-only turn of n requests. tokens_from:
-        (rows, device ids, index) when rows' token ids are ids[index] (model_runner.feed_tokens)."""
+        (rows, device ids, index) when rows' token ids are ids[index] (batch.feed_tokens)."""
         n = len(inputs.context_lens)
         bucket = self.buckets[min(b for b in self.buckets if b >= n)]
         pad = self.kv.scratch_block
@@ -156,7 +156,6 @@ class DecodeGraphs:
         tables[:n, :inputs.block_tables.shape[1]] = inputs.block_tables
         self._upload(bucket.token_ids, inputs.token_ids, 0)
         if tokens_from is not None:
-            from .model_runner import feed_tokens
             feed_tokens(self.xp, bucket.token_ids, tokens_from)
         self._upload(bucket.positions, inputs.positions, 0)
         self._upload(bucket.slot_mapping, inputs.slot_mapping, pad * self.kv.block_size)

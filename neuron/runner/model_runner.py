@@ -18,7 +18,7 @@ from neuron.engine.kv_cache import PagedKvCache
 from neuron.engine.plan import RunnerOutput, SchedulerOutput
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
-from .batch import BatchInputs, build_batch
+from .batch import BatchInputs, build_batch, feed_tokens
 from .cuda_graphs import DecodeGraphs
 from .sampler import RowSampler, SampleRow, sample_rows_on_device
 
@@ -26,13 +26,6 @@ from .sampler import RowSampler, SampleRow, sample_rows_on_device
 def to_host(array) -> np.ndarray:
     """A device array's copy on the host (a NumPy array is already there)."""
     return array if isinstance(array, np.ndarray) else array.get()
-
-
-def feed_tokens(xp, token_ids, tokens_from) -> None:
-    """token_ids[rows] = ids[index] on the device: a turn launched ahead takes the tokens the turn
-    before it sampled, in stream order after them."""
-    rows, ids, index = tokens_from
-    token_ids[xp.asarray(np.asarray(rows, dtype=np.int64))] = ids[xp.asarray(index)]
 
 
 def queue_copy_back(xp, ids):

@@ -71,15 +71,20 @@ def load(stub, name: str, device: str = "cpu:0") -> pb.ShardInfo:
     return list(stub.LoadShard(pb.LoadShardRequest(path=name, model=name, device=device), timeout=60))[-1].loaded
 
 
-@pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_concurrent_greedy_requests_each_give_the_tokens_of_their_prompt_alone(one, name):
-    with one.channel() as channel:
+def assert_concurrent_greedy_matches_alone_on(server, name: str) -> None:
+    """The fixture loaded on `server`'s cpu:0, checked, dropped."""
+    with server.channel() as channel:
         stub = neuron_pb2_grpc.NeuronStub(channel)
         info = load(stub, name)
         try:
             assert_concurrent_greedy_matches_alone(stub, info.handle, name)
         finally:
             stub.DropShard(pb.DropShardRequest(handle=info.handle))
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_concurrent_greedy_requests_each_give_the_tokens_of_their_prompt_alone(one, name):
+    assert_concurrent_greedy_matches_alone_on(one, name)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -270,11 +275,5 @@ def async_scheduling():
 
 @pytest.mark.parametrize("name", ["llama3", "mistral"])
 def test_concurrent_greedy_with_async_scheduling_give_the_tokens_of_their_prompt_alone(async_scheduling, name):
-    with async_scheduling.channel() as channel:
-        stub = neuron_pb2_grpc.NeuronStub(channel)
-        info = load(stub, name)
-        try:
-            assert_concurrent_greedy_matches_alone(stub, info.handle, name)
-        finally:
-            stub.DropShard(pb.DropShardRequest(handle=info.handle))
+    assert_concurrent_greedy_matches_alone_on(async_scheduling, name)
     assert '"async_scheduling": true' in async_scheduling.log()   # the flag reached the engine
