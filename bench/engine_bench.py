@@ -63,7 +63,7 @@ def cpu_ceilings() -> tuple[float, float]:
 
 
 def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_context: int = 2048,
-         async_scheduling: bool = False):
+         async_scheduling: bool = True):
     settings = EngineSettings(max_seqs=max_seqs, cuda_graphs=graphs, kv_memory_fraction=0.5,
                               async_scheduling=async_scheduling)
     dtype = "bfloat16" if backend.kind == "cuda" else "float32"
@@ -147,7 +147,7 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
             from bench.serving_bench import SHAPES as SERVING_SHAPES
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
         shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency),
-                     async_scheduling=args.async_scheduling)
+                     async_scheduling=not args.no_async_scheduling)
         if args.small_m_gemv:
             use_small_m_gemv(shard, max(concurrency), args.graphs != "off")
         captured = shard.engine.runner.graphs
@@ -223,9 +223,9 @@ def main() -> None:
                         help="decode turns replayed from CUDA graphs, eager, or each (same shard, same run)")
     parser.add_argument("--skip-fixtures", action="store_true")
     parser.add_argument("--small-m-gemv", action="store_true", help="one-row products through the GEMV kernel")
-    parser.add_argument("--async-scheduling", action="store_true",
-                        help="queue each decode turn behind the running one (EngineSettings.async_scheduling); "
-                             "a turn's logged seconds then overlap the next's")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="run one turn at a time (by default each decode turn is queued behind the running "
+                             "one, EngineSettings.async_scheduling, and a turn's logged seconds overlap the next's)")
     parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -237,7 +237,7 @@ def main() -> None:
         bandwidth, tflops, name = copy_bandwidth(backend.xp), matmul_rate(backend.xp), gpu_name()
     print(f"device: {name}   copy {bandwidth:.0f} GB/s   matmul {tflops:.3f} TFLOP/s", flush=True)
     result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
-              "small_m_gemv": args.small_m_gemv, "async_scheduling": args.async_scheduling,
+              "small_m_gemv": args.small_m_gemv, "async_scheduling": not args.no_async_scheduling,
               "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +49,22 @@ def snapshot(neuron_pid: int, cortex_pid: int) -> dict[str, float]:
             "cortex": cpu_seconds(Path(f"/proc/{cortex_pid}/stat"))}
 
 
+def record(directory: Path, streams: int, pids: dict[str, int]) -> list[subprocess.Popen]:
+    """py-spy sampling each process (all threads, idle ones left out) until `stop`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--threads", "--nonblocking",
+                              "--format", "raw", "-o", str(directory / f"{name}-{streams}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=open(directory / f"{name}-{streams}.log", "w"))
+            for name, pid in pids.items()]
+
+
+def stop(spies: list[subprocess.Popen]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)   # py-spy writes its file on SIGINT
+    for spy in spies:
+        spy.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="64", help="comma-separated stream counts")
@@ -56,6 +74,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="record each process with py-spy (on PATH) over the last run of each stream count: "
+                             "collapsed stacks per thread in DIR/{neuron,cortex}-<streams>.txt")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     runs = []
@@ -71,12 +92,15 @@ def main() -> None:
             with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
                 run_workload(pool, args.client_procs, d.cortex.address, d.model, random_prompts(rng, 4, 8, vocab), 8)
                 for n in streams:
-                    for _ in range(args.runs):
+                    for run in range(args.runs):
                         prompts = random_prompts(rng, n, args.prompt_tokens, vocab)
+                        spies = (record(args.py_spy, n, {"neuron": d.neuron.proc.pid, "cortex": d.cortex.proc.pid})
+                                 if args.py_spy and run == args.runs - 1 else [])
                         before, t0 = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter()
                         measured = run_workload(pool, args.client_procs, d.cortex.address, d.model, prompts,
                                                 args.tokens)
                         after, seconds = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter() - t0
+                        stop(spies)
                         tokens = n * args.tokens
                         row = {"streams": n, **{k: 1e6 * (after[k] - before[k]) / tokens for k in after},
                                # over the streaming span (the run's wall time includes the clients' start wait)

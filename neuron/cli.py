@@ -69,7 +69,7 @@ SETTINGS = [
     Setting("async_scheduling", DEFAULT_ENGINE.async_scheduling,
             "while a decode turn runs on the device, plan the next one and queue it behind, its tokens taken "
             "from the running turn's samples on the device, so a turn's host work overlaps the next turn "
-            "(single-device shards; not yet measured on a GPU, so off by default)", type=bool),
+            "(single-device shards); --no-async-scheduling turns it off", type=bool),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "

@@ -64,32 +64,34 @@ def test_a_gpu_load_captures_graphs_warms_up_and_reports_both(worker):
 
 
 @pytest.fixture(scope="module")
-def async_worker():
+def sync_worker():
     from neuron.device import DeviceSpec
     from neuron.engine.settings import EngineSettings
     from neuron.worker import DeviceWorker
 
-    w = DeviceWorker(DeviceSpec("0", "cuda", 0), settings=EngineSettings(async_scheduling=True))
+    w = DeviceWorker(DeviceSpec("0", "cuda", 0), settings=EngineSettings(async_scheduling=False))
     w.start()
     yield w
     w.stop()
 
 
 @pytest.mark.parametrize("name", ["llama3", "mistral", "qwen3"])
-def test_async_scheduling_gives_the_tokens_of_the_engine_without_it(worker, async_worker, name):
-    """Decode turns queued behind the running one (graph replays fed on the device, ids through a
-    queued copy): every request's bf16 greedy tokens, alone and batched, equal the plain engine's."""
+def test_async_scheduling_gives_the_tokens_of_the_engine_without_it(worker, sync_worker, name):
+    """Decode turns queued behind the running one (the default: graph replays fed on the device, ids
+    through a queued copy): every request's bf16 greedy tokens, alone and batched, equal those of
+    the engine that runs one turn at a time."""
     cases = batch_cases(name)
-    handle, _ = load(worker, FIXTURES / "models" / name, "bfloat16", max_context=256, max_seqs=16)
+    handle, shard = load(sync_worker, FIXTURES / "models" / name, "bfloat16", max_context=256, max_seqs=16)
     try:
-        want = [generate(worker, handle, prompt, 32) for prompt, _ in cases]
+        assert not shard.engine.async_scheduling
+        want = [generate(sync_worker, handle, prompt, 32) for prompt, _ in cases]
     finally:
-        drop(worker, handle)
-    handle, shard = load(async_worker, FIXTURES / "models" / name, "bfloat16", max_context=256, max_seqs=16)
+        drop(sync_worker, handle)
+    handle, shard = load(worker, FIXTURES / "models" / name, "bfloat16", max_context=256, max_seqs=16)
     try:
         assert shard.engine.async_scheduling and shard.engine.runner.graphs is not None
-        alone = [generate(async_worker, handle, prompt, 32) for prompt, _ in cases]
-        batched = [wait(c) for c in [generate_async(async_worker, handle, prompt, 32) for prompt, _ in cases]]
+        alone = [generate(worker, handle, prompt, 32) for prompt, _ in cases]
+        batched = [wait(c) for c in [generate_async(worker, handle, prompt, 32) for prompt, _ in cases]]
         assert alone == want and batched == want
     finally:
-        drop(async_worker, handle)
+        drop(worker, handle)

@@ -267,13 +267,14 @@ def test_prefix_caching_can_be_turned_off():
 
 
 @pytest.fixture(scope="module")
-def async_scheduling():
-    srv = start_neuron(devices="cpu:0", model_roots=[MODELS], extra=ENGINE + ["--async-scheduling"])
+def one_turn_at_a_time():
+    srv = start_neuron(devices="cpu:0", model_roots=[MODELS], extra=ENGINE + ["--no-async-scheduling"])
     yield srv
     assert srv.terminate() == 0, srv.log()
 
 
 @pytest.mark.parametrize("name", ["llama3", "mistral"])
-def test_concurrent_greedy_with_async_scheduling_give_the_tokens_of_their_prompt_alone(async_scheduling, name):
-    assert_concurrent_greedy_matches_alone_on(async_scheduling, name)
-    assert '"async_scheduling": true' in async_scheduling.log()   # the flag reached the engine
+def test_concurrent_greedy_without_async_scheduling_give_the_tokens_of_their_prompt_alone(one_turn_at_a_time, name):
+    """The default neurons above plan decode turns ahead; this one runs one turn at a time."""
+    assert_concurrent_greedy_matches_alone_on(one_turn_at_a_time, name)
+    assert '"async_scheduling": false' in one_turn_at_a_time.log()   # the flag reached the engine
