@@ -56,6 +56,7 @@ class Tokenizer:
         self.chat_template: str | None = _pick_chat_template(tokenizer_config.get("chat_template"))
         self.bos_token_id: int | None = self._id_of(self._special.get("bos_token"))
         self.eos_token_ids: set[int] = self._eos_ids()
+        self._single_token_text: dict[int, str] = {}   # decode([id]): at most one entry per vocabulary id
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer | None:
@@ -88,6 +89,29 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_many(self, windows: list[list[int]]) -> list[str]:
+        """decode() of each list of ids (special tokens skipped). Single ids come from a cache (a
+        streaming window starts with one id most of the time); the rest go to tokenizers in one
+        decode_batch, which runs without the GIL, so the device thread runs meanwhile."""
+        texts = [""] * len(windows)
+        batch, where = [], []
+        single = self._single_token_text
+        for i, ids in enumerate(windows):
+            if len(ids) == 1 and (text := single.get(ids[0])) is not None:
+                texts[i] = text
+            elif ids:
+                batch.append(ids)
+                where.append(i)
+        if len(batch) == 1:
+            decoded = [self._backend.decode(batch[0], skip_special_tokens=True)]
+        else:
+            decoded = self._backend.decode_batch(batch, skip_special_tokens=True) if batch else []
+        for i, ids, text in zip(where, batch, decoded):
+            texts[i] = text
+            if len(ids) == 1:
+                single[ids[0]] = text
+        return texts
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     seconds: float = RENDER_SECONDS) -> str:
@@ -173,16 +197,7 @@ class TextStream:
     def push(self, token_ids: list[int]) -> StreamDelta:
         """Add generated tokens. After a stop string matched, the stream is over: later pushes
         give StreamDelta("", None, 0)."""
-        released = []
-        for used, token_id in enumerate(token_ids, start=1):
-            if self._stopped:
-                break
-            self._ids.append(token_id)
-            text, stop = self._step()
-            released.append(text)
-            if stop is not None:
-                return StreamDelta("".join(released), stop, used)
-        return StreamDelta("".join(released), None, 0 if self._stopped else len(token_ids))
+        return push_many([(self, token_ids)])[0]
 
     def finish(self) -> StreamDelta:
         """The text still held back, once generation ended; a stop string found in it still ends
@@ -190,14 +205,26 @@ class TextStream:
         if self._stopped:
             return StreamDelta("")
         self._stopped = True
-        text, _ = self._window_text()
-        text, self._pending = self._pending + text, ""
+        prefix_text, text = self._tokenizer.decode_many(self._windows())
+        text, self._pending = self._pending + text[len(prefix_text):], ""
         match = self._first_stop(text)
         return StreamDelta(text) if match is None else StreamDelta(text[:match[0]], match[1])
 
-    def _step(self) -> tuple[str, str | None]:
-        """Text released by the newest id, and the stop string it completed, if any."""
-        new_text, complete = self._window_text()
+    def _windows(self) -> tuple[list[int], list[int]]:
+        """The ids whose texts give the newest delta: the window's first part (already read) and
+        the whole window."""
+        return self._ids[self._prefix:self._read], self._ids[self._prefix:]
+
+    def _advance(self, prefix_text: str, text: str) -> tuple[str, str | None]:
+        """Text released by the newest id, given the texts of its windows, and the stop string it
+        completed, if any."""
+        new_text = text[len(prefix_text):]
+        complete = not text.endswith("\ufffd")
+        if not self._stop:  # nothing to look for: the complete text goes out as it comes
+            if complete and new_text:
+                self._prefix, self._read = self._read, len(self._ids)
+                return new_text, None
+            return "", None
         if not complete:
             # An incomplete character at the end: it stays in the window until more ids complete
             # it, but the text before it is final, and a stop string in that ends the output now.
@@ -219,13 +246,6 @@ class TextStream:
         text, self._pending = self._pending[:cut], self._pending[cut:]
         return text, None
 
-    def _window_text(self) -> tuple[str, bool]:
-        """The window's text past what was already read, and whether it is complete (does not end
-        in an incomplete character)."""
-        prefix_text = self._tokenizer.decode(self._ids[self._prefix:self._read])
-        text = self._tokenizer.decode(self._ids[self._prefix:])
-        return text[len(prefix_text):], not text.endswith("\ufffd")
-
     def _first_stop(self, text: str) -> tuple[int, str] | None:
         """The stop string in `text` that is completed first, as (position, stop string)."""
         found = [(index, stop) for stop in self._stop if (index := text.find(stop)) >= 0]
@@ -240,3 +260,39 @@ class TextStream:
                     longest = length
                     break
         return longest
+
+
+def push_many(items: list[tuple[TextStream, list[int]]]) -> list[StreamDelta]:
+    """TextStream.push for several streams at once, their windows decoded together: round r takes
+    the r-th new id of every stream still going and decodes all their windows in one decode_many
+    per tokenizer. Each stream's deltas are those its own pushes would give, whatever it is pushed
+    with. (One decode call per window held the GIL and was the largest part of a neuron's work per
+    streamed token, bench/NOTES.md, session 9.)"""
+    released: list[list[str]] = [[] for _ in items]
+    stops: list[str | None] = [None] * len(items)
+    used = [0] * len(items)
+    live = [i for i, (stream, ids) in enumerate(items) if ids and not stream._stopped]
+    step = 0
+    while live:
+        by_tokenizer: dict[int, list[int]] = {}
+        for i in live:
+            stream = items[i][0]
+            stream._ids.append(items[i][1][step])
+            by_tokenizer.setdefault(id(stream._tokenizer), []).append(i)
+        going = []
+        for group in by_tokenizer.values():
+            windows = [w for i in group for w in items[i][0]._windows()]
+            texts = items[group[0]][0]._tokenizer.decode_many(windows)
+            for k, i in enumerate(group):
+                text, stop = items[i][0]._advance(texts[2 * k], texts[2 * k + 1])
+                released[i].append(text)
+                used[i] = step + 1
+                if stop is not None:
+                    stops[i] = stop
+                elif step + 1 < len(items[i][1]):
+                    going.append(i)
+        live = sorted(going)
+        step += 1
+    return [StreamDelta("".join(text), stop, count) if stop is not None
+            else StreamDelta("".join(text), None, 0 if stream._stopped else len(ids))
+            for text, stop, count, (stream, ids) in zip(released, stops, used, items)]

@@ -23,7 +23,7 @@ from common.proto.neuron.v1 import neuron_pb2 as pb
 from neuron.engine.core import Caller
 from neuron.generation import ErrorEvent
 
-from .responses import ResponseBuilder
+from .responses import ResponseBuilder, take_all
 
 log = structlog.get_logger("neuron.server")
 
@@ -170,20 +170,21 @@ class GenerationStream:
         for key, event in items:
             events_of.setdefault(key, []).append(event)
         updates, tokens_of = [], {}
+        taking: list[tuple[int, Generation, list]] = []
         for key, events in events_of.items():
             generation = self.open.get(key)
             if generation is None:
                 continue  # ended or cancelled: what the device posted since is dropped
-            try:
-                if isinstance(generation, _Starting):
-                    raise next(e.error for e in events if isinstance(e, ErrorEvent))
-                message = generation.builder.take(events)
-            except StopIteration:
+            if isinstance(generation, Generation):
+                taking.append((key, generation, events))
                 continue
-            except Exception as err:  # noqa: BLE001 - the device's or the request's error
-                code, text = status_of(err, "GenerateStream")
-                updates.append(pb.GenerateUpdate(id=key, error_code=code.value[0], error_message=text))
-                self._end(key, code.name)
+            error = next((e.error for e in events if isinstance(e, ErrorEvent)), None)
+            if error is not None:  # it failed while starting
+                updates.append(self._failed(key, error))
+        results = take_all([(generation.builder, events) for _, generation, events in taking])
+        for (key, generation, _), message in zip(taking, results):
+            if isinstance(message, Exception):  # the device's or the request's error
+                updates.append(self._failed(key, message))
                 continue
             if message is None:
                 continue
@@ -195,6 +196,11 @@ class GenerationStream:
         for model, count in tokens_of.items():
             self.metrics.tokens(model, count)
         return updates
+
+    def _failed(self, key: int, error: Exception) -> pb.GenerateUpdate:
+        code, text = status_of(error, "GenerateStream")
+        self._end(key, code.name)
+        return pb.GenerateUpdate(id=key, error_code=code.value[0], error_message=text)
 
     def _count(self, key: int, generation: Generation, message: pb.GenerateResponse, tokens_of: dict) -> None:
         """Note a message's tokens in `tokens_of` (model -> count, added to the metrics once per wake-up)."""

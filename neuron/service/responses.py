@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from common.proto.neuron.v1 import neuron_pb2 as pb
 from neuron.generation import ErrorEvent, FinishEvent, TokenEvent
-from neuron.tokenizer import TextStream
+from neuron.tokenizer import StreamDelta, TextStream, push_many
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
@@ -34,33 +34,34 @@ class ResponseBuilder:
     def take(self, events: list) -> pb.GenerateResponse | None:
         """The message for events that arrived together, or None when they add nothing to send.
         Raises the device's error. Once `finish` is set, the rest of the events are ignored."""
+        result = take_all([(self, events)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _fold(self, events: list, tokens: int, delta: StreamDelta | None) -> pb.GenerateResponse | None:
+        """take(), given the text of the first `tokens` events (all tokens) already pushed."""
         ids: list[int] = []
-        delta = ""
-        for event in events:
+        leading = events[:tokens]
+        kept = delta.tokens if delta is not None and delta.stop is not None else tokens
+        for event in leading[:kept]:  # a token that completes a stop string is kept (and counted)
+            ids.append(event.token_id)
+            if self.first_sampled_at is None:
+                self.first_sampled_at = event.sampled_at
+        if kept:
+            self.completion_tokens += kept
+            self.last_sampled_at = leading[kept - 1].sampled_at
+        text = delta.text if delta is not None else ""
+        if delta is not None and delta.stop is not None:
+            self.finish = FinishEvent("stop", f"stop:{delta.stop}")
+            return self._final(ids, text)
+        for event in events[tokens:]:  # the device posts nothing after a finish or an error
             if isinstance(event, ErrorEvent):
                 raise event.error
             if isinstance(event, FinishEvent):
-                delta += self._end(event)
-            else:
-                delta += self._token(event, ids)
-            if self.finish is not None:
-                return self._final(ids, delta)
-        return pb.GenerateResponse(token_ids=ids, text=delta, request_id=self.request_id) if ids else None
-
-    def _token(self, event: TokenEvent, ids: list[int]) -> str:
-        """Add one sampled token to the output; its text delta. A token that completes a stop
-        string is kept (and counted) and finishes the output."""
-        delta, stop = "", None
-        if self.text is not None:
-            delta, stop, _ = self.text.push([event.token_id])
-        ids.append(event.token_id)
-        self.completion_tokens += 1
-        if self.first_sampled_at is None:
-            self.first_sampled_at = event.sampled_at
-        self.last_sampled_at = event.sampled_at
-        if stop is not None:
-            self.finish = FinishEvent("stop", f"stop:{stop}")
-        return delta
+                text += self._end(event)
+                return self._final(ids, text)
+        return pb.GenerateResponse(token_ids=ids, text=text, request_id=self.request_id) if ids else None
 
     def _end(self, event: FinishEvent) -> str:
         """The device finished: release the held text, which may still hold a stop string."""
@@ -84,6 +85,26 @@ class ResponseBuilder:
             timing=pb.Timing(time_to_first_token_ms=(first - self.started) * 1e3, total_ms=(now - self.started) * 1e3,
                              decode_tokens_per_second=rate),
             request_id=self.request_id)
+
+
+def take_all(batches: list[tuple[ResponseBuilder, list]]) -> list[pb.GenerateResponse | None | Exception]:
+    """ResponseBuilder.take for several requests' events at once, with the text of their tokens
+    decoded together (push_many: one tokenizer call per round, without the GIL): each entry is
+    what take would return, or the error it would raise. A request's messages do not depend on
+    what it is taken with."""
+    leading = [next((k for k, e in enumerate(events) if not isinstance(e, TokenEvent)), len(events))
+               for _, events in batches]
+    texts = [i for i, (builder, _) in enumerate(batches)
+             if builder.text is not None and leading[i] and builder.finish is None]
+    pushed = push_many([(batches[i][0].text, [e.token_id for e in batches[i][1][:leading[i]]]) for i in texts])
+    deltas = dict(zip(texts, pushed))
+    results: list[pb.GenerateResponse | None | Exception] = []
+    for i, (builder, events) in enumerate(batches):
+        try:
+            results.append(None if builder.finish is not None else builder._fold(events, leading[i], deltas.get(i)))
+        except Exception as err:  # noqa: BLE001 - the device's error, for the caller to raise
+            results.append(err)
+    return results
 
 
 async def responses(events: asyncio.Queue, builder: ResponseBuilder) -> AsyncIterator[pb.GenerateResponse]:

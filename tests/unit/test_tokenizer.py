@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from neuron.tokenizer import TextStream, Tokenizer
+from neuron.tokenizer import TextStream, Tokenizer, push_many
 from common.errors import FailedPrecondition, InvalidArgument
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -352,6 +352,41 @@ def test_stream_equals_decode_for_random_ids(byte_level):
         ids = [rng.randrange(byte_level.vocab_size) for _ in range(rng.randrange(1, 40))]
         deltas, matched, tail = stream(byte_level, ids, chunk=rng.choice([1, 2, 3]))
         assert "".join(deltas) + tail == byte_level.decode(ids), ids
+
+
+def test_streams_pushed_together_give_what_each_gives_alone(byte_level, byte_fallback):
+    """push_many decodes every stream's windows in one call per round and tokenizer: each
+    stream's deltas, stops and kept counts are those of its own pushes, whatever it is grouped
+    with (streams of two tokenizers, with and without stop strings, stopping at different ids)."""
+    def pieces(ids, sizes):
+        starts = list(itertools.accumulate(sizes, initial=0))
+        return [ids[a:b] for a, b in zip(starts, starts[1:])]
+
+    rng = random.Random(1)
+    stopped = 0
+    for _ in range(40):
+        cases = []
+        for _ in range(rng.randrange(1, 7)):
+            tokenizer = rng.choice([byte_level, byte_fallback])
+            text = rng.choice([t for t in TEXTS if t])
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            stop = rng.choice([[], [text[len(text) // 2:][:3]], ["\n", "zz"]])
+            cases.append((tokenizer, stop, pieces(ids, [rng.randrange(1, 4) for _ in ids])))
+        alone = []
+        for tokenizer, stop, groups in cases:
+            one = TextStream(tokenizer, stop)
+            alone.append([one.push(group) for group in groups] + [one.finish()])
+        streams = [TextStream(tokenizer, stop) for tokenizer, stop, _ in cases]
+        together = [[] for _ in cases]
+        for k in range(max(len(groups) for *_, groups in cases)):
+            pushed = [i for i, (*_, groups) in enumerate(cases) if k < len(groups)]
+            for i, delta in zip(pushed, push_many([(streams[i], cases[i][2][k]) for i in pushed])):
+                together[i].append(delta)
+        for i, stream_ in enumerate(streams):
+            together[i].append(stream_.finish())
+        assert together == alone
+        stopped += sum(1 for deltas in together if any(d.stop for d in deltas))
+    assert stopped > 0   # the stop strings were hit, not only passed through
 
 
 @pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
