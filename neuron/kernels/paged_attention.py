@@ -170,7 +170,7 @@ class PagedAttentionCuda:
     `tiled`: whether `decode` takes `tiles` (rows of one sequence sharing key reads)."""
 
     def __init__(self, dtype_name: str, head_dim: int, group: int, split_keys: int = SPLIT_KEYS,
-                 tensor_cores: bool = True):
+                 tensor_cores: bool = True, pack_heads: bool = True):
         import cupy
 
         vec = 4 if dtype_name == "float32" else 8
@@ -180,6 +180,7 @@ class PagedAttentionCuda:
         self.cp = cupy
         self.head_dim, self.group, self.split_keys = head_dim, group, split_keys
         self.tiled = tensor_cores and uses_tensor_cores(dtype_name, head_dim)   # False: benchmarks' baseline
+        self.packed = False
         if self.tiled:
             self.warps = min(group, MMA_WARPS)
             self.chunks = -(-group // self.warps)
@@ -189,6 +190,13 @@ class PagedAttentionCuda:
                                  f"-DPA_SPLIT={split_keys}")
             self._partial = module.get_function("paged_tile_partial")
             self._combine = module.get_function("paged_row_combine")
+            # decode rows: one warp takes the group's heads of a row as its 16 mma rows
+            self.packed = pack_heads and group <= TILE_ROWS
+            if self.packed:
+                packed = load_module("paged_attention_mma.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
+                                     f"-DPA_G={group}", "-DPA_W=1", f"-DPA_KT={tile_keys(head_dim)}",
+                                     f"-DPA_SPLIT={split_keys}", "-DPA_PACK=1")
+                self._partial_packed = packed.get_function("paged_tile_partial")
         else:
             self.threads = block_threads(head_dim, group, split_keys)
             module = load_module("paged_attention.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
@@ -222,7 +230,11 @@ class PagedAttentionCuda:
             return out
         first, count = tiles if tiles is not None else (context_lens, context_lens)   # unread when per row
         num_tiles = batch if tiles is None else len(first)
-        self._partial((num_tiles, kv_heads * self.chunks, splits), (self.threads,),
+        if tiles is None and self.packed:
+            partial, grid, threads = self._partial_packed, (batch, kv_heads, splits), 32
+        else:
+            partial, grid, threads = self._partial, (num_tiles, kv_heads * self.chunks, splits), self.threads
+        partial(grid, (threads,),
                       (q, k_cache, v_cache, block_tables, context_lens, first, count, workspace.part_out,
                        workspace.part_ml, np.int32(kv_heads), np.int32(block_size), table_width,
                        np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None)))

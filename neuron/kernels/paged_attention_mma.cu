@@ -19,10 +19,21 @@
 // probability exactly 0 (a tile with none of its keys changes neither its max, nor its sum, nor its
 // output). Tile-mates only decide where a CTA stops reading keys.
 //
+// Decode rows (PA_PACK=1, per_row, one warp a block): the 16 mma rows of the warp are the group's
+// query heads of the one row (head h of the group is mma row h) instead of 16 positions of one head,
+// so the group reads each staged key once instead of once per warp and the tensor cores do 1/PA_G of
+// the work. Each (position, head) pair is still one mma row with its own position's mask, the same
+// key tiles and splits, and the same per-row reductions, so it gets the bits the tiled kernel
+// gives it.
+//
 // Compile-time: DT (0 bf16, 1 f16), PA_D head_dim (multiple of 16), PA_G query heads per kv head,
-// PA_W warps per block (<= PA_G), PA_KT keys per shared tile, PA_SPLIT keys per split (multiple of PA_KT).
+// PA_W warps per block (<= PA_G; 1 with PA_PACK), PA_KT keys per shared tile, PA_SPLIT keys per split
+// (multiple of PA_KT), PA_PACK (0: rows are positions of one head, 1: rows are the heads of one row).
 #include "dtype.cuh"
 
+#ifndef PA_PACK
+#define PA_PACK 0
+#endif
 #define PA_ROWS 16
 #define PA_THREADS (32 * PA_W)
 #define PA_CHUNKS ((PA_G + PA_W - 1) / PA_W)
@@ -82,9 +93,14 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row)
 {
     const int tile = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+#if PA_PACK
+    const int kvh = blockIdx.y, head_in_group = 0;
+    const int first = tile, count = 1;            // one row; its heads are the mma rows
+#else
     const int kvh = blockIdx.y / PA_CHUNKS, head_in_group = (blockIdx.y % PA_CHUNKS) * PA_W + (threadIdx.x >> 5);
     const int first = per_row ? tile : tile_first[tile];
     const int count = per_row ? 1 : tile_rows[tile];
+#endif
     const int pos0 = context_lens[first] - 1;     // positions pos0 .. pos0 + count - 1
     const int split_lo = split * PA_SPLIT;
     if (split_lo > pos0 + count - 1) return;       // no row of the tile reads this split
@@ -103,19 +119,25 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     const int* table = block_tables + (size_t)first * max_blocks;
 
     // Q as A fragments: rows g and g + 8 of the tile, dims 16 kk + 2 t (+1, +8, +9)
-    unsigned qa[PA_D / 16][4];
-    {
-        const T* q0 = q + ((size_t)(first + g) * q_heads + head) * PA_D + 2 * t;
-        const T* q1 = q0 + (size_t)8 * q_heads * PA_D;
-#pragma unroll
-        for (int kk = 0; kk < PA_D / 16; ++kk) {
-            qa[kk][0] = g < count ? *reinterpret_cast<const unsigned*>(q0 + 16 * kk) : 0u;
-            qa[kk][1] = g + 8 < count ? *reinterpret_cast<const unsigned*>(q1 + 16 * kk) : 0u;
-            qa[kk][2] = g < count ? *reinterpret_cast<const unsigned*>(q0 + 16 * kk + 8) : 0u;
-            qa[kk][3] = g + 8 < count ? *reinterpret_cast<const unsigned*>(q1 + 16 * kk + 8) : 0u;
-        }
-    }
+#if PA_PACK
+    const int valid_rows = PA_G;                  // row r: head kvh * PA_G + r of row `first`
+    const T* q0 = q + ((size_t)first * q_heads + kvh * PA_G + g) * PA_D + 2 * t;
+    const T* q1 = q0 + (size_t)8 * PA_D;
+    const int pos[2] = {pos0, pos0};
+#else
+    const int valid_rows = count;                 // row r: position pos0 + r of head `head`
+    const T* q0 = q + ((size_t)(first + g) * q_heads + head) * PA_D + 2 * t;
+    const T* q1 = q0 + (size_t)8 * q_heads * PA_D;
     const int pos[2] = {pos0 + g, pos0 + g + 8};
+#endif
+    unsigned qa[PA_D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < PA_D / 16; ++kk) {
+        qa[kk][0] = g < valid_rows ? *reinterpret_cast<const unsigned*>(q0 + 16 * kk) : 0u;
+        qa[kk][1] = g + 8 < valid_rows ? *reinterpret_cast<const unsigned*>(q1 + 16 * kk) : 0u;
+        qa[kk][2] = g < valid_rows ? *reinterpret_cast<const unsigned*>(q0 + 16 * kk + 8) : 0u;
+        qa[kk][3] = g + 8 < valid_rows ? *reinterpret_cast<const unsigned*>(q1 + 16 * kk + 8) : 0u;
+    }
     float o[PA_D / 8][4];
 #pragma unroll
     for (int n = 0; n < PA_D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -210,8 +232,12 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
         const int row = g + 8 * r;
-        if (row >= count) continue;
+        if (row >= valid_rows) continue;
+#if PA_PACK
+        const size_t at = ((size_t)first * q_heads + kvh * PA_G + row) * splits + split;
+#else
         const size_t at = ((size_t)(first + row) * q_heads + head) * splits + split;
+#endif
 #pragma unroll
         for (int n = 0; n < PA_D / 8; ++n)
             *reinterpret_cast<float2*>(part_out + at * PA_D + 8 * n + 2 * t) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
