@@ -170,7 +170,7 @@ class PagedAttentionCuda:
     `tiled`: whether `decode` takes `tiles` (rows of one sequence sharing key reads)."""
 
     def __init__(self, dtype_name: str, head_dim: int, group: int, split_keys: int = SPLIT_KEYS,
-                 tensor_cores: bool = True, pack_heads: bool = True):
+                 tensor_cores: bool = True, pack_heads: bool = False):
         import cupy
 
         vec = 4 if dtype_name == "float32" else 8
@@ -190,7 +190,8 @@ class PagedAttentionCuda:
                                  f"-DPA_SPLIT={split_keys}")
             self._partial = module.get_function("paged_tile_partial")
             self._combine = module.get_function("paged_row_combine")
-            # decode rows: one warp takes the group's heads of a row as its 16 mma rows
+            # decode rows: one warp takes the group's heads of a row as its 16 mma rows. Off by
+            # default until it has run on a GPU (bench/NOTES.md, session 9).
             self.packed = pack_heads and group <= TILE_ROWS
             if self.packed:
                 packed = load_module("paged_attention_mma.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",

@@ -19,7 +19,7 @@
 // probability exactly 0 (a tile with none of its keys changes neither its max, nor its sum, nor its
 // output). Tile-mates only decide where a CTA stops reading keys.
 //
-// Decode rows (PA_PACK=1, per_row, one warp a block): the 16 mma rows of the warp are the group's
+// Decode rows (PA_PACK=1, per_row, one warp a block; a candidate, not yet on by default): the 16 mma rows of the warp are the group's
 // query heads of the one row (head h of the group is mma row h) instead of 16 positions of one head,
 // so the group reads each staged key once instead of once per warp and the tensor cores do 1/PA_G of
 // the work. Each (position, head) pair is still one mma row with its own position's mask, the same

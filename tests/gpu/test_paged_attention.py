@@ -89,15 +89,14 @@ def test_tiled_kernel_matches_its_mirror_on_prompt_chunks(dtype_name, d, group, 
                                                         ("bfloat16", 256, 2, 2), ("bfloat16", 128, 1, 2)])
 def test_tiled_kernel_rows_do_not_depend_on_tiles_chunks_or_batch(dtype_name, d, group, kv_heads):
     """Batch invariance of the tensor-core kernel, bit for bit: a 600-row prompt attended as one
-    chunk, as chunks cut at other places, and row by row (decode rows: the group's heads packed as
-    one warp's mma rows), beside other requests or alone."""
+    chunk, as chunks cut at other places, and row by row (decode rows, with the group's heads packed
+    as one warp's mma rows and without), beside other requests or alone."""
     import cupy as cp
 
     from neuron.kernels.paged_attention import query_tiles
     rng = np.random.default_rng(7)
     q, k, v, _, tables, lens = _paged_case(rng, DTYPES[dtype_name], d, group, kv_heads, [(0, 600)])
     kernel = PagedAttentionCuda(dtype_name, d, group)
-    assert kernel.packed
     args = [cp.asarray(a) for a in (k, v)]
     splits = num_splits(int(lens.max())) + 1   # more splits than any row needs: they must be ignored
 
@@ -116,7 +115,7 @@ def test_tiled_kernel_rows_do_not_depend_on_tiles_chunks_or_batch(dtype_name, d,
     assert np.array_equal(whole[300:], attend(np.arange(300, 600), [7]))
     single = np.array([0, 15, 16, 255, 256, 599])
     assert np.array_equal(whole[single], attend(single, None))
-    unpacked = PagedAttentionCuda(dtype_name, d, group, pack_heads=False)
-    assert not unpacked.packed
-    assert np.array_equal(whole, unpacked.decode(cp.asarray(q), *args, cp.asarray(tables), cp.asarray(lens),
-                                                 d ** -0.5, 0, splits).get())
+    other = PagedAttentionCuda(dtype_name, d, group, pack_heads=not kernel.packed)
+    assert other.packed != kernel.packed     # decode rows packed as one warp's mma rows, and not
+    assert np.array_equal(whole, other.decode(cp.asarray(q), *args, cp.asarray(tables), cp.asarray(lens),
+                                              d ** -0.5, 0, splits).get())
