@@ -19,6 +19,7 @@ from common.errors import FailedPrecondition, InvalidArgument
 from .chat_template import RENDER_SECONDS, compile_template, render
 
 # Special tokens of tokenizer_config.json that chat templates may refer to by name.
+BATCH_DECODE_MIN = 32   # windows from which decode_many uses one decode_batch (measured: bench/NOTES.md, session 9)
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -92,8 +93,9 @@ class Tokenizer:
 
     def decode_many(self, windows: list[list[int]]) -> list[str]:
         """decode() of each list of ids (special tokens skipped). Single ids come from a cache (a
-        streaming window starts with one id most of the time); the rest go to tokenizers in one
-        decode_batch, which runs without the GIL, so the device thread runs meanwhile."""
+        streaming window starts with one id most of the time); from BATCH_DECODE_MIN lists on the
+        rest go to tokenizers in one decode_batch, which runs without the GIL, so the device
+        thread runs meanwhile (below that, its ~25 us of thread-pool start costs more than it saves)."""
         texts = [""] * len(windows)
         batch, where = [], []
         single = self._single_token_text
@@ -103,10 +105,10 @@ class Tokenizer:
             elif ids:
                 batch.append(ids)
                 where.append(i)
-        if len(batch) == 1:
-            decoded = [self._backend.decode(batch[0], skip_special_tokens=True)]
+        if len(batch) >= BATCH_DECODE_MIN:
+            decoded = self._backend.decode_batch(batch, skip_special_tokens=True)
         else:
-            decoded = self._backend.decode_batch(batch, skip_special_tokens=True) if batch else []
+            decoded = [self._backend.decode(ids, skip_special_tokens=True) for ids in batch]
         for i, ids, text in zip(where, batch, decoded):
             texts[i] = text
             if len(ids) == 1:

@@ -110,9 +110,10 @@ class GenerationStream:
                 if self.drain_message() and not self.open:
                     return  # the drain waits for this call; new generations go to other nodes
                 await self.inbox.ready.wait()
-                updates = self._updates(self.inbox.take())
-                if updates:
-                    yield pb.GenerateStreamResponse(updates=updates)
+                response = pb.GenerateStreamResponse()
+                self._updates(self.inbox.take(), response)
+                if response.updates:
+                    yield response
         finally:
             reader.cancel()
             watch.cancel()
@@ -165,11 +166,13 @@ class GenerationStream:
 
     # ------------------------------------------------------------ updates to the caller
 
-    def _updates(self, items: list[tuple[int, object]]) -> list[pb.GenerateUpdate]:
+    def _updates(self, items: list[tuple[int, object]], response: pb.GenerateStreamResponse) -> None:
+        """Add to `response` an update for every open generation the items have news of (written
+        in place: a message built apart and then copied into its place cost three times as much)."""
         events_of: dict[int, list] = {}
         for key, event in items:
             events_of.setdefault(key, []).append(event)
-        updates, tokens_of = [], {}
+        tokens_of: dict[str, int] = {}
         taking: list[tuple[int, Generation, list]] = []
         for key, events in events_of.items():
             generation = self.open.get(key)
@@ -180,27 +183,31 @@ class GenerationStream:
                 continue
             error = next((e.error for e in events if isinstance(e, ErrorEvent)), None)
             if error is not None:  # it failed while starting
-                updates.append(self._failed(key, error))
-        results = take_all([(generation.builder, events) for _, generation, events in taking])
+                self._failed(response, key, error)
+
+        def message_for(index: int) -> pb.GenerateResponse:
+            update = response.updates.add()
+            update.id = taking[index][0]
+            return update.response
+
+        results = take_all([(generation.builder, events) for _, generation, events in taking], message_for)
         for (key, generation, _), message in zip(taking, results):
             if isinstance(message, Exception):  # the device's or the request's error
-                updates.append(self._failed(key, message))
+                self._failed(response, key, message)
                 continue
             if message is None:
                 continue
-            updates.append(pb.GenerateUpdate(id=key, response=message))
             self._count(key, generation, message, tokens_of)
             if generation.builder.finish is not None:
                 generation.log_done(message.timing)
                 self._end(key, "OK")
         for model, count in tokens_of.items():
             self.metrics.tokens(model, count)
-        return updates
 
-    def _failed(self, key: int, error: Exception) -> pb.GenerateUpdate:
+    def _failed(self, response: pb.GenerateStreamResponse, key: int, error: Exception) -> None:
         code, text = status_of(error, "GenerateStream")
         self._end(key, code.name)
-        return pb.GenerateUpdate(id=key, error_code=code.value[0], error_message=text)
+        response.updates.add(id=key, error_code=code.value[0], error_message=text)
 
     def _count(self, key: int, generation: Generation, message: pb.GenerateResponse, tokens_of: dict) -> None:
         """Note a message's tokens in `tokens_of` (model -> count, added to the metrics once per wake-up)."""
