@@ -178,16 +178,18 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
             await registry.close()
             raise SystemExit(f"cortex: --http-listen: {err}") from None
         log.info("http serving", listen=http_listen, port=http_port)
+    # SIGTERM stops the server from here on; installed before the port file says it is up, so a
+    # supervisor (or a test) that signals as soon as it sees the port does not kill it outright.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
     log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],
              poll_seconds=settings["poll_seconds"], heartbeat_timeout_seconds=settings["heartbeat_timeout_seconds"])
     security.warn_if_open("cortex", takes_api_keys=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
     # SIGTERM: health NOT_SERVING and new calls refused with UNAVAILABLE at once; streams in flight

@@ -183,16 +183,18 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
             raise OSError(f"--metrics-listen: {err}") from None
         log.info("metrics serving", listen=metrics_listen, port=metrics_port)
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)
+    # SIGTERM stops the server from here on; installed before the port file says it is up, so a
+    # supervisor (or a test) that signals as soon as it sees the port does not kill it outright.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
     log.info("neuron serving", listen=settings["listen"], port=port, devices=[w.spec.id for w in workers],
              model_roots=[str(r) for r in roots], advertise=service.advertise)
     security.warn_if_open("neuron", takes_api_keys=False)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     exit_code = 0
 
     def exit_for_dead_worker() -> None:
