@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import signal
 
 import grpc
 import structlog
@@ -60,6 +61,16 @@ SERVER_OPTIONS = [
 
 # Never refused or counted while draining: probes and grpcurl keep working to the end.
 DRAIN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM or SIGINT sets, on the running loop. Install it before the server says it
+    is up (port file, log line): a supervisor or a test may signal the moment it sees that."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 class _DrainInterceptor(grpc.aio.ServerInterceptor):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add
 from common.errors import ServiceError
 from common.logs import configure_logging
 from common.security.settings import API_KEYS_SETTING, ServerSecurity, cluster_settings
-from common.server import ServingServer
+from common.server import ServingServer, stop_on_signals
 
 log = structlog.get_logger("cortex")
 
@@ -178,12 +177,7 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
             await registry.close()
             raise SystemExit(f"cortex: --http-listen: {err}") from None
         log.info("http serving", listen=http_listen, port=http_port)
-    # SIGTERM stops the server from here on; installed before the port file says it is up, so a
-    # supervisor (or a test) that signals as soon as it sees the port does not kill it outright.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()   # before the port file says the server is up
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
     log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import structlog
 from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.logs import configure_logging
 from common.security.settings import ServerSecurity, cluster_settings
-from common.server import ServingServer
+from common.server import ServingServer, stop_on_signals
 
 from common.metrics import listen_or_off, serve_metrics
 
@@ -183,12 +182,7 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
             raise OSError(f"--metrics-listen: {err}") from None
         log.info("metrics serving", listen=metrics_listen, port=metrics_port)
     service.advertise = settings["advertise"] or default_advertise(settings["listen"], port)
-    # SIGTERM stops the server from here on; installed before the port file says it is up, so a
-    # supervisor (or a test) that signals as soon as it sees the port does not kill it outright.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()   # before the port file says the server is up
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
     log.info("neuron serving", listen=settings["listen"], port=port, devices=[w.spec.id for w in workers],

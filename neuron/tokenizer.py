@@ -108,7 +108,7 @@ class Tokenizer:
         if len(batch) >= BATCH_DECODE_MIN:
             decoded = self._backend.decode_batch(batch, skip_special_tokens=True)
         else:
-            decoded = [self._backend.decode(ids, skip_special_tokens=True) for ids in batch]
+            decoded = [self.decode(ids) for ids in batch]
         for i, ids, text in zip(where, batch, decoded):
             texts[i] = text
             if len(ids) == 1:
@@ -293,7 +293,7 @@ def push_many(items: list[tuple[TextStream, list[int]]]) -> list[StreamDelta]:
                     stops[i] = stop
                 elif step + 1 < len(items[i][1]):
                     going.append(i)
-        live = sorted(going)
+        live = going
         step += 1
     return [StreamDelta("".join(text), stop, count) if stop is not None
             else StreamDelta("".join(text), None, 0 if stream._stopped else len(ids))
