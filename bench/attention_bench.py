@@ -31,7 +31,7 @@ Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16   # Llama-3.1-8B
 BF16 = DTYPES["bfloat16"]
 
 
-def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, packed, bandwidth: float,
+def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, packed, unpacked, bandwidth: float,
          tflops: float) -> dict:
     """chunks: (start position, rows) per sequence; every sequence's keys up to its chunk's end are cached."""
     rng = np.random.default_rng(0)
@@ -62,9 +62,9 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, packed, ba
                                                                 splits, out=out, workspace=work, **extra))
     if all(rows == 1 for _, rows in chunks):
         # decode rows as graph turns launch them (no tiles): the group's heads packed into one
-        # warp's mma rows (a candidate), and one warp per head (what serves)
+        # warp's mma rows, and one warp per head; what serves takes the first from PACK_MIN_ROWS rows
         splits = num_splits(int(lens.max()), packed.split_keys)
-        for label, kernel in (("per_row_packed", packed), ("per_row_unpacked", kernels["tensor_cores"])):
+        for label, kernel in (("per_row_packed", packed), ("per_row_unpacked", unpacked)):
             work = kernel.workspace(n, Q_HEADS, splits)
             row[f"{label}_ms"] = graph_ms(cp, lambda: kernel.decode(q, k, v, row_tables, row_lens,
                                                                     HEAD_DIM ** -0.5, 0, splits, out=out,
@@ -92,13 +92,15 @@ def main() -> None:
                "tensor_cores": PagedAttentionCuda("bfloat16", HEAD_DIM, group)}
     for keys in [int(k) for k in args.split_keys.split(",") if k]:
         kernels[f"tensor_cores_split{keys}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, split_keys=keys)
-    packed = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_heads=True)
-    cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (256, 2048) for b in (1, 64, 256)]
+    packed = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_min_rows=1)
+    unpacked = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_heads=False)
+    cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (256, 2048)
+             for b in (1, 4, 8, 16, 32, 64, 256)]
     cases += [("prompt chunk 512 rows at 3584", [(3584, 512)]),
               ("prompt chunk 256 rows at 3840", [(3840, 256)]),
               ("16 prompts x 128 rows", [(0, 128)] * 16),
               ("chunk 512 at 3584 + 64 decode at 256", [(3584, 512)] + [(255, 1)] * 64)]
-    rows = [case(cp, name, chunks, kernels, packed, bandwidth, tflops) for name, chunks in cases]
+    rows = [case(cp, name, chunks, kernels, packed, unpacked, bandwidth, tflops) for name, chunks in cases]
     result = {"bench": "attention_bench", "commit": commit(), "gpu": gpu_name(args.device), "copy_gb_s": bandwidth,
               "matmul_tflops": tflops, "heads": [Q_HEADS, KV_HEADS, HEAD_DIM], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

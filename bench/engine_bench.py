@@ -213,7 +213,7 @@ def fixture_parity(backend) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="1b,8b")
     parser.add_argument("--concurrency", default="1,64,256")
@@ -228,7 +228,11 @@ def main() -> None:
                              "one, EngineSettings.async_scheduling, and a turn's logged seconds overlap the next's)")
     parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.device == "cpu":
         backend, name = CpuBackend(DeviceSpec("cpu", "cpu", 0), 16 << 30), f"cpu ({os.cpu_count()} cores)"
         bandwidth, tflops = cpu_ceilings()

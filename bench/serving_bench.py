@@ -475,14 +475,14 @@ def parse_args(argv=None):
 
 def decode_turn_profiles(keys: list[str], args, ceil: dict) -> list[dict]:
     """engine_bench's in-process rows (decode turn p50, host time, per-op profile) for each model."""
-    from types import SimpleNamespace
-
     from bench.engine_bench import MODELS, throughput_rows
+    from bench.engine_bench import parse_args as engine_bench_args
     from neuron.device import CudaBackend, DeviceSpec
 
     log("decode-turn profiles, in process")
     backend = CudaBackend(DeviceSpec(args.device, "cuda", int(args.device)))
-    options = SimpleNamespace(graphs="on", prompt=args.prompt_tokens, tokens=args.tokens, small_m_gemv=False)
+    # engine_bench's own defaults, so a setting added there reaches these rows too
+    options = engine_bench_args(["--graphs", "on", "--prompt", str(args.prompt_tokens), "--tokens", str(args.tokens)])
     concurrency = [int(c) for c in args.profile_concurrency.split(",") if c]
     rows = []
     for key in keys:

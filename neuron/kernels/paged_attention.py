@@ -29,6 +29,12 @@ SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
 MAX_GROUP = 16        # query heads per kv head the kernel is built for
 TILE_ROWS = 16        # query rows of one sequence per tensor-core tile (one mma row block)
 MMA_WARPS = 4         # query heads per block of the tensor-core kernel (one warp each)
+# decode batches from which the group's heads of a row share one warp. With few blocks a warp per
+# head wins (4x the warps loading keys); packed wins once there are ~512 (8B heads, ms a layer,
+# attention_bench-20261202-153846): at 256 keys 0.025 vs 0.035 at 32 rows, 0.047 vs 0.036 at 64;
+# at 2,048 keys 0.026 vs 0.035 at 4 rows, 0.047 vs 0.036 at 8. Graphs fix the batch, not the
+# contexts, so the choice goes by rows alone, at the point where packed wins at short contexts too.
+PACK_MIN_ROWS = 64
 
 
 STATIC_SHARED_BUDGET = 44 * 1024   # of the 48 KiB a block may hold statically
@@ -170,7 +176,7 @@ class PagedAttentionCuda:
     `tiled`: whether `decode` takes `tiles` (rows of one sequence sharing key reads)."""
 
     def __init__(self, dtype_name: str, head_dim: int, group: int, split_keys: int = SPLIT_KEYS,
-                 tensor_cores: bool = True, pack_heads: bool = False):
+                 tensor_cores: bool = True, pack_heads: bool = True, pack_min_rows: int = PACK_MIN_ROWS):
         import cupy
 
         vec = 4 if dtype_name == "float32" else 8
@@ -190,9 +196,11 @@ class PagedAttentionCuda:
                                  f"-DPA_SPLIT={split_keys}")
             self._partial = module.get_function("paged_tile_partial")
             self._combine = module.get_function("paged_row_combine")
-            # decode rows: one warp takes the group's heads of a row as its 16 mma rows. Off by
-            # default until it has run on a GPU (bench/NOTES.md, session 9).
+            # decode rows: one warp takes the group's heads of a row as its 16 mma rows, a quarter
+            # of the mma work at 4 heads a kv head. Its bits equal the unpacked kernel's (the GPU
+            # test holds them equal), so which one runs may depend on the batch.
             self.packed = pack_heads and group <= TILE_ROWS
+            self.pack_min_rows = pack_min_rows
             if self.packed:
                 packed = load_module("paged_attention_mma.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
                                      f"-DPA_G={group}", "-DPA_W=1", f"-DPA_KT={tile_keys(head_dim)}",
@@ -231,7 +239,7 @@ class PagedAttentionCuda:
             return out
         first, count = tiles if tiles is not None else (context_lens, context_lens)   # unread when per row
         num_tiles = batch if tiles is None else len(first)
-        if tiles is None and self.packed:
+        if tiles is None and self.packed and batch >= self.pack_min_rows:
             partial, grid, threads = self._partial_packed, (batch, kv_heads, splits), 32
         else:
             partial, grid, threads = self._partial, (num_tiles, kv_heads * self.chunks, splits), self.threads

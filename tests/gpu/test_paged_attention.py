@@ -115,7 +115,12 @@ def test_tiled_kernel_rows_do_not_depend_on_tiles_chunks_or_batch(dtype_name, d,
     assert np.array_equal(whole[300:], attend(np.arange(300, 600), [7]))
     single = np.array([0, 15, 16, 255, 256, 599])
     assert np.array_equal(whole[single], attend(single, None))
-    other = PagedAttentionCuda(dtype_name, d, group, pack_heads=not kernel.packed)
-    assert other.packed != kernel.packed     # decode rows packed as one warp's mma rows, and not
-    assert np.array_equal(whole, other.decode(cp.asarray(q), *args, cp.asarray(tables), cp.asarray(lens),
-                                              d ** -0.5, 0, splits).get())
+    # decode rows with the group's heads packed as one warp's mma rows (what `kernel` does from
+    # PACK_MIN_ROWS rows, where group <= 16), and one warp per head, at any batch
+    packed = PagedAttentionCuda(dtype_name, d, group, pack_min_rows=1)
+    unpacked = PagedAttentionCuda(dtype_name, d, group, pack_heads=False)
+    assert packed.packed == (group <= 16) and not unpacked.packed
+    for other in (packed, unpacked):
+        for rows in (np.arange(600), single):
+            assert np.array_equal(whole[rows], other.decode(cp.asarray(q[rows]), *args, cp.asarray(tables[rows]),
+                                                            cp.asarray(lens[rows]), d ** -0.5, 0, splits).get())
