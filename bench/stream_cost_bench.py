@@ -8,6 +8,9 @@ of each process read from /proc before and after each run and divided by the tok
 Beside the microseconds per token each run reports each process's busy share (CPU seconds / wall
 seconds over the span the streams ran; 1.0 = one core saturated): a process near 1.0 is the one holding the stream back.
 
+Each run also gives the busy shares of each process's busiest threads: Python threads share one GIL,
+so a neuron whose device thread and event loop sum to ~1.0 is held by its GIL.
+
 Throughput on a small machine is noisy (client, cortex and neuron share its cores); CPU microseconds
 per token vary less, so this is the figure to hold a change of the token path against (they still
 moved 15-20% between runs on the 2-core CI machine). Writes bench/results/stream_cost_bench-<time>.json.
@@ -47,6 +50,24 @@ def cpu_seconds(stat_path: Path) -> float:
 def snapshot(neuron_pid: int, cortex_pid: int) -> dict[str, float]:
     return {"neuron": cpu_seconds(Path(f"/proc/{neuron_pid}/stat")),
             "cortex": cpu_seconds(Path(f"/proc/{cortex_pid}/stat"))}
+
+
+def thread_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of a process, by thread id."""
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            seconds[int(task.name)] = cpu_seconds(task / "stat")
+        except (FileNotFoundError, ProcessLookupError):   # the thread ended meanwhile
+            pass
+    return seconds
+
+
+def busiest_threads(before: dict[int, float], after: dict[int, float], seconds: float, top: int = 4) -> list[float]:
+    """The busy shares of a process's busiest threads over a run. Python threads share one GIL: when
+    the Python ones sum to ~1.0 the process is held by the GIL, whatever its total."""
+    shares = sorted(((after[t] - before.get(t, 0.0)) / seconds for t in after), reverse=True)
+    return [round(share, 3) for share in shares[:top]]
 
 
 def record(directory: Path, streams: int, pids: dict[str, int]) -> list[subprocess.Popen]:
@@ -96,17 +117,22 @@ def main() -> None:
                         prompts = random_prompts(rng, n, args.prompt_tokens, vocab)
                         spies = (record(args.py_spy, n, {"neuron": d.neuron.proc.pid, "cortex": d.cortex.proc.pid})
                                  if args.py_spy and run == args.runs - 1 else [])
+                        pids = {"neuron": d.neuron.proc.pid, "cortex": d.cortex.proc.pid}
+                        threads_before = {k: thread_seconds(pid) for k, pid in pids.items()}
                         before, t0 = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter()
                         measured = run_workload(pool, args.client_procs, d.cortex.address, d.model, prompts,
                                                 args.tokens)
                         after, seconds = snapshot(d.neuron.proc.pid, d.cortex.proc.pid), time.perf_counter() - t0
+                        threads_after = {k: thread_seconds(pid) for k, pid in pids.items()}
                         stop(spies)
                         tokens = n * args.tokens
                         row = {"streams": n, **{k: 1e6 * (after[k] - before[k]) / tokens for k in after},
                                # over the streaming span (the run's wall time includes the clients' start wait)
                                **{f"{k}_busy": (after[k] - before[k]) / measured["seconds"] for k in after}}
                         row.update(output_tok_s=measured["output_tok_s"], wall_s=seconds,
-                                   errors=measured.get("errors", 0))
+                                   errors=measured.get("errors", 0),
+                                   **{f"{k}_threads_busy": busiest_threads(threads_before[k], threads_after[k],
+                                                                           measured["seconds"]) for k in pids})
                         runs.append(row)
                         print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in row.items()), flush=True)

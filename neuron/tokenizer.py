@@ -8,6 +8,7 @@ way transformers renders them, so a chat prompt gives the same token ids as
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,7 +20,11 @@ from common.errors import FailedPrecondition, InvalidArgument
 from .chat_template import RENDER_SECONDS, compile_template, render
 
 # Special tokens of tokenizer_config.json that chat templates may refer to by name.
-BATCH_DECODE_MIN = 32   # windows from which decode_many uses one decode_batch (measured: bench/NOTES.md, session 9)
+BATCH_DECODE_MIN = 2    # windows from which decode_many uses one decode_batch (bench/NOTES.md, session 10)
+# tokenizers reads this at each batch call. Off, decode_batch runs its windows in turn, still
+# without the GIL: ~1 us of CPU a window. On, rayon's pool (a thread per core) spins: 2-29 us a
+# window on 2 cores, and on a 16-core host it tripled the neuron's CPU per streamed token.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -95,7 +100,7 @@ class Tokenizer:
         """decode() of each list of ids (special tokens skipped). Single ids come from a cache (a
         streaming window starts with one id most of the time); from BATCH_DECODE_MIN lists on the
         rest go to tokenizers in one decode_batch, which runs without the GIL, so the device
-        thread runs meanwhile (below that, its ~25 us of thread-pool start costs more than it saves)."""
+        thread runs meanwhile."""
         texts = [""] * len(windows)
         batch, where = [], []
         single = self._single_token_text
