@@ -234,7 +234,8 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
     async def Generate(self, request, context):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        generation = await self.prepare_generation(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        generation = await self.prepare_generation(
+            request, Caller(emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)))
         try:
             await generation.submit()
             async for message in responses(events, generation.builder):
@@ -250,9 +251,9 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         async for message in GenerationStream(self, self.metrics, self.drain_message).serve(request_iterator):
             yield message
 
-    async def prepare_generation(self, request: pb.GenerateRequest, emit) -> Generation:
-        """A Generate request checked and made ready for its device (`Generation.submit`); `emit`,
-        called on the device thread, receives its events. Raises ServiceError for bad input."""
+    async def prepare_generation(self, request: pb.GenerateRequest, caller: Caller) -> Generation:
+        """A Generate request checked and made ready for its device (`Generation.submit`); `caller`
+        receives its events from the device thread. Raises ServiceError for bad input."""
         started = time.perf_counter()
         worker, shard = self._lookup(request.handle)
         prompt_ids = await self._prompt_ids(shard, request.prompt)
@@ -268,7 +269,6 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
         # The engine's id is unique per shard even when callers reuse theirs.
         engine_request = Request(f"{request_id}-{secrets.token_hex(6)}", prompt_ids, sampling, shard.kv.max_context,
                                  eos_ids=frozenset(shard.eos_ids()))
-        caller = Caller(emit=emit)
         return Generation(request.handle, shard.request.model, builder, caller, worker,
                           GenerateJob(request.handle, engine_request, caller))
 

@@ -292,7 +292,7 @@ class DeviceWorker:
     # -- requests: queued in the shard's scheduler, served by the turns
 
     def _generate(self, job: GenerateJob) -> None:
-        if job.caller.cancelled.is_set():
+        if job.caller.cancelled:
             return None
         self._shard(job.handle).engine.add(job.request, job.caller)  # ResourceExhausted when the queue is full
         return None  # the caller follows the request's events from here

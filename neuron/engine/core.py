@@ -3,17 +3,17 @@
 A turn is `plan = scheduler.schedule()` -> `launched = runner.launch(plan)` -> `out =
 runner.finish(launched)` -> `scheduler.update(plan, out)` (with async scheduling the next decode
 turn is planned and launched before `finish`), then every request's caller is told what happened:
-a Generate caller gets TokenEvent / FinishEvent / ErrorEvent through its `emit`, a Forward caller's
-future gets the logits. A caller
-that went away (its `cancelled` is set, or its future was cancelled) is aborted at the next turn.
+a Generate caller gets TokenEvent / FinishEvent / ErrorEvent through its `emit` (or, for a
+GenerateStream's generations, in one post_many per turn to the call's sink), a Forward caller's
+future gets the logits. A caller that went away (its `cancelled` is set, or its future was
+cancelled) is aborted at the next turn.
 """
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import structlog
@@ -43,28 +43,45 @@ def settle(future: Future, result: Any = None, error: Exception | None = None) -
         pass
 
 
+class EventSink(Protocol):
+    """Where several callers' events go together (a GenerateStream call's inbox): one call a turn
+    for all of them instead of one per event."""
+
+    def post_many(self, items: list[tuple[int, object]]) -> None: ...
+
+
 @dataclass
 class Caller:
-    """Who waits for a request: `emit` (Generate, thread-safe) or `future` (Forward)."""
+    """Who waits for a request: `emit` (Generate, thread-safe), `sink` (events posted under `key`,
+    with the turn's events of the sink's other callers), or `future` (Forward)."""
     emit: Callable[[object], None] | None = None
     future: Future | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    sink: EventSink | None = None
+    key: int = 0
+    cancelled: bool = False          # set from any thread (a bool: read by the device thread every turn)
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        self.cancelled = True
+
+    @property
+    def streams(self) -> bool:
+        return self.emit is not None or self.sink is not None
 
     @property
     def gone(self) -> bool:
-        return self.cancelled.is_set() or (self.future is not None and self.future.done())
+        return self.cancelled or (self.future is not None and self.future.done())
 
     def post(self, event) -> None:
         try:
-            self.emit(event)
+            if self.sink is not None:
+                self.sink.post_many([(self.key, event)])
+            else:
+                self.emit(event)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-            self.cancelled.set()
+            self.cancelled = True
 
     def fail(self, error: Exception) -> None:
-        if self.emit is not None:
+        if self.streams:
             self.post(ErrorEvent(error))
         elif self.future is not None:
             settle(self.future, error=error)
@@ -132,8 +149,7 @@ class ShardEngine:
                 for chunk in failed.chunks:
                     self._fail(chunk.request.request_id, err)
             return
-        for update in updates:
-            self._post(update, sampled_at)
+        self._post_all(updates, sampled_at)
         self.stats = self.scheduler.stats()
 
     def drain(self) -> None:
@@ -154,12 +170,32 @@ class ShardEngine:
         if caller is not None:
             caller.fail(err)
 
-    def _post(self, update: RequestUpdate, sampled_at: float) -> None:
+    def _post_all(self, updates: list[RequestUpdate], sampled_at: float) -> None:
+        """Every update's events to its caller; a sink's come in one post_many for the turn."""
+        posts: dict[int, tuple[EventSink, list]] = {}   # id(sink) -> (sink, its callers' events)
+        for update in updates:
+            self._post(update, sampled_at, posts)
+        for sink, items in posts.values():
+            try:
+                sink.post_many(items)
+            except RuntimeError:  # the sink's event loop is closed: nobody is listening any more
+                for caller in self._callers.values():
+                    if caller.sink is sink:
+                        caller.cancelled = True
+
+    def _post(self, update: RequestUpdate, sampled_at: float, posts: dict) -> None:
         request = update.request
         caller = self._callers.get(request.request_id)
         if caller is None:
             return
-        if caller.emit is not None:
+        if caller.sink is not None:
+            _, items = posts.setdefault(id(caller.sink), (caller.sink, []))
+            key = caller.key
+            for token in update.new_token_ids:
+                items.append((key, TokenEvent(token, sampled_at)))
+            if update.finished:
+                items.append((key, FinishEvent(request.finish_reason, request.stop_reason)))
+        elif caller.emit is not None:
             for token in update.new_token_ids:
                 caller.post(TokenEvent(token, sampled_at))
             if update.finished:

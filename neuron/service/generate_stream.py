@@ -73,6 +73,16 @@ class Inbox:
             self._wake_pending = True
         self._loop.call_soon_threadsafe(self.ready.set)  # RuntimeError once the loop is closed
 
+    def post_many(self, items: list[tuple[int, object]]) -> None:
+        """post() of each item, with one lock and at most one wake-up (the engine's turn for all
+        of this call's generations)."""
+        with self._lock:
+            self._items += items
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self.ready.set)
+
     def wake(self) -> None:
         self._loop.call_soon_threadsafe(self.ready.set)
 
@@ -156,7 +166,7 @@ class GenerationStream:
 
     async def _begin(self, key: int, request: pb.GenerateRequest) -> None:
         try:
-            generation = await self.service.prepare_generation(request, lambda ev: self.inbox.post(key, ev))
+            generation = await self.service.prepare_generation(request, Caller(sink=self.inbox, key=key))
             if not isinstance(self.open.get(key), _Starting):
                 return  # cancelled while its prompt was being read
             self.open[key] = generation

@@ -118,7 +118,7 @@ def serve(name: str, async_scheduling: bool, num_blocks_cap: int | None = None):
         turns += 1
         if turns in (3, 6, 9):
             add(5 + (turns // 3 - 1))
-        if len(events[1].tokens) >= 5 and not callers[1].cancelled.is_set():
+        if len(events[1].tokens) >= 5 and not callers[1].cancelled:
             callers[1].cancel()
     return {i: (e.tokens, e.end) for i, e in events.items()}, engine, counting
 
