@@ -8,6 +8,8 @@ gives the same tokens on numpy and cupy up to float rounding.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -62,6 +64,11 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @functools.cached_property   # read for every sampling request every turn
+    def plain_greedy(self) -> bool:
+        """Greedy with no repetition penalty: the token is the first maximum of the logits as they are."""
+        return self.temperature == 0.0 and self.repetition_penalty == 1.0
 
 
 def _model_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:

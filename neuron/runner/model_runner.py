@@ -20,7 +20,7 @@ from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, build_batch, feed_tokens
 from .cuda_graphs import DecodeGraphs
-from .sampler import RowSampler, SampleRow, sample_rows_on_device
+from .sampler import RowSampler, SampleRow, greedy_rows, sample_rows_on_device
 
 
 def to_host(array) -> np.ndarray:
@@ -49,7 +49,7 @@ def queue_copy_back(xp, ids):
 class LaunchedTurn:
     """A turn queued on the device: what `finish` needs to bring its results back."""
     plan: SchedulerOutput
-    samples: list = field(default_factory=list)   # RowSpans of the sampling chunks, in the order of ids
+    samples: list = field(default_factory=list)   # the sampling chunks, in the order of ids
     ids: Any = None                               # device int64 [len(samples)]
     host_ids: Any = None                          # their copy on the host (pinned), valid once `ready`
     ready: Any = None                             # CUDA event after the copy; None on a CPU
@@ -81,7 +81,7 @@ class ModelRunner:
         copied on the device, so this turn can start before the host knows them."""
         if plan.is_empty:
             return LaunchedTurn(plan)
-        inputs, spans = build_batch(plan, self.kv.block_size)
+        inputs, rows = build_batch(plan, self.kv.block_size)
         tokens_from = None
         if feed is not None:
             if self.announce is not None:
@@ -91,11 +91,10 @@ class ModelRunner:
         if self.announce is not None:
             self.announce(inputs.for_follower())
         logits = self._run(inputs, tokens_from)
-        samples = [s for s in spans if not s.chunk.request.want_logits]
-        ids = sample_rows_on_device(self.xp, logits, [self._sample_row(span) for span in samples])
+        ids = self._sample(logits, rows.sampling, rows.sampling_rows)
         host_ids, ready = queue_copy_back(self.xp, ids) if self.queue_copies else (None, None)
-        scoring = [s for s in spans if s.chunk.request.want_logits]
-        return LaunchedTurn(plan, samples, ids, host_ids, ready, scoring, logits if scoring else None)
+        return LaunchedTurn(plan, rows.sampling, ids, host_ids, ready, rows.scoring,
+                            logits if rows.scoring else None)
 
     def finish(self, launched: "LaunchedTurn") -> RunnerOutput:
         """The launched turn's ids (and scoring logits) on the host: waits for the device."""
@@ -104,19 +103,25 @@ class ModelRunner:
         if launched.ready is not None:
             launched.ready.synchronize()   # the ids' copy landed; a turn queued after it may still run
         ids = (launched.host_ids if launched.host_ids is not None else to_host(launched.ids)).tolist()
-        sampled = {span.chunk.request.request_id: token for span, token in zip(launched.samples, ids)}
+        sampled = {chunk.request.request_id: token for chunk, token in zip(launched.samples, ids)}
         out_logits = {s.chunk.request.request_id: np.ascontiguousarray(to_host(launched.logits[s.lo:s.hi]),
                                                                        dtype=np.float32)
                       for s in launched.scoring}
         return RunnerOutput(sampled=sampled, logits=out_logits)
 
-    def _sample_row(self, span) -> SampleRow:
-        request = span.chunk.request
+    def _sample(self, logits, chunks: list, rows: np.ndarray):
+        """The sampled ids of `chunks` (whose logits are `rows`), on the device."""
+        if all(c.request.sampling.plain_greedy for c in chunks):
+            return greedy_rows(self.xp, logits, rows)   # no per-request sampler state needed
+        return sample_rows_on_device(self.xp, logits, [self._sample_row(c, int(row)) for c, row in zip(chunks, rows)])
+
+    def _sample_row(self, chunk, row: int) -> SampleRow:
+        request = chunk.request
         if request.sampler_state is None:
             request.sampler_state = RowSampler.create(request.sampling, self.vocab_size)
         # The prompt + output history only feeds the repetition penalty: not copied each turn without one.
         history = request.all_token_ids if request.sampling.repetition_penalty != 1.0 else []
-        return SampleRow(request.sampler_state, span.lo, history)
+        return SampleRow(request.sampler_state, row, history)
 
     def follow(self, inputs: BatchInputs) -> None:
         self._run(inputs)

@@ -47,10 +47,10 @@ def sample_rows_on_device(xp, logits, rows: list[SampleRow]):
     turn launched ahead takes its tokens from it there."""
     if not rows:
         return xp.zeros(0, dtype=xp.int64)
-    row_index = xp.asarray(np.asarray([r.row for r in rows], dtype=np.int64))
-    if xp is not np and all(r.sampler.config.greedy and r.sampler.config.repetition_penalty == 1.0 for r in rows):
-        # every row greedy (the common batch): one kernel over the logits in place, no gathered copy
-        return argmax_rows_cuda(logits, row_index)
+    row_index = np.asarray([r.row for r in rows], dtype=np.int64)
+    if all(r.sampler.config.plain_greedy for r in rows):
+        return greedy_rows(xp, logits, row_index)
+    row_index = xp.asarray(row_index)
     scores = logits[row_index].astype(xp.float32)
     for j, r in enumerate(rows):
         penalty = r.sampler.config.repetition_penalty
@@ -69,6 +69,15 @@ def sample_rows_on_device(xp, logits, rows: list[SampleRow]):
         index = xp.asarray(np.asarray(drawn, dtype=np.int64))
         ids[index] = draw_rows(xp, scores[index], [rows[j].sampler for j in drawn])
     return ids
+
+
+def greedy_rows(xp, logits, rows: np.ndarray):
+    """The first maximum of each of `rows` of float32 logits [R, vocab], int64 on the logits'
+    device: every row greedy (the common batch), one kernel over the logits in place on a GPU,
+    no gathered copy. Exact, so a row's id does not depend on the others."""
+    if xp is np:
+        return np.argmax(logits[rows], axis=-1).astype(np.int64) if len(rows) else np.zeros(0, dtype=np.int64)
+    return argmax_rows_cuda(logits, xp.asarray(rows))
 
 
 def draw_rows(xp, scores, samplers: list[RowSampler]):

@@ -242,13 +242,30 @@ def test_build_batch_maps_each_token_to_its_block_slot():
     r2.num_computed_tokens = 2
     plan = SchedulerOutput([ScheduledChunk(r1, list(range(1, 7)), 0, [9, 3], sample=False),
                             ScheduledChunk(r2, [7], 2, [4], sample=True)])
-    inputs, spans = build_batch(plan, BLOCK)
+    inputs, rows = build_batch(plan, BLOCK)
     assert inputs.positions.tolist() == [0, 1, 2, 3, 4, 5, 2]
     assert inputs.slot_mapping.tolist() == [36, 37, 38, 39, 12, 13, 18]
     assert inputs.query_start.tolist() == [0, 6, 7] and inputs.context_lens.tolist() == [6, 3]
     assert inputs.block_tables.tolist() == [[9, 3], [4, 0]]
-    assert inputs.logits_rows.tolist() == [6] and [(s.chunk.request.request_id, s.lo, s.hi) for s in spans] == [("y", 0, 1)]
+    assert inputs.logits_rows.tolist() == [6] and [c.request.request_id for c in rows.sampling] == ["y"]
+    assert rows.sampling_rows.tolist() == [0] and rows.scoring == []
     assert inputs.for_follower().logits_rows.tolist() == []
+
+
+def test_build_batch_gives_scoring_and_sampling_chunks_their_rows():
+    scored, tail = request("s", list(range(1, 6))), request("t", [4, 5, 6])
+    scored.want_logits, scored.all_positions = True, True
+    last = request("u", [8, 9])
+    last.want_logits = True                         # scoring, last position only
+    plan = SchedulerOutput([ScheduledChunk(tail, [6], 2, [1], sample=True),
+                            ScheduledChunk(scored, [1, 2, 3], 0, [2], sample=False),
+                            ScheduledChunk(last, [8, 9], 0, [3], sample=True),
+                            ScheduledChunk(request("v", [7, 7]), [7], 0, [4], sample=False)])
+    inputs, rows = build_batch(plan, BLOCK)
+    # rows: t's last (0), s's three (1-3), u's last (5); v's chunk samples nothing yet
+    assert inputs.logits_rows.tolist() == [0, 1, 2, 3, 5]
+    assert [c.request.request_id for c in rows.sampling] == ["t"] and rows.sampling_rows.tolist() == [0]
+    assert [(s.chunk.request.request_id, s.lo, s.hi) for s in rows.scoring] == [("s", 1, 4), ("u", 4, 5)]
 
 
 def test_scheduler_and_runner_give_reference_tokens_through_preemption_and_prefix_hits():
