@@ -40,6 +40,7 @@ from bench.make_checkpoint import write_checkpoint  # noqa: E402
 from bench.serving_bench import SHAPES, deploy, random_prompts, run_workload  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+SPY_RATE = 250   # py-spy samples a second
 
 
 def cpu_seconds(stat_path: Path) -> float:
@@ -70,10 +71,12 @@ def busiest_threads(before: dict[int, float], after: dict[int, float], seconds: 
     return [round(share, 3) for share in shares[:top]]
 
 
-def record(directory: Path, streams: int, pids: dict[str, int]) -> list[subprocess.Popen]:
-    """py-spy sampling each process (all threads, idle ones left out) until `stop`."""
+def record(directory: Path, streams: int, pids: dict[str, int], gil: bool = False) -> list[subprocess.Popen]:
+    """py-spy sampling each process (all threads, idle ones left out) until `stop`; `gil`: only
+    the thread holding the GIL, so samples / (rate x seconds) is the share of time it is held."""
     directory.mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--threads", "--nonblocking",
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", str(SPY_RATE), "--threads",
+                              "--nonblocking", *(["--gil"] if gil else []),
                               "--format", "raw", "-o", str(directory / f"{name}-{streams}.txt")],
                              stdout=subprocess.DEVNULL, stderr=open(directory / f"{name}-{streams}.log", "w"))
             for name, pid in pids.items()]
@@ -98,6 +101,8 @@ def main() -> None:
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="record each process with py-spy (on PATH) over the last run of each stream count: "
                              "collapsed stacks per thread in DIR/{neuron,cortex}-<streams>.txt")
+    parser.add_argument("--py-spy-gil", action="store_true",
+                        help="with --py-spy: sample only the thread holding the GIL (py-spy --gil)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     runs = []
@@ -115,7 +120,8 @@ def main() -> None:
                 for n in streams:
                     for run in range(args.runs):
                         prompts = random_prompts(rng, n, args.prompt_tokens, vocab)
-                        spies = (record(args.py_spy, n, {"neuron": d.neuron.proc.pid, "cortex": d.cortex.proc.pid})
+                        spies = (record(args.py_spy, n, {"neuron": d.neuron.proc.pid, "cortex": d.cortex.proc.pid},
+                                        args.py_spy_gil)
                                  if args.py_spy and run == args.runs - 1 else [])
                         pids = {"neuron": d.neuron.proc.pid, "cortex": d.cortex.proc.pid}
                         threads_before = {k: thread_seconds(pid) for k, pid in pids.items()}
