@@ -14,7 +14,10 @@ class ScheduledChunk:
     request: Request
     token_ids: list[int]
     start: int                 # position of token_ids[0] (= the request's num_computed_tokens)
-    block_ids: list[int]       # the request's whole block table, covering start + len(token_ids) tokens
+    # the request's whole block table, covering start + len(token_ids) tokens: the request's own
+    # list, not a copy (read by build_batch when the plan launches, right after it is made; blocks
+    # added later for a turn planned ahead only lengthen it)
+    block_ids: list[int]
     sample: bool               # True: this chunk ends at the request's last known token
 
     @property

@@ -183,7 +183,7 @@ class Scheduler:
                 if not self.block_manager.allocate(request, 2):
                     return None                  # blocks taken so far stay: the next turn needs them anyway
                 ahead.append(ScheduledChunk(request=request, token_ids=[0], start=request.num_tokens,
-                                            block_ids=list(request.block_ids), sample=True))
+                                            block_ids=request.block_ids, sample=True))
                 fed_by.append(i)
             if not ahead:
                 return None
@@ -248,7 +248,7 @@ class Scheduler:
         else:
             token_ids = request.all_token_ids[start:end]
         return ScheduledChunk(request=request, token_ids=token_ids, start=start,
-                              block_ids=list(request.block_ids), sample=end == request.num_tokens)
+                              block_ids=request.block_ids, sample=end == request.num_tokens)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
