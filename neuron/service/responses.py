@@ -40,9 +40,17 @@ class ResponseBuilder:
         return result
 
     def _fold(self, events: list, tokens: int, delta: StreamDelta | None,
-              message: Callable[[], pb.GenerateResponse]) -> pb.GenerateResponse | None:
+              message_for: Callable[[int], pb.GenerateResponse], index: int) -> pb.GenerateResponse | None:
         """take(), given the text of the first `tokens` events (all tokens) already pushed; the
-        message is asked for only when there is something to write into it."""
+        message, `message_for(index)`, is asked for only when there is something to write into it."""
+        if tokens and tokens == len(events) and (delta is None or delta.stop is None):
+            # tokens only, none ending the output (nearly every wake-up of a running request)
+            if self.first_sampled_at is None:
+                self.first_sampled_at = events[0].sampled_at
+            self.completion_tokens += tokens
+            self.last_sampled_at = events[-1].sampled_at
+            return self._write(message_for(index), [event.token_id for event in events],
+                               delta.text if delta is not None else "")
         ids: list[int] = []
         leading = events[:tokens]
         kept = delta.tokens if delta is not None and delta.stop is not None else tokens
@@ -65,7 +73,7 @@ class ResponseBuilder:
                     break
         if not ids and self.finish is None:
             return None
-        return self._write(message(), ids, text)
+        return self._write(message_for(index), ids, text)
 
     def _end(self, event: FinishEvent) -> str:
         """The device finished: release the held text, which may still hold a stop string."""
@@ -100,6 +108,14 @@ class ResponseBuilder:
         return message
 
 
+def _leading_tokens(events: list) -> int:
+    """How many of the events come before the first that is not a token (a finish or an error)."""
+    for k, event in enumerate(events):
+        if not isinstance(event, TokenEvent):
+            return k
+    return len(events)
+
+
 def take_all(batches: list[tuple[ResponseBuilder, list]],
              message_for: Callable[[int], pb.GenerateResponse]) -> list[pb.GenerateResponse | None | Exception]:
     """ResponseBuilder.take for several requests' events at once, with the text of their tokens
@@ -107,8 +123,7 @@ def take_all(batches: list[tuple[ResponseBuilder, list]],
     the message take would return, written into `message_for(index)`, None when there is nothing
     to send, or the error take would raise. A request's messages do not depend on what it is
     taken with."""
-    leading = [next((k for k, e in enumerate(events) if not isinstance(e, TokenEvent)), len(events))
-               for _, events in batches]
+    leading = [_leading_tokens(events) for _, events in batches]
     texts = [i for i, (builder, _) in enumerate(batches)
              if builder.text is not None and leading[i] and builder.finish is None]
     pushed = push_many([(batches[i][0].text, [e.token_id for e in batches[i][1][:leading[i]]]) for i in texts])
@@ -117,7 +132,7 @@ def take_all(batches: list[tuple[ResponseBuilder, list]],
     for i, (builder, events) in enumerate(batches):
         try:
             results.append(None if builder.finish is not None else
-                           builder._fold(events, leading[i], deltas.get(i), lambda i=i: message_for(i)))
+                           builder._fold(events, leading[i], deltas.get(i), message_for, i))
         except Exception as err:  # noqa: BLE001 - the device's error, for the caller to raise
             results.append(err)
     return results
