@@ -189,8 +189,10 @@ class ShardEngine:
         if caller is None:
             return
         if caller.sink is not None:
-            _, items = posts.setdefault(id(caller.sink), (caller.sink, []))
-            key = caller.key
+            entry = posts.get(id(caller.sink))
+            if entry is None:
+                entry = posts[id(caller.sink)] = (caller.sink, [])
+            items, key = entry[1], caller.key
             for token in update.new_token_ids:
                 items.append((key, TokenEvent(token, sampled_at)))
             if update.finished:
