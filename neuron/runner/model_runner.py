@@ -111,6 +111,8 @@ class ModelRunner:
 
     def _sample(self, logits, chunks: list, rows: np.ndarray):
         """The sampled ids of `chunks` (whose logits are `rows`), on the device."""
+        if not chunks:       # a turn of prompt chunks that end before their prompts: no logits at all
+            return self.xp.zeros(0, dtype=self.xp.int64)
         if all(c.request.sampling.plain_greedy for c in chunks):
             return greedy_rows(self.xp, logits, rows)   # no per-request sampler state needed
         return sample_rows_on_device(self.xp, logits, [self._sample_row(c, int(row)) for c, row in zip(chunks, rows)])

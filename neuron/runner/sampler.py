@@ -75,8 +75,10 @@ def greedy_rows(xp, logits, rows: np.ndarray):
     """The first maximum of each of `rows` of float32 logits [R, vocab], int64 on the logits'
     device: every row greedy (the common batch), one kernel over the logits in place on a GPU,
     no gathered copy. Exact, so a row's id does not depend on the others."""
+    if not len(rows):
+        return xp.zeros(0, dtype=xp.int64)
     if xp is np:
-        return np.argmax(logits[rows], axis=-1).astype(np.int64) if len(rows) else np.zeros(0, dtype=np.int64)
+        return np.argmax(logits[rows], axis=-1).astype(np.int64)
     return argmax_rows_cuda(logits, xp.asarray(rows))
 
 

@@ -305,3 +305,20 @@ def test_a_turn_travels_to_remote_followers_unchanged():
     for field in dataclasses.fields(inputs):
         expected = getattr(inputs.for_follower(), field.name)
         assert np.array_equal(getattr(copy, field.name), expected) and getattr(copy, field.name).dtype == expected.dtype
+
+
+def test_a_turn_that_samples_nothing_reads_no_logits_on_any_device():
+    """A turn of prompt chunks that all end before their prompts computes no logits (the model
+    returns None); the sampler must not look at them, on a GPU array module either (a stand-in
+    here: anything but NumPy once took the GPU argmax path and failed on the missing logits)."""
+    class DeviceArrays:              # not NumPy: the runner takes its device paths
+        zeros, int64 = staticmethod(np.zeros), np.int64
+
+    class NoLogits:
+        xp = DeviceArrays
+        decode_attention = None
+
+    from neuron.runner.sampler import greedy_rows
+    runner = ModelRunner(NoLogits(), None, 32)
+    assert runner._sample(None, [], np.zeros(0, dtype=np.int64)).shape == (0,)
+    assert greedy_rows(DeviceArrays, None, np.zeros(0, dtype=np.int64)).shape == (0,)
