@@ -95,3 +95,32 @@ def test_async_scheduling_gives_the_tokens_of_the_engine_without_it(worker, sync
         assert alone == want and batched == want
     finally:
         drop(worker, handle)
+
+
+@pytest.fixture(scope="module")
+def small_turn_worker():
+    from neuron.device import DeviceSpec
+    from neuron.engine.settings import EngineSettings
+    from neuron.worker import DeviceWorker
+
+    w = DeviceWorker(DeviceSpec("0", "cuda", 0), settings=EngineSettings(max_batched_tokens=4, max_prefill_chunk=0))
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3"])
+def test_a_prompt_over_several_turns_gives_the_reference_tokens(small_turn_worker, name):
+    """Four tokens a turn: the prompt takes several turns that sample nothing (no logits at all)
+    before its first token; fp32 greedy tokens equal transformers', alone and beside another."""
+    ref = np.load(FIXTURES / "reference" / f"{name}.npz")
+    prompt, expected = ref["prompt_ids"].tolist(), [int(t) for t in ref["greedy_ids"]]
+    assert len(prompt) > 8
+    handle, _ = load(small_turn_worker, FIXTURES / "models" / name, "float32", max_context=256, max_seqs=4)
+    try:
+        assert generate(small_turn_worker, handle, prompt, len(expected)) == expected
+        pair = [generate_async(small_turn_worker, handle, p, len(expected)) for p in (prompt, prompt[:5])]
+        assert wait(pair[0]) == expected
+        wait(pair[1])
+    finally:
+        drop(small_turn_worker, handle)
