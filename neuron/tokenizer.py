@@ -19,12 +19,12 @@ from common.errors import FailedPrecondition, InvalidArgument
 
 from .chat_template import RENDER_SECONDS, compile_template, render
 
-# Special tokens of tokenizer_config.json that chat templates may refer to by name.
 BATCH_DECODE_MIN = 2    # windows from which decode_many uses one decode_batch (bench/NOTES.md, session 10)
 # tokenizers reads this at each batch call. Off, decode_batch runs its windows in turn, still
 # without the GIL: ~1 us of CPU a window. On, rayon's pool (a thread per core) spins: 2-29 us a
 # window on 2 cores, and on a 16-core host it tripled the neuron's CPU per streamed token.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Special tokens of tokenizer_config.json that chat templates may refer to by name.
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
