@@ -39,28 +39,25 @@ class ResponseBuilder:
             raise result
         return result
 
-    def _fold(self, events: list, tokens: int, delta: StreamDelta | None,
+    def _fold(self, events: list, ids: list[int], delta: StreamDelta | None,
               message_for: Callable[[int], pb.GenerateResponse], index: int) -> pb.GenerateResponse | None:
-        """take(), given the text of the first `tokens` events (all tokens) already pushed; the
-        message, `message_for(index)`, is asked for only when there is something to write into it."""
+        """take(), given the ids of the leading token events (`ids`, their text already pushed);
+        the message, `message_for(index)`, is asked for only when there is something to write into it."""
+        tokens = len(ids)
         if tokens and tokens == len(events) and (delta is None or delta.stop is None):
             # tokens only, none ending the output (nearly every wake-up of a running request)
             if self.first_sampled_at is None:
                 self.first_sampled_at = events[0].sampled_at
             self.completion_tokens += tokens
             self.last_sampled_at = events[-1].sampled_at
-            return self._write(message_for(index), [event.token_id for event in events],
-                               delta.text if delta is not None else "")
-        ids: list[int] = []
-        leading = events[:tokens]
+            return self._write(message_for(index), ids, delta.text if delta is not None else "")
         kept = delta.tokens if delta is not None and delta.stop is not None else tokens
-        for event in leading[:kept]:  # a token that completes a stop string is kept (and counted)
-            ids.append(event.token_id)
-            if self.first_sampled_at is None:
-                self.first_sampled_at = event.sampled_at
+        ids = ids[:kept]  # a token that completes a stop string is kept (and counted)
         if kept:
+            if self.first_sampled_at is None:
+                self.first_sampled_at = events[0].sampled_at
             self.completion_tokens += kept
-            self.last_sampled_at = leading[kept - 1].sampled_at
+            self.last_sampled_at = events[kept - 1].sampled_at
         text = delta.text if delta is not None else ""
         if delta is not None and delta.stop is not None:
             self.finish = FinishEvent("stop", f"stop:{delta.stop}")
@@ -123,16 +120,16 @@ def take_all(batches: list[tuple[ResponseBuilder, list]],
     the message take would return, written into `message_for(index)`, None when there is nothing
     to send, or the error take would raise. A request's messages do not depend on what it is
     taken with."""
-    leading = [_leading_tokens(events) for _, events in batches]
+    ids = [[e.token_id for e in events[:_leading_tokens(events)]] for _, events in batches]
     texts = [i for i, (builder, _) in enumerate(batches)
-             if builder.text is not None and leading[i] and builder.finish is None]
-    pushed = push_many([(batches[i][0].text, [e.token_id for e in batches[i][1][:leading[i]]]) for i in texts])
+             if builder.text is not None and ids[i] and builder.finish is None]
+    pushed = push_many([(batches[i][0].text, ids[i]) for i in texts])
     deltas = dict(zip(texts, pushed))
     results: list[pb.GenerateResponse | None | Exception] = []
     for i, (builder, events) in enumerate(batches):
         try:
             results.append(None if builder.finish is not None else
-                           builder._fold(events, leading[i], deltas.get(i), message_for, i))
+                           builder._fold(events, ids[i], deltas.get(i), message_for, i))
         except Exception as err:  # noqa: BLE001 - the device's error, for the caller to raise
             results.append(err)
     return results
