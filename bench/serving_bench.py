@@ -289,6 +289,7 @@ def summarize(streams: list[dict], tokens: int) -> dict:
 
     return {"output_tok_s": total / span, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99), "output_tokens": total, "seconds": span,
+            "messages": sum(len(s["arrivals"]) for s in done),
             "streams": len(streams), "errors": len(errors), "short_streams": short,
             **({"first_error": errors[0]} if errors else {})}
 
