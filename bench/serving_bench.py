@@ -355,7 +355,10 @@ def row(model: str, workload: str, concurrency: int, measured: dict, baseline, r
     out = {"model": model, "workload": workload, "concurrency": concurrency}
     out.update({k: measured.get(k) for k in keys})
     out.update(baseline_tok_s=baseline, roofline_tok_s=roofline, errors=measured.get("errors", 0),
-               short_streams=measured.get("short_streams", 0))
+               short_streams=measured.get("short_streams", 0),
+               # above 1 when cortex (or the neuron) fell behind and merged a stream's tokens
+               tokens_per_message=(measured["output_tokens"] / measured["messages"]
+                                   if measured.get("messages") else None))
     if "error" in measured or "first_error" in measured:
         out["error"] = measured.get("error") or measured.get("first_error")
     return out
