@@ -19,8 +19,7 @@ from common.errors import FailedPrecondition, InvalidArgument
 
 from .chat_template import RENDER_SECONDS, compile_template, render
 
-BATCH_DECODE_MIN = 2    # windows from which decode_many uses one decode_batch (bench/NOTES.md, session 10)
-# tokenizers reads this at each batch call. Off, decode_batch runs its windows in turn, still
+# tokenizers reads this at each decode_batch call (bench/NOTES.md, session 10). Off, decode_batch runs its windows in turn, still
 # without the GIL: ~1 us of CPU a window. On, rayon's pool (a thread per core) spins: 2-29 us a
 # window on 2 cores, and on a 16-core host it tripled the neuron's CPU per streamed token.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,9 +97,8 @@ class Tokenizer:
 
     def decode_many(self, windows: list[list[int]]) -> list[str]:
         """decode() of each list of ids (special tokens skipped). Single ids come from a cache (a
-        streaming window starts with one id most of the time); from BATCH_DECODE_MIN lists on the
-        rest go to tokenizers in one decode_batch, which runs without the GIL, so the device
-        thread runs meanwhile."""
+        streaming window starts with one id most of the time); the rest go to tokenizers in one
+        decode_batch, which runs without the GIL, so the device thread runs meanwhile."""
         texts = [""] * len(windows)
         batch, where = [], []
         single = self._single_token_text
@@ -110,10 +108,7 @@ class Tokenizer:
             elif ids:
                 batch.append(ids)
                 where.append(i)
-        if len(batch) >= BATCH_DECODE_MIN:
-            decoded = self._backend.decode_batch(batch, skip_special_tokens=True)
-        else:
-            decoded = [self.decode(ids) for ids in batch]
+        decoded = self._backend.decode_batch(batch, skip_special_tokens=True) if batch else []
         for i, ids, text in zip(where, batch, decoded):
             texts[i] = text
             if len(ids) == 1:

@@ -66,22 +66,17 @@ class Inbox:
         self.ready = asyncio.Event()
 
     def post(self, key: int, event: object) -> None:
-        with self._lock:
-            self._items.append((key, event))
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        self._loop.call_soon_threadsafe(self.ready.set)  # RuntimeError once the loop is closed
+        self.post_many([(key, event)])
 
     def post_many(self, items: list[tuple[int, object]]) -> None:
-        """post() of each item, with one lock and at most one wake-up (the engine's turn for all
-        of this call's generations)."""
+        """Events under their generations' keys, with one lock and at most one wake-up (the engine
+        posts a turn's events for all of this call's generations at once)."""
         with self._lock:
             self._items += items
             if self._wake_pending:
                 return
             self._wake_pending = True
-        self._loop.call_soon_threadsafe(self.ready.set)
+        self._loop.call_soon_threadsafe(self.ready.set)  # RuntimeError once the loop is closed
 
     def wake(self) -> None:
         self._loop.call_soon_threadsafe(self.ready.set)

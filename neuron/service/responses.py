@@ -44,25 +44,19 @@ class ResponseBuilder:
         """take(), given the ids of the leading token events (`ids`, their text already pushed);
         the message, `message_for(index)`, is asked for only when there is something to write into it."""
         tokens = len(ids)
-        if tokens and tokens == len(events) and (delta is None or delta.stop is None):
-            # tokens only, none ending the output (nearly every wake-up of a running request)
-            if self.first_sampled_at is None:
-                self.first_sampled_at = events[0].sampled_at
-            self.completion_tokens += tokens
-            self.last_sampled_at = events[-1].sampled_at
-            return self._write(message_for(index), ids, delta.text if delta is not None else "")
-        kept = delta.tokens if delta is not None and delta.stop is not None else tokens
-        ids = ids[:kept]  # a token that completes a stop string is kept (and counted)
+        stop = delta.stop if delta is not None else None
+        kept = delta.tokens if stop is not None else tokens   # a token completing a stop string is kept
         if kept:
             if self.first_sampled_at is None:
                 self.first_sampled_at = events[0].sampled_at
             self.completion_tokens += kept
             self.last_sampled_at = events[kept - 1].sampled_at
         text = delta.text if delta is not None else ""
-        if delta is not None and delta.stop is not None:
-            self.finish = FinishEvent("stop", f"stop:{delta.stop}")
-        else:
-            for event in events[tokens:]:  # the device posts nothing after a finish or an error
+        if stop is not None:
+            ids = ids[:kept]
+            self.finish = FinishEvent("stop", f"stop:{stop}")
+        elif tokens < len(events):   # a finish or an error after the tokens (nothing comes after them)
+            for event in events[tokens:]:
                 if isinstance(event, ErrorEvent):
                     raise event.error
                 if isinstance(event, FinishEvent):
