@@ -37,6 +37,7 @@
 #define PA_ROWS 16
 #define PA_THREADS (32 * PA_W)
 #define PA_CHUNKS ((PA_G + PA_W - 1) / PA_W)
+static_assert(PA_KT <= 32, "a tile's key rows are found by one lane each");
 #define PA_STRIDE (PA_D + 8)   // 16-bit elements per shared row: the padding spreads a warp's fragment loads over all banks
 
 __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
@@ -143,14 +144,25 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     for (int n = 0; n < PA_D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
+    // A tile's copies: lane l of every warp finds key row l's cache row (one block-table read and
+    // one division a thread), and each copy takes its row's from that lane by shuffle. Finding the
+    // row per copy put a dependent table read and a division before each of a thread's 16 copies
+    // (one warp a block), which serialised the staging of the next tile.
     auto stage = [&](int buf, int k0) {
+        const int j = k0 + lane;
+        const int row_at = (lane < PA_KT && j < hi) ? (table[j / block_size] * block_size + j % block_size) * kv_heads + kvh : 0;
+        constexpr int CHUNKS = PA_KT * (PA_D / 8);
 #pragma unroll
-        for (int i = threadIdx.x; i < PA_KT * (PA_D / 8); i += PA_THREADS) {
-            const int kr = i / (PA_D / 8), c = (i % (PA_D / 8)) * 8, j = k0 + kr;
-            const bool valid = j < hi;   // past hi the copy writes zeros: 0 * V stays 0
-            const size_t at = valid ? (((size_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh) * PA_D + c : 0;
-            copy16_async(&sk[buf][kr][c], k_cache + at, valid);
-            copy16_async(&sv[buf][kr][c], v_cache + at, valid);
+        for (int it = 0; it < (CHUNKS + PA_THREADS - 1) / PA_THREADS; ++it) {
+            const int i = it * PA_THREADS + threadIdx.x;
+            const int kr = i / (PA_D / 8), c = (i % (PA_D / 8)) * 8;
+            const int at_row = __shfl_sync(0xffffffffu, row_at, kr & 31);   // every lane takes part
+            if (CHUNKS % PA_THREADS == 0 || i < CHUNKS) {
+                const bool valid = k0 + kr < hi;   // past hi the copy writes zeros: 0 * V stays 0
+                const size_t at = valid ? (size_t)at_row * PA_D + c : 0;
+                copy16_async(&sk[buf][kr][c], k_cache + at, valid);
+                copy16_async(&sv[buf][kr][c], v_cache + at, valid);
+            }
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
