@@ -3,7 +3,8 @@ beside the tensor-core one (paged_attention_mma.cu, tiles of 16 rows), for the 8
 
     python bench/attention_bench.py [--device 0]
 
-Cases: decode turns (one row per sequence) at 1 / 64 / 256 sequences and contexts 256 / 2,048, and
+Cases: decode turns (one row per sequence) at 1 to 256 sequences and contexts 128 / 256 / 2,048 (each
+beside the kernels with 256-key splits throughout, as before fine splits: the `_coarse` columns), and
 prompt turns (a 512-row chunk at the end of a 4,096-token prompt; 16 prompts of 128 rows). Each is
 timed inside a CUDA graph and printed beside its limit: the larger of its KV bytes (each key read
 once) over the copy bandwidth and its FLOPs over the matmul rate, both measured in this run.
@@ -25,13 +26,13 @@ sys.path.insert(0, str(ROOT))
 from bench.common import commit, copy_bandwidth, gpu_name, graph_ms  # noqa: E402
 from bench.engine_bench import matmul_rate  # noqa: E402
 from common.dtypes import DTYPES  # noqa: E402
-from neuron.kernels.paged_attention import PagedAttentionCuda, num_splits, query_tiles  # noqa: E402
+from neuron.kernels.paged_attention import FINE_KEYS, PagedAttentionCuda, query_tiles  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16   # Llama-3.1-8B
 BF16 = DTYPES["bfloat16"]
 
 
-def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, packed, unpacked, bandwidth: float,
+def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, per_row: dict, bandwidth: float,
          tflops: float) -> dict:
     """chunks: (start position, rows) per sequence; every sequence's keys up to its chunk's end are cached."""
     rng = np.random.default_rng(0)
@@ -55,7 +56,7 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, packed, un
     row = {"case": name, "rows": n, "sequences": len(chunks), "kv_bytes": kv_bytes, "flops": flops,
            "limit_ms": limit}
     for label, kernel in kernels.items():
-        splits = num_splits(int(lens.max()), kernel.split_keys)
+        splits = kernel.num_splits(int(lens.max()))
         work = kernel.workspace(n, Q_HEADS, splits)
         extra = {"tiles": tiles} if kernel.tiled else {}
         row[f"{label}_ms"] = graph_ms(cp, lambda: kernel.decode(q, k, v, row_tables, row_lens, HEAD_DIM ** -0.5, 0,
@@ -63,8 +64,8 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, packed, un
     if all(rows == 1 for _, rows in chunks):
         # decode rows as graph turns launch them (no tiles): the group's heads packed into one
         # warp's mma rows, and one warp per head; what serves takes the first from PACK_MIN_ROWS rows
-        splits = num_splits(int(lens.max()), packed.split_keys)
-        for label, kernel in (("per_row_packed", packed), ("per_row_unpacked", unpacked)):
+        for label, kernel in per_row.items():
+            splits = kernel.num_splits(int(lens.max()))
             work = kernel.workspace(n, Q_HEADS, splits)
             row[f"{label}_ms"] = graph_ms(cp, lambda: kernel.decode(q, k, v, row_tables, row_lens,
                                                                     HEAD_DIM ** -0.5, 0, splits, out=out,
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--split-keys", default="",
                         help="comma-separated split sizes to try on the tensor-core kernel beside the default 256 "
                              "(a candidate, not what serves: a row's bits depend on it)")
+    parser.add_argument("--fine-keys", default="",
+                        help="comma-separated fine split sizes (over the first 256 keys) to try beside the default "
+                             f"{FINE_KEYS} and none")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     import cupy as cp
@@ -90,17 +94,29 @@ def main() -> None:
     group = Q_HEADS // KV_HEADS
     kernels = {"cuda_cores": PagedAttentionCuda("bfloat16", HEAD_DIM, group, tensor_cores=False),
                "tensor_cores": PagedAttentionCuda("bfloat16", HEAD_DIM, group)}
+    # the kernels as before fine splits: 256-key splits throughout
+    kernels["tensor_cores_coarse"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, fine_keys=None)
     for keys in [int(k) for k in args.split_keys.split(",") if k]:
-        kernels[f"tensor_cores_split{keys}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, split_keys=keys)
-    packed = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_min_rows=1)
-    unpacked = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_heads=False)
-    cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (256, 2048)
+        kernels[f"tensor_cores_split{keys}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, split_keys=keys,
+                                                                  fine_keys=None)
+    per_row = {"per_row_packed": PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_min_rows=1),
+               "per_row_unpacked": PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_heads=False),
+               "per_row_packed_coarse": PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_min_rows=1,
+                                                           fine_keys=None),
+               "per_row_unpacked_coarse": PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_heads=False,
+                                                             fine_keys=None)}
+    for keys in [int(k) for k in args.fine_keys.split(",") if k]:
+        per_row[f"per_row_packed_fine{keys}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_min_rows=1,
+                                                                   fine_keys=keys)
+        per_row[f"per_row_unpacked_fine{keys}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_heads=False,
+                                                                     fine_keys=keys)
+    cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (128, 256, 2048)
              for b in (1, 4, 8, 16, 32, 64, 256)]
     cases += [("prompt chunk 512 rows at 3584", [(3584, 512)]),
               ("prompt chunk 256 rows at 3840", [(3840, 256)]),
               ("16 prompts x 128 rows", [(0, 128)] * 16),
               ("chunk 512 at 3584 + 64 decode at 256", [(3584, 512)] + [(255, 1)] * 64)]
-    rows = [case(cp, name, chunks, kernels, packed, unpacked, bandwidth, tflops) for name, chunks in cases]
+    rows = [case(cp, name, chunks, kernels, per_row, bandwidth, tflops) for name, chunks in cases]
     result = {"bench": "attention_bench", "commit": commit(), "gpu": gpu_name(args.device), "copy_gb_s": bandwidth,
               "matmul_tflops": tflops, "heads": [Q_HEADS, KV_HEADS, HEAD_DIM], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ result is [B, q_heads, head_dim] in the cache's dtype. A sliding window of W kee
   TILE_ROWS consecutive rows of one sequence share each key read; probabilities enter P @ V as two
   16-bit parts (rounded value + remainder, about 16 bits): one part alone cost 1e-3 of cosine
   against transformers on the tiny Mistral fixture.
-Both split the keys every SPLIT_KEYS positions whatever the batch, so a row's result does not depend
-on the rows launched with it.
+Both split the keys at fixed positions whatever the batch, so a row's result does not depend on the
+rows launched with it: every SPLIT_KEYS keys, and the tensor-core kernel also every FINE_KEYS keys
+within the first SPLIT_KEYS.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from . import load_module
 
 
 SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
+# keys per split over the first SPLIT_KEYS (PA_FINE, tensor-core kernel): a short context gets
+# several blocks a kv head. One 8B stream's decode had 8 blocks a layer, each walking 256 keys alone.
+FINE_KEYS = 64
 MAX_GROUP = 16        # query heads per kv head the kernel is built for
 TILE_ROWS = 16        # query rows of one sequence per tensor-core tile (one mma row block)
 MMA_WARPS = 4         # query heads per block of the tensor-core kernel (one warp each)
@@ -53,8 +57,20 @@ def block_threads(head_dim: int, group: int, split_keys: int = SPLIT_KEYS) -> in
     return max(128, head_dim)
 
 
-def num_splits(max_context: int, split_keys: int = SPLIT_KEYS) -> int:
-    return max(1, math.ceil(max_context / split_keys))
+def num_splits(max_context: int, split_keys: int = SPLIT_KEYS, fine_keys: int | None = None) -> int:
+    """Splits of a context of `max_context` keys: every `fine_keys` keys up to `split_keys`, every
+    `split_keys` after (fine_keys None: split_keys throughout)."""
+    fine = min(fine_keys or split_keys, split_keys)
+    if max_context <= split_keys:
+        return max(1, math.ceil(max_context / fine))
+    return split_keys // fine - 1 + math.ceil(max_context / split_keys)
+
+
+def split_ranges(context: int, split_keys: int = SPLIT_KEYS, fine_keys: int | None = None) -> list[tuple[int, int]]:
+    """(first key, end) of each split of a context, as the tensor-core kernel cuts it."""
+    fine = min(fine_keys or split_keys, split_keys)
+    starts = list(range(0, min(context, split_keys), fine)) + list(range(split_keys, context, split_keys))
+    return [(lo, min(context, lo + (fine if lo < split_keys else split_keys))) for lo in starts]
 
 
 def _row_keys_values(k_cache, v_cache, table, ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,11 +139,13 @@ def query_tiles(query_start: np.ndarray, rows: int = TILE_ROWS) -> tuple[np.ndar
 
 
 def paged_tile_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale: float, window: int = 0,
-                               split_keys: int = SPLIT_KEYS, step_keys: int = 64) -> np.ndarray:
+                               split_keys: int = SPLIT_KEYS, step_keys: int = 64,
+                               fine_keys: int | None = FINE_KEYS) -> np.ndarray:
     """paged_attention_mma.cu's arithmetic on the host, one row at a time: within each split an
     online softmax over `step_keys` keys at a time (float32 scores, max and sum), each step's
     probabilities in float32 (the kernel's two 16-bit parts hold about 16 bits), the splits
-    combined at the end. A tile shares key reads only, so rows are independent here."""
+    combined at the end (the kernel's splits: `split_ranges`). A tile shares key reads only, so rows are
+    independent here."""
     batch, q_heads, d = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
@@ -137,12 +155,12 @@ def paged_tile_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, 
         keys, values = _row_keys_values(k_cache, v_cache, block_tables[b], ctx)
         qf = q[b].astype(np.float32).reshape(kv_heads, group, d)
         splits = []
-        for lo in range(0, ctx, split_keys):
+        for lo, end in split_ranges(ctx, split_keys, fine_keys):
             m = np.full((kv_heads, group, 1), -np.inf, dtype=np.float32)
             total = np.zeros((kv_heads, group, 1), dtype=np.float32)
             acc = np.zeros((kv_heads, group, d), dtype=np.float32)
-            for k0 in range(lo, min(ctx, lo + split_keys), step_keys):
-                seen = np.arange(k0, min(ctx, k0 + step_keys))
+            for k0 in range(lo, end, step_keys):
+                seen = np.arange(k0, min(end, k0 + step_keys))
                 if window > 0:
                     seen = seen[seen > ctx - 1 - window]
                 if len(seen) == 0:
@@ -176,7 +194,8 @@ class PagedAttentionCuda:
     `tiled`: whether `decode` takes `tiles` (rows of one sequence sharing key reads)."""
 
     def __init__(self, dtype_name: str, head_dim: int, group: int, split_keys: int = SPLIT_KEYS,
-                 tensor_cores: bool = True, pack_heads: bool = True, pack_min_rows: int = PACK_MIN_ROWS):
+                 tensor_cores: bool = True, pack_heads: bool = True, pack_min_rows: int = PACK_MIN_ROWS,
+                 fine_keys: int | None = FINE_KEYS):
         import cupy
 
         vec = 4 if dtype_name == "float32" else 8
@@ -187,13 +206,16 @@ class PagedAttentionCuda:
         self.head_dim, self.group, self.split_keys = head_dim, group, split_keys
         self.tiled = tensor_cores and uses_tensor_cores(dtype_name, head_dim)   # False: benchmarks' baseline
         self.packed = False
+        # fine splits on the tensor-core kernel only (the CUDA-core one serves float32 caches alone)
+        self.fine_keys = min(fine_keys or split_keys, split_keys) if self.tiled else split_keys
         if self.tiled:
+            fine = f"-DPA_FINE={self.fine_keys}"
             self.warps = min(group, MMA_WARPS)
             self.chunks = -(-group // self.warps)
             self.threads = 32 * self.warps
             module = load_module("paged_attention_mma.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
                                  f"-DPA_G={group}", f"-DPA_W={self.warps}", f"-DPA_KT={tile_keys(head_dim)}",
-                                 f"-DPA_SPLIT={split_keys}")
+                                 f"-DPA_SPLIT={split_keys}", fine)
             self._partial = module.get_function("paged_tile_partial")
             self._combine = module.get_function("paged_row_combine")
             # decode rows: one warp takes the group's heads of a row as its 16 mma rows, a quarter
@@ -204,7 +226,7 @@ class PagedAttentionCuda:
             if self.packed:
                 packed = load_module("paged_attention_mma.cu", KERNEL_CODES[dtype_name], f"-DPA_D={head_dim}",
                                      f"-DPA_G={group}", "-DPA_W=1", f"-DPA_KT={tile_keys(head_dim)}",
-                                     f"-DPA_SPLIT={split_keys}", "-DPA_PACK=1")
+                                     f"-DPA_SPLIT={split_keys}", fine, "-DPA_PACK=1")
                 self._partial_packed = packed.get_function("paged_tile_partial")
         else:
             self.threads = block_threads(head_dim, group, split_keys)
@@ -212,6 +234,10 @@ class PagedAttentionCuda:
                                  f"-DPA_G={group}", f"-DPA_THREADS={self.threads}", f"-DPA_SPLIT={split_keys}")
             self._partial = module.get_function("paged_decode_partial")
             self._combine = module.get_function("paged_decode_combine")
+
+    def num_splits(self, max_context: int) -> int:
+        """The `splits` a launch over contexts up to `max_context` needs."""
+        return num_splits(max_context, self.split_keys, self.fine_keys)
 
     def workspace(self, batch: int, q_heads: int, splits: int) -> _Workspace:
         cp = self.cp

@@ -6,11 +6,10 @@
 // row r attends to positions 0 .. context_lens[r] - 1 of the blocks in block_tables[r].
 //
 // Pass 1 (paged_tile_partial), grid (tiles, kv_heads * head_chunks, splits): one block takes one
-// tile, one kv head (up to PA_W of its query heads, one warp each) and the PA_SPLIT keys of one
-// split. It walks the split PA_KT keys at a time (K and V staged in shared memory once for all its
+// tile, one kv head (up to PA_W of its query heads, one warp each) and the keys of one split. It walks the split PA_KT keys at a time (K and V staged in shared memory once for all its
 // warps, the next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16,
 // an online softmax in float32, then P @ V by mma with P as two 16-bit parts. It writes each row's unnormalised output and (max, sum) in base 2.
-// Pass 2 (paged_row_combine), grid (rows * q_heads): the row's own splits, ceil(context / PA_SPLIT),
+// Pass 2 (paged_row_combine), grid (rows * q_heads): the row's own splits, splits_for(context),
 // rescaled to their common max and normalised.
 //
 // Why a row's result does not depend on its tile-mates, its chunk boundaries or the batch: every
@@ -28,7 +27,8 @@
 //
 // Compile-time: DT (0 bf16, 1 f16), PA_D head_dim (multiple of 16), PA_G query heads per kv head,
 // PA_W warps per block (<= PA_G; 1 with PA_PACK), PA_KT keys per shared tile, PA_SPLIT keys per split
-// (multiple of PA_KT), PA_PACK (0: rows are positions of one head, 1: rows are the heads of one row).
+// and PA_FINE keys per split over the first PA_SPLIT keys (both multiples of PA_KT), PA_PACK (0: rows
+// are positions of one head, 1: rows are the heads of one row).
 #include "dtype.cuh"
 
 #ifndef PA_PACK
@@ -37,6 +37,25 @@
 #define PA_ROWS 16
 #define PA_THREADS (32 * PA_W)
 #define PA_CHUNKS ((PA_G + PA_W - 1) / PA_W)
+#ifndef PA_FINE
+#define PA_FINE PA_SPLIT
+#endif
+#define PA_FINE_SPLITS (PA_SPLIT / PA_FINE)
+static_assert(PA_SPLIT % PA_FINE == 0 && PA_FINE % PA_KT == 0, "fine splits tile the first split");
+
+// The splits are fixed key ranges whatever the batch: PA_FINE keys each over keys 0 .. PA_SPLIT - 1,
+// then PA_SPLIT each. The fine ones give a short context several blocks (one stream's decode had
+// 8 blocks for the 8B's 8 kv heads, each walking 256 keys alone), the coarse ones keep the partials
+// of long contexts few.
+__device__ __forceinline__ int split_first(int s) {
+    return s < PA_FINE_SPLITS ? s * PA_FINE : (s - PA_FINE_SPLITS + 1) * PA_SPLIT;
+}
+__device__ __forceinline__ int split_size(int s) { return s < PA_FINE_SPLITS ? PA_FINE : PA_SPLIT; }
+__device__ __forceinline__ int splits_for(int context) {
+    return context <= PA_SPLIT ? (context + PA_FINE - 1) / PA_FINE
+                               : PA_FINE_SPLITS - 1 + (context + PA_SPLIT - 1) / PA_SPLIT;
+}
+
 static_assert(PA_KT <= 32, "a tile's key rows are found by one lane each");
 #define PA_STRIDE (PA_D + 8)   // 16-bit elements per shared row: the padding spreads a warp's fragment loads over all banks
 
@@ -103,9 +122,9 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     const int count = per_row ? 1 : tile_rows[tile];
 #endif
     const int pos0 = context_lens[first] - 1;     // positions pos0 .. pos0 + count - 1
-    const int split_lo = split * PA_SPLIT;
+    const int split_lo = split_first(split);
     if (split_lo > pos0 + count - 1) return;       // no row of the tile reads this split
-    const int hi = min(pos0 + count, split_lo + PA_SPLIT);
+    const int hi = min(pos0 + count, split_lo + split_size(split));
     int lo = split_lo;
     if (window > 0) lo = max(lo, (pos0 - window + 1) / PA_KT * PA_KT);   // earlier key tiles are masked for every row
 
@@ -265,7 +284,7 @@ extern "C" __global__ void paged_row_combine(
     int q_heads, int splits)
 {
     const size_t item = blockIdx.x;        // row * q_heads + head
-    const int mine = (context_lens[item / q_heads] + PA_SPLIT - 1) / PA_SPLIT;   // the row's own splits
+    const int mine = splits_for(context_lens[item / q_heads]);   // the row's own splits
     const float* ml = part_ml + item * splits * 2;
     float top = -INFINITY;
     for (int s = 0; s < mine; ++s) if (ml[2 * s + 1] > 0.f) top = fmaxf(top, ml[2 * s]);

@@ -105,15 +105,18 @@ WORKSPACE_CAP_BYTES = 256 << 20   # the kernel's float32 split partials per laun
 
 
 class DecodeAttention:
-    """One query row per sequence over its blocks, for a batch of rows at once. The keys are split
-    every SPLIT_KEYS positions whatever the batch, and splits past a row's context are skipped, so a
+    """One query row per sequence over its blocks, for a batch of rows at once. The keys are split at
+    the kernel's fixed positions (`count_splits`) whatever the batch, and splits past a row's context are skipped, so a
     row's result does not depend on what else is in the batch (nor on how many splits a launch has).
     `prefill_rows`: prompt chunks' rows go through it too (the kernel and its mirror), else only
     decode rows (the CPU's gathered path: its padded gather would be [rows, context] per row)."""
 
-    def __init__(self, run, max_context: int, prefill_rows: bool, xp=np, tiled: bool = False):
-        self.run, self.splits, self.prefill_rows, self.xp = run, num_splits(max_context), prefill_rows, xp
+    def __init__(self, run, max_context: int, prefill_rows: bool, xp=np, tiled: bool = False,
+                 count_splits=num_splits):
+        self.run, self.prefill_rows, self.xp = run, prefill_rows, xp
         self.tiled = tiled   # `run` takes `tiles=`: a prompt chunk's rows share key reads
+        self.count_splits = count_splits   # context -> the kernel's splits
+        self.splits = count_splits(max_context)
 
     @classmethod
     def cuda(cls, dtype_name: str, head_dim: int, group: int, max_context: int) -> "DecodeAttention":
@@ -121,7 +124,7 @@ class DecodeAttention:
 
         from neuron.kernels.paged_attention import PagedAttentionCuda
         kernel = PagedAttentionCuda(dtype_name, head_dim, group)
-        return cls(kernel.decode, max_context, True, cupy, tiled=kernel.tiled)
+        return cls(kernel.decode, max_context, True, cupy, tiled=kernel.tiled, count_splits=kernel.num_splits)
 
     @classmethod
     def gathered(cls, max_context: int) -> "DecodeAttention":
@@ -140,7 +143,7 @@ class DecodeAttention:
     def __call__(self, q, layer_keys, layer_values, batch: DecodeBatch, window: int | None):
         n, hq, d = q.shape
         scale = 1.0 / float(d) ** 0.5
-        splits = num_splits(batch.max_context) if batch.max_context else self.splits
+        splits = self.count_splits(batch.max_context) if batch.max_context else self.splits
         piece = max(1, WORKSPACE_CAP_BYTES // (hq * splits * (d + 2) * 4))
         if self.tiled and batch.tiles is not None:
             parts = [self.run(q[a:b], layer_keys, layer_values, batch.block_tables[a:b], batch.context_lens[a:b],

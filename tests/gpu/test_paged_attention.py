@@ -28,12 +28,11 @@ def test_kernel_matches_mirror(dtype_name, d, group, kv_heads, window):
     v = rng.standard_normal((num_blocks, block_size, kv_heads, d)).astype(dt)
     q = rng.standard_normal((batch, kv_heads * group, d)).astype(dt)
     scale = d ** -0.5
-    splits = num_splits(int(lens.max()))
-    want = paged_decode_attention_numpy(q, k, v, tables, lens, scale, window, splits=splits)
+    want = paged_decode_attention_numpy(q, k, v, tables, lens, scale, window, splits=num_splits(int(lens.max())))
     kernel = PagedAttentionCuda(dtype_name, d, group)
     out = cp.full(q.shape, np.nan, dtype=dt)
     got = kernel.decode(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(tables), cp.asarray(lens),
-                        scale, window, splits, out=out).get().astype(np.float32)
+                        scale, window, kernel.num_splits(int(lens.max())), out=out).get().astype(np.float32)
     want = want.astype(np.float32)
     assert np.isfinite(got).all()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < TOL[dtype_name]
@@ -69,7 +68,7 @@ def test_tiled_kernel_matches_its_mirror_on_prompt_chunks(dtype_name, d, group, 
                                                      [(700, 1), (0, 5), (250, 37), (0, 300)])
     kernel = PagedAttentionCuda(dtype_name, d, group)
     assert kernel.tiled
-    splits = num_splits(int(lens.max()))
+    splits = kernel.num_splits(int(lens.max()))
     first, count = query_tiles(query_start)
     out = cp.full(q.shape, np.nan, dtype=q.dtype)
     got = kernel.decode(cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(tables), cp.asarray(lens),
@@ -98,7 +97,7 @@ def test_tiled_kernel_rows_do_not_depend_on_tiles_chunks_or_batch(dtype_name, d,
     q, k, v, _, tables, lens = _paged_case(rng, DTYPES[dtype_name], d, group, kv_heads, [(0, 600)])
     kernel = PagedAttentionCuda(dtype_name, d, group)
     args = [cp.asarray(a) for a in (k, v)]
-    splits = num_splits(int(lens.max())) + 1   # more splits than any row needs: they must be ignored
+    splits = kernel.num_splits(int(lens.max())) + 1   # more splits than any row needs: they must be ignored
 
     def attend(rows, cuts=None):
         """rows of the prompt as chunks split at `cuts` (None: every row its own tile)."""

@@ -141,6 +141,26 @@ def test_tile_mirror_equals_softmax_attention_in_float32():
     tables = np.stack([rng.permutation(40) for _ in lens]).astype(np.int32)
     q = rng.standard_normal((5, 6, 8)).astype(np.float32)
     for window in (0, 5):
-        got = paged_tile_attention_numpy(q, k_cache, v_cache, tables, lens, 0.35, window, split_keys=64, step_keys=8)
         want = reference(q, k_cache, v_cache, tables, lens, 0.35, window)
-        assert np.abs(got - want).max() < 1e-5
+        for fine_keys in (None, 16):   # 64-key splits throughout, or 16-key ones over the first 64 keys
+            got = paged_tile_attention_numpy(q, k_cache, v_cache, tables, lens, 0.35, window, split_keys=64,
+                                             step_keys=8, fine_keys=fine_keys)
+            assert np.abs(got - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("split_keys,fine_keys", [(256, 64), (256, 32), (256, None), (64, 256)])
+def test_splits_are_fixed_key_ranges_whatever_the_context(split_keys, fine_keys):
+    """The kernel's splits tile [0, context) in order, as many as num_splits says, and a shorter
+    context's splits are a longer one's cut at its end: a key's split never depends on the context
+    (nor, so, on what a row is batched with)."""
+    from neuron.kernels.paged_attention import num_splits, split_ranges
+
+    longest = split_ranges(3000, split_keys, fine_keys)
+    fine = min(fine_keys or split_keys, split_keys)
+    assert [hi - lo for lo, hi in longest[: split_keys // fine]] == [fine] * (split_keys // fine)
+    for context in (1, 31, 32, 63, 64, 65, 255, 256, 257, 700, 3000):
+        ranges = split_ranges(context, split_keys, fine_keys)
+        assert len(ranges) == num_splits(context, split_keys, fine_keys)
+        assert ranges[0][0] == 0 and ranges[-1][1] == context
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert ranges[:-1] == longest[: len(ranges) - 1] and ranges[-1][0] == longest[len(ranges) - 1][0]
