@@ -7,13 +7,14 @@ import numpy as np
 
 from common.dtypes import KERNEL_CODES
 
-THREADS = 1024
+CHUNK = 256 * 16   # ids a block of argmax_chunks takes (ARGMAX_CHUNK)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device: int):
+def _kernels(device: int):
     from neuron.kernels import load_module
-    return load_module("argmax.cu", KERNEL_CODES["float32"]).get_function("argmax_rows")
+    module = load_module("argmax.cu", KERNEL_CODES["float32"])
+    return module.get_function("argmax_chunks"), module.get_function("argmax_pick")
 
 
 def argmax_rows_cuda(logits, rows):
@@ -25,7 +26,13 @@ def argmax_rows_cuda(logits, rows):
         logits = cupy.ascontiguousarray(logits, dtype=cupy.float32)
     out = cupy.empty(len(rows), dtype=cupy.int64)
     if len(rows):
-        _kernel(cupy.cuda.runtime.getDevice())((len(rows),), (THREADS,), (logits, rows, np.int32(logits.shape[1]), out))
+        vocab = logits.shape[1]
+        chunks = max(1, -(-vocab // CHUNK))
+        best_value = cupy.empty((len(rows), chunks), dtype=cupy.float32)
+        best_id = cupy.empty((len(rows), chunks), dtype=cupy.int32)
+        by_chunk, pick = _kernels(cupy.cuda.runtime.getDevice())
+        by_chunk((len(rows), chunks), (256,), (logits, rows, np.int32(vocab), best_value, best_id))
+        pick((len(rows),), (32,), (best_value, best_id, np.int32(chunks), out))
     return out
 
 

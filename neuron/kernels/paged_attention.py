@@ -33,12 +33,12 @@ FINE_KEYS = 64
 MAX_GROUP = 16        # query heads per kv head the kernel is built for
 TILE_ROWS = 16        # query rows of one sequence per tensor-core tile (one mma row block)
 MMA_WARPS = 4         # query heads per block of the tensor-core kernel (one warp each)
-# decode batches from which the group's heads of a row share one warp. With few blocks a warp per
-# head wins (4x the warps loading keys); packed wins once there are ~512 (8B heads, ms a layer,
-# attention_bench-20261202-153846): at 256 keys 0.025 vs 0.035 at 32 rows, 0.047 vs 0.036 at 64;
-# at 2,048 keys 0.026 vs 0.035 at 4 rows, 0.047 vs 0.036 at 8. Graphs fix the batch, not the
-# contexts, so the choice goes by rows alone, at the point where packed wins at short contexts too.
-PACK_MIN_ROWS = 64
+# decode batches from which the group's heads of a row share one warp. Before fine splits a warp
+# per head won below ~512 blocks, so packing began at 64 rows; with them packed is as fast or faster
+# at every batch (8B heads, ms a layer, packed / a warp per head, attention_bench-20261202-193649):
+# 1 row 0.009 / 0.009 at 256 keys and 0.023 / 0.023 at 2,048; 16 rows 0.010 / 0.016 at 256 keys; 8
+# rows 0.032 / 0.054 at 2,048. Its bits are the same either way (GPU test).
+PACK_MIN_ROWS = 1
 
 
 STATIC_SHARED_BUDGET = 44 * 1024   # of the 48 KiB a block may hold statically

@@ -11,7 +11,7 @@ cp = pytest.importorskip("cupy")
 from neuron.kernels.argmax import argmax_rows_cuda, argmax_rows_numpy  # noqa: E402
 
 
-@pytest.mark.parametrize("vocab", [1, 31, 1000, 128256])
+@pytest.mark.parametrize("vocab", [1, 31, 1000, 4096, 4097, 12289, 128256])   # one chunk, chunk edges, many
 def test_argmax_rows_equals_cupy_argmax(vocab):
     rng = np.random.default_rng(vocab)
     logits = rng.standard_normal((9, vocab)).astype(np.float32)
