@@ -14,7 +14,7 @@ import numpy as np
 
 from bench.common import graph_ms, time_ms
 from neuron.layers.attention import DecodeBatch
-from neuron.runner.sampler import RowSampler, SampleRow, sample_rows
+from neuron.runner.sampler import RowSampler, SampleRow, greedy_rows, sample_rows
 from neuron.sampling import SamplingConfig
 
 
@@ -80,6 +80,9 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
     logits = cp.asarray(rng.standard_normal((n, c.vocab_size)).astype(np.float32))
     rows = [SampleRow(RowSampler.create(SamplingConfig(), c.vocab_size), j, []) for j in range(n)]
     timed("sampler", lambda: sample_rows(cp, logits, rows), int(logits.nbytes), 0, captured=False)
+    # what an all-greedy turn (every benchmark's) runs instead: the first maximum of each row on the device
+    row_ids = np.arange(n)
+    timed("greedy_pick", lambda: greedy_rows(cp, logits, row_ids), int(logits.nbytes), 0)
 
     graphs = shard.engine.runner.graphs
     bucket = None if graphs is None else next((graphs.buckets[b] for b in sorted(graphs.buckets) if b >= n), None)
