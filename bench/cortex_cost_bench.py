@@ -136,6 +136,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--stream-interval", type=int, default=1, help="cortex's --stream-interval")
     parser.add_argument("--serve-stand-in", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -151,7 +152,7 @@ def main() -> int:
         stand_in, neuron_address = start_stand_in(args.turn_ms, Path(tmp))
         cortex = None
         try:
-            cortex = start_cortex([neuron_address])
+            cortex = start_cortex([neuron_address], extra=["--stream-interval", str(args.stream_interval)])
             wait_adopted(cortex.address)
             pid = cortex.proc.pid
             prompts = lambda n: [[1, 2, 3, 4]] * n   # noqa: E731 - the stand-in ignores them
@@ -188,6 +189,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"cortex_cost_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"commit": commit(), "cpus": os.cpu_count(), "turn_ms": args.turn_ms,
+                               "stream_interval": args.stream_interval,
                                "tokens": args.tokens, "runs": runs, "median_by_streams": median}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -42,6 +42,10 @@ SETTINGS = [
     Setting("group_timeout_seconds", 30.0, "deadline for all ranks of a tensor-parallel group to join", type=float),
     Setting("max_prompt_bytes", 1 << 20, "largest text or chat prompt in bytes cortex forwards; larger ones are "
             "INVALID_ARGUMENT", type=int),
+    Setting("stream_interval", 1, "tokens a generation's streamed messages carry, after its first token (sent at "
+            "once) and before its last: 1 sends each token as it comes; n > 1 holds later tokens up to n - 1 "
+            "turns, for fewer messages (cortex's CPU under load goes mostly to per-message work)", type=int,
+            minimum=1),
     Setting("max_logits_bytes", 64 << 20, "largest float32 logits one Forward may return (positions x vocab x 4); "
             "larger asks are RESOURCE_EXHAUSTED", type=int),
     API_KEYS_SETTING,
@@ -160,6 +164,7 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     metrics.watch_fleet(registry, models)
     service = CortexService(registry, models, metrics)
     service.max_prompt_bytes, service.max_logits_bytes = settings["max_prompt_bytes"], settings["max_logits_bytes"]
+    service.stream_interval = settings["stream_interval"]
     server.add(cortex_pb2_grpc.add_CortexServicer_to_server, service, "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()

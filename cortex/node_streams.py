@@ -4,7 +4,11 @@ A decode turn of 64 requests then reaches cortex as one message, not 64: on one 
 work of gRPC in Python, once in the neuron and once here, capped a single neuron near 7,000 tok/s
 (bench/NOTES.md, session 6). Each generation keeps its own queue; updates that queue up while the
 client's stream is busy go out merged into one message (its tokens and text joined), so a loaded
-cortex sends fewer, larger messages instead of falling behind.
+cortex sends fewer, larger messages instead of falling behind. With a stream interval of n
+(`--stream-interval`, default 1) a generation's tokens after its first are also held until n have
+come (or it finishes): each client message costs cortex a socket write and gRPC's per-message work,
+most of its CPU under load (bench/NOTES.md, session 11), so n > 1 trades n - 1 turns of latency
+on later tokens for throughput, as vLLM's and SGLang's --stream-interval do.
 
 Failure semantics are Generate's: a neuron error ends that generation with the neuron's status
 (the node named); the call breaking, or the node marked DOWN, ends every generation on it with
@@ -85,9 +89,12 @@ class NodeStream:
             for queue in self._queues.values():
                 queue.put_nowait(error)
 
-    async def generate(self, request: npb.GenerateRequest, timeout: float | None) -> AsyncIterator[npb.GenerateResponse]:
-        """The responses of one generation, as Generate would stream them (merged when they queue up).
-        Raises ServiceError: the neuron's status, UNAVAILABLE, or DEADLINE_EXCEEDED after `timeout`."""
+    async def generate(self, request: npb.GenerateRequest, timeout: float | None,
+                       interval: int = 1) -> AsyncIterator[npb.GenerateResponse]:
+        """The responses of one generation, as Generate would stream them (merged when they queue up,
+        and after the first token held until `interval` tokens have come). Raises ServiceError: the
+        neuron's status, UNAVAILABLE, or DEADLINE_EXCEEDED after `timeout`; what came before the
+        error is sent first."""
         key, queue = next(self._ids), asyncio.Queue()
         self._queues[key] = queue
         self._outbox.put_nowait(npb.GenerateStreamRequest(id=key, start=request))
@@ -96,7 +103,7 @@ class NodeStream:
         expired = DeadlineExceeded("Deadline Exceeded: the request's deadline passed before the generation finished")
         timer = None if timeout is None else asyncio.get_running_loop().call_later(
             max(0.0, timeout), queue.put_nowait, expired)
-        finished = False
+        finished, sent_tokens, held, held_tokens = False, 0, [], 0
         try:
             while not finished:
                 items = [await queue.get()]
@@ -107,16 +114,24 @@ class NodeStream:
                 await asyncio.sleep(0)
                 while not queue.empty():
                     items.append(queue.get_nowait())
-                responses = []
+                error = None
                 for item in items:
                     if isinstance(item, ServiceError):
-                        raise item
-                    if item.error_code:
-                        raise status_error(STATUS_CODES.get(item.error_code, grpc.StatusCode.UNKNOWN),
-                                           f"node {self.node}: {item.error_message}")
-                    responses.append(item.response)
+                        error = item
+                    elif item.error_code:
+                        error = status_error(STATUS_CODES.get(item.error_code, grpc.StatusCode.UNKNOWN),
+                                             f"node {self.node}: {item.error_message}")
+                    if error is not None:
+                        break
+                    held.append(item.response)
+                    held_tokens += len(item.response.token_ids)
                     finished = finished or bool(item.response.finish_reason)
-                yield merge(responses)
+                if held and (finished or error is not None or held_tokens >= interval or not sent_tokens):
+                    sent_tokens += held_tokens
+                    response, held, held_tokens = merge(held), [], 0
+                    yield response
+                if error is not None:
+                    raise error
         finally:
             if timer is not None:
                 timer.cancel()

@@ -99,6 +99,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         self.metrics = metrics or CortexMetrics()
         self.max_prompt_bytes = MAX_PROMPT_BYTES
         self.max_logits_bytes = MAX_LOGITS_BYTES
+        self.stream_interval = 1   # tokens a client message holds after the first (--stream-interval)
         self.node_streams = NodeStreams(registry)
 
     def _model_label(self, name: str) -> str:
@@ -167,7 +168,8 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             # One GenerateStream call per node carries every generation routed there (node_streams.py).
             stream = self.node_streams.get(route.node, route.stub)
             timer.begin()
-            async for chunk in stream.generate(convert.generate_request(request, route.handle, request_id), timeout):
+            async for chunk in stream.generate(convert.generate_request(request, route.handle, request_id), timeout,
+                                               self.stream_interval):
                 if chunk.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
                 completion += len(chunk.token_ids)
