@@ -187,7 +187,7 @@ class Deployment:
 
 
 def deploy(path: Path, device: str, dtype: str, max_context: int, kv_slots: int, neuron_env: dict,
-           neuron_args: list[str]) -> Deployment:
+           neuron_args: list[str], cortex_args: list[str] = ()) -> Deployment:
     import grpc
 
     from common.proto.cortex.v1 import cortex_pb2 as cpb
@@ -198,7 +198,7 @@ def deploy(path: Path, device: str, dtype: str, max_context: int, kv_slots: int,
     neuron = start_neuron(devices=device, model_roots=[path.parent], extra=neuron_args, env={**ENV, **neuron_env})
     cortex = None
     try:
-        cortex = start_cortex([neuron.address], env=ENV)
+        cortex = start_cortex([neuron.address], extra=list(cortex_args), env=ENV)
         with grpc.insecure_channel(cortex.address, options=CHANNEL_OPTIONS) as channel:
             stub = cortex_pb2_grpc.CortexStub(channel)
             wait_until(lambda: any(n.state == cpb.NODE_STATE_UP for n in stub.ListNodes(cpb.ListNodesRequest()).nodes),
@@ -390,7 +390,7 @@ def bench_model(key: str, args, ceil: dict, pool: ProcessPoolExecutor, work: Pat
     def deployment(prefix_caching: bool) -> Deployment:
         env = {} if prefix_caching else {"NEURON_PREFIX_CACHING": "0"}
         extra = [*args.neuron_arg, *([] if prefix_caching else args.no_prefix_caching_arg)]
-        d = deploy(path, args.device, dtype, max_context, kv_slots, env, extra)
+        d = deploy(path, args.device, dtype, max_context, kv_slots, env, extra, args.cortex_arg)
         log(f"  {key} loaded through cortex in {d.load_seconds:.1f} s (prefix caching {'on' if prefix_caching else 'off'})")
         return d
 
@@ -468,6 +468,8 @@ def parse_args(argv=None):
                         help="extra neuron flag for the caching-off run (e.g. --no-prefix-caching); "
                         "the run always sets NEURON_PREFIX_CACHING=0")
     parser.add_argument("--neuron-arg", action="append", default=[], help="extra `neuron serve` flag (repeatable)")
+    parser.add_argument("--cortex-arg", action="append", default=[],
+                        help="extra `cortex serve` flag (repeatable), e.g. --cortex-arg=--stream-interval=2")
     parser.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 4)))
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--profile-concurrency", default="1,64,256", help="decode-turn profiles (GPU only)")

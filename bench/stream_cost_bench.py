@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or a CUDA GPU index")
     parser.add_argument("--shape", default="tiny", help=f"checkpoint shape (1b, 8b on a GPU), of {','.join(SHAPES)}")
     parser.add_argument("--client-procs", type=int, default=1)
+    parser.add_argument("--cortex-arg", action="append", default=[],
+                        help="extra `cortex serve` flag (repeatable), e.g. --cortex-arg=--stream-interval=2")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
@@ -112,7 +114,7 @@ def main() -> None:
         path = Path(tmp) / args.shape
         write_checkpoint(path, SHAPES[args.shape], dtype=dtype)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-        d = deploy(path, args.device, dtype, 1024, max(streams), {}, [])
+        d = deploy(path, args.device, dtype, 1024, max(streams), {}, [], args.cortex_arg)
         try:
             rng = np.random.default_rng(0)
             with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
@@ -151,7 +153,7 @@ def main() -> None:
               f"busy neuron {m['neuron_busy']:.2f}, cortex {m['cortex_busy']:.2f}; {m['output_tok_s']:.0f} tok/s")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"stream_cost_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"commit": commit(),
+    out.write_text(json.dumps({"commit": commit(), "cortex_args": args.cortex_arg,
                                "cpus": os.cpu_count(), "device": args.device, "shape": args.shape,
                                "streams": streams, "tokens": args.tokens, "runs": runs,
                                "median_by_streams": median}, indent=1))
