@@ -81,7 +81,7 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
     rows = [SampleRow(RowSampler.create(SamplingConfig(), c.vocab_size), j, []) for j in range(n)]
     timed("sampler", lambda: sample_rows(cp, logits, rows), int(logits.nbytes), 0, captured=False)
     # what an all-greedy turn (every benchmark's) runs instead: the first maximum of each row on the device
-    row_ids = np.arange(n)
+    row_ids = cp.arange(n, dtype=cp.int64)   # on the device already: no upload inside the capture
     timed("greedy_pick", lambda: greedy_rows(cp, logits, row_ids), int(logits.nbytes), 0)
 
     graphs = shard.engine.runner.graphs
