@@ -30,7 +30,8 @@ In one run it:
    roofline_tok_s}, the commit, the GPU) and the table as a .log beside it.
 
 Latencies come from the client's arrival times: TTFT = first token's arrival - submission; the
-inter-token latency is the gap before each later token (tokens that arrive in one message: 0 gap).
+inter-token latency is the gap before each later token (a message of n tokens: its gap / n for each,
+as SGLang's bench_serving counts it; until session 11 it was the gap for the first and 0 for the rest).
 """
 from __future__ import annotations
 
@@ -276,7 +277,10 @@ def summarize(streams: list[dict], tokens: int) -> dict:
         ttft.append((s["arrivals"][0][0] - s["submitted"]) * 1e3)
         previous = s["arrivals"][0][0]
         for arrived, count in s["arrivals"][1:]:
-            itl += [(arrived - previous) * 1e3] + [0.0] * (count - 1)
+            # a message of several tokens (cortex merged them, or --stream-interval held them):
+            # the gap shared evenly, as SGLang's bench_serving does; one gap and zeros would pull
+            # the median towards 0 whenever messages carry more than one token
+            itl += [(arrived - previous) * 1e3 / count] * count
             previous = arrived
         total += sum(count for _, count in s["arrivals"])
     if not done:
