@@ -188,7 +188,7 @@ class Deployment:
 
 
 def deploy(path: Path, device: str, dtype: str, max_context: int, kv_slots: int, neuron_env: dict,
-           neuron_args: list[str], cortex_args: list[str] = ()) -> Deployment:
+           neuron_args: list[str], cortex_args: list[str] | None = None) -> Deployment:
     import grpc
 
     from common.proto.cortex.v1 import cortex_pb2 as cpb
@@ -199,7 +199,7 @@ def deploy(path: Path, device: str, dtype: str, max_context: int, kv_slots: int,
     neuron = start_neuron(devices=device, model_roots=[path.parent], extra=neuron_args, env={**ENV, **neuron_env})
     cortex = None
     try:
-        cortex = start_cortex([neuron.address], extra=list(cortex_args), env=ENV)
+        cortex = start_cortex([neuron.address], extra=cortex_args, env=ENV)
         with grpc.insecure_channel(cortex.address, options=CHANNEL_OPTIONS) as channel:
             stub = cortex_pb2_grpc.CortexStub(channel)
             wait_until(lambda: any(n.state == cpb.NODE_STATE_UP for n in stub.ListNodes(cpb.ListNodesRequest()).nodes),

@@ -18,8 +18,8 @@ __device__ __forceinline__ bool beats(float v, int i, float best, int bi) {
     return v > best;
 }
 
-#define ARGMAX_THREADS 256
-#define ARGMAX_PER_THREAD 16
+// ARGMAX_THREADS (threads a block of argmax_chunks) and ARGMAX_PER_THREAD (ids a thread) come from
+// argmax.py, which sizes the grid with them.
 #define ARGMAX_CHUNK (ARGMAX_THREADS * ARGMAX_PER_THREAD)
 
 // The best (value, id) of the warp, in every lane.

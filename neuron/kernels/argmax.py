@@ -7,13 +7,15 @@ import numpy as np
 
 from common.dtypes import KERNEL_CODES
 
-CHUNK = 256 * 16   # ids a block of argmax_chunks takes (ARGMAX_CHUNK)
+THREADS, PER_THREAD = 256, 16   # argmax_chunks' block, and the ids each of its threads loads together
+CHUNK = THREADS * PER_THREAD    # ids a block takes (ARGMAX_CHUNK)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(device: int):
     from neuron.kernels import load_module
-    module = load_module("argmax.cu", KERNEL_CODES["float32"])
+    module = load_module("argmax.cu", KERNEL_CODES["float32"], f"-DARGMAX_THREADS={THREADS}",
+                         f"-DARGMAX_PER_THREAD={PER_THREAD}")
     return module.get_function("argmax_chunks"), module.get_function("argmax_pick")
 
 
@@ -31,7 +33,7 @@ def argmax_rows_cuda(logits, rows):
         best_value = cupy.empty((len(rows), chunks), dtype=cupy.float32)
         best_id = cupy.empty((len(rows), chunks), dtype=cupy.int32)
         by_chunk, pick = _kernels(cupy.cuda.runtime.getDevice())
-        by_chunk((len(rows), chunks), (256,), (logits, rows, np.int32(vocab), best_value, best_id))
+        by_chunk((len(rows), chunks), (THREADS,), (logits, rows, np.int32(vocab), best_value, best_id))
         pick((len(rows),), (32,), (best_value, best_id, np.int32(chunks), out))
     return out
 

@@ -57,10 +57,15 @@ def block_threads(head_dim: int, group: int, split_keys: int = SPLIT_KEYS) -> in
     return max(128, head_dim)
 
 
+def fine_split(split_keys: int, fine_keys: int | None) -> int:
+    """Keys per split over the first `split_keys` (None: no fine splits, split_keys throughout)."""
+    return min(fine_keys or split_keys, split_keys)
+
+
 def num_splits(max_context: int, split_keys: int = SPLIT_KEYS, fine_keys: int | None = None) -> int:
     """Splits of a context of `max_context` keys: every `fine_keys` keys up to `split_keys`, every
     `split_keys` after (fine_keys None: split_keys throughout)."""
-    fine = min(fine_keys or split_keys, split_keys)
+    fine = fine_split(split_keys, fine_keys)
     if max_context <= split_keys:
         return max(1, math.ceil(max_context / fine))
     return split_keys // fine - 1 + math.ceil(max_context / split_keys)
@@ -68,7 +73,7 @@ def num_splits(max_context: int, split_keys: int = SPLIT_KEYS, fine_keys: int | 
 
 def split_ranges(context: int, split_keys: int = SPLIT_KEYS, fine_keys: int | None = None) -> list[tuple[int, int]]:
     """(first key, end) of each split of a context, as the tensor-core kernel cuts it."""
-    fine = min(fine_keys or split_keys, split_keys)
+    fine = fine_split(split_keys, fine_keys)
     starts = list(range(0, min(context, split_keys), fine)) + list(range(split_keys, context, split_keys))
     return [(lo, min(context, lo + (fine if lo < split_keys else split_keys))) for lo in starts]
 
@@ -207,7 +212,7 @@ class PagedAttentionCuda:
         self.tiled = tensor_cores and uses_tensor_cores(dtype_name, head_dim)   # False: benchmarks' baseline
         self.packed = False
         # fine splits on the tensor-core kernel only (the CUDA-core one serves float32 caches alone)
-        self.fine_keys = min(fine_keys or split_keys, split_keys) if self.tiled else split_keys
+        self.fine_keys = fine_split(split_keys, fine_keys) if self.tiled else split_keys
         if self.tiled:
             fine = f"-DPA_FINE={self.fine_keys}"
             self.warps = min(group, MMA_WARPS)

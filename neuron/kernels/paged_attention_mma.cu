@@ -6,8 +6,9 @@
 // row r attends to positions 0 .. context_lens[r] - 1 of the blocks in block_tables[r].
 //
 // Pass 1 (paged_tile_partial), grid (tiles, kv_heads * head_chunks, splits): one block takes one
-// tile, one kv head (up to PA_W of its query heads, one warp each) and the keys of one split. It walks the split PA_KT keys at a time (K and V staged in shared memory once for all its
-// warps, the next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16,
+// tile, one kv head (up to PA_W of its query heads, one warp each) and the keys of one split. It
+// walks the split PA_KT keys at a time (K and V staged in shared memory once for all its warps, the
+// next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16,
 // an online softmax in float32, then P @ V by mma with P as two 16-bit parts. It writes each row's unnormalised output and (max, sum) in base 2.
 // Pass 2 (paged_row_combine), grid (rows * q_heads): the row's own splits, splits_for(context),
 // rescaled to their common max and normalised.

@@ -106,8 +106,9 @@ WORKSPACE_CAP_BYTES = 256 << 20   # the kernel's float32 split partials per laun
 
 class DecodeAttention:
     """One query row per sequence over its blocks, for a batch of rows at once. The keys are split at
-    the kernel's fixed positions (`count_splits`) whatever the batch, and splits past a row's context are skipped, so a
-    row's result does not depend on what else is in the batch (nor on how many splits a launch has).
+    the kernel's fixed positions (`count_splits`) whatever the batch, and splits past a row's context
+    are skipped, so a row's result does not depend on what else is in the batch (nor on how many
+    splits a launch has).
     `prefill_rows`: prompt chunks' rows go through it too (the kernel and its mirror), else only
     decode rows (the CPU's gathered path: its padded gather would be [rows, context] per row)."""
 
