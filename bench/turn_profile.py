@@ -6,7 +6,9 @@ turn is engine_bench's measured turn minus the replay).
 Each op class is captured in a CUDA graph and replayed (bench.common.graph_ms), so its figure is
 device time with a graph's launch gaps, not Python's launch cost. Op classes, summed over the layers: `gemm` (qkv, o, gate/up, down and the LM head at M = batch),
 `attention` (the paged decode kernel at the given context), `norms` (residual add + RMSNorm twice,
-rotary + KV write, silu * up), `sampler` (greedy, the turn's one copy to the host included).
+rotary + KV write, silu * up), `sampler` (the general sampler, eager, the turn's one copy to the host
+included), `greedy_pick` (what an all-greedy turn runs), `graph_replay` (the whole turn) and
+`graph_replay_x100` (per replay, 100 back to back: clocks under sustained load).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
     layers = c.num_layers
     out: dict = {"concurrency": n, "context": context}
 
-    def timed(name: str, fn, bytes_moved: float, flops: float, times: int = 1, captured: bool = True) -> None:
+    def timed(name: str, fn, bytes_moved: float, flops: float, times: float = 1, captured: bool = True) -> None:
         """Captured ops are timed inside a CUDA graph (device time, as in the turn's graph); an op
         that cannot be captured (the sampler's copy to the host) is timed eagerly."""
         how = "graph"
@@ -90,6 +92,10 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
         stream = cp.cuda.get_current_stream()
         timed("graph_replay", lambda: bucket.graph.launch(stream),
               shard.weight_bytes + kv_bytes * layers, 2 * shard.num_parameters * n, captured=False)
+        # the same replay 100 times back to back, as a serving run's turns come: if the clocks drop
+        # under sustained load, this is slower than the one replay timed above
+        timed("graph_replay_x100", lambda: [bucket.graph.launch(stream) for _ in range(100)],
+              shard.weight_bytes + kv_bytes * layers, 2 * shard.num_parameters * n, times=0.01, captured=False)
         out["graph_bucket"] = bucket.size
     return out
 
