@@ -74,26 +74,45 @@ def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_c
 class TurnLog:
     """Wraps the shard's runner: every turn's kind (decode-only, prompt-only, mixed), tokens and
     seconds from its launch until its ids are on the host (the device's time, plus the host's when
-    nothing was queued ahead)."""
+    nothing was queued ahead). On a GPU also, per turn, the device's time from the point of the
+    stream where its launch began to the end of its work (CUDA events; with a turn queued ahead
+    that start is the previous turn's end), and how long `finish` waited: a host that always waits
+    is ahead of the device, one that never waits is what the device waits for."""
 
     def __init__(self, runner):
         self.runner, self.turns, self._launched_at = runner, [], {}
+        self.on_gpu = runner.xp is not np
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
     def launch(self, plan, feed=None):
         started = time.perf_counter()
+        begin = self._event()
         launched = self.runner.launch(plan, feed)
-        self._launched_at[id(launched)] = started
+        self._launched_at[id(launched)] = (started, begin, self._event())
         return launched
 
+    def _event(self):
+        if not self.on_gpu:
+            return None
+        event = self.runner.xp.cuda.Event()
+        event.record()
+        return event
+
     def finish(self, launched):
+        waited = time.perf_counter()
         out = self.runner.finish(launched)
+        waited = time.perf_counter() - waited
+        started, begin, end = self._launched_at.pop(id(launched))
+        device = None
+        if begin is not None:
+            end.synchronize()
+            device = self.runner.xp.cuda.get_elapsed_time(begin, end) / 1e3
         plan = launched.plan
         decoding = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.start > 0)
         kind = "decode" if decoding == len(plan.chunks) else ("prompt" if decoding == 0 else "mixed")
-        self.turns.append((kind, plan.num_tokens, time.perf_counter() - self._launched_at.pop(id(launched))))
+        self.turns.append((kind, plan.num_tokens, time.perf_counter() - started, device, waited))
         return out
 
     def summary(self) -> dict:
@@ -101,6 +120,10 @@ class TurnLog:
         for kind in ("decode", "prompt", "mixed"):
             sel = [t for t in self.turns if t[0] == kind]
             out[kind] = {"turns": len(sel), "tokens": sum(t[1] for t in sel), "seconds": round(sum(t[2] for t in sel), 4)}
+            if sel and sel[0][3] is not None:
+                out[kind]["device_ms_p50"] = round(1e3 * statistics.median(t[3] for t in sel), 3)
+            if sel:
+                out[kind]["finish_wait_ms_p50"] = round(1e3 * statistics.median(t[4] for t in sel), 3)
         return out
 
 

@@ -242,14 +242,17 @@ async def _streams(address: str, model: str, prompts: list[list[int]], tokens: i
             request.sampling.max_tokens = tokens
             request.sampling.temperature = 0.0
             request.sampling.ignore_eos = True
-            submitted, arrivals = time.monotonic(), []
+            submitted, arrivals, node_ttft = time.monotonic(), [], None
             try:
                 async for message in stub.Generate(request, timeout=STREAM_TIMEOUT_S):
                     if message.token_ids:
                         arrivals.append((time.monotonic(), len(message.token_ids)))
+                    if message.HasField("timing"):   # the last message: the neuron's own clock
+                        node_ttft = message.timing.time_to_first_token_ms
             except grpc.aio.AioRpcError as err:
-                return {"submitted": submitted, "arrivals": arrivals, "error": f"{err.code().name}: {err.details()}"}
-            return {"submitted": submitted, "arrivals": arrivals, "error": None}
+                return {"submitted": submitted, "arrivals": arrivals, "node_ttft_ms": node_ttft,
+                        "error": f"{err.code().name}: {err.details()}"}
+            return {"submitted": submitted, "arrivals": arrivals, "node_ttft_ms": node_ttft, "error": None}
 
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         return await asyncio.gather(*(one(ids) for ids in prompts))
@@ -291,7 +294,13 @@ def summarize(streams: list[dict], tokens: int) -> dict:
     def pct(values, q):
         return float(np.percentile(values, q)) if values else None
 
+    # the neuron's share of the first token's wait: from the request reaching it to the token
+    # sampled; the rest is the client, cortex and the way back. submit_spread: the clients' own
+    # stagger, first to last submission
+    node_ttft = [s["node_ttft_ms"] for s in done if s.get("node_ttft_ms") is not None]
+    submitted = [s["submitted"] for s in streams]
     return {"output_tok_s": total / span, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "node_ttft_p50_ms": pct(node_ttft, 50), "submit_spread_ms": (max(submitted) - min(submitted)) * 1e3,
             "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99), "output_tokens": total, "seconds": span,
             "messages": sum(len(s["arrivals"]) for s in done),
             "streams": len(streams), "errors": len(errors), "short_streams": short,
@@ -335,27 +344,30 @@ def table(result: dict) -> str:
     lines = [f"device: {result['gpu']}   commit: {result['commit'][:12]}   copy {ceil['copy_gb_s']:.1f} GB/s, "
              f"{ceil['matmul_dtype']} matmul {ceil['matmul_tflop_s']:.2f} TFLOP/s", "",
              f"{'model':8s} {'workload':28s} {'conc':>5s} {'tok/s':>9s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
-             f"{'ITL p50':>8s} {'ITL p99':>8s} {'HF tok/s':>9s} {'roofline':>9s} {'err':>4s}"]
+             f"{'ITL p50':>8s} {'ITL p99':>8s} {'HF tok/s':>9s} {'roofline':>9s} {'err':>4s} {'node TTFT':>9s}"]
     for row in result["rows"]:
         lines.append(f"{row['model']:8s} {row['workload']:28s} {row['concurrency']:5d} {fmt(row['output_tok_s']):>9s} "
                      f"{fmt(row['ttft_p50_ms']):>9s} {fmt(row['ttft_p99_ms']):>9s} {fmt(row['itl_p50_ms'], '.2f'):>8s} "
                      f"{fmt(row['itl_p99_ms'], '.2f'):>8s} {fmt(row['baseline_tok_s']):>9s} "
-                     f"{fmt(row['roofline_tok_s']):>9s} {row.get('errors', 0):4d}")
+                     f"{fmt(row['roofline_tok_s']):>9s} {row.get('errors', 0):4d} {fmt(row.get('node_ttft_p50_ms')):>9s}")
     lines += ["", "tok/s: output tokens of all streams / wall time from the first submission to the last token, "
               "through cortex over gRPC. TTFT and ITL in ms, client side. HF: transformers batched generate, eager, "
-              "same batch. roofline: max(weight+KV bytes / copy bandwidth, FLOPs / matmul rate) per step."]
+              "same batch. node TTFT: p50 of the neuron's own time to first token (request in -> token sampled). roofline: max(weight+KV bytes / copy bandwidth, FLOPs / matmul rate) per step."]
     for row in result.get("profiles", []):
         parts = [f"{k} {v['ms']:.3f} ms (limit {v['limit_ms']:.3f})" for k, v in row.get("profile", {}).items()
                  if isinstance(v, dict)]
+        decode = row.get("turns", {}).get("decode", {})
         lines.append(f"profile {row['model']} n={row['concurrency']}: decode turn p50 {fmt(row['decode_turn_ms_p50'], '.2f')} "
-                     f"ms, host {fmt(row.get('host_ms_per_turn'), '.2f')} ms; " + "; ".join(parts))
+                     f"ms, host {fmt(row.get('host_ms_per_turn'), '.2f')} ms, device {fmt(decode.get('device_ms_p50'), '.2f')} "
+                     f"ms, finish waits {fmt(decode.get('finish_wait_ms_p50'), '.2f')} ms; " + "; ".join(parts))
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
 
 
 def row(model: str, workload: str, concurrency: int, measured: dict, baseline, roofline: float) -> dict:
-    keys = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+    keys = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "node_ttft_p50_ms",
+            "submit_spread_ms")
     out = {"model": model, "workload": workload, "concurrency": concurrency}
     out.update({k: measured.get(k) for k in keys})
     out.update(baseline_tok_s=baseline, roofline_tok_s=roofline, errors=measured.get("errors", 0),

@@ -14,3 +14,13 @@ def test_a_message_of_several_tokens_shares_its_gap():
     assert abs(summary["ttft_p50_ms"] - 15.0) < 1e-9
     assert summary["output_tokens"] == 8 and summary["messages"] == 5 and summary["short_streams"] == 0
     assert abs(summary["output_tok_s"] - 8 / 0.050) < 1e-6
+
+
+def test_the_neurons_share_of_the_first_token_and_the_submission_spread():
+    streams = [{"submitted": 0.000, "arrivals": [(0.030, 1)], "node_ttft_ms": 12.0, "error": None},
+               {"submitted": 0.004, "arrivals": [(0.040, 1)], "node_ttft_ms": 20.0, "error": None},
+               {"submitted": 0.002, "arrivals": [], "node_ttft_ms": None, "error": "UNAVAILABLE: gone"}]
+    summary = summarize(streams, 1)
+    assert abs(summary["node_ttft_p50_ms"] - 16.0) < 1e-9     # the two that returned a token
+    assert abs(summary["submit_spread_ms"] - 4.0) < 1e-9       # every submission, failed ones too
+    assert summary["errors"] == 1
