@@ -9,12 +9,19 @@ prompt turns (a 512-row chunk at the end of a 4,096-token prompt; 16 prompts of 
 timed inside a CUDA graph and printed beside its limit: the larger of its KV bytes (each key read
 once) over the copy bandwidth and its FLOPs over the matmul rate, both measured in this run.
 Writes attention_bench-<time>.json.
+
+`--against REV` also builds the tensor-core kernels from the sources at git revision REV, or in the
+folder REV (columns `..._at_<name>`) and records, per case, whether each gives the same bits as today's (`same_bits`):
+for a change to a kernel that should only be faster.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,12 +62,14 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, per_row: d
     limit = max(kv_bytes / bandwidth / 1e6, flops / tflops / 1e9)
     row = {"case": name, "rows": n, "sequences": len(chunks), "kv_bytes": kv_bytes, "flops": flops,
            "limit_ms": limit}
+    outputs = {}
     for label, kernel in kernels.items():
         splits = kernel.num_splits(int(lens.max()))
         work = kernel.workspace(n, Q_HEADS, splits)
         extra = {"tiles": tiles} if kernel.tiled else {}
         row[f"{label}_ms"] = graph_ms(cp, lambda: kernel.decode(q, k, v, row_tables, row_lens, HEAD_DIM ** -0.5, 0,
                                                                 splits, out=out, workspace=work, **extra))
+        outputs[label] = out.copy()
     if all(rows == 1 for _, rows in chunks):
         # decode rows as graph turns launch them (no tiles): the group's heads packed into one
         # warp's mma rows, and one warp per head; what serves takes the first from PACK_MIN_ROWS rows
@@ -70,10 +79,41 @@ def case(cp, name: str, chunks: list[tuple[int, int]], kernels: dict, per_row: d
             row[f"{label}_ms"] = graph_ms(cp, lambda: kernel.decode(q, k, v, row_tables, row_lens,
                                                                     HEAD_DIM ** -0.5, 0, splits, out=out,
                                                                     workspace=work))
+            outputs[label] = out.copy()
+    # a kernel built from another revision's sources against today's: the same bits, or not
+    same = {label: bool((outputs[label].view(cp.uint16) == outputs[label.split("_at_")[0]].view(cp.uint16)).all())
+            for label in outputs if "_at_" in label and label.split("_at_")[0] in outputs}
+    if same:
+        row["same_bits"] = same
     print(f"{name:<34} rows {n:>5}  " + "  ".join(f"{key[:-3]} {value:.3f} ms" for key, value in row.items()
                                                   if key.endswith("_ms") and key != "limit_ms")
-          + f"  (limit {limit:.3f} ms)", flush=True)
+          + f"  (limit {limit:.3f} ms)" + (f"  same bits: {same}" if same else ""), flush=True)
     return row
+
+
+@contextlib.contextmanager
+def kernel_sources_at(against: str):
+    """The kernels built inside from other sources: `against` a folder of .cu/.cuh files (what a
+    machine without the git history is given) or a git revision of this repository."""
+    import neuron.kernels
+
+    saved = neuron.kernels.KERNEL_DIR
+    with tempfile.TemporaryDirectory() as tmp:
+        if Path(against).is_dir():
+            folder = Path(against)
+        else:
+            folder = Path(tmp)
+            listing = subprocess.run(["git", "ls-tree", "--name-only", against, "neuron/kernels/"], cwd=ROOT,
+                                     check=True, capture_output=True, text=True).stdout.split()
+            for path in (p for p in listing if p.endswith((".cu", ".cuh"))):
+                source = subprocess.run(["git", "show", f"{against}:{path}"], cwd=ROOT, check=True,
+                                        capture_output=True, text=True).stdout
+                (folder / Path(path).name).write_text(source)
+        neuron.kernels.KERNEL_DIR = folder
+        try:
+            yield
+        finally:
+            neuron.kernels.KERNEL_DIR = saved
 
 
 def main() -> None:
@@ -85,6 +125,9 @@ def main() -> None:
     parser.add_argument("--fine-keys", default="",
                         help="comma-separated fine split sizes (over the first 256 keys) to try beside the default "
                              f"{FINE_KEYS} and none")
+    parser.add_argument("--against", default="", metavar="REV",
+                        help="also time the tensor-core kernels built from git revision REV (or the .cu/.cuh "
+                             "files in folder REV) and compare their bits")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     import cupy as cp
@@ -110,6 +153,14 @@ def main() -> None:
                                                                    fine_keys=keys)
         per_row[f"per_row_unpacked_fine{keys}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group, pack_heads=False,
                                                                      fine_keys=keys)
+    if args.against:
+        name = Path(args.against).name if Path(args.against).is_dir() else args.against
+        with kernel_sources_at(args.against):
+            kernels[f"tensor_cores_at_{name}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group)
+            per_row[f"per_row_packed_at_{name}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group,
+                                                                              pack_min_rows=1)
+            per_row[f"per_row_unpacked_at_{name}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group,
+                                                                                pack_heads=False)
     cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (128, 256, 2048)
              for b in (1, 4, 8, 16, 32, 64, 256)]
     cases += [("prompt chunk 512 rows at 3584", [(3584, 512)]),
@@ -117,7 +168,7 @@ def main() -> None:
               ("16 prompts x 128 rows", [(0, 128)] * 16),
               ("chunk 512 at 3584 + 64 decode at 256", [(3584, 512)] + [(255, 1)] * 64)]
     rows = [case(cp, name, chunks, kernels, per_row, bandwidth, tflops) for name, chunks in cases]
-    result = {"bench": "attention_bench", "commit": commit(), "gpu": gpu_name(args.device), "copy_gb_s": bandwidth,
+    result = {"bench": "attention_bench", "commit": commit(), "against": args.against or None, "gpu": gpu_name(args.device), "copy_gb_s": bandwidth,
               "matmul_tflops": tflops, "heads": [Q_HEADS, KV_HEADS, HEAD_DIM], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"attention_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -70,11 +70,33 @@ __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
     return r;
 }
 
-// 16 bytes global -> shared without registers; `valid` false writes 16 zero bytes instead
-__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
+__device__ __forceinline__ unsigned shared_address(const void* smem) {
     unsigned address;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(address), "l"(gmem), "r"(valid ? 16 : 0));
+    return address;
+}
+
+// 16 bytes global -> shared without registers; `valid` false writes 16 zero bytes instead
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(shared_address(smem)), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+// Four 8x8 16-bit matrices from shared memory in one instruction; lane i gives the address of row
+// i % 8 of matrix i / 8 (16 bytes). Lane (g, t) gets, of each matrix, (row g, columns 2t, 2t + 1):
+// an mma B fragment of keys x dims. With .trans it gets (rows 2t, 2t + 1, column g): one of dims x
+// keys. Either way the same values the fragments were built of one 16- or 32-bit load at a time
+// (a V fragment took four 16-bit loads and two shifts), so the mma inputs and the bits are the same.
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x2(unsigned* r, const void* row) {   // lanes 0-15 give the rows
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(shared_address(row)) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)) : "memory");
 }
 
 // x0, x1 as 16-bit pairs hi + lo: hi the rounded value, lo what rounding lost, so P @ V sees about
@@ -196,15 +218,23 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
         }
         __syncthreads();   // this tile is in, for every thread
         if (active) {
+            // S = Q K^T: keys 8 n .. 8 n + 7 are the B columns; one ldmatrix brings two kk steps
+            // (matrix j: dims 8 j .. 8 j + 7 of the 32), added in the same kk order as before
             float s[PA_KT / 8][4];
 #pragma unroll
             for (int n = 0; n < PA_KT / 8; ++n) {
                 s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
-                for (int kk = 0; kk < PA_D / 16; ++kk) {
-                    const unsigned b[2] = {*reinterpret_cast<const unsigned*>(&sk[buf][8 * n + g][16 * kk + 2 * t]),
-                                           *reinterpret_cast<const unsigned*>(&sk[buf][8 * n + g][16 * kk + 8 + 2 * t])};
+                for (int kk = 0; kk + 1 < PA_D / 16; kk += 2) {
+                    unsigned b[4];
+                    ldmatrix_x4(b, &sk[buf][8 * n + (lane & 7)][16 * kk + 8 * (lane >> 3)]);
                     mma_16816(s[n], qa[kk], b);
+                    mma_16816(s[n], qa[kk + 1], b + 2);
+                }
+                if ((PA_D / 16) % 2) {   // head_dim an odd number of 16s: the last step alone
+                    unsigned b[2];
+                    ldmatrix_x2(b, &sk[buf][8 * n + (lane & 7)][PA_D - 16 + 8 * ((lane >> 3) & 1)]);
+                    mma_16816(s[n], qa[PA_D / 16 - 1], b);
                 }
             }
             float tile_max[2] = {-INFINITY, -INFINITY};
@@ -245,14 +275,16 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
                 split_pair(s[2 * kk][2], s[2 * kk][3], hi[1], lo[1]);
                 split_pair(s[2 * kk + 1][0], s[2 * kk + 1][1], hi[2], lo[2]);
                 split_pair(s[2 * kk + 1][2], s[2 * kk + 1][3], hi[3], lo[3]);
-                const int k_a = 16 * kk + 2 * t, k_b = k_a + 8;
+                // V's B fragments for dims 8 n .. 8 n + 15 (two n) by one transposed ldmatrix:
+                // matrix j holds keys 16 kk + 8 (j & 1) .., dims 8 (n + (j >> 1)) ..
 #pragma unroll
-                for (int n = 0; n < PA_D / 8; ++n) {
-                    const int dd = 8 * n + g;
-                    const unsigned b[2] = {(unsigned)sv[buf][k_a][dd] | ((unsigned)sv[buf][k_a + 1][dd] << 16),
-                                           (unsigned)sv[buf][k_b][dd] | ((unsigned)sv[buf][k_b + 1][dd] << 16)};
+                for (int n = 0; n < PA_D / 8; n += 2) {
+                    unsigned b[4];
+                    ldmatrix_x4_trans(b, &sv[buf][16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7)][8 * n + 8 * (lane >> 4)]);
                     mma_16816(o[n], hi, b);
                     mma_16816(o[n], lo, b);
+                    mma_16816(o[n + 1], hi, b + 2);
+                    mma_16816(o[n + 1], lo, b + 2);
                 }
             }
         }
