@@ -123,3 +123,49 @@ def test_tiled_kernel_rows_do_not_depend_on_tiles_chunks_or_batch(dtype_name, d,
         for rows in (np.arange(600), single):
             assert np.array_equal(whole[rows], other.decode(cp.asarray(q[rows]), *args, cp.asarray(tables[rows]),
                                                             cp.asarray(lens[rows]), d ** -0.5, 0, splits).get())
+
+
+@pytest.mark.parametrize("pack_heads", [True, False])
+def test_decode_rows_combined_in_the_kernel_again_and_in_graphs(pack_heads):
+    """A decode launch's last split block of each row combines (counters it leaves at zero); a
+    launch captured before the counters exist runs the combine kernel. Every way, every time, the
+    bits of the tiled launch with its separate combine."""
+    import cupy as cp
+
+    from neuron.kernels.paged_attention import query_tiles
+    rng = np.random.default_rng(11)
+    chunks = [(int(p), 1) for p in rng.integers(0, 1500, 37)] + [(0, 1), (63, 1), (255, 1), (256, 1)]
+    q, k, v, query_start, tables, lens = _paged_case(rng, DTYPES["bfloat16"], 128, 4, 2, chunks)
+    kernel = PagedAttentionCuda("bfloat16", 128, 4, pack_heads=pack_heads)
+    splits = kernel.num_splits(int(lens.max()))
+    args = [cp.asarray(a) for a in (q, k, v, tables, lens)]
+    first, count = query_tiles(query_start)
+    want = kernel.decode(*args, 128 ** -0.5, 0, splits, tiles=(cp.asarray(first), cp.asarray(count))).get()
+    out = cp.empty(q.shape, dtype=DTYPES["bfloat16"])
+
+    def captured():
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            kernel.decode(*args, 128 ** -0.5, 0, splits, out=out, workspace=work)
+            graph = stream.end_capture()
+        return graph, stream
+
+    work = kernel.workspace(len(q), q.shape[1], splits)
+    graph, stream = captured()          # no counters yet: the combine kernel inside the graph
+    assert not kernel._counter_arrays
+    for _ in range(2):
+        out.fill(0)
+        graph.launch(stream)
+        stream.synchronize()
+        assert np.array_equal(want, out.get())
+    for _ in range(3):                  # eager: the counters made, then reused
+        assert np.array_equal(want, kernel.decode(*args, 128 ** -0.5, 0, splits).get())
+    assert kernel._counter_arrays and not kernel._counter_arrays[-1].any()
+    graph, stream = captured()          # the kernel combining inside the graph
+    for _ in range(3):
+        out.fill(0)
+        graph.launch(stream)
+        stream.synchronize()
+        assert np.array_equal(want, out.get())
+    assert not kernel._counter_arrays[-1].any()
