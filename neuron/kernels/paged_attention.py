@@ -211,7 +211,6 @@ class PagedAttentionCuda:
         self.head_dim, self.group, self.split_keys = head_dim, group, split_keys
         self.tiled = tensor_cores and uses_tensor_cores(dtype_name, head_dim)   # False: benchmarks' baseline
         self.packed = False
-        self._counter_arrays: list = []   # the combining launch's counters, one array per growth
         # fine splits on the tensor-core kernel only (the CUDA-core one serves float32 caches alone)
         self.fine_keys = fine_split(split_keys, fine_keys) if self.tiled else split_keys
         if self.tiled:
@@ -275,32 +274,10 @@ class PagedAttentionCuda:
             partial, grid, threads = self._partial_packed, (batch, kv_heads, splits), 32
         else:
             partial, grid, threads = self._partial, (num_tiles, kv_heads * self.chunks, splits), self.threads
-        # decode rows: the last split block of each row combines (no combine kernel). Prompt tiles
-        # keep the combine kernel: a tile's last block would combine up to 16 rows' splits alone.
-        counters = self._counters(grid[0] * grid[1]) if tiles is None else None
         partial(grid, (threads,),
                 (q, k_cache, v_cache, block_tables, context_lens, first, count, workspace.part_out,
-                 workspace.part_ml, counters if counters is not None else workspace.part_ml, out,
-                 np.int32(kv_heads), np.int32(block_size), table_width, np.float32(scale * math.log2(math.e)),
-                 np.int32(window), np.int32(tiles is None), np.int32(counters is not None)))
-        if counters is None:
-            self._combine((batch * q_heads,), (min(128, d),),
-                          (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads),
-                           np.int32(splits)))
+                 workspace.part_ml, np.int32(kv_heads), np.int32(block_size), table_width,
+                 np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None)))
+        self._combine((batch * q_heads,), (min(128, d),),
+                      (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads), np.int32(splits)))
         return out
-
-    def _counters(self, count: int):
-        """At least `count` zeroed counters for the combining launch (its blocks leave them zero), or
-        None while a CUDA graph is being captured and the ones there are too few: that launch then
-        runs the combine kernel, which gives the same bits. Arrays are never freed: a captured graph
-        keeps the address it was captured with."""
-        cp = self.cp
-        if self._counter_arrays and self._counter_arrays[-1].size >= count:
-            return self._counter_arrays[-1]
-        if cp.cuda.get_current_stream().is_capturing():
-            return None
-        size = 1 << max(12, (count - 1).bit_length())
-        # from CuPy's own pool, not an allocator made current around the caller (a graph pool)
-        with cp.cuda.using_allocator(cp.get_default_memory_pool().malloc):
-            self._counter_arrays.append(cp.zeros(size, dtype=cp.int32))
-        return self._counter_arrays[-1]

@@ -11,9 +11,7 @@
 // next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16,
 // an online softmax in float32, then P @ V by mma with P as two 16-bit parts. It writes each row's unnormalised output and (max, sum) in base 2.
 // Pass 2 (paged_row_combine), grid (rows * q_heads): the row's own splits, splits_for(context),
-// rescaled to their common max and normalised. With `combine` (decode rows, one a tile) pass 1 does
-// it instead: the last of a tile's split blocks to finish (a counter per tile and head chunk) runs
-// the same combine_item, so a decode layer is one kernel and the bits are the same either way.
+// rescaled to their common max and normalised.
 //
 // Why a row's result does not depend on its tile-mates, its chunk boundaries or the batch: every
 // row's scores, maxima and sums come from its own mma row (the tensor core never mixes rows), the
@@ -125,42 +123,6 @@ __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const uns
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Loads of the split partials that skip L1: the last split block of a row reads what other SMs
-// wrote during this launch, and its own L1 may still hold those addresses from the layer before.
-__device__ __forceinline__ float load_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
-
-// One (row, head)'s `mine` splits rescaled to their common max and normalised, LANES threads taking
-// dims lane, lane + LANES, ... Both the combine kernel and the last split block of a decode row
-// call this one function, and each dim sums its splits in order, so both give the same bits.
-template <int LANES>
-__device__ __forceinline__ void combine_item(const float* __restrict__ part_out, const float* __restrict__ part_ml,
-                                             size_t item, int splits, int mine, T* __restrict__ out, int lane) {
-    constexpr int PER_LANE = (PA_D + LANES - 1) / LANES;
-    const float* ml = part_ml + item * splits * 2;
-    float top = -INFINITY;
-    for (int s = 0; s < mine; ++s) if (load_cg(ml + 2 * s + 1) > 0.f) top = fmaxf(top, load_cg(ml + 2 * s));
-    float denom = 0.f, numer[PER_LANE];
-#pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) numer[i] = 0.f;
-    for (int s = 0; s < mine; ++s) {
-        const float l = load_cg(ml + 2 * s + 1);
-        if (!(l > 0.f)) continue;   // a split with no key seen
-        const float w = exp2f(load_cg(ml + 2 * s) - top);
-        denom = __fmaf_rn(l, w, denom);
-        const float* po = part_out + (item * splits + s) * PA_D;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; ++i)
-            if (lane + i * LANES < PA_D) numer[i] = __fmaf_rn(load_cg(po + lane + i * LANES), w, numer[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < PER_LANE; ++i)
-        if (lane + i * LANES < PA_D) out[item * PA_D + lane + i * LANES] = ft(denom > 0.f ? numer[i] / denom : 0.f);
-}
-
 extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     const T* __restrict__ q,              // [rows, q_heads, PA_D]
     const T* __restrict__ k_cache,
@@ -171,9 +133,7 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     const int* __restrict__ tile_rows,    // [tiles]: rows in the tile, consecutive positions of one sequence
     float* __restrict__ part_out,         // [rows, q_heads, splits, PA_D]
     float* __restrict__ part_ml,          // [rows, q_heads, splits, 2]
-    int* __restrict__ counters,           // [tiles * gridDim.y], zero between launches (combine)
-    T* __restrict__ out,                  // [rows, q_heads, PA_D] (combine)
-    int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row, int combine)
+    int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row)
 {
     const int tile = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
 #if PA_PACK
@@ -330,53 +290,26 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
         }
         __syncthreads();   // every warp is done with this stage before it is refilled
     }
-    if (active) {
+    if (!active) return;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-            const int row = g + 8 * r;
-            if (row >= valid_rows) continue;
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        const int row = g + 8 * r;
+        if (row >= valid_rows) continue;
 #if PA_PACK
-            const size_t at = ((size_t)first * q_heads + kvh * PA_G + row) * splits + split;
+        const size_t at = ((size_t)first * q_heads + kvh * PA_G + row) * splits + split;
 #else
-            const size_t at = ((size_t)(first + row) * q_heads + head) * splits + split;
+        const size_t at = ((size_t)(first + row) * q_heads + head) * splits + split;
 #endif
 #pragma unroll
-            for (int n = 0; n < PA_D / 8; ++n)
-                *reinterpret_cast<float2*>(part_out + at * PA_D + 8 * n + 2 * t) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
-            if (t == 0) { part_ml[at * 2] = m[r]; part_ml[at * 2 + 1] = l[r]; }
-        }
+        for (int n = 0; n < PA_D / 8; ++n)
+            *reinterpret_cast<float2*>(part_out + at * PA_D + 8 * n + 2 * t) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+        if (t == 0) { part_ml[at * 2] = m[r]; part_ml[at * 2 + 1] = l[r]; }
     }
-    if (!combine) return;   // paged_row_combine follows
-    // The tile's last split block to finish combines its rows' splits, so a decode turn needs no
-    // combine kernel after each layer's attention. Each block's partials are visible (fence)
-    // before it counts itself; blocks of splits past the tile returned at the top and never count.
-    __threadfence();
-    __syncthreads();
-    __shared__ int last;
-    if (threadIdx.x == 0) {
-        int* counter = counters + (size_t)tile * gridDim.y + blockIdx.y;
-        last = atomicAdd(counter, 1) == min(splits_for(pos0 + count), splits) - 1;
-        if (last) *counter = 0;   // every block of this tile has counted: ready for the next launch
-    }
-    __syncthreads();
-    if (!last || !active) return;
-    __threadfence();
-#if PA_PACK
-    for (int h = 0; h < PA_G; ++h)
-        combine_item<32>(part_out, part_ml, (size_t)first * q_heads + kvh * PA_G + h, splits, splits_for(pos0 + 1), out,
-                         lane);
-#else
-    for (int r = 0; r < count; ++r)
-        combine_item<32>(part_out, part_ml, (size_t)(first + r) * q_heads + head, splits,
-                         splits_for(context_lens[first + r]), out, lane);
-#endif
 }
 
-#define PA_COMBINE_THREADS (PA_D < 128 ? PA_D : 128)   // the launcher's min(128, head_dim)
-
-extern "C" __global__ void __launch_bounds__(PA_COMBINE_THREADS) paged_row_combine(
+extern "C" __global__ void paged_row_combine(
     const float* __restrict__ part_out,   // [rows, q_heads, splits, PA_D]
     const float* __restrict__ part_ml,    // [rows, q_heads, splits, 2], max in base 2
     const int* __restrict__ context_lens, // [rows]
@@ -384,6 +317,16 @@ extern "C" __global__ void __launch_bounds__(PA_COMBINE_THREADS) paged_row_combi
     int q_heads, int splits)
 {
     const size_t item = blockIdx.x;        // row * q_heads + head
-    combine_item<PA_COMBINE_THREADS>(part_out, part_ml, item, splits, splits_for(context_lens[item / q_heads]), out,
-                                     threadIdx.x);
+    const int mine = splits_for(context_lens[item / q_heads]);   // the row's own splits
+    const float* ml = part_ml + item * splits * 2;
+    float top = -INFINITY;
+    for (int s = 0; s < mine; ++s) if (ml[2 * s + 1] > 0.f) top = fmaxf(top, ml[2 * s]);
+    float denom = 0.f;
+    for (int s = 0; s < mine; ++s) if (ml[2 * s + 1] > 0.f) denom += ml[2 * s + 1] * exp2f(ml[2 * s] - top);
+    for (int dd = threadIdx.x; dd < PA_D; dd += blockDim.x) {
+        float numer = 0.f;
+        for (int s = 0; s < mine; ++s)
+            if (ml[2 * s + 1] > 0.f) numer += part_out[(item * splits + s) * PA_D + dd] * exp2f(ml[2 * s] - top);
+        out[item * PA_D + dd] = ft(denom > 0.f ? numer / denom : 0.f);
+    }
 }
