@@ -1,7 +1,7 @@
 """Running streams' inter-token latency while a long prompt is admitted, with prompt chunks capped
 (`--max-prefill-chunk`) and uncapped, on one device, in process (no gRPC).
 
-    python bench/long_prompt_bench.py [--device cpu|0] [--streams 8] [--long 4096] [--caps 256,512,0]
+    python bench/long_prompt_bench.py [--device cpu|0] [--streams 8] [--long 4096] [--caps 128,256,0]
 
 `--streams` requests decode steadily; after `--warm` turns a `--long`-token prompt arrives. Every
 turn gives each running stream one token, so a turn's wall time is their inter-token latency. The
@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--long", type=int, default=3584, help="prompt tokens (the CPU shape holds 4,096 positions)")
     parser.add_argument("--warm", type=int, default=5)
-    parser.add_argument("--caps", default="256,512,0", help="prompt-chunk caps to compare (256: the default)")
+    parser.add_argument("--caps", default="128,256,0", help="prompt-chunk caps to compare (128: the default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.device == "cpu":
