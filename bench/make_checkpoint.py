@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.dtypes import BY_NAME, DTYPES  # noqa: E402
 from cortex.tiny_checkpoint import (SHAPES as TINY_SHAPES, LlamaShape, _config, _group_by_size,  # noqa: E402
-                                    _write_json, _write_tokenizer, build_tokenizer)
+                                    _write_json, _write_tokenizer, build_covering_tokenizer, build_tokenizer)
 
 SHAPES: dict[str, LlamaShape] = {
     "llama-3.2-1b": TINY_SHAPES["llama-3.2-1b"],
@@ -33,12 +33,15 @@ POOL_ELEMENTS = 64 << 20
 
 
 def write_checkpoint(directory: str | Path, shape: LlamaShape, dtype: str = "bfloat16", seed: int = 0,
-                     max_shard_bytes: int = 5 << 30) -> dict:
+                     max_shard_bytes: int = 5 << 30, small_tokenizer: bool = False) -> dict:
+    """small_tokenizer: the 512-token tokenizer alone (before session 12), whose text for the
+    shapes' 128,256-id vocabularies is empty for 99.7% of ids; else one covering the vocabulary."""
     started = time.perf_counter()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = DTYPES[dtype]
-    tok = build_tokenizer(512)
+    covering = shape.vocab_size > 512 and not small_tokenizer
+    tok = build_covering_tokenizer(shape.vocab_size) if covering else build_tokenizer(512)
     vocab = shape.vocab_size or tok.get_vocab_size()
     _write_tokenizer(out, tok, shape)
     _write_json(out / "config.json", _config(shape, vocab, dtype))

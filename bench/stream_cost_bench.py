@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--small-tokenizer", action="store_true",
+                        help="the 512-token tokenizer of runs before session 12 (see serving_bench)")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="record each process with py-spy (on PATH) over the last run of each stream count: "
                              "collapsed stacks per thread in DIR/{neuron,cortex}-<streams>.txt")
@@ -112,7 +114,7 @@ def main() -> None:
     streams = [int(n) for n in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / args.shape
-        write_checkpoint(path, SHAPES[args.shape], dtype=dtype)
+        write_checkpoint(path, SHAPES[args.shape], dtype=dtype, small_tokenizer=args.small_tokenizer)
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         d = deploy(path, args.device, dtype, 1024, max(streams), {}, [], args.cortex_arg)
         try:
@@ -154,6 +156,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"stream_cost_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"commit": commit(), "cortex_args": args.cortex_arg,
+                               "tokenizer": "small" if args.small_tokenizer else "covering",
                                "cpus": os.cpu_count(), "device": args.device, "shape": args.shape,
                                "streams": streams, "tokens": args.tokens, "runs": runs,
                                "median_by_streams": median}, indent=1))

@@ -135,6 +135,38 @@ def build_tokenizer(vocab_size: int = 512):
     return tok
 
 
+def build_covering_tokenizer(vocab_size: int, base: int = 512):
+    """build_tokenizer(base) with merges added until its vocabulary is `vocab_size` tokens, so that
+    every id a random-weight model of a real vocabulary (128,256 for Llama 3) samples decodes to
+    text, as a real model's ids do. With the small tokenizer alone 99.7% of those ids decode to
+    nothing, and a streamed text's window then grows with every token, a detokenizing cost per
+    token that no real model has. Each added token joins two printable ones (ASCII, so it
+    decodes to whole characters); the same seed gives the same tokenizer."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    tok = build_tokenizer(base)
+    data = json.loads(tok.to_str())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise RuntimeError("the base tokenizer's ids are not 0 .. n-1")
+    by_id = {i: piece for piece, i in vocab.items()}
+    pool = [by_id[i] for i in range(len(SPECIAL_TOKENS), len(vocab))
+            if (text := tok.decode([i])) and all(32 <= ord(c) < 127 for c in text)]
+    rng = random.Random(0)
+    while len(vocab) < vocab_size:
+        a, b = rng.choice(pool), rng.choice(pool)
+        piece = a + b
+        if piece in vocab or len(piece) > 8:
+            continue
+        vocab[piece] = len(vocab)
+        merges.append([a, b])
+        if len(piece) <= 4:
+            pool.append(piece)
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def write_checkpoint(directory: str | Path, shape: LlamaShape = SHAPES["tiny"], dtype: str = "float32",
                      seed: int = 0, max_shard_bytes: int = 2 << 30, tokenizer_vocab: int = 512,
                      readable: bool = False) -> Written:
