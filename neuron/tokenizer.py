@@ -115,6 +115,16 @@ class Tokenizer:
                 single[ids[0]] = text
         return texts
 
+    def decode_stream(self):
+        """tokenizers' own incremental decoder (DecodeStream, skipping special tokens) where it
+        gives exactly the window algorithm's text: on a byte-level decoder, whose text of a window
+        always begins with the text of its first part. None otherwise (SentencePiece decoders with
+        byte fallback, where it raises on an invalid byte run), or on a tokenizers without it."""
+        stream_type = getattr(tokenizers.decoders, "DecodeStream", None)
+        if stream_type is None or not isinstance(self._backend.decoder, tokenizers.decoders.ByteLevel):
+            return None
+        return stream_type(skip_special_tokens=True)
+
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                     seconds: float = RENDER_SECONDS) -> str:
         if not self.chat_template:
@@ -172,9 +182,12 @@ class TextStream:
     of the window, `read` the end of what was already turned into text. The delta is the window's
     text minus the text of its first part, so decoders that treat the first token specially (e.g.
     strip a leading space) treat both the same. Text that ends in U+FFFD (an incomplete UTF-8
-    character) is held until the character is complete. (tokenizers' DecodeStream does the same
-    job but does not fit: on byte-fallback tokenizers it raises on an invalid byte run, which a
-    sampled model can produce, and it never flushes an incomplete character at the end.)
+    character) is held until the character is complete. A stream without stop strings on a
+    byte-level tokenizer (Llama 3, Qwen) hands this to tokenizers' DecodeStream, the same
+    algorithm in Rust: one call a token instead of two windows decoded (1.5 against 4.7 us of CPU a
+    token at 256 streams). It does not fit byte-fallback tokenizers (it raises on an invalid byte
+    run, which a sampled model can produce), and it never gives out an incomplete character at the
+    end: `finish` decodes the ids it still holds.
 
     Stops: ids are taken one at a time, so the token that completed a stop string is known
     whatever grouping the ids arrive in. The stop string completed first wins (on a tie, the
@@ -195,6 +208,10 @@ class TextStream:
         self._read = 0
         self._pending = ""          # decoded text held back because it may start a stop string
         self._stopped = False
+        # without stop strings, where it fits: tokenizers' DecodeStream, and the ids it holds (those
+        # since it last gave text: an incomplete character, or ids that add no text yet)
+        self._decoder = None if self._stop else tokenizer.decode_stream()
+        self._held: list[int] = []
 
     def push(self, token_ids: list[int]) -> StreamDelta:
         """Add generated tokens. After a stop string matched, the stream is over: later pushes
@@ -207,6 +224,8 @@ class TextStream:
         if self._stopped:
             return StreamDelta("")
         self._stopped = True
+        if self._decoder is not None:   # byte-level: the held ids' text continues what was sent
+            return StreamDelta(self._tokenizer.decode(self._held) if self._held else "")
         prefix_text, text = self._tokenizer.decode_many(self._windows())
         text, self._pending = self._pending + text[len(prefix_text):], ""
         match = self._first_stop(text)
@@ -273,7 +292,15 @@ def push_many(items: list[tuple[TextStream, list[int]]]) -> list[StreamDelta]:
     released: list[list[str]] = [[] for _ in items]
     stops: list[str | None] = [None] * len(items)
     used = [0] * len(items)
-    live = [i for i, (stream, ids) in enumerate(items) if ids and not stream._stopped]
+    live = []
+    for i, (stream, ids) in enumerate(items):
+        if not ids or stream._stopped:
+            continue
+        if stream._decoder is not None:
+            _decode_stream_push(stream, ids, released[i])
+            used[i] = len(ids)
+        else:
+            live.append(i)
     step = 0
     while live:
         by_tokenizer: dict[int, list[int]] = {}
@@ -298,3 +325,24 @@ def push_many(items: list[tuple[TextStream, list[int]]]) -> list[StreamDelta]:
     return [StreamDelta("".join(text), stop, count) if stop is not None
             else StreamDelta("".join(text), None, 0 if stream._stopped else len(ids))
             for text, stop, count, (stream, ids) in zip(released, stops, used, items)]
+
+
+def _decode_stream_push(stream: TextStream, ids: list[int], released: list[str]) -> None:
+    """`ids` through the stream's DecodeStream, their texts appended to `released`. Should it raise,
+    the stream goes on with the window algorithm from the first id the DecodeStream still held (on
+    a byte-level decoder a fresh window can start there)."""
+    backend = stream._tokenizer._backend
+    for k, token in enumerate(ids):
+        try:
+            text = stream._decoder.step(backend, token)
+        except Exception:  # noqa: BLE001 - the window algorithm gives the text instead
+            stream._prefix = stream._read = len(stream._ids) - len(stream._held)
+            stream._decoder = None
+            released.append(push_many([(stream, ids[k:])])[0].text)
+            return
+        stream._ids.append(token)
+        if text is None:
+            stream._held.append(token)
+        else:
+            stream._held.clear()
+            released.append(text)

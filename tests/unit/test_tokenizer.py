@@ -389,6 +389,36 @@ def test_streams_pushed_together_give_what_each_gives_alone(byte_level, byte_fal
     assert stopped > 0   # the stop strings were hit, not only passed through
 
 
+def test_decode_stream_serves_byte_level_streams_without_stop_strings(byte_level, byte_fallback):
+    assert TextStream(byte_level, [])._decoder is not None
+    assert TextStream(byte_level, ["x"])._decoder is None      # stops: the window algorithm
+    assert TextStream(byte_fallback, [])._decoder is None      # it raises on invalid byte runs
+
+
+def test_a_failing_decode_stream_hands_over_to_the_window_algorithm(byte_level):
+    """If tokenizers' DecodeStream raises, the stream carries on from the ids it held, with the same
+    text as a stream that never used it."""
+    class Failing:
+        def __init__(self, inner, after):
+            self.inner, self.left = inner, after
+
+        def step(self, backend, token):
+            if self.left == 0:
+                raise RuntimeError("decode stream failed")
+            self.left -= 1
+            return self.inner.step(backend, token)
+
+    text = "héllo wörld 🦄 and some more words"
+    ids = byte_level.encode(text, add_special_tokens=False)
+    for after in range(len(ids)):
+        failing = TextStream(byte_level, [])
+        failing._decoder = Failing(failing._decoder, after)
+        deltas = [failing.push(ids[k:k + 2]).text for k in range(0, len(ids), 2)]
+        assert failing._decoder is None
+        assert "".join(deltas) + failing.finish().text == text, after
+        assert not any("\ufffd" in delta for delta in deltas)
+
+
 @pytest.mark.parametrize("name", ["byte_level", "byte_fallback"])
 def test_stream_holds_partial_characters(request, name):
     tokenizer = request.getfixturevalue(name)
