@@ -14,7 +14,7 @@ TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("d,group,kv_heads", [(64, 4, 8), (128, 4, 8), (128, 7, 4), (128, 1, 2), (256, 2, 2)])
+@pytest.mark.parametrize("d,group,kv_heads", [(64, 4, 8), (80, 4, 2), (128, 4, 8), (128, 7, 4), (128, 1, 2), (256, 2, 2)])
 @pytest.mark.parametrize("window", [0, 100])
 def test_kernel_matches_mirror(dtype_name, d, group, kv_heads, window):
     import cupy as cp
@@ -55,7 +55,7 @@ def _paged_case(rng, dt, d, group, kv_heads, chunks, block_size=16):
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-@pytest.mark.parametrize("d,group,kv_heads", [(64, 4, 8), (128, 4, 8), (128, 7, 2), (128, 1, 2), (256, 2, 2)])
+@pytest.mark.parametrize("d,group,kv_heads", [(64, 4, 8), (80, 4, 2), (128, 4, 8), (128, 7, 2), (128, 1, 2), (256, 2, 2)])
 @pytest.mark.parametrize("window", [0, 100])
 def test_tiled_kernel_matches_its_mirror_on_prompt_chunks(dtype_name, d, group, kv_heads, window):
     """Chunks of 1, 5, 37 and 300 rows starting at 0, 250 and 700: tiles that end inside a block,
