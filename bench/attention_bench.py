@@ -11,8 +11,9 @@ once) over the copy bandwidth and its FLOPs over the matmul rate, both measured 
 Writes attention_bench-<time>.json.
 
 `--against REV` also builds the tensor-core kernels from the sources at git revision REV, or in the
-folder REV (columns `..._at_<name>`) and records, per case, whether each gives the same bits as today's (`same_bits`):
-for a change to a kernel that should only be faster.
+folder REV (columns `..._at_<name>`), and records per case whether each gives the same bits as
+today's (`same_bits`): for a kernel change that should only be faster. Today's launcher runs both,
+so the kernels' arguments must not have changed between the two.
 """
 from __future__ import annotations
 
@@ -158,9 +159,9 @@ def main() -> None:
         with kernel_sources_at(args.against):
             kernels[f"tensor_cores_at_{name}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group)
             per_row[f"per_row_packed_at_{name}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group,
-                                                                              pack_min_rows=1)
+                                                                      pack_min_rows=1)
             per_row[f"per_row_unpacked_at_{name}"] = PagedAttentionCuda("bfloat16", HEAD_DIM, group,
-                                                                                pack_heads=False)
+                                                                        pack_heads=False)
     cases = [(f"decode {b} x context {ctx}", [(ctx - 1, 1)] * b) for ctx in (128, 256, 2048)
              for b in (1, 4, 8, 16, 32, 64, 256)]
     cases += [("prompt chunk 512 rows at 3584", [(3584, 512)]),
@@ -168,8 +169,9 @@ def main() -> None:
               ("16 prompts x 128 rows", [(0, 128)] * 16),
               ("chunk 512 at 3584 + 64 decode at 256", [(3584, 512)] + [(255, 1)] * 64)]
     rows = [case(cp, name, chunks, kernels, per_row, bandwidth, tflops) for name, chunks in cases]
-    result = {"bench": "attention_bench", "commit": commit(), "against": args.against or None, "gpu": gpu_name(args.device), "copy_gb_s": bandwidth,
-              "matmul_tflops": tflops, "heads": [Q_HEADS, KV_HEADS, HEAD_DIM], "rows": rows}
+    result = {"bench": "attention_bench", "commit": commit(), "against": args.against or None,
+              "gpu": gpu_name(args.device), "copy_gb_s": bandwidth, "matmul_tflops": tflops,
+              "heads": [Q_HEADS, KV_HEADS, HEAD_DIM], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"attention_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=1))

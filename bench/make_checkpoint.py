@@ -34,8 +34,8 @@ POOL_ELEMENTS = 64 << 20
 
 def write_checkpoint(directory: str | Path, shape: LlamaShape, dtype: str = "bfloat16", seed: int = 0,
                      max_shard_bytes: int = 5 << 30, small_tokenizer: bool = False) -> dict:
-    """small_tokenizer: the 512-token tokenizer alone (before session 12), whose text for the
-    shapes' 128,256-id vocabularies is empty for 99.7% of ids; else one covering the vocabulary."""
+    """small_tokenizer: the 512-token tokenizer alone (the benchmarks' before 574a145), whose text
+    for the shapes' 128,256-id vocabularies is empty for 99.7% of ids; else one covering them."""
     started = time.perf_counter()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -352,7 +352,10 @@ def table(result: dict) -> str:
                      f"{fmt(row['roofline_tok_s']):>9s} {row.get('errors', 0):4d} {fmt(row.get('node_ttft_p50_ms')):>9s}")
     lines += ["", "tok/s: output tokens of all streams / wall time from the first submission to the last token, "
               "through cortex over gRPC. TTFT and ITL in ms, client side. HF: transformers batched generate, eager, "
-              "same batch. node TTFT: p50 of the neuron's own time to first token (request in -> token sampled). roofline: max(weight+KV bytes / copy bandwidth, FLOPs / matmul rate) per step."]
+              "same batch. node TTFT: p50 of the neuron's own time to first token (request in -> token sampled). "
+              "roofline: max(weight+KV bytes / copy bandwidth, FLOPs / matmul rate) per step. profile: host is the "
+              "turn minus one graph replay; device and finish waits (the turn log's) tell whether that is the host's "
+              "time or device work the lone replay lacks."]
     for row in result.get("profiles", []):
         parts = [f"{k} {v['ms']:.3f} ms (limit {v['limit_ms']:.3f})" for k, v in row.get("profile", {}).items()
                  if isinstance(v, dict)]

@@ -1,7 +1,9 @@
 """Where a decode turn's time goes, on a GPU shard: each op class of the batched forward pass timed
 alone with CUDA events at the turn's batch size, beside its bandwidth or FLOP limit, and the whole
-captured turn replayed from its CUDA graph. Used by engine_bench.py (in process: the host time of a
-turn is engine_bench's measured turn minus the replay).
+captured turn replayed from its CUDA graph. Used by engine_bench.py, whose "host" time is its
+measured turn minus the replay: the host's time when the device waits for it, or device work that a
+lone replay lacks (clocks under sustained load, the inputs' copies); its turn log's device time and
+`finish` wait tell which.
 
 Each op class is captured in a CUDA graph and replayed (bench.common.graph_ms), so its figure is
 device time with a graph's launch gaps, not Python's launch cost. Op classes, summed over the layers: `gemm` (qkv, o, gate/up, down and the LM head at M = batch),

@@ -138,10 +138,10 @@ def build_tokenizer(vocab_size: int = 512):
 def build_covering_tokenizer(vocab_size: int, base: int = 512):
     """build_tokenizer(base) with merges added until its vocabulary is `vocab_size` tokens, so that
     every id a random-weight model of a real vocabulary (128,256 for Llama 3) samples decodes to
-    text, as a real model's ids do. With the small tokenizer alone 99.7% of those ids decode to
-    nothing, and a streamed text's window then grows with every token, a detokenizing cost per
-    token that no real model has. Each added token joins two printable ones (ASCII, so it
-    decodes to whole characters); the same seed gives the same tokenizer."""
+    text, as a real model's ids do (with the small tokenizer alone 99.7% of them decode to
+    nothing, and a benchmark's streams carry no text). Each added token joins two printable ones
+    (ASCII, so it decodes to whole characters) into one of at most 8 characters; the same
+    arguments give the same tokenizer."""
     import random
 
     from tokenizers import Tokenizer

@@ -288,7 +288,8 @@ def push_many(items: list[tuple[TextStream, list[int]]]) -> list[StreamDelta]:
     the r-th new id of every stream still going and decodes all their windows in one decode_many
     per tokenizer. Each stream's deltas are those its own pushes would give, whatever it is pushed
     with. (One decode call per window held the GIL and was the largest part of a neuron's work per
-    streamed token, bench/NOTES.md, session 9.)"""
+    streamed token, bench/NOTES.md, session 9.) Streams with a DecodeStream take their ids through
+    it instead, one call an id."""
     released: list[list[str]] = [[] for _ in items]
     stops: list[str | None] = [None] * len(items)
     used = [0] * len(items)
@@ -298,7 +299,6 @@ def push_many(items: list[tuple[TextStream, list[int]]]) -> list[StreamDelta]:
             continue
         if stream._decoder is not None:
             _decode_stream_push(stream, ids, released[i])
-            used[i] = len(ids)
         else:
             live.append(i)
     step = 0
