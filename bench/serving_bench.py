@@ -491,7 +491,7 @@ def parse_args(argv=None):
                         help="extra `cortex serve` flag (repeatable), e.g. --cortex-arg=--stream-interval=2")
     parser.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 4)))
     parser.add_argument("--small-tokenizer", action="store_true",
-                        help="the 512-token tokenizer of runs before session 12: 99.7%% of the random models' "
+                        help="the small (368-token) tokenizer of runs before session 12: 99.7%% of the random models' "
                              "ids decode to nothing (default: a tokenizer covering the model's vocabulary)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--profile-concurrency", default="1,64,256", help="decode-turn profiles (GPU only)")

@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--small-tokenizer", action="store_true",
-                        help="the 512-token tokenizer of runs before session 12 (see serving_bench)")
+                        help="the small (368-token) tokenizer of runs before session 12 (see serving_bench)")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="record each process with py-spy (on PATH) over the last run of each stream count: "
                              "collapsed stacks per thread in DIR/{neuron,cortex}-<streams>.txt")
