@@ -144,13 +144,12 @@ def run_requests(shard, prompts: list[list[int]], tokens: int, turn_times: list 
     return requests, time.perf_counter() - started
 
 
-def use_small_m_gemv(shard, max_seqs: int, graphs: bool) -> None:
-    """One-row products through the fused engine's GEMV (not the serving default: see LlamaModel),
-    the decode graphs captured again with it."""
-    from neuron.model import kernels
+def without_one_row_gemv(shard, max_seqs: int, graphs: bool) -> None:
+    """One-row turns through cuBLAS and separate kernels, as larger turns (the A/B of the one-row
+    GEMV layer), the decode graphs captured again without it."""
     from neuron.runner.cuda_graphs import DecodeGraphs
 
-    shard.model.ops.gemv = kernels.CudaOps(np.dtype(shard.model.p["embed"].dtype).name)
+    shard.model.ops.gemv = None
     if graphs:
         shard.engine.runner.graphs = DecodeGraphs(shard.model, shard.kv, max_seqs, capture=True)
         shard.engine.runner.graphs.prepare()
@@ -171,8 +170,8 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
         shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency),
                      async_scheduling=not args.no_async_scheduling)
-        if args.small_m_gemv:
-            use_small_m_gemv(shard, max(concurrency), args.graphs != "off")
+        if args.no_one_row_gemv:
+            without_one_row_gemv(shard, max(concurrency), args.graphs != "off")
         captured = shard.engine.runner.graphs
         report = captured.report if captured else None
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs]
@@ -245,7 +244,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--graphs", choices=("on", "off", "both"), default="both",
                         help="decode turns replayed from CUDA graphs, eager, or each (same shard, same run)")
     parser.add_argument("--skip-fixtures", action="store_true")
-    parser.add_argument("--small-m-gemv", action="store_true", help="one-row products through the GEMV kernel")
+    parser.add_argument("--no-one-row-gemv", action="store_true",
+                        help="one-row turns through cuBLAS and separate kernels (the engine's default folds them into GEMVs)")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="run one turn at a time (by default each decode turn is queued behind the running "
                              "one, EngineSettings.async_scheduling, and a turn's logged seconds overlap the next's)")
@@ -264,7 +264,7 @@ def main() -> None:
         bandwidth, tflops, name = copy_bandwidth(backend.xp), matmul_rate(backend.xp), gpu_name()
     print(f"device: {name}   copy {bandwidth:.0f} GB/s   matmul {tflops:.3f} TFLOP/s", flush=True)
     result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
-              "small_m_gemv": args.small_m_gemv, "async_scheduling": not args.no_async_scheduling,
+              "one_row_gemv": not args.no_one_row_gemv, "async_scheduling": not args.no_async_scheduling,
               "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)

@@ -7,6 +7,8 @@ lone replay lacks (clocks under sustained load, the inputs' copies); its turn lo
 
 Each op class is captured in a CUDA graph and replayed (bench.common.graph_ms), so its figure is
 device time with a graph's launch gaps, not Python's launch cost. Op classes, summed over the layers: `gemm` (qkv, o, gate/up, down and the LM head at M = batch),
+`one_row_gemv_layers` / `one_row_gemv_lm_head` (at one row, when the shard folds the norms, silu
+and residual adds into GEMVs: what that turn runs instead of `gemm` and `norms`),
 `attention` (the paged decode kernel at the given context), `norms` (residual add + RMSNorm twice,
 rotary + KV write, silu * up), `sampler` (the general sampler, eager, the turn's one copy to the host
 included), `greedy_pick` (what an all-greedy turn runs), `graph_replay` (the whole turn) and
@@ -54,6 +56,25 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
     timed("gemm_layers", gemms, gemm_bytes, gemm_flops, layers)
     timed("gemm_lm_head", lambda: ops.linear(h, model.lm_head), int(model.lm_head.nbytes),
           2 * n * model.lm_head.shape[0] * model.lm_head.shape[1])
+
+    if n == 1 and ops.gemv is not None:
+        # what a one-row turn runs instead of the products and norms below: the GEMV layer with the
+        # norms, silu and residual adds folded in (LayerOps.norm_linear / linear_residual)
+        from neuron.collectives import SingleRank
+        from neuron.layers.ops import Residual
+        one = SingleRank()
+        attended = cp.ascontiguousarray(h[:, :1].repeat(model.heads.q_size, axis=1))
+
+        def one_row_layer():
+            res, _ = ops.norm_linear(Residual(h.copy()), p["0.input_norm"], c.rms_norm_eps, p["0.qkv"])
+            res = ops.linear_residual(res, attended, p["0.o"], None, one)
+            res, act = ops.norm_linear(res, p["0.post_norm"], c.rms_norm_eps, p["0.gate_up"], silu=True)
+            ops.linear_residual(res, act, p["0.down"], None, one)
+        timed("one_row_gemv_layers", one_row_layer, gemm_bytes, gemm_flops, layers)
+        logits_row = cp.zeros(1, dtype=cp.int32)
+        timed("one_row_gemv_lm_head", lambda: ops.norm_logits(Residual(h), p["norm"], c.rms_norm_eps, model.lm_head,
+                                                              logits_row),
+              int(model.lm_head.nbytes), 2 * model.lm_head.shape[0] * model.lm_head.shape[1])
 
     # attention over `context` keys per row: blocks drawn at random from the pool (contents irrelevant)
     blocks = -(-context // kv.block_size)

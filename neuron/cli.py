@@ -69,6 +69,10 @@ SETTINGS = [
             "while a decode turn runs on the device, plan the next one and queue it behind, its tokens taken "
             "from the running turn's samples on the device, so a turn's host work overlaps the next turn "
             "(single-device shards); --no-async-scheduling turns it off", type=bool),
+    Setting("one_row_gemv", DEFAULT_ENGINE.one_row_gemv,
+            "on GPUs, a turn of one token (one stream decoding) runs its products through GEMV kernels that take "
+            "the norm into their input and the silu or residual add into their output (single-device shards); "
+            "--no-one-row-gemv runs it through cuBLAS and separate kernels, as larger turns", type=bool),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),
     Setting("worker_failure_exit_seconds", 5.0, "after a device worker died (a bug), exit non-zero this much "
@@ -128,7 +132,7 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
                             max_batched_tokens=settings["max_batched_tokens"], max_seqs=settings["max_seqs"],
                             max_waiting=settings["max_waiting"], prefix_caching=settings["prefix_caching"],
                             cuda_graphs=settings["cuda_graphs"], max_prefill_chunk=settings["max_prefill_chunk"],
-                            async_scheduling=settings["async_scheduling"])
+                            async_scheduling=settings["async_scheduling"], one_row_gemv=settings["one_row_gemv"])
     try:
         engine.check()
     except ValueError as err:

@@ -234,7 +234,8 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
                           config.head_dim, np_dtype, max_context)
         # The fused engine (model/fused.py) runs on the slot-based cache only; the serving engine
         # takes the plain path over the paged cache.
-        model = LlamaModel(config, layout, params, xp, comm or SingleRank(), max_context, fused="off")
+        model = LlamaModel(config, layout, params, xp, comm or SingleRank(), max_context, fused="off",
+                           one_row_gemv=settings.one_row_gemv)
         backend.synchronize()
     except Exception as err:
         if uploader is not None:

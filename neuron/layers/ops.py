@@ -70,9 +70,72 @@ class HeadLayout:
         return self.kv_heads * self.head_dim
 
 
+@dataclass
+class Residual:
+    """The residual stream between sublayers: `x`, and `delta`, a sublayer's output not yet added to
+    it (the next norm adds it: one kernel for both)."""
+    x: object
+    delta: object = None
+
+
 class LayerOps:
-    def __init__(self, xp, cos_table, sin_table):
+    """`one_row_gemv`: a GEMV engine (model/kernels.py's CudaOps, or its NumPy mirror NumpyOps in
+    tests) for turns of one token on one rank. Such a turn's products then take the norm into
+    their input and the silu or the residual add into their output (a decode layer: four GEMVs,
+    the rotary and the attention), where the batched path launches a norm, a product and an add
+    each. The GEMV rounds where the batched ops round, but sums in another order than cuBLAS (as
+    cuBLAS itself does between some batch sizes: bench/NOTES.md, session 7)."""
+
+    def __init__(self, xp, cos_table, sin_table, one_row_gemv=None):
         self.xp, self.cos_table, self.sin_table = xp, cos_table, sin_table
+        self.gemv = one_row_gemv
+
+    def _one_row(self, res: Residual, comm=None) -> bool:
+        return (self.gemv is not None and res.x.shape[0] == 1 and res.delta is None
+                and (comm is None or comm.size == 1))
+
+    def norm_linear(self, res: Residual, weight, eps: float, W, bias=None, silu: bool = False):
+        """(the residual with its delta added, rms_norm(x) @ W^T + bias), the product then through
+        silu(gate) * up when `silu` (W: the gate rows, then the up rows)."""
+        if self._one_row(res):
+            out = self.xp.empty((1, W.shape[0] // (2 if silu else 1)), dtype=res.x.dtype)
+            self.gemv.gemv(W, res.x.reshape(-1), out.reshape(-1), "rms", "silu_pair" if silu else "store",
+                           norm_w=weight, eps=eps, bias=bias)
+            return res, out
+        if res.delta is None:
+            x, h = res.x, self.rms_norm(res.x, weight, eps)
+        else:
+            x, h = self.add_rms_norm(res.x, res.delta, weight, eps)
+        y = self.linear(h, W)
+        if bias is not None:
+            y = y + bias
+        return Residual(x), (self.silu_mul(y) if silu else y)
+
+    def linear_residual(self, res: Residual, a, W, bias, comm) -> Residual:
+        """The residual plus comm's sum of a @ W^T, plus bias (row-parallel: every rank holds it,
+        so it is added once, after the sum)."""
+        if self._one_row(res, comm):
+            self.gemv.gemv(W, a.reshape(-1), res.x.reshape(-1), "none", "resid", bias=bias)
+            return res
+        if res.delta is not None:
+            raise ValueError("linear_residual takes the residual of a norm_linear (its delta added)")
+        delta = comm.all_reduce(self.linear(a, W))
+        if bias is not None:
+            delta = delta + bias
+        return Residual(res.x, delta)
+
+    def norm_logits(self, res: Residual, weight, eps: float, W, rows):
+        """float32 logits of rms_norm(x)[rows] @ W^T (rows: a device int array)."""
+        if self._one_row(res) and len(rows) == 1:   # then rows is [0]
+            out = self.xp.empty((1, W.shape[0]), dtype=self.xp.float32)
+            self.gemv.gemv(W, res.x.reshape(-1), None, "rms", "logits", norm_w=weight, eps=eps, outf=out.reshape(-1))
+            return out
+        x = res.x[rows]
+        if res.delta is None:
+            h = self.rms_norm(x, weight, eps)
+        else:
+            _, h = self.add_rms_norm(x, res.delta[rows], weight, eps)
+        return self.linear(h, W).astype(self.xp.float32)
 
     def linear(self, x, W):
         """x [T, K] @ W[N, K]^T, float32 accumulation, rounded once to x's dtype."""
@@ -112,19 +175,17 @@ class LayerOps:
 
 
 class CudaLayerOps(LayerOps):
-    """The fused implementation on CuPy arrays. `small_m_gemv`: a one-row product runs the fused
-    engine's bandwidth-tuned GEMV (model/kernels.py) instead of cuBLAS."""
+    """The fused implementation on CuPy arrays; `one_row_gemv` as in LayerOps (CudaOps)."""
 
     THREADS = 256
     NORM_CHUNKS = 4   # layer_ops.cu's: vectors a thread of add_rms_norm_vec holds
 
-    def __init__(self, xp, cos_table, sin_table, dtype_name: str, small_m_gemv=None):
-        super().__init__(xp, cos_table, sin_table)
+    def __init__(self, xp, cos_table, sin_table, dtype_name: str, one_row_gemv=None):
+        super().__init__(xp, cos_table, sin_table, one_row_gemv)
         from neuron.kernels import load_module
         from neuron.kernels.cublas_gemm import CublasGemm
 
         self.gemm = CublasGemm.for_current_device()
-        self.gemv = small_m_gemv
         module = load_module("layer_ops.cu", KERNEL_CODES[dtype_name])
         self._add_rms_norm = module.get_function("add_rms_norm")
         self._rope_write_kv = module.get_function("rope_write_kv")
@@ -138,10 +199,6 @@ class CudaLayerOps(LayerOps):
         self._grid_cap = 8 * props["multiProcessorCount"]
 
     def linear(self, x, W):
-        if self.gemv is not None and x.shape[0] == 1:
-            out = self.xp.empty((1, W.shape[0]), dtype=x.dtype)
-            self.gemv.gemv(W, self.xp.ascontiguousarray(x).reshape(-1), out.reshape(-1), "none", "store")
-            return out
         return self.gemm.linear(x, W)
 
     def _norm(self, x, delta, weight, eps: float):

@@ -19,7 +19,7 @@ from ..collectives import Communicator
 from ..engine.kv_cache import PagedKvCache
 from ..kv_cache import KvCache
 from ..layers.attention import AttentionMetadata, DecodeAttention, causal_attention, paged_attention
-from ..layers.ops import CudaLayerOps, HeadLayout, LayerOps, Rotary, apply_rope, rms_norm, silu
+from ..layers.ops import CudaLayerOps, HeadLayout, LayerOps, Residual, Rotary, apply_rope, rms_norm, silu
 from .config import ModelConfig
 from .rope import cos_sin_tables
 from .sharding import TpLayout
@@ -39,7 +39,7 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, layout: TpLayout, params: dict, xp, comm: Communicator, max_context: int,
                  fused: str = "auto", decode_attention: str = "auto", layer_ops: str = "auto",
-                 small_m_gemv: bool = False):
+                 one_row_gemv: bool = True):
         self.config, self.layout, self.p, self.xp, self.comm = config, layout, params, xp, comm
         cos, sin = cos_sin_tables(config, max_context)
         self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
@@ -49,28 +49,27 @@ class LlamaModel:
         self.fused = self._fused_engine(fused)
         self.decode_attention = self._decode_attention(decode_attention, max_context)
         self.heads = HeadLayout(layout.local_heads, layout.local_kv_heads, config.head_dim)
-        self.ops = self._layer_ops(layer_ops, small_m_gemv)
+        self.ops = self._layer_ops(layer_ops, one_row_gemv)
 
-    def _layer_ops(self, mode: str, small_m_gemv: bool) -> LayerOps:
+    def _layer_ops(self, mode: str, one_row_gemv: bool) -> LayerOps:
         """forward_batch's ops: "auto" (the fused CUDA ops on a GPU, plain ops on a CPU) or "plain".
-        `small_m_gemv` (off): one-row products through the fused engine's GEMV instead of cuBLAS. Off
-        because its sums run in another order than cuBLAS's at M > 1, so a request's greedy tokens
-        alone (M = 1) drifted from its tokens batched: every fixture failed batched == alone with it
-        on, in float32 too; and it was no faster inside the graph (bench/NOTES.md)."""
+        `one_row_gemv` (on): a turn of one token on one rank runs its products through the fused
+        engine's GEMV kernels with the norms, silu and residual adds folded in (LayerOps), on a GPU
+        when the kernels fit the model; one 8B stream's turn is bound by the launches it saves."""
         if mode not in ("auto", "plain"):
             raise ValueError(f"layer_ops must be auto or plain, not {mode!r}")
         if mode == "plain" or self.xp is np:
             return LayerOps(self.xp, self.cos, self.sin)
         dtype_name = np.dtype(self.p["embed"].dtype).name
         gemv = None
-        if small_m_gemv:
+        if one_row_gemv and self.comm.size == 1:
             from . import kernels
             reason = kernels.supports(self.config, self.layout, dtype_name)
             if reason is None:
                 gemv = kernels.CudaOps(dtype_name)
             else:
                 log.info("one-row products through cuBLAS (the GEMV kernels do not fit this model)", reason=reason)
-        return CudaLayerOps(self.xp, self.cos, self.sin, dtype_name, small_m_gemv=gemv)
+        return CudaLayerOps(self.xp, self.cos, self.sin, dtype_name, one_row_gemv=gemv)
 
     def _decode_attention(self, mode: str, max_context: int) -> DecodeAttention | None:
         """forward_batch's attention for decode rows: "auto" (the paged attention kernel on a GPU when
@@ -200,41 +199,28 @@ class LlamaModel:
         asked (device int array), or None when none are (a TP follower, a turn of middle chunks)."""
         ops, p, c = self.ops, self.p, self.config
         rotary = ops.rotary(positions)
-        x = p["embed"][token_ids]
-        h = ops.rms_norm(x, p["0.input_norm"], c.rms_norm_eps)
+        res = Residual(p["embed"][token_ids])
         for i in range(c.num_layers):
-            x, h = ops.add_rms_norm(x, self._batch_attention(i, h, rotary, kv, meta), p[f"{i}.post_norm"],
-                                    c.rms_norm_eps)
-            # the residual add of the MLP comes with the next layer's norm (the final norm after the last)
-            following = p[f"{i + 1}.input_norm"] if i + 1 < c.num_layers else p["norm"]
-            x, h = ops.add_rms_norm(x, self._batch_mlp(i, h), following, c.rms_norm_eps)
+            res = self._batch_attention(i, res, rotary, kv, meta)
+            res = self._batch_mlp(i, res)
         if logits_rows is None or len(logits_rows) == 0:
             return None
-        return ops.linear(h[logits_rows], self.lm_head).astype(self.xp.float32)
+        return ops.norm_logits(res, p["norm"], c.rms_norm_eps, self.lm_head, logits_rows)
 
-    def _batch_attention(self, i: int, h, rotary: Rotary, kv: PagedKvCache, meta: AttentionMetadata):
+    def _batch_attention(self, i: int, res: Residual, rotary: Rotary, kv: PagedKvCache, meta: AttentionMetadata):
         ops, p, c = self.ops, self.p, self.config
-        qkv = ops.linear(h, p[f"{i}.qkv"])
-        if c.qkv_bias:
-            qkv = qkv + p[f"{i}.qkv_bias"]
+        res, qkv = ops.norm_linear(res, p[f"{i}.input_norm"], c.rms_norm_eps, p[f"{i}.qkv"], p.get(f"{i}.qkv_bias"))
         q = ops.rope_write_kv(qkv, rotary, self.heads, kv.flat_keys(i), kv.flat_values(i), meta.slot_mapping,
                               p.get(f"{i}.q_norm") if c.qk_norm else None, p.get(f"{i}.k_norm") if c.qk_norm else None,
                               c.rms_norm_eps)
         attended = paged_attention(self.xp, q, kv.keys[i], kv.values[i], meta, c.sliding_window, self.decode_attention)
-        out = self.comm.all_reduce(ops.linear(attended, p[f"{i}.o"]))
-        if f"{i}.o_bias" in p:  # a row-parallel bias (every rank holds it): added once, after the sum
-            out = out + p[f"{i}.o_bias"]
-        return out
+        return ops.linear_residual(res, attended, p[f"{i}.o"], p.get(f"{i}.o_bias"), self.comm)
 
-    def _batch_mlp(self, i: int, h):
-        ops, p = self.ops, self.p
-        gate_up = ops.linear(h, p[f"{i}.gate_up"])
-        if f"{i}.gate_up_bias" in p:
-            gate_up = gate_up + p[f"{i}.gate_up_bias"]
-        out = self.comm.all_reduce(ops.linear(ops.silu_mul(gate_up), p[f"{i}.down"]))
-        if f"{i}.down_bias" in p:
-            out = out + p[f"{i}.down_bias"]
-        return out
+    def _batch_mlp(self, i: int, res: Residual):
+        ops, p, c = self.ops, self.p, self.config
+        res, act = ops.norm_linear(res, p[f"{i}.post_norm"], c.rms_norm_eps, p[f"{i}.gate_up"],
+                                   p.get(f"{i}.gate_up_bias"), silu=True)
+        return ops.linear_residual(res, act, p[f"{i}.down"], p.get(f"{i}.down_bias"), self.comm)
 
     def _qkv(self, i: int, h, cos, sin):
         xp, p, c = self.xp, self.p, self.config

@@ -147,6 +147,34 @@ def test_batched_logits_equal_the_single_sequence_pass(name, decode):
     assert rel(last_logits[0], ref["logits_last"]) < 1e-4
 
 
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_one_row_turns_through_the_gemv_mirror_give_the_single_sequence_logits(name):
+    """A request alone decodes one row a turn: with the GEMV engine's NumPy mirror as the one-row
+    ops (norm into the product's input, silu and the residual add into its output), every
+    position's logits stay those of the single-sequence pass, and the tokens those of transformers."""
+    from neuron.model.kernels import NumpyOps
+
+    ref = np.load(REFERENCE / f"{name}.npz")
+    model, kv, config = build(name, decode="numpy-tiles")
+    model.ops.gemv = NumpyOps("float32")
+    ids = ref["long_prompt_ids"][:30].tolist()
+    slot_kv = KvCache(np, config.num_layers, 1, model.layout.local_kv_heads, MAX_CONTEXT, config.head_dim, np.float32)
+    alone = model.forward(np.asarray(ids, np.int32), 0, slot_kv, 0, all_positions=True)
+    scoring = request("score", ids)
+    scoring.want_logits = scoring.all_positions = True
+    sched, runner, rows = HandScheduler(kv, chunk=5, seed=2), ModelRunner(model, kv, config.vocab_size), []
+    while scoring.num_computed_tokens < len(ids):
+        sched.chunk = 5 if scoring.num_computed_tokens < 10 else 1   # two prompt chunks, then one row a turn
+        plan = sched.plan([scoring])
+        out = runner.execute(plan)
+        sched.update(plan, out)
+        rows.append(out.logits["score"])
+    assert rel(np.concatenate(rows), alone) < 1e-5
+    runner = ModelRunner(model, kv, config.vocab_size)
+    done = run_to(runner, HandScheduler(kv, chunk=7, seed=4), [request("a", ref["prompt_ids"].tolist())], 32)
+    assert done[0].output_ids == [int(t) for t in ref["greedy_ids"]]
+
+
 def test_tiles_cut_into_launches_give_the_same_logits(monkeypatch):
     """A long prompt's tiles spread over several launches (the partials' cap) attend as in one."""
     ref = np.load(REFERENCE / "llama3.npz")
