@@ -147,6 +147,21 @@ def test_batched_logits_equal_the_single_sequence_pass(name, decode):
     assert rel(last_logits[0], ref["logits_last"]) < 1e-4
 
 
+def logits_in_chunks_then_rows(model, kv, config, ids, chunk: int, chunked: int, seed: int):
+    """Every position's logits of `ids`, scored in turns of `chunk` tokens up to `chunked`, then one
+    row a turn (decode rows)."""
+    scoring = request("score", ids)
+    scoring.want_logits = scoring.all_positions = True
+    sched, runner, rows = HandScheduler(kv, chunk=chunk, seed=seed), ModelRunner(model, kv, config.vocab_size), []
+    while scoring.num_computed_tokens < len(ids):
+        sched.chunk = chunk if scoring.num_computed_tokens < chunked else 1
+        plan = sched.plan([scoring])
+        out = runner.execute(plan)
+        sched.update(plan, out)
+        rows.append(out.logits["score"])
+    return np.concatenate(rows)
+
+
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_one_row_turns_through_the_gemv_mirror_give_the_single_sequence_logits(name):
     """A request alone decodes one row a turn: with the GEMV engine's NumPy mirror as the one-row
@@ -160,16 +175,7 @@ def test_one_row_turns_through_the_gemv_mirror_give_the_single_sequence_logits(n
     ids = ref["long_prompt_ids"][:30].tolist()
     slot_kv = KvCache(np, config.num_layers, 1, model.layout.local_kv_heads, MAX_CONTEXT, config.head_dim, np.float32)
     alone = model.forward(np.asarray(ids, np.int32), 0, slot_kv, 0, all_positions=True)
-    scoring = request("score", ids)
-    scoring.want_logits = scoring.all_positions = True
-    sched, runner, rows = HandScheduler(kv, chunk=5, seed=2), ModelRunner(model, kv, config.vocab_size), []
-    while scoring.num_computed_tokens < len(ids):
-        sched.chunk = 5 if scoring.num_computed_tokens < 10 else 1   # two prompt chunks, then one row a turn
-        plan = sched.plan([scoring])
-        out = runner.execute(plan)
-        sched.update(plan, out)
-        rows.append(out.logits["score"])
-    assert rel(np.concatenate(rows), alone) < 1e-5
+    assert rel(logits_in_chunks_then_rows(model, kv, config, ids, chunk=5, chunked=10, seed=2), alone) < 1e-5
     runner = ModelRunner(model, kv, config.vocab_size)
     done = run_to(runner, HandScheduler(kv, chunk=7, seed=4), [request("a", ref["prompt_ids"].tolist())], 32)
     assert done[0].output_ids == [int(t) for t in ref["greedy_ids"]]
@@ -211,16 +217,7 @@ def test_sliding_window_over_blocks_equals_the_single_sequence_pass(window, deco
     model, kv, config = build("mistral", sliding_window=window, decode=decode)
     slot_kv = KvCache(np, config.num_layers, 1, model.layout.local_kv_heads, MAX_CONTEXT, config.head_dim, np.float32)
     alone = model.forward(np.asarray(ids, np.int32), 0, slot_kv, 0, all_positions=True)
-    scoring = request("score", ids)
-    scoring.want_logits = scoring.all_positions = True
-    sched, runner, rows = HandScheduler(kv, chunk=6, seed=1), ModelRunner(model, kv, config.vocab_size), []
-    while scoring.num_computed_tokens < len(ids):
-        sched.chunk = 6 if scoring.num_computed_tokens < 24 else 1  # chunks, then one row a turn (decode rows)
-        plan = sched.plan([scoring])
-        out = runner.execute(plan)
-        sched.update(plan, out)
-        rows.append(out.logits["score"])
-    assert rel(np.concatenate(rows), alone) < 1e-5
+    assert rel(logits_in_chunks_then_rows(model, kv, config, ids, chunk=6, chunked=24, seed=1), alone) < 1e-5
 
 
 SETTINGS = [
