@@ -144,14 +144,17 @@ def run_requests(shard, prompts: list[list[int]], tokens: int, turn_times: list 
     return requests, time.perf_counter() - started
 
 
-def without_one_row_gemv(shard, max_seqs: int, graphs: bool) -> None:
-    """One-row turns through cuBLAS and separate kernels, as larger turns (the A/B of the one-row
-    GEMV layer), the decode graphs captured again without it."""
+def recapture(shard, max_seqs: int, graphs: bool, one_row_gemv: bool, programmatic: bool) -> None:
+    """The A/B switches: one-row turns through cuBLAS and separate kernels as larger turns (not
+    one_row_gemv), graphs captured without programmatic launches (not programmatic); the decode
+    graphs captured again."""
     from neuron.runner.cuda_graphs import DecodeGraphs
 
-    shard.model.ops.gemv = None
+    if not one_row_gemv:
+        shard.model.ops.gemv = None
     if graphs:
-        shard.engine.runner.graphs = DecodeGraphs(shard.model, shard.kv, max_seqs, capture=True)
+        shard.engine.runner.graphs = DecodeGraphs(shard.model, shard.kv, max_seqs, capture=True,
+                                                  programmatic=programmatic)
         shard.engine.runner.graphs.prepare()
 
 
@@ -170,8 +173,8 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
         shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency),
                      async_scheduling=not args.no_async_scheduling)
-        if args.no_one_row_gemv:
-            without_one_row_gemv(shard, max(concurrency), args.graphs != "off")
+        if args.no_one_row_gemv or args.no_pdl:
+            recapture(shard, max(concurrency), args.graphs != "off", not args.no_one_row_gemv, not args.no_pdl)
         captured = shard.engine.runner.graphs
         report = captured.report if captured else None
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs]
@@ -246,6 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-fixtures", action="store_true")
     parser.add_argument("--no-one-row-gemv", action="store_true",
                         help="one-row turns through cuBLAS and separate kernels (the engine's default folds them into GEMVs)")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="decode graphs without programmatic dependent launches (kernels/launch.py)")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="run one turn at a time (by default each decode turn is queued behind the running "
                              "one, EngineSettings.async_scheduling, and a turn's logged seconds overlap the next's)")
@@ -264,7 +269,7 @@ def main() -> None:
         bandwidth, tflops, name = copy_bandwidth(backend.xp), matmul_rate(backend.xp), gpu_name()
     print(f"device: {name}   copy {bandwidth:.0f} GB/s   matmul {tflops:.3f} TFLOP/s", flush=True)
     result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
-              "one_row_gemv": not args.no_one_row_gemv, "async_scheduling": not args.no_async_scheduling,
+              "one_row_gemv": not args.no_one_row_gemv, "pdl": not args.no_pdl, "async_scheduling": not args.no_async_scheduling,
               "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)

@@ -61,15 +61,19 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
         # what a one-row turn runs instead of the products and norms below: the GEMV layer with the
         # norms, silu and residual adds folded in (LayerOps.norm_linear / linear_residual)
         from neuron.collectives import SingleRank
+        from neuron.kernels.launch import programmatic_launches
         from neuron.layers.ops import Residual
         one = SingleRank()
         attended = cp.ascontiguousarray(h[:, :1].repeat(model.heads.q_size, axis=1))
 
-        def one_row_layer():
-            res, _ = ops.norm_linear(Residual(h.copy()), p["0.input_norm"], c.rms_norm_eps, p["0.qkv"])
-            res = ops.linear_residual(res, attended, p["0.o"], None, one)
-            res, act = ops.norm_linear(res, p["0.post_norm"], c.rms_norm_eps, p["0.gate_up"], silu=True)
-            ops.linear_residual(res, act, p["0.down"], None, one)
+        graphs = shard.engine.runner.graphs
+
+        def one_row_layer():   # launched as the decode graph launches it
+            with programmatic_launches(graphs is not None and graphs.programmatic):
+                res, _ = ops.norm_linear(Residual(h.copy()), p["0.input_norm"], c.rms_norm_eps, p["0.qkv"])
+                res = ops.linear_residual(res, attended, p["0.o"], None, one)
+                res, act = ops.norm_linear(res, p["0.post_norm"], c.rms_norm_eps, p["0.gate_up"], silu=True)
+                ops.linear_residual(res, act, p["0.down"], None, one)
         timed("one_row_gemv_layers", one_row_layer, gemm_bytes, gemm_flops, layers)
         logits_row = cp.zeros(1, dtype=cp.int32)
         timed("one_row_gemv_lm_head", lambda: ops.norm_logits(Residual(h), p["norm"], c.rms_norm_eps, model.lm_head,

@@ -50,6 +50,8 @@ extern "C" __global__ void rope_write_kv(const T* __restrict__ qkv, const int* _
                                          const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                                          const long long* __restrict__ slots, T* __restrict__ q_out,
                                          T* __restrict__ k_cache, T* __restrict__ v_cache, int hq, int hkv, int d) {
+    pdl_trigger();
+    pdl_wait();   // qkv is the product before (kernels/launch.py)
     const int t = blockIdx.x;
     const int half = d / 2;
     const T* row = qkv + (long long)t * (hq + 2 * hkv) * d;
@@ -179,6 +181,8 @@ extern "C" __global__ void rope_write_kv_vec(const T* __restrict__ qkv, const in
                                              const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                                              const long long* __restrict__ slots, T* __restrict__ q_out,
                                              T* __restrict__ k_cache, T* __restrict__ v_cache, int hq, int hkv, int d) {
+    pdl_trigger();
+    pdl_wait();   // qkv is the product before (kernels/launch.py)
     const int t = blockIdx.x;
     const int half = d / 2, quads = half / 4;
     const T* row = qkv + (long long)t * (hq + 2 * hkv) * d;

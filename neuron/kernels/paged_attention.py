@@ -24,6 +24,7 @@ import numpy as np
 from common.dtypes import KERNEL_CODES
 
 from . import load_module
+from .launch import launch
 
 
 SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
@@ -274,10 +275,10 @@ class PagedAttentionCuda:
             partial, grid, threads = self._partial_packed, (batch, kv_heads, splits), 32
         else:
             partial, grid, threads = self._partial, (num_tiles, kv_heads * self.chunks, splits), self.threads
-        partial(grid, (threads,),
-                (q, k_cache, v_cache, block_tables, context_lens, first, count, workspace.part_out,
-                 workspace.part_ml, np.int32(kv_heads), np.int32(block_size), table_width,
-                 np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None)))
-        self._combine((batch * q_heads,), (min(128, d),),
-                      (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads), np.int32(splits)))
+        launch(partial, grid, (threads,),
+               (q, k_cache, v_cache, block_tables, context_lens, first, count, workspace.part_out,
+                workspace.part_ml, np.int32(kv_heads), np.int32(block_size), table_width,
+                np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None)))
+        launch(self._combine, (batch * q_heads,), (min(128, d),),
+               (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads), np.int32(splits)))
         return out

@@ -135,6 +135,8 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     float* __restrict__ part_ml,          // [rows, q_heads, splits, 2]
     int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row)
 {
+    pdl_trigger();
+    pdl_wait();   // q and this turn's keys come from the kernel before (kernels/launch.py)
     const int tile = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
 #if PA_PACK
     const int kvh = blockIdx.y, head_in_group = 0;
@@ -316,6 +318,8 @@ extern "C" __global__ void paged_row_combine(
     T* __restrict__ out,                  // [rows, q_heads, PA_D]
     int q_heads, int splits)
 {
+    pdl_trigger();
+    pdl_wait();   // the partials come from the kernel before (kernels/launch.py)
     const size_t item = blockIdx.x;        // row * q_heads + head
     const int mine = splits_for(context_lens[item / q_heads]);   // the row's own splits
     const float* ml = part_ml + item * splits * 2;

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.dtypes import KERNEL_CODES
+from neuron.kernels.launch import launch
 
 from .attention import write_kv
 
@@ -243,7 +244,7 @@ class CudaLayerOps(LayerOps):
         q = self.xp.empty((T, heads.q_heads, heads.head_dim), dtype=qkv.dtype)
         if T:
             kernel = self._rope_write_kv_vec if heads.head_dim % 8 == 0 else self._rope_write_kv
-            kernel((T,), (self.THREADS,),
+            launch(kernel, (T,), (self.THREADS,),
                    (qkv, rotary.positions, rotary.cos_table, rotary.sin_table, slot_mapping, q, flat_keys,
                     flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads), np.int32(heads.head_dim)))
         return q

@@ -30,6 +30,7 @@ import numpy as np
 
 from common.dtypes import DTYPES
 from common.dtypes import KERNEL_CODES as DT_CODES
+from neuron.kernels.launch import launch, programmatic
 
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
 EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4}
@@ -191,6 +192,19 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+// Programmatic dependent launch (kernels/launch.py): pdl_trigger lets the next kernel's blocks be
+// scheduled while this one runs; pdl_wait waits until the kernel before this one has finished and
+// its writes are visible. Both are no-ops below sm_90 and in a kernel launched the ordinary way.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 """
 
 CUDA_KERNELS = r"""
@@ -213,7 +227,9 @@ CUDA_KERNELS = r"""
 //    behind the block's weight prefetch; requesting the weights of 2 first measured 0.8-2.5 us
 //    slower per launch, bench/NOTES.md.)
 // 2. The first unit's first batch of weights (BATCH vectors per lane and row) is requested into
-//    registers before the prologue, so it is in flight while the prologue runs.
+//    registers before the prologue, so it is in flight while the prologue runs. With pdl (the
+//    kernel launched programmatically, kernels/launch.py) it is requested first, while the kernel
+//    before still runs, and the inputs are staged after pdl_wait.
 // 3. Persistent warps: warp w of the grid (W warps) computes units w, w + W, w + 2W, ..., so the
 //    host launches at most one wave and each block does its prologue once (lm_head: 15 waves of
 //    blocks, each with its prologue, before).
@@ -382,7 +398,7 @@ template <int P, int E, int B, int R>
 __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ xin,
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
-        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo) {
+        const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo, int pdl) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __shared__ float scratch[32];
     constexpr int BATCH = 8 / R;                   // vectors per lane and row in flight at once
@@ -394,8 +410,9 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
     const size_t rstride = (size_t)(E == 3 ? N : 1) * NV;   // second row of a unit: up, or the next row
     const uint4* W4 = reinterpret_cast<const uint4*>(W);
     int unit = blockIdx.x * wpb + warp;
-    gemv_stage<P>(s, NV, xin, nw, rs, rb);
-    // 2. the first unit's first batch -> registers
+    pdl_trigger();
+    if (!pdl) gemv_stage<P>(s, NV, xin, nw, rs, rb);
+    // 2. the first unit's first batch -> registers (weights: no wait for the kernel before)
     uint4 pw[BATCH], pw2[R == 2 ? BATCH : 1];
     {
         const bool has = unit < units;
@@ -408,6 +425,10 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
             pw[j] = ok ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
             if (R == 2) pw2[j] = ok ? __ldg(wr2 + i) : make_uint4(0u, 0u, 0u, 0u);
         }
+    }
+    if (pdl) {   // launched programmatically: the input vector is the running kernel's output
+        pdl_wait();
+        gemv_stage<P>(s, NV, xin, nw, rs, rb);
     }
     cp_async_wait_all();
     gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
@@ -497,6 +518,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     const uint4* W4 = reinterpret_cast<const uint4*>(W);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int u0 = blockIdx.x * upb, nu = min(upb, units - u0);   // this block's units
+    pdl_trigger();
     if (tid == 0) {
         for (int i = 0; i < S; ++i) {
             mbar_init(full + i, 1);
@@ -508,6 +530,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     const bool producer = warp == GEMVB_CONSUMERS;
     if (producer && lane == 0)
         for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, k, u0, N, NV, W4, slots, full);
+    pdl_wait();   // the input vector is the kernel before's output (a no-op launched the ordinary way)
     gemv_stage<P>(s, NV, xin, nw, rs, rb);
     cp_async_wait_all();
     gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
@@ -558,9 +581,9 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo
 #define GEMV_PASS W, xin, nw, bias, out, outf, N, K, eps, rs, rb, xo
 #define GEMV_INST(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
-    gemv_p##P##_e##E##_b##B(GEMV_ARGS) { gemv_impl<P, E, B, E == 3 ? 2 : 1>(GEMV_PASS); }
+    gemv_p##P##_e##E##_b##B(GEMV_ARGS, int pdl) { gemv_impl<P, E, B, E == 3 ? 2 : 1>(GEMV_PASS, pdl); }
 #define GEMV_INST2(P, E, B) extern "C" __global__ void __launch_bounds__(256, GEMV_MIN_BLOCKS(P)) \
-    gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS) { gemv_impl<P, E, B, 2>(GEMV_PASS); }
+    gemv_p##P##_e##E##_b##B##_r2(GEMV_ARGS, int pdl) { gemv_impl<P, E, B, 2>(GEMV_PASS, pdl); }
 GEMV_INST(0, 0, 0) GEMV_INST(0, 0, 1) GEMV_INST(0, 1, 0) GEMV_INST(0, 1, 1) GEMV_INST(0, 2, 0)
 GEMV_INST(1, 0, 0) GEMV_INST(1, 0, 1) GEMV_INST(1, 1, 0) GEMV_INST(1, 1, 1) GEMV_INST(1, 2, 0)
 GEMV_INST(2, 0, 0) GEMV_INST(2, 0, 1) GEMV_INST(2, 1, 0) GEMV_INST(2, 1, 1) GEMV_INST(2, 2, 0)
@@ -1114,9 +1137,9 @@ class CudaOps:
         args = (W, xin, self._ptr(norm_w), self._ptr(bias), self._ptr(out), self._ptr(outf), np.int32(n),
                 np.int32(k), np.float32(eps), self._ptr(resid), self._ptr(resid_bias), self._ptr(xout))
         if "bulk" in plan:
-            f((plan["grid"],), (self.bulk_threads,), args + plan["bulk"], shared_mem=plan["smem"])
+            launch(f, (plan["grid"],), (self.bulk_threads,), args + plan["bulk"], plan["smem"])
         else:
-            f((plan["grid"],), (GEMV_THREADS,), args, shared_mem=plan["smem"])
+            launch(f, (plan["grid"],), (GEMV_THREADS,), args + (np.int32(programmatic()),), plan["smem"])
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:

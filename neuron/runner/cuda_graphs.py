@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
+from neuron.kernels.launch import programmatic_launches
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, feed_tokens
@@ -60,19 +61,23 @@ class CaptureReport:
     seconds: float = 0.0
     pool_bytes: int = 0
     skipped: str = ""
+    programmatic: bool = True
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv, max_seqs: int, capture: bool):
-        """`model.decode_attention` must be set: graph rows attend through the paged attention kernel."""
+    def __init__(self, model, kv, max_seqs: int, capture: bool, programmatic: bool = True):
+        """`model.decode_attention` must be set: graph rows attend through the paged attention kernel.
+        `programmatic`: the kernels that allow it start while the kernel before them runs
+        (kernels/launch.py); if a capture fails that way, it is captured again without."""
         self.model, self.kv, self.capture_graphs = model, kv, capture
+        self.programmatic = programmatic
         self.xp = model.xp
         self.max_blocks = -(-kv.max_context // kv.block_size)
         wanted = [b for b in BATCH_BUCKETS if b < max_seqs] + [min(max_seqs, BATCH_BUCKETS[-1])]
         self.sizes = sorted(set(wanted))
         self.buckets: dict[int, _Bucket] = {}
         self.pool = None
-        self.report = CaptureReport()
+        self.report = CaptureReport(programmatic=programmatic)
 
     # -- load time
 
@@ -95,7 +100,7 @@ class DecodeGraphs:
         self.report.pool_bytes = int(self.pool.total_bytes()) if self.pool is not None else 0
         log.info("decode graphs ready", captured=self.capture_graphs, sizes=sorted(self.report.sizes),
                  seconds=round(self.report.seconds, 2), pool_mib=self.report.pool_bytes >> 20,
-                 skipped=self.report.skipped or None)
+                 programmatic=self.programmatic, skipped=self.report.skipped or None)
         return self.report
 
     def _build(self, size: int) -> _Bucket:
@@ -113,17 +118,29 @@ class DecodeGraphs:
                          rows=xp.arange(size, dtype=xp.int64))
         with self._allocating():
             if self.capture_graphs:
-                self._forward(bucket)  # warm-up: compiles kernels, sets up cuBLAS, outside the capture
-                stream = xp.cuda.get_current_stream()
-                stream.synchronize()
-                stream.begin_capture()
                 try:
-                    bucket.logits = self._forward(bucket)
-                finally:
-                    bucket.graph = stream.end_capture()
-                bucket.graph.upload(stream)
-                stream.synchronize()
+                    with programmatic_launches(self.programmatic):
+                        self._capture(bucket)
+                except Exception as err:  # noqa: BLE001 - a driver without PDL in graphs still gets graphs
+                    if not self.programmatic:
+                        raise
+                    log.warning("decode graph capture with programmatic launches failed; capturing without them",
+                                error=str(err))
+                    self.programmatic = self.report.programmatic = False
+                    self._capture(bucket)
         return bucket
+
+    def _capture(self, bucket: _Bucket) -> None:
+        self._forward(bucket)  # warm-up: compiles kernels, sets up cuBLAS, outside the capture
+        stream = self.xp.cuda.get_current_stream()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            bucket.logits = self._forward(bucket)
+        finally:
+            bucket.graph = stream.end_capture()
+        bucket.graph.upload(stream)
+        stream.synchronize()
 
     def _allocating(self):
         if self.pool is None:
