@@ -49,9 +49,11 @@ extern "C" __global__ void add_rms_norm(T* __restrict__ x, const T* __restrict__
 extern "C" __global__ void rope_write_kv(const T* __restrict__ qkv, const int* __restrict__ positions,
                                          const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                                          const long long* __restrict__ slots, T* __restrict__ q_out,
-                                         T* __restrict__ k_cache, T* __restrict__ v_cache, int hq, int hkv, int d) {
-    pdl_trigger();
-    pdl_wait();   // qkv is the product before (kernels/launch.py)
+                                         T* __restrict__ k_cache, T* __restrict__ v_cache, int hq, int hkv, int d, int pdl) {
+    if (pdl) {   // launched programmatically (kernels/launch.py): qkv is the running kernel's output
+        pdl_trigger();
+        pdl_wait();
+    }
     const int t = blockIdx.x;
     const int half = d / 2;
     const T* row = qkv + (long long)t * (hq + 2 * hkv) * d;
@@ -180,9 +182,11 @@ __device__ __forceinline__ void store4(T* p, const float* f) {
 extern "C" __global__ void rope_write_kv_vec(const T* __restrict__ qkv, const int* __restrict__ positions,
                                              const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                                              const long long* __restrict__ slots, T* __restrict__ q_out,
-                                             T* __restrict__ k_cache, T* __restrict__ v_cache, int hq, int hkv, int d) {
-    pdl_trigger();
-    pdl_wait();   // qkv is the product before (kernels/launch.py)
+                                             T* __restrict__ k_cache, T* __restrict__ v_cache, int hq, int hkv, int d, int pdl) {
+    if (pdl) {   // launched programmatically (kernels/launch.py): qkv is the running kernel's output
+        pdl_trigger();
+        pdl_wait();
+    }
     const int t = blockIdx.x;
     const int half = d / 2, quads = half / 4;
     const T* row = qkv + (long long)t * (hq + 2 * hkv) * d;

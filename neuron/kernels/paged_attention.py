@@ -24,7 +24,7 @@ import numpy as np
 from common.dtypes import KERNEL_CODES
 
 from . import load_module
-from .launch import launch
+from .launch import launch, programmatic
 
 
 SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
@@ -269,6 +269,7 @@ class PagedAttentionCuda:
             self._combine((batch * q_heads,), (min(128, d),),
                           (workspace.part_out, workspace.part_ml, out, np.int32(splits)))
             return out
+        pdl = np.int32(programmatic())   # the kernels wait for the one before only when launched so
         first, count = tiles if tiles is not None else (context_lens, context_lens)   # unread when per row
         num_tiles = batch if tiles is None else len(first)
         if tiles is None and self.packed and batch >= self.pack_min_rows:
@@ -278,7 +279,7 @@ class PagedAttentionCuda:
         launch(partial, grid, (threads,),
                (q, k_cache, v_cache, block_tables, context_lens, first, count, workspace.part_out,
                 workspace.part_ml, np.int32(kv_heads), np.int32(block_size), table_width,
-                np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None)))
+                np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None), pdl))
         launch(self._combine, (batch * q_heads,), (min(128, d),),
-               (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads), np.int32(splits)))
+               (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads), np.int32(splits), pdl))
         return out

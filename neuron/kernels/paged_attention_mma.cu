@@ -133,10 +133,12 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     const int* __restrict__ tile_rows,    // [tiles]: rows in the tile, consecutive positions of one sequence
     float* __restrict__ part_out,         // [rows, q_heads, splits, PA_D]
     float* __restrict__ part_ml,          // [rows, q_heads, splits, 2]
-    int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row)
+    int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row, int pdl)
 {
-    pdl_trigger();
-    pdl_wait();   // q and this turn's keys come from the kernel before (kernels/launch.py)
+    if (pdl) {   // launched programmatically (kernels/launch.py): q and this turn's keys are the running kernel's
+        pdl_trigger();
+        pdl_wait();
+    }
     const int tile = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
 #if PA_PACK
     const int kvh = blockIdx.y, head_in_group = 0;
@@ -316,10 +318,12 @@ extern "C" __global__ void paged_row_combine(
     const float* __restrict__ part_ml,    // [rows, q_heads, splits, 2], max in base 2
     const int* __restrict__ context_lens, // [rows]
     T* __restrict__ out,                  // [rows, q_heads, PA_D]
-    int q_heads, int splits)
+    int q_heads, int splits, int pdl)
 {
-    pdl_trigger();
-    pdl_wait();   // the partials come from the kernel before (kernels/launch.py)
+    if (pdl) {   // launched programmatically (kernels/launch.py): the partials are the running kernel's
+        pdl_trigger();
+        pdl_wait();
+    }
     const size_t item = blockIdx.x;        // row * q_heads + head
     const int mine = splits_for(context_lens[item / q_heads]);   // the row's own splits
     const float* ml = part_ml + item * splits * 2;

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.dtypes import KERNEL_CODES
-from neuron.kernels.launch import launch
+from neuron.kernels.launch import launch, programmatic
 
 from .attention import write_kv
 
@@ -246,5 +246,6 @@ class CudaLayerOps(LayerOps):
             kernel = self._rope_write_kv_vec if heads.head_dim % 8 == 0 else self._rope_write_kv
             launch(kernel, (T,), (self.THREADS,),
                    (qkv, rotary.positions, rotary.cos_table, rotary.sin_table, slot_mapping, q, flat_keys,
-                    flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads), np.int32(heads.head_dim)))
+                    flat_values, np.int32(heads.q_heads), np.int32(heads.kv_heads), np.int32(heads.head_dim),
+                    np.int32(programmatic())))
         return q
