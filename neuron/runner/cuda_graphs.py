@@ -67,8 +67,12 @@ class CaptureReport:
 class DecodeGraphs:
     def __init__(self, model, kv, max_seqs: int, capture: bool, programmatic: bool = True):
         """`model.decode_attention` must be set: graph rows attend through the paged attention kernel.
-        `programmatic`: the kernels that allow it start while the kernel before them runs
-        (kernels/launch.py); if a capture fails that way, it is captured again without."""
+        `programmatic`: in the one-row graph (the GEMV layer: ~230 short kernels at the 8B) the
+        kernels that allow it start while the kernel before them runs (kernels/launch.py); if a
+        capture fails that way, it is captured again without. Larger buckets launch the ordinary
+        way: their turns are long kernels of many blocks, where the per-block wait cost more than
+        the launch gaps it hid (engine_bench on an H200: one 8B stream 4.25 -> 4.14 ms a turn, one
+        1B stream 0.98 -> 0.92; 1B x 256 2.53 -> 2.73, 8B x 256 10.81 -> 10.93, 64 unchanged)."""
         self.model, self.kv, self.capture_graphs = model, kv, capture
         self.programmatic = programmatic
         self.xp = model.xp
@@ -119,7 +123,7 @@ class DecodeGraphs:
         with self._allocating():
             if self.capture_graphs:
                 try:
-                    with programmatic_launches(self.programmatic):
+                    with programmatic_launches(self.programmatic and size == 1):
                         self._capture(bucket)
                 except Exception as err:  # noqa: BLE001 - a driver without PDL in graphs still gets graphs
                     if not self.programmatic:
