@@ -57,29 +57,6 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
     timed("gemm_lm_head", lambda: ops.linear(h, model.lm_head), int(model.lm_head.nbytes),
           2 * n * model.lm_head.shape[0] * model.lm_head.shape[1])
 
-    if n == 1 and ops.gemv is not None:
-        # what a one-row turn runs instead of the products and norms below: the GEMV layer with the
-        # norms, silu and residual adds folded in (LayerOps.norm_linear / linear_residual)
-        from neuron.collectives import SingleRank
-        from neuron.kernels.launch import programmatic_launches
-        from neuron.layers.ops import Residual
-        one = SingleRank()
-        attended = cp.ascontiguousarray(h[:, :1].repeat(model.heads.q_size, axis=1))
-
-        graphs = shard.engine.runner.graphs
-
-        def one_row_layer():   # launched as the decode graph launches it
-            with programmatic_launches(graphs is not None and graphs.programmatic):
-                res, _ = ops.norm_linear(Residual(h.copy()), p["0.input_norm"], c.rms_norm_eps, p["0.qkv"])
-                res = ops.linear_residual(res, attended, p["0.o"], None, one)
-                res, act = ops.norm_linear(res, p["0.post_norm"], c.rms_norm_eps, p["0.gate_up"], silu=True)
-                ops.linear_residual(res, act, p["0.down"], None, one)
-        timed("one_row_gemv_layers", one_row_layer, gemm_bytes, gemm_flops, layers)
-        logits_row = cp.zeros(1, dtype=cp.int32)
-        timed("one_row_gemv_lm_head", lambda: ops.norm_logits(Residual(h), p["norm"], c.rms_norm_eps, model.lm_head,
-                                                              logits_row),
-              int(model.lm_head.nbytes), 2 * model.lm_head.shape[0] * model.lm_head.shape[1])
-
     # attention over `context` keys per row: blocks drawn at random from the pool (contents irrelevant)
     blocks = -(-context // kv.block_size)
     tables = rng.integers(0, kv.num_blocks, (n, blocks)).astype(np.int32)
@@ -105,6 +82,31 @@ def profile_decode_turn(shard, n: int, context: int, bandwidth_gb_s: float, tflo
     item = h.dtype.itemsize
     norm_bytes = item * n * (6 * c.hidden_size + 2 * qkv.shape[1] + 3 * gate_up.shape[1] // 2)
     timed("norms_rope_silu", norms, norm_bytes * layers, 0, layers)
+
+    if n == 1 and ops.gemv is not None:
+        # what a one-row turn runs instead of the products and norms above: the GEMV layer with the
+        # norms, rotary, silu and residual adds folded in (LayerOps.norm_qkv_rope, norm_linear,
+        # linear_residual)
+        from neuron.collectives import SingleRank
+        from neuron.kernels.launch import programmatic_launches
+        from neuron.layers.ops import Residual
+        one = SingleRank()
+        attended = cp.ascontiguousarray(h[:, :1].repeat(model.heads.q_size, axis=1))
+        graphs = shard.engine.runner.graphs
+
+        def one_row_layer():   # launched as the decode graph launches it
+            with programmatic_launches(graphs is not None and graphs.programmatic):
+                res, _ = ops.norm_qkv_rope(Residual(h.copy()), p["0.input_norm"], c.rms_norm_eps, p["0.qkv"],
+                                           p.get("0.qkv_bias"), rotary, model.heads, kv.flat_keys(0),
+                                           kv.flat_values(0), slots)
+                res = ops.linear_residual(res, attended, p["0.o"], None, one)
+                res, act = ops.norm_linear(res, p["0.post_norm"], c.rms_norm_eps, p["0.gate_up"], silu=True)
+                ops.linear_residual(res, act, p["0.down"], None, one)
+        timed("one_row_gemv_layers", one_row_layer, gemm_bytes, gemm_flops, layers)
+        logits_row = cp.zeros(1, dtype=cp.int32)
+        timed("one_row_gemv_lm_head", lambda: ops.norm_logits(Residual(h), p["norm"], c.rms_norm_eps, model.lm_head,
+                                                              logits_row),
+              int(model.lm_head.nbytes), 2 * model.lm_head.shape[0] * model.lm_head.shape[1])
 
     logits = cp.asarray(rng.standard_normal((n, c.vocab_size)).astype(np.float32))
     rows = [SampleRow(RowSampler.create(SamplingConfig(), c.vocab_size), j, []) for j in range(n)]

@@ -112,6 +112,19 @@ class LayerOps:
             y = y + bias
         return Residual(x), (self.silu_mul(y) if silu else y)
 
+    def norm_qkv_rope(self, res: Residual, weight, eps: float, W, bias, rotary: Rotary, heads: HeadLayout,
+                      flat_keys, flat_values, slot_mapping, q_norm=None, k_norm=None):
+        """norm_linear of the q/k/v weight, then rope_write_kv: (the residual, rotated q [T, Hq, d]).
+        A one-row turn without q/k norms does both in one GEMV (its "rope" epilogue)."""
+        if self._one_row(res) and q_norm is None and self.gemv.can_rope(W):
+            q = self.xp.empty((1, heads.q_heads, heads.head_dim), dtype=res.x.dtype)
+            self.gemv.gemv_rope(W, res.x.reshape(-1), weight, eps, bias, rotary.positions, rotary.cos_table,
+                                rotary.sin_table, slot_mapping, q, flat_keys, flat_values, heads.q_heads,
+                                heads.kv_heads, heads.head_dim)
+            return res, q
+        res, qkv = self.norm_linear(res, weight, eps, W, bias)
+        return res, self.rope_write_kv(qkv, rotary, heads, flat_keys, flat_values, slot_mapping, q_norm, k_norm, eps)
+
     def linear_residual(self, res: Residual, a, W, bias, comm) -> Residual:
         """The residual plus comm's sum of a @ W^T, plus bias (row-parallel: every rank holds it,
         so it is added once, after the sum)."""

@@ -33,7 +33,7 @@ from common.dtypes import KERNEL_CODES as DT_CODES
 from neuron.kernels.launch import launch, programmatic
 
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
-EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4}
+EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4, "rope": 5}
 GEMV_THREADS = 256
 GEMV_ROWS_PER_BLOCK = GEMV_THREADS // 32   # warps per block (each: one or two rows, or a gate/up pair)
 GEMV_BLOCKS_PER_SM = 4                     # __launch_bounds__(256, 4) (3 for the norm prologues)
@@ -462,6 +462,59 @@ __device__ __forceinline__ void gemv_impl(const T* __restrict__ W, const T* __re
 #define GEMVB_CONSUMERS 8
 #endif
 #define GEMVB_THREADS (32 * (GEMVB_CONSUMERS + 1))
+// E 5 ("rope", one token): the q/k/v product with the rotary embedding and the paged KV write of
+// rope_write_kv_vec (kernels/layer_ops.cu) in its epilogue, same roundings: each q or k rotation
+// pair (j, j + d/2 of a head) is one unit of two rows, the v rows go two by two. q -> q[hq, d];
+// k, v -> slot slots[0] of k, v [slots, hkv, d], at position positions[0] of the cos/sin tables.
+struct RopeArgs {
+    const int* positions;
+    const float* cos;
+    const float* sin;
+    const long long* slots;
+    T* q;
+    T* k;
+    T* v;
+    int hq, hkv, d;
+};
+__device__ __forceinline__ void rope_rows(int u, const RopeArgs& ra, int& a, int& b) {
+    const int half = ra.d / 2, pairs = (ra.hq + ra.hkv) * half;
+    if (u < pairs) {
+        const int head = u / half;
+        a = head * ra.d + (u - head * half);
+        b = a + half;
+    } else {
+        a = (ra.hq + ra.hkv) * ra.d + 2 * (u - pairs);
+        b = a + 1;
+    }
+}
+template <int B>
+__device__ __forceinline__ void rope_epilogue(int u, float acc, float acc2, const T* __restrict__ bias,
+                                              const RopeArgs& ra) {
+    int a, b;
+    rope_rows(u, ra, a, b);
+    T ya = ft(acc), yb = ft(acc2);
+    if (B) {
+        ya = ft(tf(ya) + tf(bias[a]));
+        yb = ft(tf(yb) + tf(bias[b]));
+    }
+    const long long slot = ra.slots[0];
+    const int half = ra.d / 2, pairs = (ra.hq + ra.hkv) * half;
+    if (u >= pairs) {
+        T* v = ra.v + slot * ra.hkv * ra.d + (a - (ra.hq + ra.hkv) * ra.d);
+        v[0] = ya;
+        v[1] = yb;
+        return;
+    }
+    const int head = u / half, j = u - head * half;
+    const float* c = ra.cos + (long long)ra.positions[0] * ra.d;
+    const float* sn = ra.sin + (long long)ra.positions[0] * ra.d;
+    const float x = tf(ya), y = tf(yb);
+    const float lo = __fadd_rn(__fmul_rn(x, c[j]), __fmul_rn(-y, sn[j]));
+    const float hi = __fadd_rn(__fmul_rn(y, c[j + half]), __fmul_rn(x, sn[j + half]));
+    T* dst = head < ra.hq ? ra.q + head * ra.d : ra.k + (slot * ra.hkv + (head - ra.hq)) * ra.d;
+    dst[j] = ft(lo);
+    dst[j + half] = ft(hi);
+}
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(unsigned long long* b, unsigned count) {
@@ -485,16 +538,21 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned b
                  :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
 }
 // unit k of the block -> slot s: rows R (u0 + k) ... + R - 1, or with E 3 gate row u0 + k and its
-// up row N + u0 + k
+// up row N + u0 + k, or with E 5 the two rows rope_rows names
 template <int E, int R>
 __device__ __forceinline__ void gemvb_request(int k, int s, int u0, int N, int NV, const uint4* W4, uint4* slots,
-                                              unsigned long long* full) {
+                                              unsigned long long* full, const RopeArgs& ra) {
     const unsigned row_bytes = (unsigned)NV * 16u;
     uint4* dst = slots + (size_t)s * R * NV;
     mbar_expect_tx(full + s, R * row_bytes);
     if (E == 3) {
         bulk_copy(dst, W4 + (size_t)(u0 + k) * NV, row_bytes, full + s);
         bulk_copy(dst + NV, W4 + (size_t)(N + u0 + k) * NV, row_bytes, full + s);
+    } else if (E == 5) {
+        int a, b;
+        rope_rows(u0 + k, ra, a, b);
+        bulk_copy(dst, W4 + (size_t)a * NV, row_bytes, full + s);
+        bulk_copy(dst + NV, W4 + (size_t)b * NV, row_bytes, full + s);
     } else {
         bulk_copy(dst, W4 + (size_t)(u0 + k) * R * NV, R * row_bytes, full + s);
     }
@@ -505,7 +563,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
         const T* __restrict__ nw, const T* __restrict__ bias, T* __restrict__ out,
         float* __restrict__ outf, int N, int K, float eps,
         const float* __restrict__ rs, const T* __restrict__ rb, T* __restrict__ xo,
-        int upb, int S, int nc, int bar_off, int slot_off) {
+        int upb, int S, int nc, int bar_off, int slot_off, const RopeArgs ra = RopeArgs()) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ float scratch[32];
@@ -529,7 +587,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     __syncthreads();
     const bool producer = warp == GEMVB_CONSUMERS;
     if (producer && lane == 0)
-        for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, k, u0, N, NV, W4, slots, full);
+        for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, k, u0, N, NV, W4, slots, full, ra);
     pdl_wait();   // the input vector is the kernel before's output (a no-op launched the ordinary way)
     gemv_stage<P>(s, NV, xin, nw, rs, rb);
     cp_async_wait_all();
@@ -538,7 +596,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
         unsigned phase = 0;                        // of empty[sl]: the previous round's release
         for (int k = S, sl = 0; lane == 0 && k < nu; ++k) {
             mbar_wait(empty + sl, phase);
-            gemvb_request<E, R>(k, sl, u0, N, NV, W4, slots, full);
+            gemvb_request<E, R>(k, sl, u0, N, NV, W4, slots, full, ra);
             if (++sl == S) {
                 sl = 0;
                 phase ^= 1u;
@@ -566,7 +624,10 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
         if (lane == 0) mbar_arrive(empty + sl);
         acc = warp_sum(acc);
         if (R == 2) acc2 = warp_sum(acc2);
-        if (lane == 0) gemv_epilogue<E, B, R>(E == 3 ? u0 + k : (u0 + k) * R, acc, acc2, N, bias, out, outf);
+        if (lane == 0) {
+            if (E == 5) rope_epilogue<B>(u0 + k, acc, acc2, bias, ra);
+            else gemv_epilogue<E, B, R>(E == 3 ? u0 + k : (u0 + k) * R, acc, acc2, N, bias, out, outf);
+        }
     }
 #else
     __trap();   // the host launches gemvb_* only on sm_90 and later
@@ -607,6 +668,12 @@ GEMVB_INST(3, 0, 0) GEMVB_INST(3, 0, 1) GEMVB_INST(3, 2, 0) GEMVB_INST(3, 3, 0) 
 GEMVB_INST2(0, 0, 0) GEMVB_INST2(0, 0, 1) GEMVB_INST2(0, 1, 0) GEMVB_INST2(0, 1, 1) GEMVB_INST2(0, 2, 0)
 GEMVB_INST2(1, 0, 0) GEMVB_INST2(1, 0, 1) GEMVB_INST2(1, 1, 0) GEMVB_INST2(1, 1, 1) GEMVB_INST2(1, 2, 0)
 GEMVB_INST2(0, 4, 0) GEMVB_INST2(3, 0, 0) GEMVB_INST2(3, 0, 1) GEMVB_INST2(3, 2, 0)
+#define GEMVB_ROPE_INST(P, B) extern "C" __global__ void __launch_bounds__(GEMVB_THREADS, 1) \
+    gemvb_p##P##_e5_b##B(GEMVB_ARGS, const int* positions, const float* cos_table, const float* sin_table, \
+                         const long long* slots, T* q, T* k_cache, T* v_cache, int hq, int hkv, int d) { \
+        gemvb_impl<P, 5, B, 2>(GEMVB_PASS, RopeArgs{positions, cos_table, sin_table, slots, q, k_cache, v_cache, \
+                                                    hq, hkv, d}); }
+GEMVB_ROPE_INST(1, 0) GEMVB_ROPE_INST(1, 1)
 
 // ---------------------------------------------------------------- embedding row (decode)
 // The token is meta[2], or, when meta[2] < 0 (a chained step), the last token picked for this
@@ -1087,13 +1154,15 @@ class CudaOps:
         r = rows_per_warp or (2 if k * item < self.bulk_pair_below and n % 2 == 0 else 1)
         if epi == "silu_pair" or pro == "silu" or n % r:
             r = 1
+        if epi == "rope":   # a unit is a rotation pair (or two v rows) whatever the row size
+            r = 2
         unit_bytes = k * item * (2 if epi == "silu_pair" else r)
         units = n // r
         grid = min(blocks or self.sm_count, units)
         upb = ceil_div(units, grid)
         grid = ceil_div(units, upb)
         base = f"gemvb_p{PRO[pro]}_e{EPI[epi]}_b{{b}}"
-        name = base.format(b=0) + ("_r2" if r == 2 else "")
+        name = base.format(b=0) + ("_r2" if r == 2 and epi != "rope" else "")
         budget = self.smem_optin - self.fn(name).attributes["shared_size_bytes"]
         bar_off = ceil_div(stage, 8) * 8
 
@@ -1140,6 +1209,31 @@ class CudaOps:
             launch(f, (plan["grid"],), (self.bulk_threads,), args + plan["bulk"], plan["smem"])
         else:
             launch(f, (plan["grid"],), (GEMV_THREADS,), args + (np.int32(programmatic()),), plan["smem"])
+
+    def _rope_plan(self, n: int, k: int, item: int) -> dict | None:
+        key = ("rope", n, k, item)
+        if key not in self._plans:
+            smem = self.gemv_smem("rms", k, item, False)
+            fits = self.bulk != "never" and k * item <= GEMVB_ROW_MAX and n % 2 == 0 and smem <= GEMV_SMEM_MAX
+            self._plans[key] = self.gemv_bulk_plan(n, k, item, "rms", "rope", smem, None, 2) if fits else None
+        return self._plans[key]
+
+    def can_rope(self, W) -> bool:
+        """Whether gemv_rope runs this q/k/v weight (the bulk-copy GEMV, sm_90 and later)."""
+        return self._rope_plan(W.shape[0], W.shape[1], W.dtype.itemsize) is not None
+
+    def gemv_rope(self, W, xin, norm_w, eps: float, bias, positions, cos_table, sin_table, slots, q, k_cache,
+                  v_cache, hq: int, hkv: int, d: int) -> None:
+        """One token's q/k/v product from RMSNorm(xin) (+ bias), rotated and written: q [hq, d], k and
+        v into slot slots[0] of k_cache / v_cache [slots, hkv, d] (the "rope" epilogue)."""
+        n, k = W.shape
+        plan = self._rope_plan(n, k, W.dtype.itemsize)
+        f = self.fn(plan["base"].format(b=1 if bias is not None else 0))
+        self._set_smem(f, plan["smem"])
+        args = ((W, xin, self._ptr(norm_w), self._ptr(bias), 0, 0, np.int32(n), np.int32(k), np.float32(eps), 0, 0, 0)
+                + plan["bulk"] + (positions, cos_table, sin_table, slots, q, k_cache, v_cache, np.int32(hq),
+                                  np.int32(hkv), np.int32(d)))
+        launch(f, (plan["grid"],), (self.bulk_threads,), args, plan["smem"])
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:
@@ -1314,6 +1408,24 @@ class NumpyOps:
             out[...] = self.ft(self.tf(out) + y).reshape(out.shape)
         else:
             out[...] = self.ft(y).reshape(out.shape)
+
+    def can_rope(self, W) -> bool:
+        return W.shape[0] % 2 == 0
+
+    def gemv_rope(self, W, xin, norm_w, eps: float, bias, positions, cos_table, sin_table, slots, q, k_cache,
+                  v_cache, hq: int, hkv: int, d: int) -> None:
+        qkv = np.empty(W.shape[0], dtype=self.T)
+        self.gemv(W, xin, qkv, "rms", "store", norm_w=norm_w, eps=eps, bias=bias)
+        y, half = self.tf(qkv), d // 2
+        position, slot = int(positions[0]), int(slots[0])
+        c, sn = np.asarray(cos_table[position], np.float32), np.asarray(sin_table[position], np.float32)
+        heads = y[:(hq + hkv) * d].reshape(hq + hkv, d)
+        a, b = heads[:, :half], heads[:, half:]
+        # float32 products and sums, each rounded once: the kernel's __fmul_rn / __fadd_rn
+        rotated = self.ft(np.concatenate([a * c[:half] + (-b) * sn[:half], b * c[half:] + a * sn[half:]], axis=1))
+        q.reshape(hq, d)[...] = rotated[:hq]
+        k_cache[slot] = rotated[hq:].reshape(hkv, d)
+        v_cache[slot] = qkv[(hq + hkv) * d:].reshape(hkv, d)
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
                  hq: int, hkv: int, d: int, eps: float) -> None:

@@ -209,10 +209,10 @@ class LlamaModel:
 
     def _batch_attention(self, i: int, res: Residual, rotary: Rotary, kv: PagedKvCache, meta: AttentionMetadata):
         ops, p, c = self.ops, self.p, self.config
-        res, qkv = ops.norm_linear(res, p[f"{i}.input_norm"], c.rms_norm_eps, p[f"{i}.qkv"], p.get(f"{i}.qkv_bias"))
-        q = ops.rope_write_kv(qkv, rotary, self.heads, kv.flat_keys(i), kv.flat_values(i), meta.slot_mapping,
-                              p.get(f"{i}.q_norm") if c.qk_norm else None, p.get(f"{i}.k_norm") if c.qk_norm else None,
-                              c.rms_norm_eps)
+        res, q = ops.norm_qkv_rope(res, p[f"{i}.input_norm"], c.rms_norm_eps, p[f"{i}.qkv"], p.get(f"{i}.qkv_bias"),
+                                   rotary, self.heads, kv.flat_keys(i), kv.flat_values(i), meta.slot_mapping,
+                                   p.get(f"{i}.q_norm") if c.qk_norm else None,
+                                   p.get(f"{i}.k_norm") if c.qk_norm else None)
         attended = paged_attention(self.xp, q, kv.keys[i], kv.values[i], meta, c.sliding_window, self.decode_attention)
         return ops.linear_residual(res, attended, p[f"{i}.o"], p.get(f"{i}.o_bias"), self.comm)
 

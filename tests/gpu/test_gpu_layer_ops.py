@@ -138,6 +138,35 @@ def test_one_row_gemv_layer_matches_the_batched_ops(dtype):
             assert np.mean(as_f32(a) == as_f32(b)) > 0.8
 
 
+@pytest.mark.parametrize("heads", [(8, 2, 128), (8, 2, 64)])   # the 8B's and the 1B's head_dim
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_rope_epilogue_equals_the_product_then_rope_write_kv(heads, with_bias):
+    """One token's q/k/v GEMV with the rotary and the paged KV write in its epilogue: the bits of the
+    GEMV's plain product followed by the rope_write_kv kernel."""
+    from neuron.model.kernels import CudaOps
+
+    hq, hkv, d = heads
+    rng = np.random.default_rng(7)
+    gemv = CudaOps("bfloat16")
+    _, fused = ops_pair("bfloat16", d=d)
+    hidden, n, slots = 1024, (hq + 2 * hkv) * d, 16
+    W, x, norm_w = rand(rng, (n, hidden), "bfloat16", 0.05), rand(rng, (hidden,), "bfloat16"), rand(rng, (hidden,), "bfloat16")
+    bias = rand(rng, (n,), "bfloat16") if with_bias else None
+    positions, slot = cp.asarray(np.array([41], np.int32)), cp.asarray(np.array([9], np.int64))
+    assert gemv.can_rope(W)
+    q = cp.empty((1, hq, d), dtype=W.dtype)
+    k_cache, v_cache = cp.zeros((slots, hkv, d), dtype=W.dtype), cp.zeros((slots, hkv, d), dtype=W.dtype)
+    gemv.gemv_rope(W, x, norm_w, 1e-5, bias, positions, fused.cos_table, fused.sin_table, slot, q, k_cache, v_cache,
+                   hq, hkv, d)
+    qkv = cp.empty(n, dtype=W.dtype)
+    gemv.gemv(W, x, qkv, "rms", "store", norm_w=norm_w, eps=1e-5, bias=bias)
+    k_ref, v_ref = cp.zeros_like(k_cache), cp.zeros_like(v_cache)
+    q_ref = fused.rope_write_kv(qkv.reshape(1, -1), fused.rotary(positions), HeadLayout(hq, hkv, d), k_ref, v_ref, slot)
+    for a, b in ((q, q_ref), (k_cache, k_ref), (v_cache, v_ref)):
+        assert np.array_equal(as_f32(a), as_f32(b))
+    assert np.count_nonzero(as_f32(k_cache[9])) > 0
+
+
 @pytest.mark.parametrize("programmatic", [False, True])
 def test_a_cuda_graph_of_the_one_row_gemv_layer_replays_it(programmatic):
     """Captured with programmatic launches (kernels/launch.py: each kernel may start while the one
