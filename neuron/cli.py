@@ -71,8 +71,8 @@ SETTINGS = [
             "(single-device shards); --no-async-scheduling turns it off", type=bool),
     Setting("one_row_gemv", DEFAULT_ENGINE.one_row_gemv,
             "on GPUs, a turn of one token (one stream decoding) runs its products through GEMV kernels that take "
-            "the norm into their input and the rotary with the KV write, the silu or the residual add into their "
-            "output, replayed with programmatic launches (single-device shards); --no-one-row-gemv runs it "
+            "the norm into their input and the silu or the residual add into their output, replayed with "
+            "programmatic launches (single-device shards); --no-one-row-gemv runs it "
             "through cuBLAS and separate kernels, as larger turns", type=bool),
     Setting("watchdog_seconds", 60.0, "a device that holds work but finishes no turn for this long is reported "
             "stalled (health NOT_SERVING, Describe's device error); 0: off", type=float),

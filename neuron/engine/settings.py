@@ -22,8 +22,8 @@ class EngineSettings:
     # the next decode turn queued on the device behind the running one (single-device shards);
     # same tokens, and on an H200 1B at 256 streams 31,300 -> 47,000 tok/s in process (NOTES, session 9)
     async_scheduling: bool = True
-    # a GPU turn of one token (one stream decoding) through the GEMV kernels with the norms, rotary,
-    # silu and residual adds folded in, instead of cuBLAS and separate kernels (single-device
+    # a GPU turn of one token (one stream decoding) through the GEMV kernels with the norms, silu
+    # and residual adds folded in, instead of cuBLAS and separate kernels (single-device
     # shards); one 8B stream 4.84 -> 4.27 ms a turn on an H200 (NOTES, session 13)
     one_row_gemv: bool = True
 

@@ -82,9 +82,10 @@ class Residual:
 class LayerOps:
     """`one_row_gemv`: a GEMV engine (model/kernels.py's CudaOps, or its NumPy mirror NumpyOps in
     tests) for turns of one token on one rank. Such a turn's products then take the norm into
-    their input and the rotary with the KV write, the silu or the residual add into their output
-    (a decode layer: four GEMVs and the attention), where the batched path launches a norm, a
-    product and an add or a rotary each. The GEMV rounds where the batched ops round, but sums in another order than cuBLAS (as
+    their input and the silu or the residual add into their output (a decode layer: four GEMVs,
+    the rotary and the attention; with the GEMV engine's rope epilogue, `can_rope`, the rotary
+    and the KV write go into the q/k/v GEMV too), where the batched path launches a norm, a
+    product and an add each. The GEMV rounds where the batched ops round, but sums in another order than cuBLAS (as
     cuBLAS itself does between some batch sizes: bench/NOTES.md, session 7)."""
 
     def __init__(self, xp, cos_table, sin_table, one_row_gemv=None):

@@ -1011,8 +1011,13 @@ class CudaOps:
     """Launches the kernels above on CuPy arrays (all on the current device and stream)."""
 
     def __init__(self, dtype_name: str, norm_min_blocks: int = 3, bulk: str = "auto",
-                 bulk_consumers: int = GEMVB_CONSUMERS, bulk_pair_below: int = GEMVB_PAIR_BELOW):
-        """norm_min_blocks: the register GEMVs with a norm prologue are built for this many blocks per
+                 bulk_consumers: int = GEMVB_CONSUMERS, bulk_pair_below: int = GEMVB_PAIR_BELOW,
+                 rope_epilogue: bool = False):
+        """rope_epilogue: whether can_rope offers the "rope" epilogue (one token's q/k/v GEMV with
+        the rotary and the KV write). Off: it is built and its NumPy mirror is tested, but the CUDA
+        kernel has not yet run on a GPU (tests/gpu/test_gpu_layer_ops.py holds it to the product
+        followed by rope_write_kv, bit for bit; bench/NOTES.md, session 13).
+        norm_min_blocks: the register GEMVs with a norm prologue are built for this many blocks per
         SM (3: 80 registers, no spill; 4: 64 registers, which spills). bulk: which decode GEMVs stream
         their weights into shared memory with bulk copies (gemvb_*, sm_90 and later) with
         bulk_consumers warps computing per block: "auto" those with rows of at most GEMVB_ROW_MAX
@@ -1030,6 +1035,7 @@ class CudaOps:
         self.options = ("--std=c++17", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}",
                         f"-DGEMVB_CONSUMERS={bulk_consumers}")
         self.bulk_consumers = bulk_consumers
+        self.rope_epilogue = rope_epilogue
         self.bulk_pair_below = bulk_pair_below
         self.bulk_threads = 32 * (bulk_consumers + 1)
         self.module = cupy.RawModule(code=CUDA_BASE + CUDA_KERNELS, options=self.options)
@@ -1219,8 +1225,8 @@ class CudaOps:
         return self._plans[key]
 
     def can_rope(self, W) -> bool:
-        """Whether gemv_rope runs this q/k/v weight (the bulk-copy GEMV, sm_90 and later)."""
-        return self._rope_plan(W.shape[0], W.shape[1], W.dtype.itemsize) is not None
+        """Whether gemv_rope runs this q/k/v weight (rope_epilogue on; the bulk-copy GEMV, sm_90+)."""
+        return self.rope_epilogue and self._rope_plan(W.shape[0], W.shape[1], W.dtype.itemsize) is not None
 
     def gemv_rope(self, W, xin, norm_w, eps: float, bias, positions, cos_table, sin_table, slots, q, k_cache,
                   v_cache, hq: int, hkv: int, d: int) -> None:

@@ -54,7 +54,7 @@ class LlamaModel:
     def _layer_ops(self, mode: str, one_row_gemv: bool) -> LayerOps:
         """forward_batch's ops: "auto" (the fused CUDA ops on a GPU, plain ops on a CPU) or "plain".
         `one_row_gemv` (on): a turn of one token on one rank runs its products through the fused
-        engine's GEMV kernels with the norms, rotary, silu and residual adds folded in (LayerOps), on
+        engine's GEMV kernels with the norms, silu and residual adds folded in (LayerOps), on
         a GPU when the kernels fit the model: one 8B stream's turn was bound by the launches it saves."""
         if mode not in ("auto", "plain"):
             raise ValueError(f"layer_ops must be auto or plain, not {mode!r}")

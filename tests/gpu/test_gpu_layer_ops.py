@@ -147,7 +147,7 @@ def test_the_rope_epilogue_equals_the_product_then_rope_write_kv(heads, with_bia
 
     hq, hkv, d = heads
     rng = np.random.default_rng(7)
-    gemv = CudaOps("bfloat16")
+    gemv = CudaOps("bfloat16", rope_epilogue=True)
     _, fused = ops_pair("bfloat16", d=d)
     hidden, n, slots = 1024, (hq + 2 * hkv) * d, 16
     W, x, norm_w = rand(rng, (n, hidden), "bfloat16", 0.05), rand(rng, (hidden,), "bfloat16"), rand(rng, (hidden,), "bfloat16")
