@@ -11,8 +11,9 @@ and its writes are visible. Each such kernel lets its own dependents start early
 Only kernels that call `pdl_wait` before reading any output of an earlier kernel (and before any
 write) may be launched this way: the GEMVs, the rotary + KV write and the paged attention kernels.
 `programmatic_launches()` turns it on for the calling thread (DecodeGraphs, while it captures);
-elsewhere `launch` is CuPy's ordinary launch. A kernel launched normally runs `griddepcontrol.wait`
-as a no-op.
+elsewhere `launch` is CuPy's ordinary launch. In a kernel launched normally `griddepcontrol.wait`
+waits for nothing, but it is not free per block: kernels of many blocks (rope, attention) take a
+`pdl` argument and run the instructions only when launched programmatically.
 
 CuPy's launcher has no launch attributes, so this calls the driver's cuLaunchKernelEx by ctypes
 with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION; captured into a graph, that becomes a

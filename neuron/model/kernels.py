@@ -31,6 +31,7 @@ import numpy as np
 from common.dtypes import DTYPES
 from common.dtypes import KERNEL_CODES as DT_CODES
 from neuron.kernels.launch import launch, programmatic
+from neuron.layers.ops import apply_rope
 
 PRO = {"none": 0, "rms": 1, "silu": 2, "resid_rms": 3}
 EPI = {"store": 0, "resid": 1, "logits": 2, "silu_pair": 3, "partial": 4, "rope": 5}
@@ -194,7 +195,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 // Programmatic dependent launch (kernels/launch.py): pdl_trigger lets the next kernel's blocks be
 // scheduled while this one runs; pdl_wait waits until the kernel before this one has finished and
-// its writes are visible. Both are no-ops below sm_90 and in a kernel launched the ordinary way.
+// its writes are visible. Below sm_90 they compile to nothing; launched the ordinary way they change
+// nothing but still cost each block a little (+0.5 ms a turn over the 8B x 256 attention's ~22,000
+// blocks), so kernels of many blocks run them only when launched programmatically.
 __device__ __forceinline__ void pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -588,7 +591,7 @@ __device__ __forceinline__ void gemvb_impl(const T* __restrict__ W, const T* __r
     const bool producer = warp == GEMVB_CONSUMERS;
     if (producer && lane == 0)
         for (int k = 0; k < min(S, nu); ++k) gemvb_request<E, R>(k, k, u0, N, NV, W4, slots, full, ra);
-    pdl_wait();   // the input vector is the kernel before's output (a no-op launched the ordinary way)
+    pdl_wait();   // the input vector is the kernel before's output (one block an SM: the cost is small)
     gemv_stage<P>(s, NV, xin, nw, rs, rb);
     cp_async_wait_all();
     gemv_prologue<P>(s, NV, K, eps, rb, xo, scratch);
@@ -1422,15 +1425,12 @@ class NumpyOps:
                   v_cache, hq: int, hkv: int, d: int) -> None:
         qkv = np.empty(W.shape[0], dtype=self.T)
         self.gemv(W, xin, qkv, "rms", "store", norm_w=norm_w, eps=eps, bias=bias)
-        y, half = self.tf(qkv), d // 2
         position, slot = int(positions[0]), int(slots[0])
-        c, sn = np.asarray(cos_table[position], np.float32), np.asarray(sin_table[position], np.float32)
-        heads = y[:(hq + hkv) * d].reshape(hq + hkv, d)
-        a, b = heads[:, :half], heads[:, half:]
-        # float32 products and sums, each rounded once: the kernel's __fmul_rn / __fadd_rn
-        rotated = self.ft(np.concatenate([a * c[:half] + (-b) * sn[:half], b * c[half:] + a * sn[half:]], axis=1))
+        # the rotation the kernel repeats (its __fmul_rn / __fadd_rn are these float32 ops)
+        rotated = apply_rope(np, qkv[:(hq + hkv) * d].reshape(1, hq + hkv, d), cos_table[position:position + 1],
+                             sin_table[position:position + 1])[0]
         q.reshape(hq, d)[...] = rotated[:hq]
-        k_cache[slot] = rotated[hq:].reshape(hkv, d)
+        k_cache[slot] = rotated[hq:]
         v_cache[slot] = qkv[(hq + hkv) * d:].reshape(hkv, d)
 
     def qkv_post(self, qkv, meta, tn: int, bias, qn, kn, cos, sin, qout, kcache, vcache,
