@@ -144,14 +144,18 @@ def run_requests(shard, prompts: list[list[int]], tokens: int, turn_times: list 
     return requests, time.perf_counter() - started
 
 
-def recapture(shard, max_seqs: int, graphs: bool, one_row_gemv: bool, programmatic: bool) -> None:
+def recapture(shard, max_seqs: int, graphs: bool, one_row_gemv: bool, programmatic: bool,
+              rope_epilogue: bool) -> None:
     """The A/B switches: one-row turns through cuBLAS and separate kernels as larger turns (not
-    one_row_gemv), graphs captured without programmatic launches (not programmatic); the decode
-    graphs captured again."""
+    one_row_gemv), graphs captured without programmatic launches (not programmatic), the one-row
+    q/k/v GEMV followed by the separate rotary kernel (not rope_epilogue); the decode graphs
+    captured again."""
     from neuron.runner.cuda_graphs import DecodeGraphs
 
     if not one_row_gemv:
         shard.model.ops.gemv = None
+    elif not rope_epilogue and shard.model.ops.gemv is not None:  # None on the CPU
+        shard.model.ops.gemv.rope_epilogue = False
     if graphs:
         shard.engine.runner.graphs = DecodeGraphs(shard.model, shard.kv, max_seqs, capture=True,
                                                   programmatic=programmatic)
@@ -173,8 +177,9 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
         shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency),
                      async_scheduling=not args.no_async_scheduling)
-        if args.no_one_row_gemv or args.no_pdl:
-            recapture(shard, max(concurrency), args.graphs != "off", not args.no_one_row_gemv, not args.no_pdl)
+        if args.no_one_row_gemv or args.no_pdl or args.no_rope_epilogue:
+            recapture(shard, max(concurrency), args.graphs != "off", not args.no_one_row_gemv, not args.no_pdl,
+                      not args.no_rope_epilogue)
         captured = shard.engine.runner.graphs
         report = captured.report if captured else None
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs]
@@ -251,6 +256,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="one-row turns through cuBLAS and separate kernels (the engine's default folds them into GEMVs)")
     parser.add_argument("--no-pdl", action="store_true",
                         help="decode graphs without programmatic dependent launches (kernels/launch.py)")
+    parser.add_argument("--no-rope-epilogue", action="store_true",
+                        help="one-row turns run the rotary and KV write as their own kernel (by default the "
+                             "q/k/v GEMV's epilogue does it)")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="run one turn at a time (by default each decode turn is queued behind the running "
                              "one, EngineSettings.async_scheduling, and a turn's logged seconds overlap the next's)")
@@ -269,7 +277,8 @@ def main() -> None:
         bandwidth, tflops, name = copy_bandwidth(backend.xp), matmul_rate(backend.xp), gpu_name()
     print(f"device: {name}   copy {bandwidth:.0f} GB/s   matmul {tflops:.3f} TFLOP/s", flush=True)
     result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
-              "one_row_gemv": not args.no_one_row_gemv, "pdl": not args.no_pdl, "async_scheduling": not args.no_async_scheduling,
+              "one_row_gemv": not args.no_one_row_gemv, "pdl": not args.no_pdl,
+              "rope_epilogue": not args.no_rope_epilogue, "async_scheduling": not args.no_async_scheduling,
               "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)

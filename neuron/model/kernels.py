@@ -1015,11 +1015,10 @@ class CudaOps:
 
     def __init__(self, dtype_name: str, norm_min_blocks: int = 3, bulk: str = "auto",
                  bulk_consumers: int = GEMVB_CONSUMERS, bulk_pair_below: int = GEMVB_PAIR_BELOW,
-                 rope_epilogue: bool = False):
+                 rope_epilogue: bool = True):
         """rope_epilogue: whether can_rope offers the "rope" epilogue (one token's q/k/v GEMV with
-        the rotary and the KV write). Off: it is built and its NumPy mirror is tested, but the CUDA
-        kernel has not yet run on a GPU (tests/gpu/test_gpu_layer_ops.py holds it to the product
-        followed by rope_write_kv, bit for bit; bench/NOTES.md, session 13).
+        the rotary and the KV write; tests/gpu/test_gpu_layer_ops.py holds it to the product
+        followed by rope_write_kv, bit for bit).
         norm_min_blocks: the register GEMVs with a norm prologue are built for this many blocks per
         SM (3: 80 registers, no spill; 4: 64 registers, which spills). bulk: which decode GEMVs stream
         their weights into shared memory with bulk copies (gemvb_*, sm_90 and later) with
