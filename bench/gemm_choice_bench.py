@@ -87,7 +87,7 @@ def main() -> None:
     import cupy as cp
 
     from neuron.kernels.cublas_gemm import CublasGemm, CublasLtGemm
-    from neuron.model import kernels
+    from neuron.kernels import fused_gemv as kernels
 
     bandwidth = copy_bandwidth(cp)
     tflops = matmul_rate(cp)

@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--device", type=int, default=0)
     args = parser.parse_args()
     import cupy as cp
-    from neuron.model.kernels import CudaOps
+    from neuron.kernels.fused_gemv import CudaOps
     t0 = time.time()
     dev = cp.cuda.Device(args.device)
     dev.use()

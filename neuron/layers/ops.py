@@ -80,7 +80,7 @@ class Residual:
 
 
 class LayerOps:
-    """`one_row_gemv`: a GEMV engine (model/kernels.py's CudaOps, or its NumPy mirror NumpyOps in
+    """`one_row_gemv`: a GEMV engine (kernels/fused_gemv.py's CudaOps, or its NumPy mirror NumpyOps in
     tests) for turns of one token on one rank. Such a turn's products then take the norm into
     their input and the silu or the residual add into their output (a decode layer: four GEMVs,
     the rotary and the attention; with the GEMV engine's rope epilogue, `can_rope`, the rotary

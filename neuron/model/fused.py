@@ -1,4 +1,5 @@
-"""The fused forward pass: the plain path's arithmetic (llama.py) through the kernels of kernels.py.
+"""The fused forward pass: the plain path's arithmetic (llama.py) through the kernels of
+neuron/kernels/fused_gemv.py.
 
 Decode (one token): every layer is four GEMV launches with their neighbours folded in (RMSNorm
 into the q/k/v and gate/up GEMVs, silu(gate)*up into the gate/up GEMV's epilogue, the residual
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import softmax_scale
+from neuron.kernels.fused_gemv import softmax_scale
 
 ATTN_SCORE_BYTES = 128 << 20  # prefill attention: score/probability memory per query chunk
 
@@ -402,10 +403,10 @@ def new_engine(config, layout, params: dict, xp, comm, cos, sin, mode: str):
     dtype_name = np.dtype(params["embed"].dtype).name
     if mode == "numpy":
         from .cuda_graph import NumpyStepIO
-        from .kernels import NumpyOps
+        from neuron.kernels.fused_gemv import NumpyOps
         return FusedLlama(config, layout, params, xp, comm, cos, sin, NumpyOps(dtype_name), NumpyStepIO())
     from .cuda_graph import CudaStepIO, DecodeGraph
-    from .kernels import CudaOps
+    from neuron.kernels.fused_gemv import CudaOps
     return FusedLlama(config, layout, params, xp, comm, cos, sin, CudaOps(dtype_name), CudaStepIO(xp),
                       graph_factory=lambda body, warmup=None: DecodeGraph(xp, body, warmup))
 

@@ -63,7 +63,7 @@ class LlamaModel:
         dtype_name = np.dtype(self.p["embed"].dtype).name
         gemv = None
         if one_row_gemv and self.comm.size == 1:
-            from . import kernels
+            from neuron.kernels import fused_gemv as kernels
             reason = kernels.supports(self.config, self.layout, dtype_name)
             if reason is None:
                 gemv = kernels.CudaOps(dtype_name)
@@ -102,7 +102,9 @@ class LlamaModel:
         on_gpu = self.xp is not np
         if mode in ("off", "0") or (mode == "auto" and not on_gpu):
             return None
-        from . import fused, kernels
+        from neuron.kernels import fused_gemv as kernels
+
+        from . import fused
         dtype_name = np.dtype(self.p["embed"].dtype).name
         reason = kernels.supports(self.config, self.layout, dtype_name)
         if reason is not None:

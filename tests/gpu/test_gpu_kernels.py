@@ -1,5 +1,6 @@
-"""Each CUDA kernel of neuron/model/kernels.py against its NumPy mirror, on fresh random inputs,
-with outputs poisoned first (an element the kernel should write but does not shows up as NaN)."""
+"""Each CUDA kernel of neuron/kernels/fused_gemv.py (fused_base.cuh, fused_gemv.cu,
+slot_attention.cu) against its NumPy mirror, on fresh random inputs, with outputs poisoned first
+(an element the kernel should write but does not shows up as NaN)."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def cp():
 
 
 def ops_pair(dtype_name, **kw):
-    from neuron.model.kernels import CudaOps, NumpyOps
+    from neuron.kernels.fused_gemv import CudaOps, NumpyOps
     return CudaOps(dtype_name, **kw), NumpyOps(dtype_name)
 
 
@@ -239,7 +240,7 @@ def test_rows_kernels(cp, dtype_name):
 
 
 def test_argmax_first_of_ties(cp):
-    from neuron.model.kernels import CudaOps
+    from neuron.kernels.fused_gemv import CudaOps
     cu = CudaOps("float32")
     rng = np.random.default_rng(5)
     for n in (1, 450, 128256):

@@ -124,7 +124,7 @@ def one_row_layer(ops, w):
 def test_one_row_gemv_layer_matches_the_batched_ops(dtype):
     """Norm into the GEMV's input, bias, silu and residual add into its output: the values the
     batched ops (norm kernel, cuBLAS, add) give, up to the order of the sums."""
-    from neuron.model.kernels import CudaOps
+    from neuron.kernels.fused_gemv import CudaOps
 
     _, batched = ops_pair(dtype)
     _, one_row = ops_pair(dtype, gemv=CudaOps(dtype))
@@ -143,7 +143,7 @@ def test_one_row_gemv_layer_matches_the_batched_ops(dtype):
 def test_the_rope_epilogue_equals_the_product_then_rope_write_kv(heads, with_bias):
     """One token's q/k/v GEMV with the rotary and the paged KV write in its epilogue: the bits of the
     GEMV's plain product followed by the rope_write_kv kernel."""
-    from neuron.model.kernels import CudaOps
+    from neuron.kernels.fused_gemv import CudaOps
 
     hq, hkv, d = heads
     rng = np.random.default_rng(7)
@@ -172,7 +172,7 @@ def test_a_cuda_graph_of_the_one_row_gemv_layer_replays_it(programmatic):
     """Captured with programmatic launches (kernels/launch.py: each kernel may start while the one
     before runs, and waits for it in griddepcontrol.wait), the replay gives the eager bits."""
     from neuron.kernels.launch import programmatic_launches
-    from neuron.model.kernels import CudaOps
+    from neuron.kernels.fused_gemv import CudaOps
 
     _, one_row = ops_pair("bfloat16", gemv=CudaOps("bfloat16"))
     rng = np.random.default_rng(6)

@@ -1,5 +1,5 @@
 """The one-token q/k/v GEMV with the rotary embedding and the KV write in its epilogue ("rope",
-model/kernels.py), in its NumPy mirror: the same values as the product followed by the plain
+kernels/fused_gemv.py), in its NumPy mirror: the same values as the product followed by the plain
 rope_write_kv (tests/gpu holds the CUDA kernel to the same)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from neuron.layers.ops import HeadLayout, LayerOps
-from neuron.model.kernels import NumpyOps
+from neuron.kernels.fused_gemv import NumpyOps
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

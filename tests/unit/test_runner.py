@@ -167,7 +167,7 @@ def test_one_row_turns_through_the_gemv_mirror_give_the_single_sequence_logits(n
     """A request alone decodes one row a turn: with the GEMV engine's NumPy mirror as the one-row
     ops (norm into the product's input, silu and the residual add into its output), every
     position's logits stay those of the single-sequence pass, and the tokens those of transformers."""
-    from neuron.model.kernels import NumpyOps
+    from neuron.kernels.fused_gemv import NumpyOps
 
     ref = np.load(REFERENCE / f"{name}.npz")
     model, kv, config = build(name, decode="numpy-tiles")
