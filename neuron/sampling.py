@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from common.errors import InvalidArgument
+from neuron.kernels.top_filter import top_filter_draw
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 1_000_000
@@ -185,22 +186,17 @@ class Sampler:
 
 def draw(xp, scores, config: SamplingConfig, top_k: int, uniform: float):
     """The index drawn from float32 scores with the request's next `uniform`: temperature first, then
-    the filters in transformers' order (top-k, top-p, min-p), then an inverse-CDF draw. A device
-    scalar on CuPy. `top_k` 0: no top-k (also when it would keep the whole vocabulary)."""
+    the filters in transformers' order (top-k, top-p, min-p), then an inverse-CDF draw in
+    vocabulary order. A device scalar on CuPy. `top_k` 0: no top-k (also when it would keep the
+    whole vocabulary). With top-k or top-p the draw is neuron.kernels.top_filter's (integer masses,
+    no sort on a GPU)."""
     scores = (scores - scores.max()) / config.temperature
-    order = None
-    if top_k or config.top_p < 1.0:
-        order = xp.argsort(-scores, kind="stable")  # high to low; ties keep vocab order
-        if top_k:
-            order = order[:top_k]
-        scores = scores[order]
     weights = xp.exp(scores)  # unnormalized probabilities; the top token's is exactly 1
-    if config.top_p < 1.0:
-        weights = _top_p(xp, weights, config.top_p)
+    if top_k or config.top_p < 1.0:
+        return top_filter_draw(xp, weights[None], [top_k], [config.top_p], [config.min_p], [uniform])[0]
     if config.min_p > 0.0:
         weights = xp.where(weights >= config.min_p, weights, 0.0)
-    index = _inverse_cdf(xp, weights, uniform)
-    return order[index] if order is not None else index
+    return _inverse_cdf(xp, weights, uniform)
 
 
 def _penalize_repetition(xp, scores, history_token_ids: Sequence[int], penalty: float) -> None:
@@ -209,15 +205,6 @@ def _penalize_repetition(xp, scores, history_token_ids: Sequence[int], penalty: 
     seen = xp.asarray(np.asarray(history_token_ids, dtype=np.int64))
     values = scores[seen]
     scores[seen] = xp.where(values > 0, values / penalty, values * penalty)
-
-
-def _top_p(xp, sorted_weights, top_p: float):
-    """Nucleus filter over weights sorted high to low: keep a token while the probability mass
-    ranked above it is below top_p. The top token has nothing above it, so it always stays.
-    Summed in float64 for the reason given in _inverse_cdf."""
-    cumulative = xp.cumsum(sorted_weights, dtype=xp.float64)
-    above = cumulative - sorted_weights
-    return xp.where(above < top_p * cumulative[-1], sorted_weights, 0.0)
 
 
 def _inverse_cdf(xp, weights, uniform: float):

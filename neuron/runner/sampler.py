@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuron.kernels.argmax import argmax_rows_cuda
+from neuron.kernels.top_filter import top_filter_draw
 from neuron.sampling import SamplingConfig, _penalize_repetition
 
 
@@ -86,41 +87,28 @@ def draw_rows(xp, scores, samplers: list[RowSampler]):
     """neuron.sampling.draw for every row of float32 scores [n, vocab] at once, each with its
     request's config and next uniform: the same token per row as `draw` on that row alone (CPU
     tests hold it exactly), in a fixed number of launches per turn instead of a dozen per row.
-    Rows with top-k or top-p sort (stable, high to low) and cut in sorted order; the others draw
-    in vocabulary order, as `draw` does. A top-k cut is a run of zero weights past the k-th rank,
-    which leaves every sum `draw` takes over the first k unchanged."""
+    Rows with top-k or top-p go through one top_filter_draw (no sort of the vocabulary on a GPU);
+    the others draw in vocabulary order, as `draw` does."""
     n, vocab = scores.shape
     ids = xp.zeros(n, dtype=xp.int64)
     uniforms = np.array([s.rng.random() for s in samplers])   # one per row per token, in row order
     temperature = np.array([s.config.temperature for s in samplers], dtype=np.float32)[:, None]
     scaled = (scores - scores.max(axis=1, keepdims=True)) / xp.asarray(temperature)
-    sort = np.array([bool(s.top_k) or s.config.top_p < 1.0 for s in samplers])
-    for part in (np.flatnonzero(sort), np.flatnonzero(~sort)):
+    cut = np.array([bool(s.top_k) or s.config.top_p < 1.0 for s in samplers])
+    for part in (np.flatnonzero(cut), np.flatnonzero(~cut)):
         if not len(part):
             continue
         picked = [samplers[j] for j in part]
-        rows = scaled[xp.asarray(part)]
-        order = None
-        if sort[part[0]]:
-            order = xp.argsort(-rows, axis=1, kind="stable")
-            rows = xp.take_along_axis(rows, order, axis=1)
-        weights = xp.exp(rows)
-        if order is not None:
-            keep = np.array([s.top_k or vocab for s in picked])[:, None]
-            weights = xp.where(xp.arange(vocab)[None, :] < xp.asarray(keep), weights, 0.0)
-            top_p = np.array([s.config.top_p for s in picked])
-            if (top_p < 1.0).any():
-                cumulative = xp.cumsum(weights, axis=1, dtype=xp.float64)
-                above = cumulative - weights
-                kept = above < xp.asarray(top_p)[:, None] * cumulative[:, -1:]
-                weights = xp.where(xp.asarray(top_p >= 1.0)[:, None] | kept, weights, 0.0)
+        weights = xp.exp(scaled[xp.asarray(part)])
+        if cut[part[0]]:
+            ids[xp.asarray(part)] = top_filter_draw(xp, weights, [s.top_k for s in picked],
+                                                    [s.config.top_p for s in picked],
+                                                    [s.config.min_p for s in picked], uniforms[part])
+            continue
         min_p = np.array([s.config.min_p for s in picked], dtype=np.float32)[:, None]
         if (min_p > 0).any():
             weights = xp.where(weights >= xp.asarray(min_p), weights, 0.0)   # min_p 0 keeps every weight
         cdf = xp.cumsum(weights, axis=1, dtype=xp.float64)
         target = cdf[:, -1] * (1.0 - xp.asarray(uniforms[part]))
-        index = (cdf < target[:, None]).sum(axis=1)              # searchsorted(side="left") per row
-        if order is not None:
-            index = xp.take_along_axis(order, index[:, None], axis=1)[:, 0]
-        ids[xp.asarray(part)] = index
+        ids[xp.asarray(part)] = (cdf < target[:, None]).sum(axis=1)   # searchsorted(side="left") per row
     return ids
