@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from common.errors import InvalidArgument
-from neuron.kernels.top_filter import top_filter_draw
+from neuron.kernels.top_filter import sample_draws
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 1_000_000
@@ -186,17 +186,10 @@ class Sampler:
 
 def draw(xp, scores, config: SamplingConfig, top_k: int, uniform: float):
     """The index drawn from float32 scores with the request's next `uniform`: temperature first, then
-    the filters in transformers' order (top-k, top-p, min-p), then an inverse-CDF draw in
-    vocabulary order. A device scalar on CuPy. `top_k` 0: no top-k (also when it would keep the
-    whole vocabulary). With top-k or top-p the draw is neuron.kernels.top_filter's (integer masses,
-    no sort on a GPU)."""
-    scores = (scores - scores.max()) / config.temperature
-    weights = xp.exp(scores)  # unnormalized probabilities; the top token's is exactly 1
-    if top_k or config.top_p < 1.0:
-        return top_filter_draw(xp, weights[None], [top_k], [config.top_p], [config.min_p], [uniform])[0]
-    if config.min_p > 0.0:
-        weights = xp.where(weights >= config.min_p, weights, 0.0)
-    return _inverse_cdf(xp, weights, uniform)
+    the filters in transformers' order (top-k, top-p, min-p), then a draw in vocabulary order, as
+    neuron.kernels.top_filter defines them (integer masses; no sort on a GPU). A device scalar on
+    CuPy. `top_k` 0: no top-k (also when it would keep the whole vocabulary)."""
+    return sample_draws(xp, scores[None], [top_k], [config.top_p], [config.min_p], [config.temperature], [uniform])[0]
 
 
 def _penalize_repetition(xp, scores, history_token_ids: Sequence[int], penalty: float) -> None:
@@ -205,16 +198,3 @@ def _penalize_repetition(xp, scores, history_token_ids: Sequence[int], penalty: 
     seen = xp.asarray(np.asarray(history_token_ids, dtype=np.int64))
     values = scores[seen]
     scores[seen] = xp.where(values > 0, values / penalty, values * penalty)
-
-
-def _inverse_cdf(xp, weights, uniform: float):
-    """Index of the token whose CDF interval holds the draw.
-
-    Searches for (1 - u) * total, which lies in (0, total] for u in [0, 1), with side="left":
-    the result is never past the end, and a token of weight 0 (an empty interval) is never chosen.
-    The sum runs in float64: a float32 sum over a large vocabulary drifts by more than a rare
-    token's probability, and numpy and cupy sum in different orders.
-    """
-    cdf = xp.cumsum(weights, dtype=xp.float64)
-    target = cdf[-1] * (1.0 - uniform)
-    return xp.searchsorted(cdf, target, side="left")

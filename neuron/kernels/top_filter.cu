@@ -1,6 +1,6 @@
-// Top-k / top-p / min-p draws without a sort: out[r] is the id drawn from row r of float32 weights
-// [rows, vocab] (exp of the scaled logits, top weight 1), as top_filter.py's NumPy mirror defines it.
-// One block of TF_THREADS a row.
+// The sampler's draws without a sort, as top_filter.py's NumPy mirror defines them, one block of
+// TF_THREADS a row: sample_weights turns scores into weights exp((s - max) / temperature), and
+// top_filter_draw gives out[r], the id drawn from row r of them after top-k, top-p and min-p.
 //
 // The ranking (weight high to low, ties in id order) is never materialised. A cut of it is a key
 // and a last id: the ids whose weight bits (the key: bits of a non-negative float rank as its value)
@@ -162,13 +162,36 @@ __device__ Selected radix_select(const float* __restrict__ row, int vocab, doubl
     return pick;
 }
 
-// params[r] = (top_k (0: none), top_p (1: none), min_p (0: none), uniform in [0, 1))
+// params[r] = (top_k (0: none), top_p (1: none), min_p (0: none), uniform in [0, 1), temperature)
+
+// weights[r] = expf((scores[r] - max) / temperature), the max ignoring NaN (fmaxf), as the mirror's
+// float32 arithmetic (expf and NumPy's exp may differ in the last bit)
+extern "C" __global__ void __launch_bounds__(TF_THREADS) sample_weights(
+    const float* __restrict__ scores, int vocab, const double* __restrict__ params, float* __restrict__ weights)
+{
+    __shared__ float warp_top[TF_WARPS];
+    const float* row = scores + (size_t)blockIdx.x * vocab;
+    float* w = weights + (size_t)blockIdx.x * vocab;
+    const float temperature = (float)params[TF_PARAMS * (size_t)blockIdx.x + 4];
+    float top = __int_as_float(0x7fc00000);   // NaN: fmaxf keeps the other operand
+    for (int i = threadIdx.x; i < vocab; i += TF_THREADS) top = fmaxf(top, row[i]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(FULL, top, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_top[warp] = top;
+    __syncthreads();
+    top = lane < TF_WARPS ? warp_top[lane] : __int_as_float(0x7fc00000);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(FULL, top, o));
+    for (int i = threadIdx.x; i < vocab; i += TF_THREADS) w[i] = expf((row[i] - top) / temperature);
+}
+
 extern "C" __global__ void __launch_bounds__(TF_THREADS) top_filter_draw(
     const float* __restrict__ weights, int vocab, int shift, const double* __restrict__ params,
     long long* __restrict__ out)
 {
     const float* row = weights + (size_t)blockIdx.x * vocab;
-    const double* p = params + 4 * (size_t)blockIdx.x;
+    const double* p = params + TF_PARAMS * (size_t)blockIdx.x;
     const i64 top_k = (i64)p[0];
     const double top_p = p[1], uniform = p[3];
     const float min_p = (float)p[2];

@@ -1,7 +1,9 @@
-"""Top-k / top-p / min-p draws without sorting the vocabulary (top_filter.cu): the CuPy launcher and
-the NumPy mirror, which is also the definition.
+"""The sampler's draws (top_filter.cu): temperature, top-k / top-p / min-p and the draw, without
+sorting the vocabulary; the CuPy launchers and the NumPy mirror, which is also the definition.
 
-For one row of float32 weights w (exp of the temperature-scaled logits, the top one exactly 1):
+A row of float32 scores s (logits after the repetition penalty) becomes weights
+w = exp((s - max s) / temperature) in float32 (the top one exactly 1; NaN scores weigh 0, the max
+ignores them). Then:
 
 1. Rank the ids by w, high to low, ties in id order (NaN counts as 0).
 2. top-k keeps the first k ranked ids (k 0: all).
@@ -26,6 +28,7 @@ import math
 import numpy as np
 
 THREADS = 1024     # one block a row (top_filter.cu's TF_THREADS)
+PARAMS = 5         # per row: top_k, top_p, min_p, uniform, temperature (float64)
 
 
 def mass_shift(vocab: int) -> int:
@@ -37,6 +40,14 @@ def integer_masses(weights: np.ndarray) -> np.ndarray:
     """W of float32 weights in [0, 1] (NaN as 0), int64."""
     w = np.nan_to_num(np.asarray(weights, dtype=np.float32), nan=0.0)
     return np.floor(w.astype(np.float64) * 2.0 ** mass_shift(w.shape[-1])).astype(np.int64)
+
+
+def sample_weights_numpy(scores, temperature) -> np.ndarray:
+    """float32 [R, vocab]: exp((s - max s) / temperature) per row, the max ignoring NaN."""
+    scores = np.asarray(scores, dtype=np.float32)
+    top = np.fmax.reduce(scores, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.exp((scores - top) / np.asarray(temperature, dtype=np.float32)[:, None])
 
 
 def top_filter_draw_numpy(weights, top_k, top_p, min_p, uniforms) -> np.ndarray:
@@ -69,12 +80,18 @@ def top_filter_draw_numpy(weights, top_k, top_p, min_p, uniforms) -> np.ndarray:
     return out
 
 
+def _params(top_k, top_p, min_p, uniforms, temperature) -> np.ndarray:
+    columns = (top_k, top_p, min_p, uniforms, temperature)
+    return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(device: int):
+def _kernels(device: int):
     from common.dtypes import KERNEL_CODES
     from neuron.kernels import load_module
-    module = load_module("top_filter.cu", KERNEL_CODES["float32"], f"-DTF_THREADS={THREADS}")
-    return module.get_function("top_filter_draw")
+    module = load_module("top_filter.cu", KERNEL_CODES["float32"], f"-DTF_THREADS={THREADS}",
+                         f"-DTF_PARAMS={PARAMS}")
+    return module.get_function("sample_weights"), module.get_function("top_filter_draw")
 
 
 def top_filter_draw_cuda(weights, top_k, top_p, min_p, uniforms):
@@ -86,16 +103,40 @@ def top_filter_draw_cuda(weights, top_k, top_p, min_p, uniforms):
     rows, vocab = weights.shape
     out = cupy.empty(rows, dtype=cupy.int64)
     if rows:
-        params = cupy.asarray(np.stack([np.asarray(top_k, dtype=np.float64), np.asarray(top_p, dtype=np.float64),
-                                        np.asarray(min_p, dtype=np.float64), np.asarray(uniforms, dtype=np.float64)],
-                                       axis=1))
-        _kernel(cupy.cuda.runtime.getDevice())((rows,), (THREADS,),
-                                               (weights, np.int32(vocab), np.int32(mass_shift(vocab)), params, out))
+        params = cupy.asarray(_params(top_k, top_p, min_p, uniforms, np.ones(rows)))
+        _kernels(cupy.cuda.runtime.getDevice())[1]((rows,), (THREADS,),
+                                                   (weights, np.int32(vocab), np.int32(mass_shift(vocab)), params, out))
     return out
 
 
-def top_filter_draw(xp, weights, top_k, top_p, min_p, uniforms):
-    """The draws on the weights' device: int64 [R], a NumPy array or a CuPy one (not copied back)."""
+def sample_weights_cuda(scores, temperature):
+    """sample_weights_numpy on the device (expf may differ from NumPy's exp in the last bit)."""
+    import cupy
+
+    scores = cupy.ascontiguousarray(scores, dtype=cupy.float32)
+    rows, vocab = scores.shape
+    weights = cupy.empty_like(scores)
+    if rows:
+        params = cupy.asarray(_params(np.zeros(rows), np.ones(rows), np.zeros(rows), np.zeros(rows), temperature))
+        _kernels(cupy.cuda.runtime.getDevice())[0]((rows,), (THREADS,), (scores, np.int32(vocab), params, weights))
+    return weights
+
+
+def sample_draws(xp, scores, top_k, top_p, min_p, temperature, uniforms):
+    """Each row's drawn id, int64 [R] on the scores' device (not copied back): weights, filters and
+    draw as defined above. scores float32 [R, vocab]; the rest host sequences of R (top_k 0: none,
+    top_p 1: none, min_p 0: none, temperature > 0, uniforms in [0, 1))."""
     if xp is np:
-        return top_filter_draw_numpy(weights, top_k, top_p, min_p, uniforms)
-    return top_filter_draw_cuda(weights, top_k, top_p, min_p, uniforms)
+        return top_filter_draw_numpy(sample_weights_numpy(scores, temperature), top_k, top_p, min_p, uniforms)
+    import cupy
+
+    scores = cupy.ascontiguousarray(scores, dtype=cupy.float32)
+    rows, vocab = scores.shape
+    out = cupy.empty(rows, dtype=cupy.int64)
+    if rows:
+        weigh, draw = _kernels(cupy.cuda.runtime.getDevice())
+        params = cupy.asarray(_params(top_k, top_p, min_p, uniforms, temperature))   # the one upload
+        weights = cupy.empty_like(scores)
+        weigh((rows,), (THREADS,), (scores, np.int32(vocab), params, weights))
+        draw((rows,), (THREADS,), (weights, np.int32(vocab), np.int32(mass_shift(vocab)), params, out))
+    return out

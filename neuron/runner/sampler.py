@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuron.kernels.argmax import argmax_rows_cuda
-from neuron.kernels.top_filter import top_filter_draw
+from neuron.kernels.top_filter import sample_draws
 from neuron.sampling import SamplingConfig, _penalize_repetition
 
 
@@ -52,13 +52,15 @@ def sample_rows_on_device(xp, logits, rows: list[SampleRow]):
     if all(r.sampler.config.plain_greedy for r in rows):
         return greedy_rows(xp, logits, row_index)
     row_index = xp.asarray(row_index)
-    scores = logits[row_index].astype(xp.float32)
+    scores = logits[row_index].astype(xp.float32, copy=False)   # a gathered copy: penalties write into it
     for j, r in enumerate(rows):
         penalty = r.sampler.config.repetition_penalty
         if penalty != 1.0 and r.history:
             row = scores[j]  # a view: the penalty is written in place
             _penalize_repetition(xp, row, r.history, penalty)
     greedy = [j for j, r in enumerate(rows) if r.sampler.config.greedy]
+    if not greedy:   # every row draws (an OpenAI client's default): no second gather, no scatter
+        return draw_rows(xp, scores, [r.sampler for r in rows])
     ids = xp.zeros(len(rows), dtype=xp.int64)
     if len(greedy) == len(rows):
         ids = xp.argmax(scores, axis=-1)
@@ -86,29 +88,7 @@ def greedy_rows(xp, logits, rows: np.ndarray):
 def draw_rows(xp, scores, samplers: list[RowSampler]):
     """neuron.sampling.draw for every row of float32 scores [n, vocab] at once, each with its
     request's config and next uniform: the same token per row as `draw` on that row alone (CPU
-    tests hold it exactly), in a fixed number of launches per turn instead of a dozen per row.
-    Rows with top-k or top-p go through one top_filter_draw (no sort of the vocabulary on a GPU);
-    the others draw in vocabulary order, as `draw` does."""
-    n, vocab = scores.shape
-    ids = xp.zeros(n, dtype=xp.int64)
+    tests hold it exactly), in two launches per turn on a GPU (top_filter.cu), no sort."""
     uniforms = np.array([s.rng.random() for s in samplers])   # one per row per token, in row order
-    temperature = np.array([s.config.temperature for s in samplers], dtype=np.float32)[:, None]
-    scaled = (scores - scores.max(axis=1, keepdims=True)) / xp.asarray(temperature)
-    cut = np.array([bool(s.top_k) or s.config.top_p < 1.0 for s in samplers])
-    for part in (np.flatnonzero(cut), np.flatnonzero(~cut)):
-        if not len(part):
-            continue
-        picked = [samplers[j] for j in part]
-        weights = xp.exp(scaled[xp.asarray(part)])
-        if cut[part[0]]:
-            ids[xp.asarray(part)] = top_filter_draw(xp, weights, [s.top_k for s in picked],
-                                                    [s.config.top_p for s in picked],
-                                                    [s.config.min_p for s in picked], uniforms[part])
-            continue
-        min_p = np.array([s.config.min_p for s in picked], dtype=np.float32)[:, None]
-        if (min_p > 0).any():
-            weights = xp.where(weights >= xp.asarray(min_p), weights, 0.0)   # min_p 0 keeps every weight
-        cdf = xp.cumsum(weights, axis=1, dtype=xp.float64)
-        target = cdf[:, -1] * (1.0 - xp.asarray(uniforms[part]))
-        ids[xp.asarray(part)] = (cdf < target[:, None]).sum(axis=1)   # searchsorted(side="left") per row
-    return ids
+    return sample_draws(xp, scores, [s.top_k for s in samplers], [s.config.top_p for s in samplers],
+                        [s.config.min_p for s in samplers], [s.config.temperature for s in samplers], uniforms)

@@ -10,7 +10,13 @@ pytestmark = pytest.mark.gpu
 
 cp = pytest.importorskip("cupy")
 
-from neuron.kernels.top_filter import top_filter_draw_cuda, top_filter_draw_numpy  # noqa: E402
+from neuron.kernels.top_filter import (  # noqa: E402
+    sample_draws,
+    sample_weights_cuda,
+    sample_weights_numpy,
+    top_filter_draw_cuda,
+    top_filter_draw_numpy,
+)
 
 
 def weights_for(rng, rows: int, vocab: int) -> np.ndarray:
@@ -45,3 +51,26 @@ def test_kernel_equals_the_mirror(vocab):
         for r in (0, 1, 2, 4, rows - 1):
             alone = top_filter_draw_cuda(device[r:r + 1], top_k[r:r + 1], top_p[r:r + 1], min_p[r:r + 1], u[r:r + 1])
             assert int(alone.get()[0]) == int(expected[r])
+
+
+@pytest.mark.parametrize("vocab", [7, 4099, 128256])
+def test_weights_and_the_whole_draw(vocab):
+    """sample_weights.cu within expf's last bits of NumPy's exp (NaN, -inf and +inf scores too), and
+    sample_draws on the device equal to the mirror's filters on the device's weights."""
+    rng = np.random.default_rng(vocab + 1)
+    rows = 24
+    scores = (rng.standard_normal((rows, vocab)) * 4).astype(np.float32)
+    scores[1, 0] = np.nan
+    scores[2, :] = -np.inf
+    scores[2, vocab // 2] = 1.0
+    scores[3, vocab - 1] = np.inf
+    temperature = rng.choice([0.3, 0.7, 1.0, 1.7], rows)
+    device = cp.asarray(scores)
+    w = sample_weights_cuda(device, temperature).get()
+    np.testing.assert_allclose(w, sample_weights_numpy(scores, temperature), rtol=1e-6, atol=1e-37)
+    top_k = rng.choice([0, 0, 1, 40], rows)
+    top_p = rng.choice([1.0, 0.9, 0.6], rows)
+    min_p = rng.choice([0.0, 0.1], rows)
+    u = rng.random(rows)
+    got = sample_draws(cp, device, top_k, top_p, min_p, temperature, u).get()
+    assert got.tolist() == top_filter_draw_numpy(w, top_k, top_p, min_p, u).tolist()

@@ -161,3 +161,15 @@ def test_masses_are_exact_in_int64():
     assert mass_shift(128256) == 45 and 128256 * 2 ** 45 < 2 ** 62
     w = np.ones(128256, dtype=np.float32)
     assert int(integer_masses(w).sum()) == 128256 * 2 ** 45
+
+
+def test_weights_ignore_nan_and_the_draw_never_picks_it():
+    from neuron.kernels.top_filter import sample_draws, sample_weights_numpy
+    scores = np.array([[np.nan, 1.0, 3.0, -np.inf, 3.0], [np.nan] * 5], dtype=np.float32)
+    w = sample_weights_numpy(scores, [0.5, 1.0])
+    assert w[0, 2] == w[0, 4] == 1.0 and w[0, 3] == 0.0 and np.isnan(w[0, 0])
+    u = np.linspace(0, 0.999, 50)
+    for top_p in (1.0, 0.9):
+        drawn = {int(sample_draws(np, scores[:1], [0], [top_p], [0.0], [0.5], [x])[0]) for x in u}
+        assert drawn <= {1, 2, 4} and {2, 4} <= drawn
+    assert int(sample_draws(np, scores[1:], [0], [1.0], [0.0], [1.0], [0.3])[0]) == 0   # nothing weighs: id 0
