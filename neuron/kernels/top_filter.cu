@@ -10,8 +10,13 @@
 // id among the ties is found by a scan in id order, as is the draw. Masses are integers
 // (W = floor(w * 2^shift)), so the histograms' atomic adds and the block sums are exact in any
 // order: every row gets the mirror's id, whatever the rows beside it.
+//
+// Every pass over a row issues TF_UNROLL loads a thread before using them: with one load at a
+// time each pass waited ~125 dependent load latencies (0.9 ms for one row's top-p draw).
 #define TF_WARPS (TF_THREADS / 32)
+#define TF_UNROLL 8
 #define FULL 0xffffffffu
+static_assert(TF_WARPS == 32, "find_nth splits a range among 32 warps and picks one with one warp");
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -26,6 +31,24 @@ struct Cut {
     int last;
     __device__ bool has(int i, unsigned k) const { return k > key || (k == key && i <= last); }
 };
+
+// fn(i, row[i]) for i = begin, begin + step, ... < end
+template <class F>
+__device__ __forceinline__ void for_ids(const float* __restrict__ row, int begin, int end, int step, F fn) {
+    for (int base = begin; base < end; base += step * TF_UNROLL) {
+        float v[TF_UNROLL];
+#pragma unroll
+        for (int u = 0; u < TF_UNROLL; ++u) {
+            const int i = base + u * step;
+            v[u] = i < end ? row[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < TF_UNROLL; ++u) {
+            const int i = base + u * step;
+            if (i < end) fn(i, v[u]);
+        }
+    }
+}
 
 __device__ __forceinline__ i64 warp_sum(i64 v) {
 #pragma unroll
@@ -71,44 +94,59 @@ struct Kept {
 };
 
 // The first id whose running value (in id order) reaches target >= 1; the last id when none does.
-// Each warp sums a contiguous range, warp 0 finds the range where the target falls, and that
-// range's warp walks it 32 ids at a time.
+// The range holding the target narrows by 32 a round (each warp sums a 32nd of it, warp 0 finds the
+// part where the target falls: 128k ids take two rounds) until one warp scans the last <= 32 ids.
 template <class Value>
 __device__ int find_nth(const float* __restrict__ row, int vocab, Value value, i64 target) {
-    __shared__ i64 warp_total[TF_WARPS];
-    __shared__ i64 found_base;
-    __shared__ int found_warp, found;
+    __shared__ i64 warp_total[TF_WARPS], next_base;
+    __shared__ int next_lo, next_hi, found;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int span = (vocab + TF_THREADS - 1) / TF_THREADS * 32;
-    const int begin = warp * span, end = min(vocab, begin + span);
-    i64 s = 0;
-    for (int i = begin + lane; i < end; i += 32) s += value(i, row[i]);
-    s = warp_sum(s);
-    __syncthreads();
-    if (lane == 0) warp_total[warp] = s;
-    if (threadIdx.x == 0) { found = vocab - 1; found_warp = -1; found_base = 0; }
-    __syncthreads();
-    if (warp == 0) {
-        const i64 t = lane < TF_WARPS ? warp_total[lane] : 0;
-        const i64 inclusive = warp_inclusive(t, lane);
-        if (inclusive - t < target && inclusive >= target) { found_warp = lane; found_base = inclusive - t; }
-    }
-    __syncthreads();
-    if (warp == found_warp) {
-        i64 run = found_base;
-        for (int start = begin; start < end; start += 32) {
-            const int i = start + lane;
-            const i64 inclusive = warp_inclusive(i < end ? value(i, row[i]) : 0, lane);
-            const unsigned hit = __ballot_sync(FULL, run + inclusive >= target);
-            if (hit) {
-                if (lane == __ffs(hit) - 1) found = i;
-                break;
+    int lo = 0, hi = vocab;
+    i64 base = 0;   // the running value before lo
+    __syncthreads();   // the last call's readers of `found` are done
+    while (hi - lo > 32) {
+        const int span = ((hi - lo + TF_WARPS - 1) / TF_WARPS + 31) / 32 * 32;
+        const int begin = min(hi, lo + warp * span), end = min(hi, begin + span);
+        i64 s = 0;
+        for_ids(row, begin + lane, end, 32, [&](int i, float w) { s += value(i, w); });
+        s = warp_sum(s);
+        __syncthreads();   // the last round's reads of the shared values are done
+        if (lane == 0) warp_total[warp] = s;
+        __syncthreads();
+        if (warp == 0) {
+            const i64 t = warp_total[lane];
+            const i64 inclusive = base + warp_inclusive(t, lane);
+            const unsigned here = __ballot_sync(FULL, inclusive - t < target && inclusive >= target);
+            if (here == 0) {   // beyond the total: the last id (the final scan starts at its target)
+                if (lane == 0) { next_lo = vocab - 1; next_hi = vocab; next_base = target; }
+            } else if (lane == __ffs(here) - 1) {
+                next_lo = min(hi, lo + lane * span);
+                next_hi = min(hi, next_lo + span);
+                next_base = inclusive - t;
             }
-            run += __shfl_sync(FULL, inclusive, 31);
         }
+        __syncthreads();
+        lo = next_lo, hi = next_hi, base = next_base;
+    }
+    if (warp == 0) {
+        const int i = lo + lane;
+        const i64 inclusive = base + warp_inclusive(i < hi ? value(i, row[i]) : 0, lane);
+        const unsigned hit = __ballot_sync(FULL, inclusive >= target);
+        if (lane == 0) found = hit ? lo + __ffs(hit) - 1 : vocab - 1;
     }
     __syncthreads();
     return found;
+}
+
+// hist[bin] += v from every lane of a converged warp, one atomic add per distinct bin: the lanes of
+// a bin sum their values by shuffles first (a row's weights crowd into a few bins of the top
+// byte, and same-address atomics from one warp go one at a time)
+__device__ __forceinline__ void add_to_bin(i64* hist, unsigned bin, i64 v) {
+    const unsigned peers = __match_any_sync(FULL, v ? bin : 256u);
+    if (v == 0) return;
+    i64 sum = 0;
+    for (unsigned m = peers; m; m &= m - 1) sum += __shfl_sync(peers, v, __ffs(m) - 1);
+    if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(reinterpret_cast<u64*>(&hist[bin]), (u64)sum);
 }
 
 struct Selected {
@@ -128,12 +166,20 @@ __device__ Selected radix_select(const float* __restrict__ row, int vocab, doubl
         __syncthreads();
         const unsigned prefix = pick.key;
         const unsigned high = shift == 24 ? 0u : 0xffffffffu << (shift + 8);   // bits chosen so far
-        for (int i = threadIdx.x; i < vocab; i += TF_THREADS) {
-            const float w = row[i];
-            const unsigned key = key_of(w);
-            if ((key & high) == prefix && range.has(i, key)) {
-                const i64 v = MASS ? mass_of(w, scale) : 1;
-                if (v) atomicAdd(reinterpret_cast<u64*>(&hist[(key >> shift) & 255]), (u64)v);
+        const int lane = threadIdx.x & 31;
+        for (int base = threadIdx.x - lane; base < vocab; base += TF_THREADS * TF_UNROLL) {   // warp-uniform
+            float w[TF_UNROLL];
+#pragma unroll
+            for (int u = 0; u < TF_UNROLL; ++u) {
+                const int i = base + lane + u * TF_THREADS;
+                w[u] = i < vocab ? row[i] : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < TF_UNROLL; ++u) {
+                const int i = base + lane + u * TF_THREADS;
+                const unsigned key = key_of(w[u]);
+                const bool in = i < vocab && (key & high) == prefix && range.has(i, key);
+                add_to_bin(hist, (key >> shift) & 255, in ? (MASS ? mass_of(w[u], scale) : 1) : 0);
             }
         }
         __syncthreads();
@@ -174,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) sample_weights(
     float* w = weights + (size_t)blockIdx.x * vocab;
     const float temperature = (float)params[TF_PARAMS * (size_t)blockIdx.x + 4];
     float top = __int_as_float(0x7fc00000);   // NaN: fmaxf keeps the other operand
-    for (int i = threadIdx.x; i < vocab; i += TF_THREADS) top = fmaxf(top, row[i]);
+    for_ids(row, threadIdx.x, vocab, TF_THREADS, [&](int, float x) { top = fmaxf(top, x); });
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(FULL, top, o));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -183,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) sample_weights(
     top = lane < TF_WARPS ? warp_top[lane] : __int_as_float(0x7fc00000);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(FULL, top, o));
-    for (int i = threadIdx.x; i < vocab; i += TF_THREADS) w[i] = expf((row[i] - top) / temperature);
+    for_ids(row, threadIdx.x, vocab, TF_THREADS, [&](int i, float x) { w[i] = expf((x - top) / temperature); });
 }
 
 extern "C" __global__ void __launch_bounds__(TF_THREADS) top_filter_draw(
@@ -206,10 +252,9 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) top_filter_draw(
     Cut p_cut = all;
     if (top_p < 1.0) {
         i64 mass = 0;
-        for (int i = threadIdx.x; i < vocab; i += TF_THREADS) {
-            const float w = row[i];
+        for_ids(row, threadIdx.x, vocab, TF_THREADS, [&](int i, float w) {
             if (k_cut.has(i, key_of(w))) mass += mass_of(w, scale);
-        }
+        });
         const i64 total = block_sum(mass);
         if (total > 0) {
             // the ranked ids whose mass above is below top_p * total: all above the key where the
@@ -227,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) top_filter_draw(
     }
     const Kept kept = {k_cut, p_cut, min_p > 0.0f ? min_p : 0.0f, scale};
     i64 mass = 0;
-    for (int i = threadIdx.x; i < vocab; i += TF_THREADS) mass += kept(i, row[i]);
+    for_ids(row, threadIdx.x, vocab, TF_THREADS, [&](int i, float w) { mass += kept(i, w); });
     const i64 total = block_sum(mass);
     int id;
     if (total > 0) {
@@ -235,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(TF_THREADS) top_filter_draw(
         id = find_nth(row, vocab, kept, target);
     } else {   // nothing has weight: the top-ranked id (the first of the largest weight)
         unsigned top = 0;
-        for (int i = threadIdx.x; i < vocab; i += TF_THREADS) top = max(top, key_of(row[i]));
+        for_ids(row, threadIdx.x, vocab, TF_THREADS, [&](int, float w) { top = max(top, key_of(w)); });
         __shared__ unsigned warp_top[TF_WARPS];
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll

@@ -17,8 +17,8 @@ Masses are integers, W = floor(w * 2**S) with S = 62 - bit_length(vocab), so eve
 in int64 and the same in any order: the kernel adds them in parallel and gets the mirror's bits. An
 id whose weight is below 2**-S of the top one (about 3e-14 at a 128k vocabulary) has W = 0 and is
 never drawn. The kernel finds the cuts of steps 2 and 3 by radix selection over the weights' bits
-and the draw by a scan, where a sort of the row (CuPy's argsort of every row, the previous way)
-cost a sort of the vocabulary per request per turn.
+and the draw by a scan; sorting every row with top-k or top-p (the previous way) cost 18 ms a turn
+at 256 rows of a 128k vocabulary on the H200 against 1.4 now (bench/sampler_bench.py).
 """
 from __future__ import annotations
 
