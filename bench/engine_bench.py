@@ -175,7 +175,7 @@ def throughput_rows(backend, name: str, shape: str, concurrency: list[int], args
         else:  # the CPU benchmark's shape
             from bench.serving_bench import SHAPES as SERVING_SHAPES
             write_checkpoint(tmp, SERVING_SHAPES[shape], dtype="float32")
-        shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency),
+        shard = load(backend, Path(tmp), name, args.graphs != "off", max(concurrency), max_context=args.max_context,
                      async_scheduling=not args.no_async_scheduling)
         if args.no_one_row_gemv or args.no_pdl or args.no_rope_epilogue:
             recapture(shard, max(concurrency), args.graphs != "off", not args.no_one_row_gemv, not args.no_pdl,
@@ -249,6 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,64,256")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--max-context", type=int, default=2048,
+                        help="the shard's max_context (the decode graphs' attention grid covers its splits)")
     parser.add_argument("--graphs", choices=("on", "off", "both"), default="both",
                         help="decode turns replayed from CUDA graphs, eager, or each (same shard, same run)")
     parser.add_argument("--skip-fixtures", action="store_true")

@@ -224,7 +224,8 @@ def deploy(path: Path, device: str, dtype: str, max_context: int, kv_slots: int,
 
 # ------------------------------------------------------------------ clients
 
-async def _streams(address: str, model: str, prompts: list[list[int]], tokens: int, start_at: float) -> list[dict]:
+async def _streams(address: str, model: str, prompts: list[list[int]], tokens: int, start_at: float,
+                   sampling: dict) -> list[dict]:
     import grpc
 
     from common.proto.cortex.v1 import cortex_pb2 as cpb
@@ -240,7 +241,9 @@ async def _streams(address: str, model: str, prompts: list[list[int]], tokens: i
             request = cpb.GenerateRequest(model=model)
             request.prompt.tokens.ids.extend(ids)
             request.sampling.max_tokens = tokens
-            request.sampling.temperature = 0.0
+            request.sampling.temperature = sampling.get("temperature", 0.0)
+            if sampling.get("top_p", 1.0) < 1.0:
+                request.sampling.top_p = sampling["top_p"]
             request.sampling.ignore_eos = True
             submitted, arrivals, node_ttft = time.monotonic(), [], None
             try:
@@ -258,16 +261,19 @@ async def _streams(address: str, model: str, prompts: list[list[int]], tokens: i
         return await asyncio.gather(*(one(ids) for ids in prompts))
 
 
-def client_process(address: str, model: str, prompts: list[list[int]], tokens: int, start_at: float) -> list[dict]:
+def client_process(address: str, model: str, prompts: list[list[int]], tokens: int, start_at: float,
+                   sampling: dict) -> list[dict]:
     """One client process's share of the streams (time.monotonic is one clock for every process)."""
-    return asyncio.run(_streams(address, model, prompts, tokens, start_at))
+    return asyncio.run(_streams(address, model, prompts, tokens, start_at, sampling))
 
 
 def run_workload(pool: ProcessPoolExecutor, procs: int, address: str, model: str, prompts: list[list[int]],
-                 tokens: int) -> dict:
+                 tokens: int, sampling: dict | None = None) -> dict:
+    """sampling: temperature / top_p of every request (default greedy)."""
     shares = [prompts[i::procs] for i in range(procs)]
     start_at = time.monotonic() + 1.0 + 0.02 * len(prompts)   # every process connected before the first request
-    futures = [pool.submit(client_process, address, model, share, tokens, start_at) for share in shares if share]
+    futures = [pool.submit(client_process, address, model, share, tokens, start_at, sampling or {})
+               for share in shares if share]
     streams = [s for f in futures for s in f.result()]
     return summarize(streams, tokens)
 
@@ -425,6 +431,9 @@ def bench_model(key: str, args, ceil: dict, pool: ProcessPoolExecutor, work: Pat
         if "note" in prefix_baseline:
             notes.append(f"{key} shared prefix: {prefix_baseline['note']}")
 
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    workload = f"random-{args.prompt_tokens}" + (f"-t{args.temperature:g}" if args.temperature else "") + \
+        (f"-p{args.top_p:g}" if args.top_p < 1.0 else "")
     d = deployment(True)
     try:
         address = d.cortex.address
@@ -432,8 +441,8 @@ def bench_model(key: str, args, ceil: dict, pool: ProcessPoolExecutor, work: Pat
         run_workload(pool, 1, address, d.model, random_prompts(rng, 2, args.prompt_tokens, vocab), min(8, args.tokens))
         for n in concurrency:
             measured = run_workload(pool, min(args.client_procs, n), address, d.model,
-                                    random_prompts(rng, n, args.prompt_tokens, vocab), args.tokens)
-            rows.append(row(key, f"random-{args.prompt_tokens}", n, measured, baseline.get(n),
+                                    random_prompts(rng, n, args.prompt_tokens, vocab), args.tokens, sampling)
+            rows.append(row(key, workload, n, measured, baseline.get(n),
                             roof.workload_tok_s(n, args.prompt_tokens, args.tokens)))
             log(f"  {rows[-1]}")
         if prefix_on:
@@ -478,6 +487,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="", help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--concurrency", default="1,8,32,64,128,256")
     parser.add_argument("--tokens", type=int, default=128, help="output tokens per request")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="of every request of the random workloads (0: greedy; the baseline stays greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="of every request of the random workloads")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--prefix-tokens", type=int, default=2048, help="shared-prefix workload: common prefix")
     parser.add_argument("--suffix-tokens", type=int, default=64, help="shared-prefix workload: distinct suffix")

@@ -146,7 +146,7 @@ __device__ __forceinline__ void gemv_prologue(const GemvStage& s, int NV, int K,
         float ss = 0.f;
         for (int i = tid; i < NV; i += blockDim.x) {
             float f[VEC];
-            unpack(s.xs[i], f);
+            unpack16(s.xs[i], f);
             if (P == 3) {
                 const float* sf = reinterpret_cast<const float*>(s.rss + (size_t)i * QV);
                 const T* bt = reinterpret_cast<const T*>(s.rbs + i);   // read only with rb
@@ -167,8 +167,8 @@ __device__ __forceinline__ void gemv_prologue(const GemvStage& s, int NV, int K,
         const float denom = sqrtf(ss / (float)K + eps);
         for (int i = tid; i < NV; i += blockDim.x) {
             float f[VEC], g[VEC];
-            unpack(s.xs[i], f);
-            unpack(s.st[i], g);
+            unpack16(s.xs[i], f);
+            unpack16(s.st[i], g);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) f[e] = g[e] * tf(ft(f[e] / denom));
             s.xs[i] = pack(f);
@@ -176,8 +176,8 @@ __device__ __forceinline__ void gemv_prologue(const GemvStage& s, int NV, int K,
     } else if (P == 2) {
         for (int i = tid; i < NV; i += blockDim.x) {
             float g[VEC], u[VEC];
-            unpack(s.xs[i], g);
-            unpack(s.st[i], u);
+            unpack16(s.xs[i], g);
+            unpack16(s.st[i], u);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) g[e] = silu_t(g[e]) * u[e];
             s.xs[i] = pack(g);

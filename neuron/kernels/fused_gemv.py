@@ -139,7 +139,7 @@ class CudaOps:
         self.dtype_name = dtype_name
         self.dt = DT_CODES[dtype_name]
         self.vec = vec_elems(dtype_name)
-        self.options = ("--std=c++17", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}",
+        self.options = ("--std=c++17", f"-I{KERNEL_DIR}", f"-DDT={self.dt}", f"-DGEMV_NORM_MIN_BLOCKS={norm_min_blocks}",
                         f"-DGEMVB_CONSUMERS={bulk_consumers}")
         self.bulk_consumers = bulk_consumers
         self.rope_epilogue = rope_epilogue

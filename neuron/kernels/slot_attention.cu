@@ -52,7 +52,7 @@ extern "C" __global__ void __launch_bounds__(NT) attn_split(const T* __restrict_
 #pragma unroll 4
         for (int v = 0; v < RV; ++v) {
             float kf[VEC];
-            unpack(kdst[j * RVP + v], kf);
+            unpack16(kdst[j * RVP + v], kf);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
 #pragma unroll
