@@ -28,6 +28,7 @@ from .launch import launch, programmatic
 
 
 SPLIT_KEYS = 256      # keys per split block (PA_SPLIT)
+GRID_WAVE_BLOCKS = 2048   # blocks a tensor-core launch keeps in its grid before blocks take several splits
 # keys per split over the first SPLIT_KEYS (PA_FINE, tensor-core kernel): a short context gets
 # several blocks a kv head. One 8B stream's decode had 8 blocks a layer, each walking 256 keys alone.
 FINE_KEYS = 64
@@ -70,6 +71,18 @@ def num_splits(max_context: int, split_keys: int = SPLIT_KEYS, fine_keys: int | 
     if max_context <= split_keys:
         return max(1, math.ceil(max_context / fine))
     return split_keys // fine - 1 + math.ceil(max_context / split_keys)
+
+
+def grid_splits(splits: int, blocks_per_split: int, split_keys: int = SPLIT_KEYS, fine_keys: int = FINE_KEYS) -> int:
+    """The tensor-core kernel's grid depth for `splits`: all of them while the grid is small, else no
+    fewer than the first split_keys' fine splits (a context of up to split_keys keys still gets a
+    block a split) and enough for GRID_WAVE_BLOCKS; a block then takes every grid-depth-th split,
+    each computed as a block of its own would (the bits do not depend on the depth). A decode
+    graph sizes `splits` for the shard's max_context: at 256 rows and 2,048 keys that was 11 blocks
+    a (row, kv head) where contexts of 192 keys needed 3, and the empty ones cost 0.4 ms of the
+    8B's attention a turn (bench/NOTES.md, session 15)."""
+    wanted = max(split_keys // fine_split(split_keys, fine_keys), -(-GRID_WAVE_BLOCKS // max(1, blocks_per_split)))
+    return max(1, min(splits, wanted))
 
 
 def split_ranges(context: int, split_keys: int = SPLIT_KEYS, fine_keys: int | None = None) -> list[tuple[int, int]]:
@@ -273,13 +286,15 @@ class PagedAttentionCuda:
         first, count = tiles if tiles is not None else (context_lens, context_lens)   # unread when per row
         num_tiles = batch if tiles is None else len(first)
         if tiles is None and self.packed and batch >= self.pack_min_rows:
-            partial, grid, threads = self._partial_packed, (batch, kv_heads, splits), 32
+            partial, grid, threads = self._partial_packed, (batch, kv_heads), 32
         else:
-            partial, grid, threads = self._partial, (num_tiles, kv_heads * self.chunks, splits), self.threads
+            partial, grid, threads = self._partial, (num_tiles, kv_heads * self.chunks), self.threads
+        grid = (*grid, grid_splits(splits, grid[0] * grid[1], self.split_keys, self.fine_keys))
         launch(partial, grid, (threads,),
                (q, k_cache, v_cache, block_tables, context_lens, first, count, workspace.part_out,
                 workspace.part_ml, np.int32(kv_heads), np.int32(block_size), table_width,
-                np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None), pdl))
+                np.float32(scale * math.log2(math.e)), np.int32(window), np.int32(tiles is None), np.int32(splits),
+                pdl))
         launch(self._combine, (batch * q_heads,), (min(128, d),),
                (workspace.part_out, workspace.part_ml, context_lens, out, np.int32(q_heads), np.int32(splits), pdl))
         return out

@@ -5,8 +5,9 @@
 // Same layouts as paged_attention.cu: the cache is [num_blocks, block_size, kv_heads, head_dim];
 // row r attends to positions 0 .. context_lens[r] - 1 of the blocks in block_tables[r].
 //
-// Pass 1 (paged_tile_partial), grid (tiles, kv_heads * head_chunks, splits): one block takes one
-// tile, one kv head (up to PA_W of its query heads, one warp each) and the keys of one split. It
+// Pass 1 (paged_tile_partial), grid (tiles, kv_heads * head_chunks, up to splits): one block takes one
+// tile, one kv head (up to PA_W of its query heads, one warp each) and the keys of one split (of
+// splits z, z + gridDim.z, ... in turn when the grid is narrower than the splits). It
 // walks the split PA_KT keys at a time (K and V staged in shared memory once for all its warps, the
 // next tile copied in by cp.async while this one is used): S = Q K^T by mma.m16n8k16,
 // an online softmax in float32, then P @ V by mma with P as two 16-bit parts. It writes each row's unnormalised output and (max, sum) in base 2.
@@ -133,13 +134,13 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     const int* __restrict__ tile_rows,    // [tiles]: rows in the tile, consecutive positions of one sequence
     float* __restrict__ part_out,         // [rows, q_heads, splits, PA_D]
     float* __restrict__ part_ml,          // [rows, q_heads, splits, 2]
-    int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row, int pdl)
+    int kv_heads, int block_size, int max_blocks, float scale_log2, int window, int per_row, int splits, int pdl)
 {
     if (pdl) {   // launched programmatically (kernels/launch.py): q and this turn's keys are the running kernel's
         pdl_trigger();
         pdl_wait();
     }
-    const int tile = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
+    const int tile = blockIdx.x;
 #if PA_PACK
     const int kvh = blockIdx.y, head_in_group = 0;
     const int first = tile, count = 1;            // one row; its heads are the mma rows
@@ -149,11 +150,7 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
     const int count = per_row ? 1 : tile_rows[tile];
 #endif
     const int pos0 = context_lens[first] - 1;     // positions pos0 .. pos0 + count - 1
-    const int split_lo = split_first(split);
-    if (split_lo > pos0 + count - 1) return;       // no row of the tile reads this split
-    const int hi = min(pos0 + count, split_lo + split_size(split));
-    int lo = split_lo;
-    if (window > 0) lo = max(lo, (pos0 - window + 1) / PA_KT * PA_KT);   // earlier key tiles are masked for every row
+    if (split_first(blockIdx.z) > pos0 + count - 1) return;   // no row of the tile reads this split
 
     // Two stages of K and V: the next key tile is copied in (cp.async) while this one is used.
     __shared__ __align__(16) T sk[2][PA_KT][PA_STRIDE];
@@ -185,131 +182,142 @@ extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_tile_partial(
         qa[kk][2] = g < valid_rows ? *reinterpret_cast<const unsigned*>(q0 + 16 * kk + 8) : 0u;
         qa[kk][3] = g + 8 < valid_rows ? *reinterpret_cast<const unsigned*>(q1 + 16 * kk + 8) : 0u;
     }
-    float o[PA_D / 8][4];
+    // The block takes splits blockIdx.z, + gridDim.z, ...: a grid narrower than the splits of the
+    // longest context (a decode graph's, sized for the shard's max_context) launches no blocks for
+    // splits that short contexts never reach, and each split is computed as by a block of its own.
+    for (int split = blockIdx.z; split < splits; split += gridDim.z) {
+        const int split_lo = split_first(split);
+        if (split_lo > pos0 + count - 1) break;        // no row of the tile reads this split, nor later ones
+        const int hi = min(pos0 + count, split_lo + split_size(split));
+        int lo = split_lo;
+        if (window > 0) lo = max(lo, (pos0 - window + 1) / PA_KT * PA_KT);   // earlier key tiles are masked for every row
+        float o[PA_D / 8][4];
 #pragma unroll
-    for (int n = 0; n < PA_D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+        for (int n = 0; n < PA_D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-    // A tile's copies: lane l of every warp finds key row l's cache row (one block-table read and
-    // one division a thread), and each copy takes its row's from that lane by shuffle. Finding the
-    // row per copy put a dependent table read and a division before each of a thread's 16 copies
-    // (one warp a block), which serialised the staging of the next tile.
-    auto stage = [&](int buf, int k0) {
-        const int j = k0 + lane;
-        const int row_at = (lane < PA_KT && j < hi) ? (table[j / block_size] * block_size + j % block_size) * kv_heads + kvh : 0;
-        constexpr int CHUNKS = PA_KT * (PA_D / 8);
+        // A tile's copies: lane l of every warp finds key row l's cache row (one block-table read and
+        // one division a thread), and each copy takes its row's from that lane by shuffle. Finding the
+        // row per copy put a dependent table read and a division before each of a thread's 16 copies
+        // (one warp a block), which serialised the staging of the next tile.
+        auto stage = [&](int buf, int k0) {
+            const int j = k0 + lane;
+            const int row_at = (lane < PA_KT && j < hi) ? (table[j / block_size] * block_size + j % block_size) * kv_heads + kvh : 0;
+            constexpr int CHUNKS = PA_KT * (PA_D / 8);
 #pragma unroll
-        for (int it = 0; it < (CHUNKS + PA_THREADS - 1) / PA_THREADS; ++it) {
-            const int i = it * PA_THREADS + threadIdx.x;
-            const int kr = i / (PA_D / 8), c = (i % (PA_D / 8)) * 8;
-            const int at_row = __shfl_sync(0xffffffffu, row_at, kr & 31);   // every lane takes part
-            if (CHUNKS % PA_THREADS == 0 || i < CHUNKS) {
-                const bool valid = k0 + kr < hi;   // past hi the copy writes zeros: 0 * V stays 0
-                const size_t at = valid ? (size_t)at_row * PA_D + c : 0;
-                copy16_async(&sk[buf][kr][c], k_cache + at, valid);
-                copy16_async(&sv[buf][kr][c], v_cache + at, valid);
+            for (int it = 0; it < (CHUNKS + PA_THREADS - 1) / PA_THREADS; ++it) {
+                const int i = it * PA_THREADS + threadIdx.x;
+                const int kr = i / (PA_D / 8), c = (i % (PA_D / 8)) * 8;
+                const int at_row = __shfl_sync(0xffffffffu, row_at, kr & 31);   // every lane takes part
+                if (CHUNKS % PA_THREADS == 0 || i < CHUNKS) {
+                    const bool valid = k0 + kr < hi;   // past hi the copy writes zeros: 0 * V stays 0
+                    const size_t at = valid ? (size_t)at_row * PA_D + c : 0;
+                    copy16_async(&sk[buf][kr][c], k_cache + at, valid);
+                    copy16_async(&sv[buf][kr][c], v_cache + at, valid);
+                }
             }
+            asm volatile("cp.async.commit_group;\n" ::);
+        };
+        if (lo < hi) stage(0, lo);
+        for (int k0 = lo, buf = 0; k0 < hi; k0 += PA_KT, buf ^= 1) {
+            if (k0 + PA_KT < hi) {
+                stage(buf ^ 1, k0 + PA_KT);
+                asm volatile("cp.async.wait_group 1;\n" ::);
+            } else {
+                asm volatile("cp.async.wait_group 0;\n" ::);
+            }
+            __syncthreads();   // this tile is in, for every thread
+            if (active) {
+                // S = Q K^T: keys 8 n .. 8 n + 7 are the B columns; one ldmatrix brings two kk steps
+                // (matrix j: dims 8 j .. 8 j + 7 of the 32), added in the same kk order as before
+                float s[PA_KT / 8][4];
+#pragma unroll
+                for (int n = 0; n < PA_KT / 8; ++n) {
+                    s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+                    for (int kk = 0; kk + 1 < PA_D / 16; kk += 2) {
+                        unsigned b[4];
+                        ldmatrix_x4(b, &sk[buf][8 * n + (lane & 7)][16 * kk + 8 * (lane >> 3)]);
+                        mma_16816(s[n], qa[kk], b);
+                        mma_16816(s[n], qa[kk + 1], b + 2);
+                    }
+                    if ((PA_D / 16) % 2) {   // head_dim an odd number of 16s: the last step alone
+                        unsigned b[2];
+                        ldmatrix_x2(b, &sk[buf][8 * n + (lane & 7)][PA_D - 16 + 8 * ((lane >> 3) & 1)]);
+                        mma_16816(s[n], qa[PA_D / 16 - 1], b);
+                    }
+                }
+                float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+                for (int n = 0; n < PA_KT / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = k0 + 8 * n + 2 * t + (e & 1), p = pos[e >> 1];
+                        const bool seen = key <= p && (window <= 0 || key > p - window);
+                        s[n][e] = seen ? s[n][e] * scale_log2 : -INFINITY;
+                        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
+                    }
+                float base[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+                    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+                    const float m_new = fmaxf(m[r], tile_max[r]);
+                    base[r] = m_new == -INFINITY ? 0.f : m_new;     // a row with no key yet: all its p are 0
+                    const float alpha = exp2f(m[r] - base[r]);      // exactly 1 while the max holds
+                    m[r] = m_new;
+                    l[r] *= alpha;
+#pragma unroll
+                    for (int n = 0; n < PA_D / 8; ++n) { o[n][2 * r] *= alpha; o[n][2 * r + 1] *= alpha; }
+                }
+#pragma unroll
+                for (int n = 0; n < PA_KT / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+                        l[e >> 1] += s[n][e];
+                    }
+                // P @ V: the S accumulators of keys 16 kk .. 16 kk + 15 are already P's A fragment, as hi + lo
+#pragma unroll
+                for (int kk = 0; kk < PA_KT / 16; ++kk) {
+                    unsigned hi[4], lo[4];
+                    split_pair(s[2 * kk][0], s[2 * kk][1], hi[0], lo[0]);
+                    split_pair(s[2 * kk][2], s[2 * kk][3], hi[1], lo[1]);
+                    split_pair(s[2 * kk + 1][0], s[2 * kk + 1][1], hi[2], lo[2]);
+                    split_pair(s[2 * kk + 1][2], s[2 * kk + 1][3], hi[3], lo[3]);
+                    // V's B fragments for dims 8 n .. 8 n + 15 (two n) by one transposed ldmatrix:
+                    // matrix j holds keys 16 kk + 8 (j & 1) .., dims 8 (n + (j >> 1)) ..
+#pragma unroll
+                    for (int n = 0; n < PA_D / 8; n += 2) {
+                        unsigned b[4];
+                        ldmatrix_x4_trans(b, &sv[buf][16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7)][8 * n + 8 * (lane >> 4)]);
+                        mma_16816(o[n], hi, b);
+                        mma_16816(o[n], lo, b);
+                        mma_16816(o[n + 1], hi, b + 2);
+                        mma_16816(o[n + 1], lo, b + 2);
+                    }
+                }
+            }
+            __syncthreads();   // every warp is done with this stage before it is refilled
         }
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
-    if (lo < hi) stage(0, lo);
-    for (int k0 = lo, buf = 0; k0 < hi; k0 += PA_KT, buf ^= 1) {
-        if (k0 + PA_KT < hi) {
-            stage(buf ^ 1, k0 + PA_KT);
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        }
-        __syncthreads();   // this tile is in, for every thread
         if (active) {
-            // S = Q K^T: keys 8 n .. 8 n + 7 are the B columns; one ldmatrix brings two kk steps
-            // (matrix j: dims 8 j .. 8 j + 7 of the 32), added in the same kk order as before
-            float s[PA_KT / 8][4];
-#pragma unroll
-            for (int n = 0; n < PA_KT / 8; ++n) {
-                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk + 1 < PA_D / 16; kk += 2) {
-                    unsigned b[4];
-                    ldmatrix_x4(b, &sk[buf][8 * n + (lane & 7)][16 * kk + 8 * (lane >> 3)]);
-                    mma_16816(s[n], qa[kk], b);
-                    mma_16816(s[n], qa[kk + 1], b + 2);
-                }
-                if ((PA_D / 16) % 2) {   // head_dim an odd number of 16s: the last step alone
-                    unsigned b[2];
-                    ldmatrix_x2(b, &sk[buf][8 * n + (lane & 7)][PA_D - 16 + 8 * ((lane >> 3) & 1)]);
-                    mma_16816(s[n], qa[PA_D / 16 - 1], b);
-                }
-            }
-            float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-            for (int n = 0; n < PA_KT / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + 8 * n + 2 * t + (e & 1), p = pos[e >> 1];
-                    const bool seen = key <= p && (window <= 0 || key > p - window);
-                    s[n][e] = seen ? s[n][e] * scale_log2 : -INFINITY;
-                    tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
-                }
-            float base[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-                const float m_new = fmaxf(m[r], tile_max[r]);
-                base[r] = m_new == -INFINITY ? 0.f : m_new;     // a row with no key yet: all its p are 0
-                const float alpha = exp2f(m[r] - base[r]);      // exactly 1 while the max holds
-                m[r] = m_new;
-                l[r] *= alpha;
-#pragma unroll
-                for (int n = 0; n < PA_D / 8; ++n) { o[n][2 * r] *= alpha; o[n][2 * r + 1] *= alpha; }
-            }
-#pragma unroll
-            for (int n = 0; n < PA_KT / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[n][e] = exp2f(s[n][e] - base[e >> 1]);
-                    l[e >> 1] += s[n][e];
-                }
-            // P @ V: the S accumulators of keys 16 kk .. 16 kk + 15 are already P's A fragment, as hi + lo
-#pragma unroll
-            for (int kk = 0; kk < PA_KT / 16; ++kk) {
-                unsigned hi[4], lo[4];
-                split_pair(s[2 * kk][0], s[2 * kk][1], hi[0], lo[0]);
-                split_pair(s[2 * kk][2], s[2 * kk][3], hi[1], lo[1]);
-                split_pair(s[2 * kk + 1][0], s[2 * kk + 1][1], hi[2], lo[2]);
-                split_pair(s[2 * kk + 1][2], s[2 * kk + 1][3], hi[3], lo[3]);
-                // V's B fragments for dims 8 n .. 8 n + 15 (two n) by one transposed ldmatrix:
-                // matrix j holds keys 16 kk + 8 (j & 1) .., dims 8 (n + (j >> 1)) ..
-#pragma unroll
-                for (int n = 0; n < PA_D / 8; n += 2) {
-                    unsigned b[4];
-                    ldmatrix_x4_trans(b, &sv[buf][16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7)][8 * n + 8 * (lane >> 4)]);
-                    mma_16816(o[n], hi, b);
-                    mma_16816(o[n], lo, b);
-                    mma_16816(o[n + 1], hi, b + 2);
-                    mma_16816(o[n + 1], lo, b + 2);
-                }
-            }
-        }
-        __syncthreads();   // every warp is done with this stage before it is refilled
-    }
-    if (!active) return;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        const int row = g + 8 * r;
-        if (row >= valid_rows) continue;
+                l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+                l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+                const int row = g + 8 * r;
+                if (row >= valid_rows) continue;
 #if PA_PACK
-        const size_t at = ((size_t)first * q_heads + kvh * PA_G + row) * splits + split;
+                const size_t at = ((size_t)first * q_heads + kvh * PA_G + row) * splits + split;
 #else
-        const size_t at = ((size_t)(first + row) * q_heads + head) * splits + split;
+                const size_t at = ((size_t)(first + row) * q_heads + head) * splits + split;
 #endif
 #pragma unroll
-        for (int n = 0; n < PA_D / 8; ++n)
-            *reinterpret_cast<float2*>(part_out + at * PA_D + 8 * n + 2 * t) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
-        if (t == 0) { part_ml[at * 2] = m[r]; part_ml[at * 2 + 1] = l[r]; }
+                for (int n = 0; n < PA_D / 8; ++n)
+                    *reinterpret_cast<float2*>(part_out + at * PA_D + 8 * n + 2 * t) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+                if (t == 0) { part_ml[at * 2] = m[r]; part_ml[at * 2 + 1] = l[r]; }
+            }
+        }
     }
 }
 

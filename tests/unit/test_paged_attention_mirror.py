@@ -164,3 +164,13 @@ def test_splits_are_fixed_key_ranges_whatever_the_context(split_keys, fine_keys)
         assert ranges[0][0] == 0 and ranges[-1][1] == context
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert ranges[:-1] == longest[: len(ranges) - 1] and ranges[-1][0] == longest[len(ranges) - 1][0]
+
+
+def test_grid_depth_leaves_out_only_splits_short_contexts_never_reach():
+    from neuron.kernels.paged_attention import FINE_KEYS, GRID_WAVE_BLOCKS, grid_splits, num_splits
+    splits = num_splits(2048, fine_keys=FINE_KEYS)                                      # 3 fine + 8 coarse = 11
+    assert splits == 11
+    assert grid_splits(splits, 256 * 8) == 4                         # big batch: the first 256 keys' 4 fine splits
+    assert grid_splits(splits, 1 * 8) == splits                      # one stream: a block a split
+    assert grid_splits(splits, 16 * 8) == min(splits, -(-GRID_WAVE_BLOCKS // 128))
+    assert grid_splits(2, 256 * 8) == 2 and grid_splits(1, 10 ** 6) == 1   # never more than the splits
