@@ -53,6 +53,8 @@ class _Bucket:
     rows: object
     logits: object = None
     graph: object = None
+    staged_tables: object = None     # GPU: pinned host copy of block_tables, the source of its upload
+    staged_copy: object = None       # GPU: event after the last upload from staged_tables
 
 
 @dataclass
@@ -120,6 +122,9 @@ class DecodeGraphs:
                          block_tables=xp.full((size, self.max_blocks), pad, dtype=xp.int32),
                          context_lens=xp.ones(size, dtype=xp.int32),
                          rows=xp.arange(size, dtype=xp.int64))
+        if getattr(xp, "__name__", "") == "cupy":
+            import cupyx
+            bucket.staged_tables = cupyx.empty_pinned((size, self.max_blocks), dtype=np.int32)
         with self._allocating():
             if self.capture_graphs:
                 try:
@@ -173,21 +178,42 @@ class DecodeGraphs:
         n = len(inputs.context_lens)
         bucket = self.buckets[min(b for b in self.buckets if b >= n)]
         pad = self.kv.scratch_block
-        tables = np.full((bucket.size, self.max_blocks), pad, dtype=np.int32)
-        tables[:n, :inputs.block_tables.shape[1]] = inputs.block_tables
+        self._upload_tables(bucket, inputs.block_tables, pad)
         self._upload(bucket.token_ids, inputs.token_ids, 0)
         if tokens_from is not None:
             feed_tokens(self.xp, bucket.token_ids, tokens_from)
         self._upload(bucket.positions, inputs.positions, 0)
         self._upload(bucket.slot_mapping, inputs.slot_mapping, pad * self.kv.block_size)
         self._upload(bucket.context_lens, inputs.context_lens, 1)
-        bucket.block_tables.set(tables) if self.xp is not np else np.copyto(bucket.block_tables, tables)
         if bucket.graph is not None:
             bucket.graph.launch(self.xp.cuda.get_current_stream())
             logits = bucket.logits
         else:
             logits = self._forward(bucket)
         return logits[:n]
+
+    def _upload_tables(self, bucket: _Bucket, tables: np.ndarray, pad: int) -> None:
+        """The turn's block tables into the bucket's [B, max_blocks] buffer, padded. On a GPU from a
+        pinned copy, so the upload is queued and the host goes on: from pageable memory a table of
+        more than ~64 KB (256 rows at max_context 2,048: 128 KB) made the host wait until the stream
+        reached the copy, i.e. until the turn still running ended, which undid async scheduling's
+        overlap (1B, 256 streams through cortex: 22,932 tok/s at max_context 2,256 against 28,903
+        at 272; bench/NOTES.md, session 15). The pinned copy is rewritten only after its last upload
+        has run (in steady state long done: it preceded the turn now on the device)."""
+        n, width = tables.shape
+        if bucket.staged_tables is None:   # a CPU device: the buffer is host memory
+            bucket.block_tables.fill(pad)
+            bucket.block_tables[:n, :width] = tables
+            return
+        if bucket.staged_copy is not None:
+            bucket.staged_copy.synchronize()
+        staged = bucket.staged_tables
+        staged.fill(pad)
+        staged[:n, :width] = tables
+        stream = self.xp.cuda.get_current_stream()
+        bucket.block_tables.set(staged, stream=stream)
+        bucket.staged_copy = self.xp.cuda.Event(block=False, disable_timing=True)
+        bucket.staged_copy.record(stream)
 
     def _upload(self, target, values: np.ndarray, fill) -> None:
         host = np.full(target.shape, fill, dtype=target.dtype)
