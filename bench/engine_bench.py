@@ -281,7 +281,7 @@ def main() -> None:
     result = {"commit": commit(), "gpu": name, "copy_gb_s": bandwidth, "matmul_tflops": tflops,
               "one_row_gemv": not args.no_one_row_gemv, "pdl": not args.no_pdl,
               "rope_epilogue": not args.no_rope_epilogue, "async_scheduling": not args.no_async_scheduling,
-              "prompt": args.prompt, "tokens": args.tokens, "fixtures": [], "rows": []}
+              "prompt": args.prompt, "tokens": args.tokens, "max_context": args.max_context, "fixtures": [], "rows": []}
     if not args.skip_fixtures:
         result["fixtures"] = fixture_parity(backend)
     concurrency = [int(c) for c in args.concurrency.split(",")]
