@@ -38,7 +38,10 @@ def mass_shift(vocab: int) -> int:
 
 def integer_masses(weights: np.ndarray) -> np.ndarray:
     """W of float32 weights in [0, 1] (NaN as 0), int64."""
-    w = np.nan_to_num(np.asarray(weights, dtype=np.float32), nan=0.0)
+    return _masses(np.nan_to_num(np.asarray(weights, dtype=np.float32), nan=0.0))
+
+
+def _masses(w: np.ndarray) -> np.ndarray:   # w float32 without NaN
     return np.floor(w.astype(np.float64) * 2.0 ** mass_shift(w.shape[-1])).astype(np.int64)
 
 
@@ -54,26 +57,30 @@ def top_filter_draw_numpy(weights, top_k, top_p, min_p, uniforms) -> np.ndarray:
     """int64 [R]: each row's draw under the definition above. weights float32 [R, vocab]; top_k
     int [R] (0: none), top_p [R] (1: none), min_p [R] (0: none), uniforms [R] in [0, 1)."""
     weights = np.nan_to_num(np.asarray(weights, dtype=np.float32), nan=0.0)
-    masses = integer_masses(weights)
+    masses = _masses(weights)
     out = np.zeros(len(weights), dtype=np.int64)
     for r, (w, mass) in enumerate(zip(weights, masses)):
-        ranked = np.argsort(-w, kind="stable")           # high to low, ties in id order
-        if 0 < top_k[r] < len(w):
-            ranked = ranked[:top_k[r]]
-        if top_p[r] < 1.0:
-            ranked_mass = mass[ranked]
-            total = int(ranked_mass.sum())
-            if total > 0:
-                above = np.cumsum(ranked_mass) - ranked_mass
-                ranked = ranked[above < min(math.ceil(float(top_p[r]) * float(total)), total)]
-        kept = np.zeros(len(w), dtype=bool)
-        kept[ranked] = True
+        cut_k, cut_p = 0 < top_k[r] < len(w), top_p[r] < 1.0
+        kept = None   # every id
+        if cut_k or cut_p:   # only a cut needs the ranking (a sort of the row, on the CPU)
+            ranked = np.argsort(-w, kind="stable")       # high to low, ties in id order
+            if cut_k:
+                ranked = ranked[:top_k[r]]
+            if cut_p:
+                ranked_mass = mass[ranked]
+                total = int(ranked_mass.sum())
+                if total > 0:
+                    above = np.cumsum(ranked_mass) - ranked_mass
+                    ranked = ranked[above < min(math.ceil(float(top_p[r]) * float(total)), total)]
+            kept = np.zeros(len(w), dtype=bool)
+            kept[ranked] = True
         if min_p[r] > 0.0:
-            kept &= w >= np.float32(min_p[r])
-        kept_mass = np.where(kept, mass, 0)
+            above_min = w >= np.float32(min_p[r])
+            kept = above_min if kept is None else kept & above_min
+        kept_mass = mass if kept is None else np.where(kept, mass, 0)
         total = int(kept_mass.sum())
         if total == 0:       # nothing has weight (NaN or underflow everywhere): the top-ranked id
-            out[r] = int(np.argsort(-w, kind="stable")[0])
+            out[r] = int(np.argmax(w))                   # the first of the largest
             continue
         target = min(max(math.ceil((1.0 - float(uniforms[r])) * float(total)), 1), total)
         out[r] = int(np.searchsorted(np.cumsum(kept_mass), target, side="left"))
