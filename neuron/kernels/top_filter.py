@@ -101,19 +101,36 @@ def _kernels(device: int):
     return module.get_function("sample_weights"), module.get_function("top_filter_draw")
 
 
+def _weigh(scores, params):
+    """sample_weights.cu over CuPy float32 scores [R, vocab] with device params [R, PARAMS]."""
+    import cupy
+
+    rows, vocab = scores.shape
+    weights = cupy.empty_like(scores)
+    _kernels(cupy.cuda.runtime.getDevice())[0]((rows,), (THREADS,), (scores, np.int32(vocab), params, weights))
+    return weights
+
+
+def _draw(weights, params):
+    """top_filter_draw.cu over CuPy float32 weights [R, vocab] with device params [R, PARAMS]."""
+    import cupy
+
+    rows, vocab = weights.shape
+    out = cupy.empty(rows, dtype=cupy.int64)
+    _kernels(cupy.cuda.runtime.getDevice())[1]((rows,), (THREADS,),
+                                               (weights, np.int32(vocab), np.int32(mass_shift(vocab)), params, out))
+    return out
+
+
 def top_filter_draw_cuda(weights, top_k, top_p, min_p, uniforms):
     """top_filter_draw_numpy on the device: int64 [R] there, no copy back. `weights` a CuPy float32
     [R, vocab] array; the other arguments host sequences of R."""
     import cupy
 
     weights = cupy.ascontiguousarray(weights, dtype=cupy.float32)
-    rows, vocab = weights.shape
-    out = cupy.empty(rows, dtype=cupy.int64)
-    if rows:
-        params = cupy.asarray(_params(top_k, top_p, min_p, uniforms, np.ones(rows)))
-        _kernels(cupy.cuda.runtime.getDevice())[1]((rows,), (THREADS,),
-                                                   (weights, np.int32(vocab), np.int32(mass_shift(vocab)), params, out))
-    return out
+    if not len(weights):
+        return cupy.empty(0, dtype=cupy.int64)
+    return _draw(weights, cupy.asarray(_params(top_k, top_p, min_p, uniforms, np.ones(len(weights)))))
 
 
 def sample_weights_cuda(scores, temperature):
@@ -121,12 +138,11 @@ def sample_weights_cuda(scores, temperature):
     import cupy
 
     scores = cupy.ascontiguousarray(scores, dtype=cupy.float32)
-    rows, vocab = scores.shape
-    weights = cupy.empty_like(scores)
-    if rows:
-        params = cupy.asarray(_params(np.zeros(rows), np.ones(rows), np.zeros(rows), np.zeros(rows), temperature))
-        _kernels(cupy.cuda.runtime.getDevice())[0]((rows,), (THREADS,), (scores, np.int32(vocab), params, weights))
-    return weights
+    if not len(scores):
+        return cupy.empty_like(scores)
+    rows = len(scores)
+    return _weigh(scores, cupy.asarray(_params(np.zeros(rows), np.ones(rows), np.zeros(rows), np.zeros(rows),
+                                               temperature)))
 
 
 def sample_draws(xp, scores, top_k, top_p, min_p, temperature, uniforms):
@@ -135,15 +151,8 @@ def sample_draws(xp, scores, top_k, top_p, min_p, temperature, uniforms):
     top_p 1: none, min_p 0: none, temperature > 0, uniforms in [0, 1))."""
     if xp is np:
         return top_filter_draw_numpy(sample_weights_numpy(scores, temperature), top_k, top_p, min_p, uniforms)
-    import cupy
-
-    scores = cupy.ascontiguousarray(scores, dtype=cupy.float32)
-    rows, vocab = scores.shape
-    out = cupy.empty(rows, dtype=cupy.int64)
-    if rows:
-        weigh, draw = _kernels(cupy.cuda.runtime.getDevice())
-        params = cupy.asarray(_params(top_k, top_p, min_p, uniforms, temperature))   # the one upload
-        weights = cupy.empty_like(scores)
-        weigh((rows,), (THREADS,), (scores, np.int32(vocab), params, weights))
-        draw((rows,), (THREADS,), (weights, np.int32(vocab), np.int32(mass_shift(vocab)), params, out))
-    return out
+    scores = xp.ascontiguousarray(scores, dtype=xp.float32)
+    if not len(scores):
+        return xp.empty(0, dtype=xp.int64)
+    params = xp.asarray(_params(top_k, top_p, min_p, uniforms, temperature))   # the turn's one upload
+    return _draw(_weigh(scores, params), params)
