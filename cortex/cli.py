@@ -18,6 +18,7 @@ import structlog
 
 from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
 from common.errors import ServiceError
+from common.heap import freeze_heap
 from common.logs import configure_logging
 from common.security.settings import API_KEYS_SETTING, ServerSecurity, cluster_settings
 from common.server import ServingServer, stop_on_signals
@@ -185,6 +186,7 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     stop = stop_on_signals()   # before the port file says the server is up
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
+    freeze_heap()   # what startup built lives as long as the process: out of the collector's walks
     log.info("cortex serving", listen=settings["listen"], port=port, static_neurons=settings["neuron"],
              poll_seconds=settings["poll_seconds"], heartbeat_timeout_seconds=settings["heartbeat_timeout_seconds"])
     security.warn_if_open("cortex", takes_api_keys=True)

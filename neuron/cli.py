@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 
 from common.config import EXIT_USAGE, SERVER_SETTINGS, ConfigError, Setting, add_settings, listen_setting, resolve
+from common.heap import freeze_heap
 from common.logs import configure_logging
 from common.security.settings import ServerSecurity, cluster_settings
 from common.server import ServingServer, stop_on_signals
@@ -190,6 +191,7 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     stop = stop_on_signals()   # before the port file says the server is up
     if settings["port_file"]:
         Path(settings["port_file"]).write_text(str(port))
+    freeze_heap()   # what startup built lives as long as the process: out of the collector's walks
     log.info("neuron serving", listen=settings["listen"], port=port, devices=[w.spec.id for w in workers],
              model_roots=[str(r) for r in roots], advertise=service.advertise)
     security.warn_if_open("neuron", takes_api_keys=False)

@@ -274,8 +274,15 @@ class NeuronService(neuron_pb2_grpc.NeuronServicer):
 
     async def _prompt_ids(self, shard: Shard, prompt: pb.Prompt) -> list[int]:
         check_prompt_size(prompt, self.limits)
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._prompt_pool, prompt_token_ids, shard, prompt, self.limits.template_seconds)
+        if prompt.WhichOneof("kind") == "tokens":
+            # Token ids need no tokenizer: checked here, since a hop through the pool (a thread
+            # wake-up and a future back to the loop) cost more than the check, and a burst of such
+            # hops competes for the GIL with the device thread launching a turn.
+            ids = prompt_token_ids(shard, prompt)
+        else:
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(self._prompt_pool, prompt_token_ids, shard, prompt,
+                                             self.limits.template_seconds)
         if len(ids) > self.limits.max_prompt_tokens:
             raise InvalidArgument(f"the prompt has {len(ids)} tokens, more than the limit of "
                                   f"{self.limits.max_prompt_tokens} (--max-prompt-tokens); send a shorter prompt")
@@ -434,9 +441,9 @@ def _check_token_ids(ids: list[int], shard: Shard, field: str) -> None:
     if not ids:
         raise InvalidArgument(f"{field} is empty: give at least one token id")
     vocab = shard.config.vocab_size
-    bad = next(((i, t) for i, t in enumerate(ids) if t >= vocab), None)
-    if bad:
-        raise InvalidArgument(f"{field}[{bad[0]}] = {bad[1]} is out of the vocabulary (ids must be below {vocab})")
+    if max(ids) >= vocab:  # max() runs in C; the scan for the culprit only on the error path
+        index, bad = next((i, t) for i, t in enumerate(ids) if t >= vocab)
+        raise InvalidArgument(f"{field}[{index}] = {bad} is out of the vocabulary (ids must be below {vocab})")
     if len(ids) > shard.kv.max_context:
         raise InvalidArgument(f"{field} has {len(ids)} tokens, more than the context of {shard.kv.max_context}; "
                               "send fewer tokens or load the model with a larger max_context")

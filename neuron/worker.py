@@ -18,6 +18,7 @@ from typing import Any, Callable
 import structlog
 
 from common.errors import NotFound, Unavailable
+from common.heap import freeze_heap
 
 from .collectives import CollectiveError
 from .device import CpuBackend, CudaBackend, DeviceSpec
@@ -239,10 +240,11 @@ class DeviceWorker:
         shard = load_shard(self.backend, job.request, job.handle, progress, job.cancelled, job.comm, self.settings)
         self.slab[job.handle] = shard
         self.backend.used += shard.nbytes
+        gc_seconds = freeze_heap()   # the shard's objects (a KV block manager: one per block) out of collections
         log.info("shard loaded", model=job.request.model, handle=job.handle, device=self.spec.id, dtype=shard.dtype,
                  weight_bytes=shard.weight_bytes, kv_bytes=shard.kv.nbytes, kv_blocks=shard.kv.num_blocks,
                  block_size=shard.kv.block_size, max_seqs=shard.max_seqs, seconds=round(shard.load_seconds, 3),
-                 async_scheduling=shard.engine.async_scheduling)
+                 async_scheduling=shard.engine.async_scheduling, gc_freeze_seconds=round(gc_seconds, 3))
         return shard
 
     def _drop(self, job: DropShardJob, error: Exception | None = None) -> int:
@@ -259,6 +261,7 @@ class DeviceWorker:
         shard.model.release_graphs()  # before the communicator goes: NCCL waits for graphs that hold it
         shard.comm.close()
         del shard
+        freeze_heap()   # the dropped shard's frozen objects, freed by reference counts, may leave cycles
         self.backend.release_cached()
         log.info("shard dropped", handle=job.handle, device=self.spec.id, freed_bytes=freed)
         return freed

@@ -98,11 +98,27 @@ class KVBlockManager:
         if not self.enable_prefix_caching or (request.want_logits and request.all_positions):
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
-        self._extend_hashes(request, max_blocks)
+        # One pass hashes each block (unless hashed before: a preempted request), looks it up and
+        # compares its tokens, stopping at the first miss; the blocks after it are hashed when they
+        # are cached (cache_full_blocks). A burst of requests sharing a long prefix walks all of it
+        # here, on the device thread between turns: two slices and calls per block cost twice this.
         found: list[int] = []
+        hashes, cached, blocks = request.block_hashes, self._cached, self._blocks
+        parent = _NO_PARENT
         for index in range(max_blocks):
-            block_id = self._cached.get(request.block_hashes[index])
-            if block_id is None or self._blocks[block_id].token_ids != self._block_tokens(request, index):
+            tokens = None
+            if index < len(hashes):
+                parent = hashes[index]
+            else:
+                tokens = self._block_tokens(request, index)
+                parent = hash((parent, tokens))
+                hashes.append(parent)
+            block_id = cached.get(parent)
+            if block_id is None:
+                break
+            if tokens is None:
+                tokens = self._block_tokens(request, index)
+            if blocks[block_id].token_ids != tokens:
                 break
             found.append(block_id)
         num_hit = len(found) * self.block_size
@@ -145,16 +161,24 @@ class KVBlockManager:
 
     def _extend_hashes(self, request: Request, num_blocks: int) -> None:
         hashes = request.block_hashes
-        while len(hashes) < num_blocks:
-            parent = hashes[-1] if hashes else _NO_PARENT
-            hashes.append(hash((parent, self._block_tokens(request, len(hashes)))))
+        if len(hashes) >= num_blocks:
+            return
+        parent = hashes[-1] if hashes else _NO_PARENT
+        size, prompt = self.block_size, request.prompt_ids
+        for start in range(len(hashes) * size, min(num_blocks, len(prompt) // size) * size, size):
+            parent = hash((parent, tuple(prompt[start:start + size])))   # blocks inside the prompt
+            hashes.append(parent)
+        while len(hashes) < num_blocks:                                  # blocks reaching the output
+            parent = hash((parent, self._block_tokens(request, len(hashes))))
+            hashes.append(parent)
 
     def _block_tokens(self, request: Request, index: int) -> tuple[int, ...]:
         """Token ids of block `index` of the request, sliced without building all_token_ids."""
         start, end = index * self.block_size, (index + 1) * self.block_size
-        prompt, num_prompt = request.prompt_ids, len(request.prompt_ids)
-        if end <= num_prompt:
+        prompt = request.prompt_ids
+        if end <= len(prompt):
             return tuple(prompt[start:end])
+        num_prompt = len(prompt)
         if start >= num_prompt:
             return tuple(request.output_ids[start - num_prompt:end - num_prompt])
         return tuple(prompt[start:]) + tuple(request.output_ids[:end - num_prompt])

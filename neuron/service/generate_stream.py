@@ -48,6 +48,16 @@ class Generation:
             self.caller.cancel()
             raise
 
+    def submit_nowait(self, on_error: Callable[[BaseException], None]) -> None:
+        """Queue the job without waiting to hear it was queued: only a refusal (a full waiting queue,
+        a shard gone) calls `on_error`, on the device thread. Awaiting the queued future cost the
+        event loop a wake-up per request, from the device thread between turns, in a burst the
+        moment it is launching the turn that serves them."""
+        def refused(future: Future) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                on_error(future.exception())
+        self.worker.submit(self.job).add_done_callback(refused)
+
     def log_done(self, timing: pb.Timing) -> None:
         log.info("generate done", request_id=self.builder.request_id, handle=self.handle, model=self.model,
                  prompt_tokens=self.builder.prompt_tokens, completion_tokens=self.builder.completion_tokens,
@@ -165,7 +175,7 @@ class GenerationStream:
             if not isinstance(self.open.get(key), _Starting):
                 return  # cancelled while its prompt was being read
             self.open[key] = generation
-            await generation.submit()
+            generation.submit_nowait(lambda err: self.inbox.post(key, ErrorEvent(err)))
         except Exception as err:  # noqa: BLE001 - becomes the generation's status
             self.inbox.post(key, ErrorEvent(err))
 
