@@ -194,13 +194,13 @@ class DecodeGraphs:
 
     def _upload_tables(self, bucket: _Bucket, tables: np.ndarray, pad: int) -> None:
         """The turn's block tables into the bucket's [B, max_blocks] buffer, padded. On a GPU from a
-        pinned copy, so the upload is queued and the host goes on. From pageable memory a copy larger
-        than the driver's staging buffer (256 rows at max_context 2,048: 128 KB) may keep the host
-        waiting until the stream reaches it, i.e. until the turn still running ends, undoing async
-        scheduling's overlap. That is the suspected cause, not yet confirmed by an A/B on one host,
-        of 1B x 256 through cortex giving 22,932 tok/s at max_context 2,256 against 28,903 at 272
-        (bench/NOTES.md, session 15). The pinned copy is rewritten only after its last upload has
-        run (in steady state long done: it preceded the turn now on the device)."""
+        pinned copy, so the upload is queued and the host goes on (from pageable memory a copy
+        above the driver's staging size may hold the host until the stream reaches it). An A/B on
+        one host found no throughput effect either way (1B x 256 through cortex at max_context
+        2,256: 20,433 / 15,871 tok/s pinned against 18,824 / 17,923 pageable, alternating rounds;
+        bench/NOTES.md, session 16); the pinned copy is kept because it never waits. The pinned
+        copy is rewritten only after its last upload has run (in steady state long done: it
+        preceded the turn now on the device)."""
         n, width = tables.shape
         if bucket.staged_tables is None:   # a CPU device: the buffer is host memory
             bucket.block_tables.fill(pad)
