@@ -19,13 +19,17 @@ def ev(name, **fields):
     _events.append((time.monotonic(), threading.get_ident() % 100000, name, fields))
 
 
+_flushed = [0]
+
+
 def _flush():
+    """Appends the events logged since the last flush (the first version rewrote the whole file
+    each second: work that grew with the trace, under the GIL the traced threads share)."""
     with _lock:
-        path = f"{_PREFIX}-{os.getpid()}.jsonl"
-        items = list(_events)
-        with open(path, "w") as f:
-            for t, th, name, fields in items:
-                f.write(json.dumps([t, th, name, fields]) + "\n")
+        items = _events[_flushed[0]:]
+        _flushed[0] += len(items)
+        with open(f"{_PREFIX}-{os.getpid()}.jsonl", "a") as f:
+            f.writelines(json.dumps([t, th, name, fields]) + "\n" for t, th, name, fields in items)
 
 
 def _flusher():
