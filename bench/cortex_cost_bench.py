@@ -134,6 +134,9 @@ def main() -> int:
     parser.add_argument("--streams", default="64,256")
     parser.add_argument("--turn-ms", type=float, default=4.0, help="the stand-in's turn: one token per stream each")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=4,
+                        help="prompt ids per request (the stand-in ignores them; cortex converts and forwards them): "
+                             "with --tokens 1, cortex_us_per_call is its cost of taking a request in")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--stream-interval", type=int, default=1, help="cortex's --stream-interval")
@@ -155,7 +158,8 @@ def main() -> int:
             cortex = start_cortex([neuron_address], extra=["--stream-interval", str(args.stream_interval)])
             wait_adopted(cortex.address)
             pid = cortex.proc.pid
-            prompts = lambda n: [[1, 2, 3, 4]] * n   # noqa: E731 - the stand-in ignores them
+            ids = [(7 + 13 * i) % VOCAB for i in range(args.prompt_tokens)]
+            prompts = lambda n: [ids] * n   # noqa: E731 - the stand-in ignores them
             with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
                 run_workload(pool, 1, cortex.address, MODEL, prompts(2), 8)   # warm-up
                 for n in streams:
@@ -166,6 +170,7 @@ def main() -> int:
                         after, threads_after = cpu_seconds(Path(f"/proc/{pid}/stat")), thread_seconds(pid)
                         tokens = measured["output_tokens"]
                         row = {"streams": n, "cortex_us_per_token": 1e6 * (after - before) / tokens,
+                               "cortex_us_per_call": 1e6 * (after - before) / n,
                                "cortex_busy": (after - before) / measured["seconds"],
                                "cortex_threads_busy": busiest_threads(threads_before, threads_after,
                                                                       measured["seconds"]),
@@ -180,16 +185,17 @@ def main() -> int:
                 cortex.terminate()
             stand_in.kill()
             stand_in.wait()
-    keys = ["cortex_us_per_token", "cortex_busy", "tokens_per_message", "output_tok_s"]
+    keys = ["cortex_us_per_token", "cortex_us_per_call", "cortex_busy", "tokens_per_message", "output_tok_s"]
     median = {n: {k: statistics.median(r[k] for r in runs if r["streams"] == n) for k in keys} for n in streams}
     for n, m in median.items():
-        print(f"{n} streams, median of runs: cortex {m['cortex_us_per_token']:.1f} us of CPU per token, busy "
+        print(f"{n} streams, median of runs: cortex {m['cortex_us_per_token']:.1f} us of CPU per token "
+              f"({m['cortex_us_per_call']:.0f} per call), busy "
               f"{m['cortex_busy']:.2f}, {m['tokens_per_message']:.2f} tokens a message, {m['output_tok_s']:.0f} tok/s "
               f"(offered {n * 1e3 / args.turn_ms:.0f})")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"cortex_cost_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"commit": commit(), "cpus": os.cpu_count(), "turn_ms": args.turn_ms,
-                               "stream_interval": args.stream_interval,
+                               "stream_interval": args.stream_interval, "prompt_tokens": args.prompt_tokens,
                                "tokens": args.tokens, "runs": runs, "median_by_streams": median}, indent=1))
     print(f"wrote {out}")
     return 0
