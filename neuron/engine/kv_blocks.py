@@ -111,7 +111,7 @@ class KVBlockManager:
                 parent = hashes[index]
             else:
                 tokens = self._block_tokens(request, index)
-                parent = hash((parent, tokens))
+                parent = hash((parent, tokens))   # the module docstring's name of a block, inline on this hot loop
                 hashes.append(parent)
             block_id = cached.get(parent)
             if block_id is None:
@@ -161,16 +161,9 @@ class KVBlockManager:
 
     def _extend_hashes(self, request: Request, num_blocks: int) -> None:
         hashes = request.block_hashes
-        if len(hashes) >= num_blocks:
-            return
-        parent = hashes[-1] if hashes else _NO_PARENT
-        size, prompt = self.block_size, request.prompt_ids
-        for start in range(len(hashes) * size, min(num_blocks, len(prompt) // size) * size, size):
-            parent = hash((parent, tuple(prompt[start:start + size])))   # blocks inside the prompt
-            hashes.append(parent)
-        while len(hashes) < num_blocks:                                  # blocks reaching the output
-            parent = hash((parent, self._block_tokens(request, len(hashes))))
-            hashes.append(parent)
+        while len(hashes) < num_blocks:
+            parent = hashes[-1] if hashes else _NO_PARENT
+            hashes.append(hash((parent, self._block_tokens(request, len(hashes)))))
 
     def _block_tokens(self, request: Request, index: int) -> tuple[int, ...]:
         """Token ids of block `index` of the request, sliced without building all_token_ids."""
