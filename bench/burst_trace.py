@@ -42,16 +42,13 @@ STAMPS = ("c_in", "n_start", "n_submit", "n_add0", "c_first")   # one per reques
 def run_bursts(args, trace_prefix: Path) -> list[dict]:
     pythonpath = os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")])
     sb.ENV.update({"DIAG_TRACE": str(trace_prefix), "DIAG_ROLE": "cortex", "PYTHONPATH": pythonpath})
-    shape = sb.SHAPES[args.model]
+    path, vocab = sb.random_checkpoint(args.model, args.device)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
-    path = Path(tempfile.mkdtemp()) / args.model
-    sb.write_checkpoint(path, shape, dtype)
-    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     max_context = args.prefix + args.suffix + args.tokens + 16
     d = sb.deploy(path, args.device, dtype, max_context, 256, {"DIAG_ROLE": "neuron"}, [])
     pool = ProcessPoolExecutor(max_workers=args.procs, mp_context=get_context("spawn"))
     rng = np.random.default_rng(0)
-    prefix = np.random.default_rng(7).integers(3, vocab, args.prefix).tolist()
+    prefix = sb.shared_prefix(vocab, args.prefix)
     bursts = []
     try:
         sb.run_workload(pool, 1, d.cortex.address, d.model, sb.random_prompts(rng, 1, args.suffix, vocab, prefix), 1)
@@ -131,15 +128,8 @@ def timeline(bursts: list[dict], trace_prefix: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="1b", help=f"one of {','.join(sb.SHAPES)}")
-    parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
-    parser.add_argument("--prefix", type=int, default=2048)
-    parser.add_argument("--suffix", type=int, default=64)
-    parser.add_argument("--streams", type=int, default=32)
+    sb.add_shared_prefix_args(parser, tokens=8)
     parser.add_argument("--bursts", type=int, default=6)
-    parser.add_argument("--tokens", type=int, default=8, help="output tokens of each request")
-    parser.add_argument("--procs", type=int, default=4, help="client processes")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         trace_prefix = Path(work) / "trace"

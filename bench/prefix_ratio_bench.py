@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -36,7 +35,7 @@ def repeats(args, path: Path, vocab: int, caching: bool, pool) -> list[dict]:
     max_context = args.prefix + args.suffix + args.tokens + 16
     d = sb.deploy(path, args.device, dtype, max_context, 256, env, [])
     rng = np.random.default_rng(1)
-    prefix = np.random.default_rng(7).integers(3, vocab, args.prefix).tolist()   # serving_bench's prefix
+    prefix = sb.shared_prefix(vocab, args.prefix)
     runs = []
     try:
         sb.run_workload(pool, 1, d.cortex.address, d.model, sb.random_prompts(rng, 1, args.suffix, vocab, prefix), 1)
@@ -54,19 +53,10 @@ def repeats(args, path: Path, vocab: int, caching: bool, pool) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="1b", help=f"one of {','.join(sb.SHAPES)}")
-    parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
-    parser.add_argument("--prefix", type=int, default=2048)
-    parser.add_argument("--suffix", type=int, default=64)
-    parser.add_argument("--streams", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=128, help="output tokens of each request (serving_bench's)")
+    sb.add_shared_prefix_args(parser, tokens=128)   # serving_bench's output length
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--procs", type=int, default=4, help="client processes")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    path = Path(tempfile.mkdtemp()) / args.model
-    sb.write_checkpoint(path, sb.SHAPES[args.model], "float32" if args.device == "cpu" else "bfloat16")
-    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    path, vocab = sb.random_checkpoint(args.model, args.device)
     with ProcessPoolExecutor(max_workers=args.procs, mp_context=get_context("spawn")) as pool:
         on, off = repeats(args, path, vocab, True, pool), repeats(args, path, vocab, False, pool)
     p50_on, p50_off = [r["ttft_p50_ms"] for r in on], [r["ttft_p50_ms"] for r in off]

@@ -393,6 +393,32 @@ def random_prompts(rng: np.random.Generator, count: int, length: int, vocab: int
     return [list(prefix) + rng.integers(3, vocab, length).tolist() for _ in range(count)]
 
 
+def shared_prefix(vocab: int, length: int) -> list[int]:
+    """The shared-prefix workload's common prefix: the same in every run and every script."""
+    return np.random.default_rng(7).integers(3, vocab, length).tolist()
+
+
+def add_shared_prefix_args(parser, tokens: int) -> None:
+    """The options of a script that runs the shared-prefix workload on its own (burst_trace.py,
+    prefix_ratio_bench.py); `tokens`: its default output tokens per request."""
+    parser.add_argument("--model", default="1b", help=f"one of {','.join(SHAPES)}")
+    parser.add_argument("--device", default="0", help="CUDA GPU index, or cpu")
+    parser.add_argument("--prefix", type=int, default=2048, help="tokens of the common prefix")
+    parser.add_argument("--suffix", type=int, default=64, help="distinct tokens after it, per request")
+    parser.add_argument("--streams", type=int, default=32, help="requests of a burst")
+    parser.add_argument("--tokens", type=int, default=tokens, help="output tokens of each request")
+    parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+
+
+def random_checkpoint(model: str, device: str) -> tuple[Path, int]:
+    """A random-weight checkpoint of a SHAPES model in a fresh temporary folder (float32 on a CPU,
+    bfloat16 on a GPU): its path and vocabulary size."""
+    path = Path(tempfile.mkdtemp()) / model
+    write_checkpoint(path, SHAPES[model], "float32" if device == "cpu" else "bfloat16")
+    return path, json.loads((path / "config.json").read_text())["vocab_size"]
+
+
 def bench_model(key: str, args, ceil: dict, pool: ProcessPoolExecutor, work: Path, notes: list[str]) -> list[dict]:
     shape = SHAPES[key]
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -459,7 +485,7 @@ def bench_model(key: str, args, ceil: dict, pool: ProcessPoolExecutor, work: Pat
 
 
 def shared_prefix_row(key, args, pool, d: Deployment, rng, vocab, roof: Roofline, caching: bool, baseline) -> dict:
-    prefix = np.random.default_rng(7).integers(3, vocab, args.prefix_tokens).tolist()   # the same in both runs
+    prefix = shared_prefix(vocab, args.prefix_tokens)
     n = args.prefix_concurrency
     # One untimed request with the prefix first: with caching on, the timed ones find it cached.
     run_workload(pool, 1, d.cortex.address, d.model, random_prompts(rng, 1, args.suffix_tokens, vocab, prefix), 1)
