@@ -111,7 +111,7 @@ class KVBlockManager:
                 parent = hashes[index]
             else:
                 tokens = self._block_tokens(request, index)
-                parent = hash((parent, tokens))   # the module docstring's name of a block, inline on this hot loop
+                parent = hash((parent, tokens))   # the block's name (module docstring), as _extend_hashes
                 hashes.append(parent)
             block_id = cached.get(parent)
             if block_id is None:
@@ -168,10 +168,9 @@ class KVBlockManager:
     def _block_tokens(self, request: Request, index: int) -> tuple[int, ...]:
         """Token ids of block `index` of the request, sliced without building all_token_ids."""
         start, end = index * self.block_size, (index + 1) * self.block_size
-        prompt = request.prompt_ids
-        if end <= len(prompt):
+        prompt, num_prompt = request.prompt_ids, len(request.prompt_ids)
+        if end <= num_prompt:
             return tuple(prompt[start:end])
-        num_prompt = len(prompt)
         if start >= num_prompt:
             return tuple(request.output_ids[start - num_prompt:end - num_prompt])
         return tuple(prompt[start:]) + tuple(request.output_ids[:end - num_prompt])
