@@ -32,6 +32,9 @@ from bench.common import commit, copy_bandwidth, gpu_name  # noqa: E402
 from bench.engine_bench import MODELS, load, matmul_rate, run_requests  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 from neuron.device import CudaBackend, DeviceSpec  # noqa: E402
+from neuron.engine.core import Caller  # noqa: E402
+from neuron.engine.request import Request  # noqa: E402
+from neuron.sampling import SamplingConfig  # noqa: E402
 
 
 class OpTimer:
@@ -56,12 +59,13 @@ class OpTimer:
         def timed(*args, **kwargs):
             if self.records is None:
                 return fn(*args, **kwargs)
+            began = time.perf_counter()
             start = self.cp.cuda.Event()
             start.record()
             out = fn(*args, **kwargs)
             end = self.cp.cuda.Event()
             end.record()
-            self.records.append((name_of(*args, **kwargs), start, end))
+            self.records.append((name_of(*args, **kwargs), start, end, time.perf_counter() - began))
             return out
         setattr(obj, attr, timed)
 
@@ -87,12 +91,13 @@ class _TimedCall:
         if records is None:
             return self._inner(*args, **kwargs)
         cp = self._timer.cp
+        began = time.perf_counter()
         start = cp.cuda.Event()
         start.record()
         out = self._inner(*args, **kwargs)
         end = cp.cuda.Event()
         end.record()
-        records.append(("attention", start, end))
+        records.append(("attention", start, end, time.perf_counter() - began))
         return out
 
 
@@ -102,6 +107,7 @@ class ProfiledRunner:
 
     def __init__(self, runner, timer: OpTimer):
         self.runner, self.timer, self.turns, self._open = runner, timer, [], {}
+        self._last_end = None   # the previous turn's end event: the device's idle gap before a turn
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -126,17 +132,39 @@ class ProfiledRunner:
         waited = time.perf_counter() - waited
         records, begin, end, launch_s = self._open.pop(id(launched))
         end.synchronize()
+        elapsed = self.timer.cp.cuda.get_elapsed_time
         ops: dict[str, float] = {}
-        for name, a, b in records:
-            ops[name] = ops.get(name, 0.0) + self.timer.cp.cuda.get_elapsed_time(a, b)
+        host: dict[str, float] = {}
+        for name, a, b, host_s in records:
+            ops[name] = ops.get(name, 0.0) + elapsed(a, b)
+            host[name] = host.get(name, 0.0) + 1e3 * host_s
+        gap = elapsed(self._last_end, begin) if self._last_end is not None else None
+        self._last_end = end
         plan = launched.plan
         decoding = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.start > 0)
         kind = "decode" if decoding == len(plan.chunks) else ("prompt" if decoding == 0 else "mixed")
         self.turns.append({"kind": kind, "tokens": plan.num_tokens, "decode_rows": decoding,
                            "prompt_tokens": plan.num_tokens - decoding,
-                           "device_ms": self.timer.cp.cuda.get_elapsed_time(begin, end), "ops_ms": ops,
-                           "launch_ms": 1e3 * launch_s, "finish_wait_ms": 1e3 * waited})
+                           "device_ms": elapsed(begin, end), "ops_ms": ops, "host_ops_ms": host,
+                           "launch_ms": 1e3 * launch_s, "finish_wait_ms": 1e3 * waited,
+                           "gap_before_ms": gap})
         return out
+
+
+def long_prompt_turns(shard, prompts: list, tokens: int, long_prompt: list, name: str) -> None:
+    """The requests decode; once every one has a token, one long prompt arrives (its chunks ride
+    along with their decode rows, as long_prompt_bench.py's workload); runs until all finish."""
+    engine = shard.engine
+    requests = [Request(f"{name}-{i}", p, SamplingConfig(max_tokens=tokens, ignore_eos=True), shard.kv.max_context)
+                for i, p in enumerate(prompts)]
+    for r in requests:
+        engine.add(r, Caller(emit=lambda event: None))
+    while any(not r.output_ids for r in requests):
+        engine.step()
+    engine.add(Request(name, long_prompt, SamplingConfig(max_tokens=2, ignore_eos=True), shard.kv.max_context),
+               Caller(emit=lambda event: None))
+    while engine.has_work():
+        engine.step()
 
 
 def limits(shard, tokens: int, decode_rows: int, bandwidth: float, tflops: float) -> dict:
@@ -162,7 +190,8 @@ def limits(shard, tokens: int, decode_rows: int, bandwidth: float, tflops: float
 def profile(backend, key: str, args, bandwidth: float, tflops: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, SHAPES[MODELS[key]])
-        shard = load(backend, Path(tmp), key, True, max(args.requests, 1), max_context=args.max_context)
+        shard = load(backend, Path(tmp), key, True, args.requests + (1 if args.long else 0),
+                     max_context=max(args.max_context, args.long + 16))
         timer = OpTimer(shard.model)
         rng = np.random.default_rng(0)
         prompts = [rng.integers(10, 1000, args.prompt).tolist() for _ in range(args.requests)]
@@ -170,7 +199,11 @@ def profile(backend, key: str, args, bandwidth: float, tflops: float) -> list[di
         rows = []
         for repeat in range(args.repeats):
             runner = shard.engine.runner = ProfiledRunner(shard.engine.runner, timer)
-            run_requests(shard, prompts, args.tokens)
+            if args.long:
+                long_prompt_turns(shard, prompts, args.tokens, rng.integers(10, 1000, args.long).tolist(),
+                                  f"long{repeat}")
+            else:
+                run_requests(shard, prompts, args.tokens)
             shard.engine.runner = runner.runner
             for turn in runner.turns:
                 if turn["kind"] == "decode":
@@ -187,9 +220,12 @@ def profile(backend, key: str, args, bandwidth: float, tflops: float) -> list[di
 
 def print_rows(rows: list[dict]) -> None:
     for t in rows:
-        ops = "  ".join(f"{k} {v:.2f} ({t['limits_ms'].get(k, 0):.2f})" for k, v in sorted(t["ops_ms"].items()))
+        ops = "  ".join(f"{k} {v:.2f} ({t['limits_ms'].get(k, 0):.2f}; host {t['host_ops_ms'][k]:.2f})"
+                        for k, v in sorted(t["ops_ms"].items()))
+        gap = t["gap_before_ms"]
         print(f"{t['model']:>3} r{t['repeat']} {t['kind']:>6} tokens {t['tokens']:>5} (decode rows {t['decode_rows']:>3}) "
-              f"device {t['device_ms']:7.2f} ms  launch {t['launch_ms']:6.2f}  wait {t['finish_wait_ms']:6.2f} | "
+              f"device {t['device_ms']:7.2f} ms  launch {t['launch_ms']:6.2f}  wait {t['finish_wait_ms']:6.2f}  "
+              f"idle before {gap if gap is not None else float('nan'):6.2f} | "
               f"{ops}  other {t['other_ms']:.2f}", flush=True)
 
 
@@ -202,6 +238,7 @@ def summary(rows: list[dict]) -> dict:
             "turns": len(sel), "tokens_p50": statistics.median(r["tokens"] for r in sel),
             "device_ms_p50": statistics.median(r["device_ms"] for r in sel),
             "ops_ms_p50": {n: statistics.median(r["ops_ms"].get(n, 0.0) for r in sel) for n in names},
+            "host_ops_ms_p50": {n: statistics.median(r["host_ops_ms"].get(n, 0.0) for r in sel) for n in names},
             "other_ms_p50": statistics.median(r["other_ms"] for r in sel),
             "launch_ms_p50": statistics.median(r["launch_ms"] for r in sel),
             "finish_wait_ms_p50": statistics.median(r["finish_wait_ms"] for r in sel)}
@@ -214,6 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=4, help="output tokens a request (the mixed turns' decode rows)")
+    parser.add_argument("--long", type=int, default=0,
+                        help="a prompt of this many tokens arriving while the requests decode (0: none)")
     parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="0")
