@@ -33,9 +33,10 @@ from neuron.sampling import SamplingConfig  # noqa: E402
 from neuron.shard import LoadRequest, load_shard  # noqa: E402
 
 
-def measure(backend, directory: Path, cap: int, args) -> dict:
+def measure(backend, directory: Path, cap: int, args, mixed_graphs: bool = True) -> dict:
     import threading
-    settings = EngineSettings(max_seqs=args.streams + 1, max_prefill_chunk=cap, kv_memory_fraction=0.5)
+    settings = EngineSettings(max_seqs=args.streams + 1, max_prefill_chunk=cap, kv_memory_fraction=0.5,
+                              mixed_graphs=mixed_graphs)
     dtype = "float32" if backend.kind == "cpu" else "bfloat16"
     shard = load_shard(backend, LoadRequest(directory=directory, model="bench", dtype=dtype,
                                             max_context=args.long + 256 if args.long + 256 <= 4096 else 4096, max_seqs=args.streams + 1),
@@ -63,9 +64,10 @@ def measure(backend, directory: Path, cap: int, args) -> dict:
         during.append(time.perf_counter() - t)
     ttft = time.perf_counter() - arrived
     engine.fail_all(RuntimeError("bench done"))
-    return {"cap": cap, "steady_itl_p50_ms": 1e3 * float(np.median(steady)),
+    return {"cap": cap, "mixed_graphs": mixed_graphs, "steady_itl_p50_ms": 1e3 * float(np.median(steady)),
             "itl_p50_ms": 1e3 * float(np.percentile(during, 50)), "itl_p99_ms": 1e3 * float(np.percentile(during, 99)),
-            "turns": len(during), "long_ttft_ms": 1e3 * ttft}
+            "turns": len(during), "long_ttft_ms": 1e3 * ttft,
+            "during_ms": [round(1e3 * t, 3) for t in during]}   # each turn's wall time, in order
 
 
 def main() -> int:
@@ -76,6 +78,8 @@ def main() -> int:
     parser.add_argument("--long", type=int, default=3584, help="prompt tokens (the CPU shape holds 4,096 positions)")
     parser.add_argument("--warm", type=int, default=5)
     parser.add_argument("--caps", default="128,256,0", help="prompt-chunk caps to compare (128: the default)")
+    parser.add_argument("--mixed-graphs", choices=("on", "off", "both"), default="on",
+                        help="the neuron's mixed_graphs setting (GPU: the admission's turns replayed from graphs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -87,10 +91,11 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, shape, dtype=dtype)
-        for cap in [int(c) for c in args.caps.split(",")]:
-            rows.append(measure(backend, Path(tmp), cap, args))
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.mixed_graphs]
+        for cap, mixed in [(int(c), m) for c in args.caps.split(",") for m in modes]:
+            rows.append(measure(backend, Path(tmp), cap, args, mixed))
             r = rows[-1]
-            print(f"cap {cap:>5}: steady ITL p50 {r['steady_itl_p50_ms']:.1f} ms; while the {args.long}-token prompt is "
+            print(f"cap {cap:>5} mixed graphs {'on ' if mixed else 'off'}: steady ITL p50 {r['steady_itl_p50_ms']:.1f} ms; while the {args.long}-token prompt is "
                   f"admitted ({r['turns']} turns) ITL p50 {r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms "
                   f"(p99/steady p50 {r['itl_p99_ms'] / r['steady_itl_p50_ms']:.1f}x); its TTFT {r['long_ttft_ms']:.0f} ms",
                   flush=True)

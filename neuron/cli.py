@@ -66,6 +66,10 @@ SETTINGS = [
             "on GPUs, capture decode turns as CUDA graphs per batch-size bucket at load (single-device shards; "
             "a capture that fails is logged and those turns run eagerly); --no-cuda-graphs turns it off",
             type=bool),
+    Setting("mixed_graphs", DEFAULT_ENGINE.mixed_graphs,
+            "with cuda_graphs and max_prefill_chunk > 0, also capture turns of decode rows plus one prompt chunk of "
+            "max_prefill_chunk tokens that samples nothing (a long prompt's admission while others decode), so "
+            "those turns replay a graph instead of launching eagerly; --no-mixed-graphs turns it off", type=bool),
     Setting("async_scheduling", DEFAULT_ENGINE.async_scheduling,
             "while a decode turn runs on the device, plan the next one and queue it behind, its tokens taken "
             "from the running turn's samples on the device, so a turn's host work overlaps the next turn "
@@ -134,7 +138,8 @@ def build_workers(settings: dict) -> list[DeviceWorker]:
                             max_batched_tokens=settings["max_batched_tokens"], max_seqs=settings["max_seqs"],
                             max_waiting=settings["max_waiting"], prefix_caching=settings["prefix_caching"],
                             cuda_graphs=settings["cuda_graphs"], max_prefill_chunk=settings["max_prefill_chunk"],
-                            async_scheduling=settings["async_scheduling"], one_row_gemv=settings["one_row_gemv"])
+                            async_scheduling=settings["async_scheduling"], one_row_gemv=settings["one_row_gemv"],
+                            mixed_graphs=settings["mixed_graphs"])
     try:
         engine.check()
     except ValueError as err:

@@ -285,7 +285,8 @@ def _capture_decode_graphs(backend, model, kv: PagedKvCache, layout, max_seqs: i
     if backend.kind != "cuda" or not settings.cuda_graphs or layout.size > 1 or model.decode_attention is None:
         return None
     progress(LoadProgress("cuda-graphs", 0, 0, 0, 0, 0.0))
-    graphs = DecodeGraphs(model, kv, max_seqs, capture=True)
+    mixed_chunk = settings.max_prefill_chunk if settings.mixed_graphs else 0
+    graphs = DecodeGraphs(model, kv, max_seqs, capture=True, mixed_chunk=mixed_chunk)
     try:
         report = graphs.prepare(budget_bytes=GRAPH_POOL_BUDGET_BYTES)
     except Exception as err:  # noqa: BLE001 - graphs are an optimisation: decode still runs eagerly

@@ -19,6 +19,9 @@ class EngineSettings:
     max_prefill_chunk: int = 128
     # GPU decode turns replayed from CUDA graphs per batch-size bucket (single-device shards)
     cuda_graphs: bool = True
+    # with cuda_graphs, turns of decode rows and one middle chunk of max_prefill_chunk prompt tokens
+    # replay graphs too (runner/cuda_graphs.py): a long prompt's admission was bound by eager launches
+    mixed_graphs: bool = True
     # the next decode turn queued on the device behind the running one (single-device shards);
     # same tokens, and on an H200 1B at 256 streams 31,300 -> 47,000 tok/s in process (NOTES, session 9)
     async_scheduling: bool = True

@@ -13,6 +13,15 @@ time, so they share that pool (as vLLM's graphs share theirs). Nothing that must
 graph's replay lives in that pool: each bucket's input buffers come from the ordinary allocator,
 and a graph's logits are read before any other graph runs.
 
+Mixed turns of the same kind (`mixed_chunk` > 0): while requests decode, a long prompt arrives in
+chunks of max_prefill_chunk tokens (Scheduler), so the turns of its admission are n decode rows plus
+one chunk of exactly that many rows, which launched eagerly took longer on the host than on the
+device (an 8B turn of 64 decode rows and a 128-token chunk: ~11 ms of launches for ~7 ms of work,
+bench/NOTES.md session 17). A mixed bucket is a decode bucket of B rows followed by the chunk's C
+rows, attended in tiles (the B rows one each, the chunk TILE_ROWS at a time), logits for the B rows
+only: it serves a turn whose chunk samples nothing (every chunk of a prompt but its last). The rest
+of such a turn's inputs are a decode bucket's.
+
 On a CPU device (tests) the same buffers, padding and kernel path run eagerly: `capture=False`.
 
 On by default on GPUs (`--no-cuda-graphs` turns it off). The products go through cuBLAS called by
@@ -27,6 +36,7 @@ import numpy as np
 import structlog
 
 from neuron.kernels.launch import programmatic_launches
+from neuron.kernels.paged_attention import query_tiles
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, feed_tokens
@@ -55,6 +65,8 @@ class _Bucket:
     graph: object = None
     staged_tables: object = None     # GPU: pinned host copy of block_tables, the source of its upload
     staged_copy: object = None       # GPU: event after the last upload from staged_tables
+    chunk: int = 0                   # a mixed bucket's prompt rows after its `size` decode rows
+    attention: object = None         # a mixed bucket's DecodeBatch (its tiles on the device), one for every turn
 
 
 @dataclass
@@ -64,17 +76,20 @@ class CaptureReport:
     pool_bytes: int = 0
     skipped: str = ""
     programmatic: bool = True
+    mixed_sizes: list[int] = field(default_factory=list)   # decode rows of the mixed buckets captured
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv, max_seqs: int, capture: bool, programmatic: bool = True):
+    def __init__(self, model, kv, max_seqs: int, capture: bool, programmatic: bool = True, mixed_chunk: int = 0):
         """`model.decode_attention` must be set: graph rows attend through the paged attention kernel.
         `programmatic`: in the one-row graph (the GEMV layer: ~230 short kernels at the 8B) the
         kernels that allow it start while the kernel before them runs (kernels/launch.py); if a
         capture fails that way, it is captured again without. Larger buckets launch the ordinary
         way: their turns are long kernels of many blocks, where the per-block wait cost more than
         the launch gaps it hid (engine_bench on an H200: one 8B stream 4.25 -> 4.14 ms a turn, one
-        1B stream 0.98 -> 0.92; 1B x 256 2.53 -> 2.73, 8B x 256 10.81 -> 10.93, 64 unchanged)."""
+        1B stream 0.98 -> 0.92; 1B x 256 2.53 -> 2.73, 8B x 256 10.81 -> 10.93, 64 unchanged).
+        `mixed_chunk`: also capture mixed buckets of that many prompt rows (module docstring); only
+        with an attention that takes prompt rows in tiles (the tensor-core kernel, or its mirror)."""
         self.model, self.kv, self.capture_graphs = model, kv, capture
         self.programmatic = programmatic
         self.xp = model.xp
@@ -82,6 +97,9 @@ class DecodeGraphs:
         wanted = [b for b in BATCH_BUCKETS if b < max_seqs] + [min(max_seqs, BATCH_BUCKETS[-1])]
         self.sizes = sorted(set(wanted))
         self.buckets: dict[int, _Bucket] = {}
+        tiled = model.decode_attention is not None and model.decode_attention.prefill_rows and model.decode_attention.tiled
+        self.mixed_chunk = mixed_chunk if tiled else 0
+        self.mixed: dict[int, _Bucket] = {}      # decode rows -> the mixed bucket
         self.pool = None
         self.report = CaptureReport(programmatic=programmatic)
 
@@ -93,38 +111,54 @@ class DecodeGraphs:
         started = time.perf_counter()
         if self.capture_graphs:
             self.pool = self.xp.cuda.MemoryPool()
-        for size in sorted(self.sizes, reverse=True):
+        # decode buckets first: a budget spent leaves mixed turns eager, not decode turns
+        wanted = [(size, 0) for size in sorted(self.sizes, reverse=True)]
+        wanted += [(size, self.mixed_chunk) for size in sorted(self.sizes, reverse=True) if self.mixed_chunk]
+        for size, chunk in wanted:
             if time.perf_counter() - started > budget_seconds:
                 self.report.skipped = f"time budget of {budget_seconds:g} s spent"
                 break
             if self.pool is not None and self.pool.total_bytes() > budget_bytes:
                 self.report.skipped = f"memory budget of {budget_bytes >> 20} MiB spent"
                 break
-            self.buckets[size] = self._build(size)
-            self.report.sizes.append(size)
+            if chunk:
+                self.mixed[size] = self._build(size, chunk)
+                self.report.mixed_sizes.append(size)
+            else:
+                self.buckets[size] = self._build(size)
+                self.report.sizes.append(size)
         self.report.seconds = time.perf_counter() - started
         self.report.pool_bytes = int(self.pool.total_bytes()) if self.pool is not None else 0
         log.info("decode graphs ready", captured=self.capture_graphs, sizes=sorted(self.report.sizes),
+                 mixed_sizes=sorted(self.report.mixed_sizes), mixed_chunk=self.mixed_chunk or None,
                  seconds=round(self.report.seconds, 2), pool_mib=self.report.pool_bytes >> 20,
                  programmatic=self.programmatic, skipped=self.report.skipped or None)
         return self.report
 
-    def _build(self, size: int) -> _Bucket:
+    def _build(self, size: int, chunk: int = 0) -> _Bucket:
         xp, kv = self.xp, self.kv
         pad = kv.scratch_block
+        total = size + chunk
         # The inputs stay outside the private pool: memory there holds the intermediates of the
         # graphs captured before, which their replays overwrite (`rows`, never uploaded again,
         # would then pick other rows' logits).
+        # A mixed bucket's chunk rows start as a chunk at position 0 over the scratch block.
+        context_lens = np.ones(total, dtype=np.int32)
+        context_lens[size:] = np.arange(1, chunk + 1)
         bucket = _Bucket(size,
-                         token_ids=xp.zeros(size, dtype=xp.int32),
-                         positions=xp.zeros(size, dtype=xp.int32),
-                         slot_mapping=xp.full(size, pad * kv.block_size, dtype=xp.int64),
-                         block_tables=xp.full((size, self.max_blocks), pad, dtype=xp.int32),
-                         context_lens=xp.ones(size, dtype=xp.int32),
-                         rows=xp.arange(size, dtype=xp.int64))
+                         token_ids=xp.zeros(total, dtype=xp.int32),
+                         positions=xp.asarray(context_lens - 1),
+                         slot_mapping=xp.full(total, pad * kv.block_size, dtype=xp.int64),
+                         block_tables=xp.full((total, self.max_blocks), pad, dtype=xp.int32),
+                         context_lens=xp.asarray(context_lens),
+                         rows=xp.arange(size, dtype=xp.int64), chunk=chunk)
+        if chunk:
+            query_start = np.append(np.arange(size + 1), total).astype(np.int32)
+            bucket.attention = DecodeBatch(np.arange(size + 1), np.arange(0), None, bucket.block_tables,
+                                           bucket.context_lens, tiles=query_tiles(query_start))
         if getattr(xp, "__name__", "") == "cupy":
             import cupyx
-            bucket.staged_tables = cupyx.empty_pinned((size, self.max_blocks), dtype=np.int32)
+            bucket.staged_tables = cupyx.empty_pinned((total, self.max_blocks), dtype=np.int32)
         with self._allocating():
             if self.capture_graphs:
                 try:
@@ -159,10 +193,15 @@ class DecodeGraphs:
 
     def _forward(self, bucket: _Bucket):
         every = np.arange(bucket.size)
-        decode = DecodeBatch(every, every[:0], None, bucket.block_tables, bucket.context_lens)
+        if bucket.chunk:
+            # the same DecodeBatch every time: its tiles are uploaded once, by the warm-up before the capture
+            decode = bucket.attention
+            query_start = np.append(np.arange(bucket.size + 1), bucket.size + bucket.chunk).astype(np.int32)
+        else:
+            decode = DecodeBatch(every, every[:0], None, bucket.block_tables, bucket.context_lens)
+            query_start = np.arange(bucket.size + 1, dtype=np.int32)
         meta = AttentionMetadata(slot_mapping=bucket.slot_mapping, block_tables=bucket.block_tables,
-                                 query_start=np.arange(bucket.size + 1, dtype=np.int32),
-                                 context_lens=np.ones(bucket.size, dtype=np.int32),
+                                 query_start=query_start, context_lens=np.ones(len(query_start) - 1, dtype=np.int32),
                                  block_size=self.kv.block_size, decode=decode)
         return self.model.forward_batch(bucket.token_ids, bucket.positions, meta, self.kv, bucket.rows)
 
@@ -171,6 +210,56 @@ class DecodeGraphs:
     def can_run(self, inputs: BatchInputs) -> bool:
         return (bool(self.buckets) and is_decode_only(inputs) and len(inputs.context_lens) <= max(self.buckets)
                 and inputs.block_tables.shape[1] <= self.max_blocks)
+
+    def can_run_mixed(self, inputs: BatchInputs) -> bool:
+        """A turn of one-token chunks, each sampling, and one chunk of mixed_chunk tokens that samples
+        nothing, which fits a mixed bucket."""
+        if not self.mixed:
+            return False
+        lengths = np.diff(inputs.query_start)
+        long = np.flatnonzero(lengths != 1)
+        if len(long) != 1 or lengths[long[0]] != self.mixed_chunk or len(lengths) - 1 > max(self.mixed):
+            return False
+        singles = inputs.query_start[:-1][lengths == 1]
+        return (inputs.block_tables.shape[1] <= self.max_blocks and len(inputs.logits_rows) == len(singles)
+                and np.array_equal(inputs.logits_rows, singles))
+
+    def run_mixed(self, inputs: BatchInputs):
+        """Logits [n, vocab] of a can_run_mixed turn's n one-token chunks, in their order."""
+        lengths = np.diff(inputs.query_start)
+        single = lengths == 1
+        n = int(single.sum())
+        bucket = self.mixed[min(b for b in self.mixed if b >= n)]
+        size, chunk, pad = bucket.size, bucket.chunk, self.kv.scratch_block
+        long = int(np.flatnonzero(~single)[0])
+        rows = inputs.query_start[:-1][single]                        # the one-token rows, in order
+        lo = int(inputs.query_start[long])
+        span = slice(lo, lo + chunk)                                   # the chunk's rows
+        order = np.concatenate([rows, np.full(size - n, -1), np.arange(lo, lo + chunk)])   # -1: a padding row
+
+        def arranged(values: np.ndarray, fill) -> np.ndarray:
+            out = np.where(order >= 0, values[np.maximum(order, 0)], fill)
+            return out.astype(values.dtype, copy=False)
+
+        width = inputs.block_tables.shape[1]
+        tables = np.full((size + chunk, width), pad, dtype=np.int32)
+        tables[:n] = inputs.block_tables[single]
+        tables[size:] = inputs.block_tables[long]
+        self._upload_tables(bucket, tables, pad)
+        self._upload(bucket.token_ids, arranged(inputs.token_ids, 0), 0)
+        positions = arranged(inputs.positions, 0)
+        self._upload(bucket.positions, positions, 0)
+        self._upload(bucket.slot_mapping, arranged(inputs.slot_mapping, pad * self.kv.block_size), pad * self.kv.block_size)
+        context = np.ones(size + chunk, dtype=np.int32)
+        context[:n] = inputs.context_lens[single]
+        context[size:] = inputs.positions[span] + 1                   # each chunk row sees the keys up to its own
+        self._upload(bucket.context_lens, context, 1)
+        if bucket.graph is not None:
+            bucket.graph.launch(self.xp.cuda.get_current_stream())
+            logits = bucket.logits
+        else:
+            logits = self._forward(bucket)
+        return logits[:n]
 
     def run(self, inputs: BatchInputs, tokens_from=None):
         """Logits [n, vocab] (device, float32) of a decode-only turn of n requests. tokens_from:

@@ -135,6 +135,8 @@ class ModelRunner:
             if self.bound is not None:
                 self.bound()
             return logits if len(inputs.logits_rows) else None  # a follower samples nothing
+        if self.graphs is not None and tokens_from is None and self.graphs.can_run_mixed(inputs):
+            return self.graphs.run_mixed(inputs)   # decode rows and a prompt's middle chunk (single-device shards)
         xp = self.xp
         decode = None
         if self.model.decode_attention is not None and self.model.decode_attention.prefill_rows:

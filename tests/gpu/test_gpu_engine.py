@@ -124,3 +124,47 @@ def test_a_prompt_over_several_turns_gives_the_reference_tokens(small_turn_worke
         wait(pair[1])
     finally:
         drop(small_turn_worker, handle)
+
+
+def _chunked_worker(mixed_graphs: bool):
+    from neuron.device import DeviceSpec
+    from neuron.engine.settings import EngineSettings
+    from neuron.worker import DeviceWorker
+
+    w = DeviceWorker(DeviceSpec("0", "cuda", 0), settings=EngineSettings(max_prefill_chunk=8, mixed_graphs=mixed_graphs))
+    w.start()
+    return w
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_mixed_graphs_give_the_tokens_of_eager_mixed_turns(name, dtype):
+    """A 100-token prompt admitted in chunks of 8 while three requests decode: its middle chunks
+    replay mixed graphs (captured at load); every request's tokens equal those of a neuron that
+    launches such turns eagerly, and in float32 the decoders' equal transformers'."""
+    import time
+
+    ref = np.load(FIXTURES / "reference" / f"{name}.npz")
+    prompt, long_prompt = ref["prompt_ids"].tolist(), ref["long_prompt_ids"].tolist()
+    results, replays = {}, {}
+    for mixed in (True, False):
+        w = _chunked_worker(mixed)
+        try:
+            handle, shard = load(w, FIXTURES / "models" / name, dtype, max_context=256, max_seqs=8)
+            graphs = shard.engine.runner.graphs
+            assert bool(graphs.mixed) == mixed and graphs.mixed_chunk == (8 if mixed else 0)
+            count = []
+            run_mixed = graphs.run_mixed
+            graphs.run_mixed = lambda inputs: count.append(1) or run_mixed(inputs)
+            decoders = [generate_async(w, handle, p, 240) for p in (prompt, prompt[:9], prompt[:11])]
+            time.sleep(0.05)   # the three are decoding when the long prompt arrives
+            late = generate_async(w, handle, long_prompt, 8)
+            results[mixed] = [wait(c) for c in decoders] + [wait(late)]
+            replays[mixed] = len(count)
+            drop(w, handle)
+        finally:
+            w.stop()
+    assert replays[True] >= 1 and replays[False] == 0
+    assert results[True] == results[False]
+    if dtype == "float32":
+        assert results[True][0][:32] == [int(t) for t in ref["greedy_ids"]]

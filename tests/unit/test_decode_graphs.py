@@ -106,3 +106,72 @@ def test_shard_info_reports_the_captured_buckets_and_nothing_for_eager_turns():
     captured = SimpleNamespace(capture_graphs=True, report=CaptureReport([8, 1, 4], 0.25, 3 << 20))
     assert graph_fields(captured) == {"cuda_graph_batch_sizes": [1, 4, 8], "cuda_graph_seconds": 0.25,
                                       "cuda_graph_pool_bytes": 3 << 20}
+
+
+class CountingMixed(DecodeGraphs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mixed_turns = []
+
+    def run_mixed(self, inputs):
+        lengths = np.diff(inputs.query_start)
+        self.mixed_turns.append((len(lengths), int(np.flatnonzero(lengths != 1)[0])))   # (requests, the chunk's index)
+        return super().run_mixed(inputs)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_mixed_buckets_give_the_tokens_of_eager_turns(name):
+    """A long prompt admitted in chunks while two requests decode (and a third joins with it):
+    its middle chunks ride in mixed buckets (the decode rows padded to the bucket, then the chunk's
+    rows in tiles, the chunk first among the plan's requests or between them), on the tensor-core
+    kernel's mirror; every request's tokens equal transformers' (the decoders) and those of the
+    same turns run eagerly (the long prompt)."""
+    ref = np.load(REFERENCE / f"{name}.npz")
+    prompt, long_prompt = ref["prompt_ids"].tolist(), ref["long_prompt_ids"].tolist()
+
+    def serve(mixed_chunk: int):
+        model, kv, config = build(name, decode="numpy-tiles")
+        runner = ModelRunner(model, kv, config.vocab_size)
+        graphs = CountingMixed(model, kv, max_seqs=8, capture=False, mixed_chunk=mixed_chunk)
+        graphs.prepare()
+        runner.graphs = graphs
+        decoders = [request(r, prompt) for r in "ab"]
+        late = {5: [request("long", long_prompt), request("d", prompt)]}
+        done = run_to(runner, HandScheduler(kv, chunk=4), decoders, 32, late)
+        return {r.request_id: r.output_ids for r in done}, graphs
+
+    tokens, graphs = serve(mixed_chunk=4)
+    assert sorted(graphs.mixed) == [1, 2, 4, 8] and graphs.report.mixed_sizes
+    # 100 prompt tokens in chunks of 4: 24 middle chunks (the last one samples); the first three
+    # share their turns with d's prompt chunks (eager), the others are mixed, before d's decode row
+    assert graphs.mixed_turns == [(4, 2)] * 21   # three decode rows: the bucket of 4 pads one
+    for rid in "abd":
+        assert tokens[rid] == [int(t) for t in ref["greedy_ids"]], rid
+    assert tokens["long"][0] == int(np.argmax(ref["long_logits_last"]))
+    eager, eager_graphs = serve(mixed_chunk=0)
+    assert eager_graphs.mixed_turns == [] and not eager_graphs.mixed
+    assert tokens == eager
+
+
+def test_a_mixed_turn_qualifies_only_with_one_middle_chunk_of_the_bucket_size():
+    from neuron.engine.plan import ScheduledChunk, SchedulerOutput
+    from neuron.runner.batch import build_batch
+
+    model, kv, _ = build("llama3", decode="numpy-tiles")
+    graphs = DecodeGraphs(model, kv, max_seqs=4, capture=False, mixed_chunk=3)
+    graphs.prepare()
+    a, b, c = request("a", [1, 2, 3]), request("b", [4, 5]), request("c", list(range(10, 20)))
+    a.num_computed_tokens, b.num_computed_tokens = 2, 1
+
+    def inputs(*chunks):
+        return build_batch(SchedulerOutput(list(chunks)), kv.block_size)[0]
+    decode_a, decode_b = ScheduledChunk(a, [3], 2, [0], True), ScheduledChunk(b, [5], 1, [1], True)
+    middle = ScheduledChunk(c, [10, 11, 12], 0, [2], False)
+    assert graphs.can_run_mixed(inputs(decode_a, middle, decode_b))          # the chunk may sit anywhere
+    assert not graphs.can_run_mixed(inputs(decode_a, ScheduledChunk(c, [10, 11, 12], 0, [2], True)))  # it samples
+    assert not graphs.can_run_mixed(inputs(decode_a, ScheduledChunk(c, [10, 11], 0, [2], False)))    # shorter
+    assert not graphs.can_run_mixed(inputs(decode_a, middle, ScheduledChunk(b, [4, 5, 6], 0, [1], False)))
+    assert not DecodeGraphs(model, kv, max_seqs=4, capture=False, mixed_chunk=0).can_run_mixed(inputs(decode_a, middle))
+    # a model whose attention takes no prompt tiles gets no mixed buckets
+    plain, plain_kv, _ = build("llama3", decode="numpy")
+    assert DecodeGraphs(plain, plain_kv, max_seqs=4, capture=False, mixed_chunk=3).mixed_chunk == 0
