@@ -122,7 +122,13 @@ class DecodeGraphs:
                 self.report.skipped = f"memory budget of {budget_bytes >> 20} MiB spent"
                 break
             if chunk:
-                self.mixed[size] = self._build(size, chunk)
+                try:
+                    self.mixed[size] = self._build(size, chunk)
+                except Exception as err:  # noqa: BLE001 - mixed turns then launch eagerly; decode graphs stay
+                    log.warning("mixed graph capture failed; those turns run eagerly", size=size, chunk=chunk,
+                                error=f"{type(err).__name__}: {err}")
+                    self.report.skipped = f"mixed bucket {size} + {chunk}: {type(err).__name__}"
+                    break
                 self.report.mixed_sizes.append(size)
             else:
                 self.buckets[size] = self._build(size)

@@ -175,3 +175,18 @@ def test_a_mixed_turn_qualifies_only_with_one_middle_chunk_of_the_bucket_size():
     # a model whose attention takes no prompt tiles gets no mixed buckets
     plain, plain_kv, _ = build("llama3", decode="numpy")
     assert DecodeGraphs(plain, plain_kv, max_seqs=4, capture=False, mixed_chunk=3).mixed_chunk == 0
+
+
+def test_a_failed_mixed_capture_leaves_the_decode_graphs(monkeypatch):
+    model, kv, _ = build("llama3", decode="numpy-tiles")
+    graphs = DecodeGraphs(model, kv, max_seqs=4, capture=False, mixed_chunk=3)
+    build_bucket = graphs._build
+
+    def failing(size, chunk=0):
+        if chunk:
+            raise RuntimeError("capture refused")
+        return build_bucket(size)
+    monkeypatch.setattr(graphs, "_build", failing)
+    report = graphs.prepare()
+    assert sorted(graphs.buckets) == [1, 2, 4] and graphs.mixed == {} and report.mixed_sizes == []
+    assert "mixed bucket" in report.skipped
