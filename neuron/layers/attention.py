@@ -141,11 +141,17 @@ class DecodeAttention:
         """The tensor-core kernel's mirror, given tiles as the kernel is: tests of the tile plumbing."""
         return cls(tiled_mirror, max_context, True, tiled=True)
 
+    def piece_rows(self, q_heads: int, head_dim: int, max_context: int = 0) -> int:
+        """Rows a launch takes (the workspace cap); a tiled batch's pieces are cut to at most this, at
+        least TILE_ROWS. max_context 0: the shard's maximum."""
+        splits = self.count_splits(max_context) if max_context else self.splits
+        return max(1, WORKSPACE_CAP_BYTES // (q_heads * splits * (head_dim + 2) * 4))
+
     def __call__(self, q, layer_keys, layer_values, batch: DecodeBatch, window: int | None):
         n, hq, d = q.shape
         scale = 1.0 / float(d) ** 0.5
         splits = self.count_splits(batch.max_context) if batch.max_context else self.splits
-        piece = max(1, WORKSPACE_CAP_BYTES // (hq * splits * (d + 2) * 4))
+        piece = self.piece_rows(hq, d, batch.max_context)
         if self.tiled and batch.tiles is not None:
             parts = [self.run(q[a:b], layer_keys, layer_values, batch.block_tables[a:b], batch.context_lens[a:b],
                               scale, window or 0, splits=splits, tiles=tiles)

@@ -36,7 +36,7 @@ import numpy as np
 import structlog
 
 from neuron.kernels.launch import programmatic_launches
-from neuron.kernels.paged_attention import query_tiles
+from neuron.kernels.paged_attention import TILE_ROWS, query_tiles
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, feed_tokens
@@ -162,6 +162,11 @@ class DecodeGraphs:
             query_start = np.append(np.arange(size + 1), total).astype(np.int32)
             bucket.attention = DecodeBatch(np.arange(size + 1), np.arange(0), None, bucket.block_tables,
                                            bucket.context_lens, tiles=query_tiles(query_start))
+            # its tiles go up now, from the ordinary allocator: uploaded by the warm-up inside the
+            # private pool, another graph's replay overwrote them (an illegal address on the H200)
+            heads = self.model.heads
+            rows = self.model.decode_attention.piece_rows(heads.q_heads, heads.head_dim)
+            bucket.attention.tile_pieces(xp, max(rows, TILE_ROWS))
         if getattr(xp, "__name__", "") == "cupy":
             import cupyx
             bucket.staged_tables = cupyx.empty_pinned((total, self.max_blocks), dtype=np.int32)

@@ -80,7 +80,7 @@ def test_bucket_inputs_are_not_allocated_in_the_graphs_private_pool(monkeypatch)
         """numpy, noting which arrays are made while the private pool is the allocator."""
         def __getattr__(self, name):
             attr = getattr(np, name)
-            if name in ("zeros", "full", "ones", "arange", "empty"):
+            if name in ("zeros", "full", "ones", "arange", "empty", "asarray"):
                 def make(*args, **kwargs):
                     if inside["pool"]:
                         allocated_in_pool.append(name)
@@ -93,6 +93,13 @@ def test_bucket_inputs_are_not_allocated_in_the_graphs_private_pool(monkeypatch)
     bucket = graphs._build(4)
     assert allocated_in_pool == []
     assert bucket.rows.tolist() == [0, 1, 2, 3]
+    # a mixed bucket's tiles too: the warm-up before its capture (inside the pool) finds them uploaded
+    mixed_model, mixed_kv, _ = build("llama3", decode="numpy-tiles")
+    mixed = DecodeGraphs(mixed_model, mixed_kv, max_seqs=4, capture=False, mixed_chunk=3)
+    monkeypatch.setattr(mixed, "_allocating", private_pool)
+    monkeypatch.setattr(mixed, "xp", RecordingXp())
+    bucket = mixed._build(4, 3)
+    assert allocated_in_pool == [] and bucket.attention._device_tiles
 
 
 def test_shard_info_reports_the_captured_buckets_and_nothing_for_eager_turns():
