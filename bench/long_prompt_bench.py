@@ -78,7 +78,7 @@ def main() -> int:
     parser.add_argument("--long", type=int, default=3584, help="prompt tokens (the CPU shape holds 4,096 positions)")
     parser.add_argument("--warm", type=int, default=5)
     parser.add_argument("--caps", default="128,256,0", help="prompt-chunk caps to compare (128: the default)")
-    parser.add_argument("--mixed-graphs", choices=("on", "off", "both"), default="on",
+    parser.add_argument("--mixed-graphs", choices=("on", "off", "both"), default="both",
                         help="the neuron's mixed_graphs setting (GPU: the admission's turns replayed from graphs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()

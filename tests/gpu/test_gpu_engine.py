@@ -136,12 +136,12 @@ def _chunked_worker(mixed_graphs: bool):
     return w
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
-def test_mixed_graphs_give_the_tokens_of_eager_mixed_turns(name, dtype):
+def test_mixed_graphs_give_the_tokens_of_eager_mixed_turns(name):
     """A 100-token prompt admitted in chunks of 8 while three requests decode: its middle chunks
-    replay mixed graphs (captured at load); every request's tokens equal those of a neuron that
-    launches such turns eagerly, and in float32 the decoders' equal transformers'."""
+    replay mixed graphs (captured at load; bfloat16, whose attention takes prompt rows in tiles);
+    every request's tokens equal those of a neuron that launches such turns eagerly."""
+    dtype = "bfloat16"
     import time
 
     ref = np.load(FIXTURES / "reference" / f"{name}.npz")
@@ -166,5 +166,3 @@ def test_mixed_graphs_give_the_tokens_of_eager_mixed_turns(name, dtype):
             w.stop()
     assert replays[True] >= 1 and replays[False] == 0
     assert results[True] == results[False]
-    if dtype == "float32":
-        assert results[True][0][:32] == [int(t) for t in ref["greedy_ids"]]
