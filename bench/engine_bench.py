@@ -71,6 +71,13 @@ def load(backend, directory: Path, name: str, graphs: bool, max_seqs: int, max_c
     return load_shard(backend, req, 1, lambda p: None, threading.Event(), settings=settings)
 
 
+def turn_kind(plan) -> tuple[str, int]:
+    """("decode" | "prompt" | "mixed", decode rows) of a turn's plan: a decode row is a one-token
+    chunk past a request's first position."""
+    decoding = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.start > 0)
+    return ("decode" if decoding == len(plan.chunks) else ("prompt" if decoding == 0 else "mixed")), decoding
+
+
 class TurnLog:
     """Wraps the shard's runner: every turn's kind (decode-only, prompt-only, mixed), tokens and
     seconds from its launch until its ids are on the host (the device's time, plus the host's when
@@ -110,8 +117,7 @@ class TurnLog:
             end.synchronize()
             device = self.runner.xp.cuda.get_elapsed_time(begin, end) / 1e3
         plan = launched.plan
-        decoding = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.start > 0)
-        kind = "decode" if decoding == len(plan.chunks) else ("prompt" if decoding == 0 else "mixed")
+        kind, _ = turn_kind(plan)
         self.turns.append((kind, plan.num_tokens, time.perf_counter() - started, device, waited))
         return out
 

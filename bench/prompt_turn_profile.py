@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.common import commit, copy_bandwidth, gpu_name  # noqa: E402
-from bench.engine_bench import MODELS, load, matmul_rate, run_requests  # noqa: E402
+from bench.engine_bench import MODELS, load, matmul_rate, run_requests, turn_kind  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 from neuron.device import CudaBackend, DeviceSpec  # noqa: E402
 from neuron.engine.core import Caller  # noqa: E402
@@ -59,15 +59,19 @@ class OpTimer:
         def timed(*args, **kwargs):
             if self.records is None:
                 return fn(*args, **kwargs)
-            began = time.perf_counter()
-            start = self.cp.cuda.Event()
-            start.record()
-            out = fn(*args, **kwargs)
-            end = self.cp.cuda.Event()
-            end.record()
-            self.records.append((name_of(*args, **kwargs), start, end, time.perf_counter() - began))
-            return out
+            return self.record(name_of(*args, **kwargs), fn, args, kwargs)
         setattr(obj, attr, timed)
+
+    def record(self, name: str, fn, args, kwargs):
+        """fn(*args, **kwargs) between two CUDA events, kept with its host time in the turn's list."""
+        began = time.perf_counter()
+        start = self.cp.cuda.Event()
+        start.record()
+        out = fn(*args, **kwargs)
+        end = self.cp.cuda.Event()
+        end.record()
+        self.records.append((name, start, end, time.perf_counter() - began))
+        return out
 
     def begin_turn(self) -> list:
         self.records = []
@@ -87,18 +91,9 @@ class _TimedCall:
         return getattr(self._inner, name)
 
     def __call__(self, *args, **kwargs):
-        records = self._timer.records
-        if records is None:
+        if self._timer.records is None:
             return self._inner(*args, **kwargs)
-        cp = self._timer.cp
-        began = time.perf_counter()
-        start = cp.cuda.Event()
-        start.record()
-        out = self._inner(*args, **kwargs)
-        end = cp.cuda.Event()
-        end.record()
-        records.append(("attention", start, end, time.perf_counter() - began))
-        return out
+        return self._timer.record("attention", self._inner, args, kwargs)
 
 
 class ProfiledRunner:
@@ -141,8 +136,7 @@ class ProfiledRunner:
         gap = elapsed(self._last_end, begin) if self._last_end is not None else None
         self._last_end = end
         plan = launched.plan
-        decoding = sum(1 for c in plan.chunks if len(c.token_ids) == 1 and c.start > 0)
-        kind = "decode" if decoding == len(plan.chunks) else ("prompt" if decoding == 0 else "mixed")
+        kind, decoding = turn_kind(plan)
         self.turns.append({"kind": kind, "tokens": plan.num_tokens, "decode_rows": decoding,
                            "prompt_tokens": plan.num_tokens - decoding,
                            "device_ms": elapsed(begin, end), "ops_ms": ops, "host_ops_ms": host,

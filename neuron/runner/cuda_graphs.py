@@ -258,19 +258,13 @@ class DecodeGraphs:
         tables[size:] = inputs.block_tables[long]
         self._upload_tables(bucket, tables, pad)
         self._upload(bucket.token_ids, arranged(inputs.token_ids, 0), 0)
-        positions = arranged(inputs.positions, 0)
-        self._upload(bucket.positions, positions, 0)
+        self._upload(bucket.positions, arranged(inputs.positions, 0), 0)
         self._upload(bucket.slot_mapping, arranged(inputs.slot_mapping, pad * self.kv.block_size), pad * self.kv.block_size)
         context = np.ones(size + chunk, dtype=np.int32)
         context[:n] = inputs.context_lens[single]
         context[size:] = inputs.positions[span] + 1                   # each chunk row sees the keys up to its own
         self._upload(bucket.context_lens, context, 1)
-        if bucket.graph is not None:
-            bucket.graph.launch(self.xp.cuda.get_current_stream())
-            logits = bucket.logits
-        else:
-            logits = self._forward(bucket)
-        return logits[:n]
+        return self._replay(bucket)[:n]
 
     def run(self, inputs: BatchInputs, tokens_from=None):
         """Logits [n, vocab] (device, float32) of a decode-only turn of n requests. tokens_from:
@@ -285,12 +279,14 @@ class DecodeGraphs:
         self._upload(bucket.positions, inputs.positions, 0)
         self._upload(bucket.slot_mapping, inputs.slot_mapping, pad * self.kv.block_size)
         self._upload(bucket.context_lens, inputs.context_lens, 1)
-        if bucket.graph is not None:
-            bucket.graph.launch(self.xp.cuda.get_current_stream())
-            logits = bucket.logits
-        else:
-            logits = self._forward(bucket)
-        return logits[:n]
+        return self._replay(bucket)[:n]
+
+    def _replay(self, bucket: _Bucket):
+        """The bucket's logits for the inputs just uploaded: its graph replayed (eagerly on a CPU)."""
+        if bucket.graph is None:
+            return self._forward(bucket)
+        bucket.graph.launch(self.xp.cuda.get_current_stream())
+        return bucket.logits
 
     def _upload_tables(self, bucket: _Bucket, tables: np.ndarray, pad: int) -> None:
         """The turn's block tables into the bucket's [B, max_blocks] buffer, padded. On a GPU from a
