@@ -10,7 +10,9 @@ token per `--turn-ms` in one GenerateStream message. At 256 streams and 4 ms tur
 tokens a second, more than one cortex core can forward, so cortex's figures are its ceiling on this
 machine: CPU microseconds per token and its busy share (1.0 = one core), the tokens per client
 message (above 1 when cortex fell behind and merged a generation's queued tokens), and the
-throughput the clients saw. The clients run in their own processes (`--client-procs`). Writes
+throughput the clients saw. The clients run in their own processes (`--client-procs`). `--floor`
+runs the same workloads against a bare grpc.aio server of Generate (no interceptors, routing or
+neuron: what gRPC itself costs per call and per message here) and prints cortex beside it. Writes
 bench/results/cortex_cost_bench-<time>.json with the commit.
 """
 from __future__ import annotations
@@ -102,15 +104,47 @@ def stand_in_main(port_file: Path, turn_seconds: float) -> None:
     asyncio.run(serve())
 
 
-def start_stand_in(turn_ms: float, work: Path) -> tuple[subprocess.Popen, str]:
-    port_file = work / "stand-in.port"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-stand-in", str(port_file), "--turn-ms", str(turn_ms)],
+def floor_main(port_file: Path, turn_seconds: float) -> None:
+    """The floor: a bare grpc.aio server of cortex's Generate (no interceptors, no routing, no
+    neuron), one token a message every turn; its CPU per call and per token is what gRPC and the
+    messages cost this machine, the part of cortex's cost no change to cortex's Python removes."""
+    import grpc
+
+    from common.proto.cortex.v1 import cortex_pb2 as cpb
+    from common.proto.cortex.v1 import cortex_pb2_grpc
+
+    class Floor(cortex_pb2_grpc.CortexServicer):
+        async def Generate(self, request, context):
+            tokens = request.sampling.max_tokens or 16
+            for sent in range(1, tokens + 1):
+                await asyncio.sleep(turn_seconds)
+                message = cpb.GenerateResponse(token_ids=[7], text="x", request_id="floor")
+                if sent == tokens:
+                    message.finish_reason = cpb.FINISH_REASON_LENGTH
+                    message.usage.prompt_tokens = len(request.prompt.tokens.ids)
+                    message.usage.completion_tokens = tokens
+                yield message
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        cortex_pb2_grpc.add_CortexServicer_to_server(Floor(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_file.write_text(str(port))
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def start_stand_in(turn_ms: float, work: Path, role: str = "--serve-stand-in") -> tuple[subprocess.Popen, str]:
+    port_file = work / f"{role.strip('-')}.port"
+    proc = subprocess.Popen([sys.executable, __file__, role, str(port_file), "--turn-ms", str(turn_ms)],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 30
     while not port_file.exists() or not port_file.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("the stand-in neuron did not start")
+            raise RuntimeError(f"the {role.strip('-')} server did not start")
         time.sleep(0.05)
     return proc, f"127.0.0.1:{port_file.read_text()}"
 
@@ -129,6 +163,26 @@ def wait_adopted(address: str) -> None:
                    timeout=60, what=f"cortex adopting the stand-in's model {MODEL!r}")
 
 
+def measure(pool, server: str, pid: int, address: str, streams: list[int], ids: list[int], args) -> list[dict]:
+    """`args.runs` workloads of n streams each against the server at `address`, its CPU read from /proc."""
+    run_workload(pool, 1, address, MODEL, [ids] * 2, 8)   # warm-up
+    rows = []
+    for n in streams:
+        for _ in range(args.runs):
+            threads_before, before = thread_seconds(pid), cpu_seconds(Path(f"/proc/{pid}/stat"))
+            measured = run_workload(pool, min(args.client_procs, n), address, MODEL, [ids] * n, args.tokens)
+            after, threads_after = cpu_seconds(Path(f"/proc/{pid}/stat")), thread_seconds(pid)
+            tokens = measured["output_tokens"]
+            row = {"server": server, "streams": n, "us_per_token": 1e6 * (after - before) / tokens,
+                   "us_per_call": 1e6 * (after - before) / n, "busy": (after - before) / measured["seconds"],
+                   "threads_busy": busiest_threads(threads_before, threads_after, measured["seconds"]),
+                   "tokens_per_message": tokens / measured["messages"], "output_tok_s": measured["output_tok_s"],
+                   "offered_tok_s": n * 1e3 / args.turn_ms, "errors": measured["errors"]}
+            rows.append(row)
+            print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", default="64,256")
@@ -136,62 +190,59 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=4,
                         help="prompt ids per request (the stand-in ignores them; cortex converts and forwards them): "
-                             "with --tokens 1, cortex_us_per_call is its cost of taking a request in")
+                             "with --tokens 1, us_per_call is its cost of taking a request in")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--stream-interval", type=int, default=1, help="cortex's --stream-interval")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the same workloads against a bare grpc.aio Generate server (the floor)")
     parser.add_argument("--serve-stand-in", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.serve_stand_in is not None:
         stand_in_main(args.serve_stand_in, args.turn_ms / 1e3)
         return 0
+    if args.serve_floor is not None:
+        floor_main(args.serve_floor, args.turn_ms / 1e3)
+        return 0
 
     from tests.helpers import start_cortex
 
     streams = [int(n) for n in args.streams.split(",")]
+    ids = [(7 + 13 * i) % VOCAB for i in range(args.prompt_tokens)]
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, \
+            ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
         stand_in, neuron_address = start_stand_in(args.turn_ms, Path(tmp))
         cortex = None
         try:
             cortex = start_cortex([neuron_address], extra=["--stream-interval", str(args.stream_interval)])
             wait_adopted(cortex.address)
-            pid = cortex.proc.pid
-            ids = [(7 + 13 * i) % VOCAB for i in range(args.prompt_tokens)]
-            prompts = lambda n: [ids] * n   # noqa: E731 - the stand-in ignores them
-            with ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn")) as pool:
-                run_workload(pool, 1, cortex.address, MODEL, prompts(2), 8)   # warm-up
-                for n in streams:
-                    for _ in range(args.runs):
-                        threads_before, before = thread_seconds(pid), cpu_seconds(Path(f"/proc/{pid}/stat"))
-                        measured = run_workload(pool, min(args.client_procs, n), cortex.address, MODEL, prompts(n),
-                                                args.tokens)
-                        after, threads_after = cpu_seconds(Path(f"/proc/{pid}/stat")), thread_seconds(pid)
-                        tokens = measured["output_tokens"]
-                        row = {"streams": n, "cortex_us_per_token": 1e6 * (after - before) / tokens,
-                               "cortex_us_per_call": 1e6 * (after - before) / n,
-                               "cortex_busy": (after - before) / measured["seconds"],
-                               "cortex_threads_busy": busiest_threads(threads_before, threads_after,
-                                                                      measured["seconds"]),
-                               "tokens_per_message": tokens / measured["messages"],
-                               "output_tok_s": measured["output_tok_s"],
-                               "offered_tok_s": n * 1e3 / args.turn_ms, "errors": measured["errors"]}
-                        runs.append(row)
-                        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                              flush=True)
+            runs += measure(pool, "cortex", cortex.proc.pid, cortex.address, streams, ids, args)
         finally:
             if cortex is not None:
                 cortex.terminate()
             stand_in.kill()
             stand_in.wait()
-    keys = ["cortex_us_per_token", "cortex_us_per_call", "cortex_busy", "tokens_per_message", "output_tok_s"]
-    median = {n: {k: statistics.median(r[k] for r in runs if r["streams"] == n) for k in keys} for n in streams}
-    for n, m in median.items():
-        print(f"{n} streams, median of runs: cortex {m['cortex_us_per_token']:.1f} us of CPU per token "
-              f"({m['cortex_us_per_call']:.0f} per call), busy "
-              f"{m['cortex_busy']:.2f}, {m['tokens_per_message']:.2f} tokens a message, {m['output_tok_s']:.0f} tok/s "
-              f"(offered {n * 1e3 / args.turn_ms:.0f})")
+        if args.floor:
+            floor, address = start_stand_in(args.turn_ms, Path(tmp), "--serve-floor")
+            try:
+                runs += measure(pool, "floor", floor.pid, address, streams, ids, args)
+            finally:
+                floor.kill()
+                floor.wait()
+    keys = ["us_per_token", "us_per_call", "busy", "tokens_per_message", "output_tok_s"]
+    servers = ["cortex"] + (["floor"] if args.floor else [])
+    median = {server: {n: {k: statistics.median(r[k] for r in runs if r["streams"] == n and r["server"] == server)
+                           for k in keys} for n in streams} for server in servers}
+    for n in streams:
+        m = median["cortex"][n]
+        floor = (f" against a bare grpc.aio Generate server's {median['floor'][n]['us_per_token']:.1f} per token "
+                 f"({median['floor'][n]['us_per_call']:.0f} per call)" if args.floor else "")
+        print(f"{n} streams, median of runs: cortex {m['us_per_token']:.1f} us of CPU per token "
+              f"({m['us_per_call']:.0f} per call){floor}, busy {m['busy']:.2f}, {m['tokens_per_message']:.2f} "
+              f"tokens a message, {m['output_tok_s']:.0f} tok/s (offered {n * 1e3 / args.turn_ms:.0f})")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"cortex_cost_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"commit": commit(), "cpus": os.cpu_count(), "turn_ms": args.turn_ms,
