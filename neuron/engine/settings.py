@@ -20,8 +20,8 @@ class EngineSettings:
     # GPU decode turns replayed from CUDA graphs per batch-size bucket (single-device shards)
     cuda_graphs: bool = True
     # with cuda_graphs, turns of decode rows and one middle chunk of max_prefill_chunk prompt tokens
-    # replay graphs too (runner/cuda_graphs.py); on the H200 a long prompt's admission p99 went
-    # from 3.3x to 2.7x the steady inter-token p50 (bench/NOTES.md, session 17)
+    # replay graphs too (runner/cuda_graphs.py); on the H200 a long prompt's admission p99 was
+    # 2.7x and 2.6x the steady inter-token p50 against 3.3x and 5.3x eager (NOTES, sessions 17-18)
     mixed_graphs: bool = True
     # the next decode turn queued on the device behind the running one (single-device shards);
     # same tokens, and on an H200 1B at 256 streams 31,300 -> 47,000 tok/s in process (NOTES, session 9)
