@@ -18,7 +18,7 @@ _SHARD_FIELDS = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_ran
                  "path", "architecture", "max_context", "vocab_size",
                  "kv_block_size", "kv_blocks_total", "kv_tokens", "max_seqs", "running", "waiting", "kv_blocks_used",
                  "prefix_cache_queries", "prefix_cache_hits", "cuda_graph_batch_sizes", "cuda_graph_seconds",
-                 "cuda_graph_pool_bytes", "warm_up_seconds")
+                 "cuda_graph_pool_bytes", "warm_up_seconds", "cuda_graph_mixed_batch_sizes", "cuda_graph_mixed_chunk")
 _PROGRESS_FIELDS = ("stage", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "gb_per_s")
 
 

@@ -41,5 +41,8 @@ def graph_fields(graphs) -> dict:
     if graphs is None or not graphs.capture_graphs:
         return {}
     report = graphs.report
-    return {"cuda_graph_batch_sizes": sorted(report.sizes), "cuda_graph_seconds": report.seconds,
-            "cuda_graph_pool_bytes": report.pool_bytes}
+    fields = {"cuda_graph_batch_sizes": sorted(report.sizes), "cuda_graph_seconds": report.seconds,
+              "cuda_graph_pool_bytes": report.pool_bytes}
+    if report.mixed_sizes:
+        fields.update(cuda_graph_mixed_batch_sizes=sorted(report.mixed_sizes), cuda_graph_mixed_chunk=graphs.mixed_chunk)
+    return fields

@@ -7,6 +7,7 @@ import pytest
 
 from bench.gpu_checks import FIXTURE_NAMES, FIXTURES, FP32_REL_L2, HALF_COSINE, cosine, drop, forward, generate, \
     generate_async, load, rel_l2, start_worker, wait
+from neuron.service.convert import graph_fields
 
 pytestmark = pytest.mark.gpu
 
@@ -153,6 +154,9 @@ def test_mixed_graphs_give_the_tokens_of_eager_mixed_turns(name):
             handle, shard = load(w, FIXTURES / "models" / name, dtype, max_context=256, max_seqs=8)
             graphs = shard.engine.runner.graphs
             assert bool(graphs.mixed) == mixed and graphs.mixed_chunk == (8 if mixed else 0)
+            reported = graph_fields(graphs)   # what ShardInfo and ShardSummary say of them
+            assert reported.get("cuda_graph_mixed_batch_sizes", []) == (sorted(graphs.mixed) if mixed else [])
+            assert reported.get("cuda_graph_mixed_chunk", 0) == (8 if mixed else 0)
             count = []
             run_mixed = graphs.run_mixed
             graphs.run_mixed = lambda inputs: count.append(1) or run_mixed(inputs)

@@ -113,6 +113,11 @@ def test_shard_info_reports_the_captured_buckets_and_nothing_for_eager_turns():
     captured = SimpleNamespace(capture_graphs=True, report=CaptureReport([8, 1, 4], 0.25, 3 << 20))
     assert graph_fields(captured) == {"cuda_graph_batch_sizes": [1, 4, 8], "cuda_graph_seconds": 0.25,
                                       "cuda_graph_pool_bytes": 3 << 20}
+    mixed = SimpleNamespace(capture_graphs=True, mixed_chunk=128,
+                            report=CaptureReport([2, 1], 0.5, 4 << 20, mixed_sizes=[2, 1]))
+    assert graph_fields(mixed) == {"cuda_graph_batch_sizes": [1, 2], "cuda_graph_seconds": 0.5,
+                                   "cuda_graph_pool_bytes": 4 << 20, "cuda_graph_mixed_batch_sizes": [1, 2],
+                                   "cuda_graph_mixed_chunk": 128}
 
 
 class CountingMixed(DecodeGraphs):

@@ -107,8 +107,9 @@ def test_a_node_shard_summary_reaches_the_public_one_field_for_field():
     assert public_fields <= set(npb.ShardSummary.DESCRIPTOR.fields_by_name)
     node = npb.ShardSummary(handle=3, model="m", running=2, kv_tokens=4096, prefix_cache_hits=16,
                             cuda_graph_batch_sizes=[1, 2, 4], cuda_graph_seconds=0.3, cuda_graph_pool_bytes=1 << 28,
-                            warm_up_seconds=0.05)
+                            warm_up_seconds=0.05, cuda_graph_mixed_batch_sizes=[1, 2], cuda_graph_mixed_chunk=128)
     public = shard_summary(node)
     for name in public_fields:
         assert getattr(public, name) == getattr(node, name), name
     assert list(public.cuda_graph_batch_sizes) == [1, 2, 4]
+    assert list(public.cuda_graph_mixed_batch_sizes) == [1, 2] and public.cuda_graph_mixed_chunk == 128

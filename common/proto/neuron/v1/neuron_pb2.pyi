@@ -21,7 +21,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardSummary(_message.Message):
-    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error", "path", "architecture", "max_context", "vocab_size", "kv_block_size", "kv_blocks_total", "kv_tokens", "max_seqs", "running", "waiting", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits", "cuda_graph_batch_sizes", "cuda_graph_seconds", "cuda_graph_pool_bytes", "warm_up_seconds")
+    __slots__ = ("handle", "model", "dtype", "weight_bytes", "kv_bytes", "tp_rank", "tp_size", "group_id", "error", "path", "architecture", "max_context", "vocab_size", "kv_block_size", "kv_blocks_total", "kv_tokens", "max_seqs", "running", "waiting", "kv_blocks_used", "prefix_cache_queries", "prefix_cache_hits", "cuda_graph_batch_sizes", "cuda_graph_seconds", "cuda_graph_pool_bytes", "warm_up_seconds", "cuda_graph_mixed_batch_sizes", "cuda_graph_mixed_chunk")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class ShardSummary(_message.Message):
     CUDA_GRAPH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPH_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WARM_UP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_MIXED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_MIXED_CHUNK_FIELD_NUMBER: _ClassVar[int]
     handle: int
     model: str
     dtype: str
@@ -74,7 +76,9 @@ class ShardSummary(_message.Message):
     cuda_graph_seconds: float
     cuda_graph_pool_bytes: int
     warm_up_seconds: float
-    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., max_seqs: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., cuda_graph_seconds: _Optional[float] = ..., cuda_graph_pool_bytes: _Optional[int] = ..., warm_up_seconds: _Optional[float] = ...) -> None: ...
+    cuda_graph_mixed_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    cuda_graph_mixed_chunk: int
+    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., group_id: _Optional[str] = ..., error: _Optional[str] = ..., path: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., max_seqs: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., cuda_graph_seconds: _Optional[float] = ..., cuda_graph_pool_bytes: _Optional[int] = ..., warm_up_seconds: _Optional[float] = ..., cuda_graph_mixed_batch_sizes: _Optional[_Iterable[int]] = ..., cuda_graph_mixed_chunk: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("id", "kind", "name", "total_bytes", "free_bytes", "shards", "busy", "error")
@@ -195,7 +199,7 @@ class LoadProgress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., gb_per_s: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("handle", "model", "device", "architecture", "dtype", "num_parameters", "weight_bytes", "kv_bytes", "max_context", "max_seqs", "vocab_size", "tp_rank", "tp_size", "load_seconds", "path", "kv_block_size", "kv_blocks_total", "kv_tokens", "cuda_graph_batch_sizes", "cuda_graph_seconds", "cuda_graph_pool_bytes", "warm_up_seconds")
+    __slots__ = ("handle", "model", "device", "architecture", "dtype", "num_parameters", "weight_bytes", "kv_bytes", "max_context", "max_seqs", "vocab_size", "tp_rank", "tp_size", "load_seconds", "path", "kv_block_size", "kv_blocks_total", "kv_tokens", "cuda_graph_batch_sizes", "cuda_graph_seconds", "cuda_graph_pool_bytes", "warm_up_seconds", "cuda_graph_mixed_batch_sizes", "cuda_graph_mixed_chunk")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +222,8 @@ class ShardInfo(_message.Message):
     CUDA_GRAPH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPH_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WARM_UP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_MIXED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_MIXED_CHUNK_FIELD_NUMBER: _ClassVar[int]
     handle: int
     model: str
     device: str
@@ -240,7 +246,9 @@ class ShardInfo(_message.Message):
     cuda_graph_seconds: float
     cuda_graph_pool_bytes: int
     warm_up_seconds: float
-    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., max_seqs: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., cuda_graph_seconds: _Optional[float] = ..., cuda_graph_pool_bytes: _Optional[int] = ..., warm_up_seconds: _Optional[float] = ...) -> None: ...
+    cuda_graph_mixed_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    cuda_graph_mixed_chunk: int
+    def __init__(self, handle: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., max_seqs: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., cuda_graph_batch_sizes: _Optional[_Iterable[int]] = ..., cuda_graph_seconds: _Optional[float] = ..., cuda_graph_pool_bytes: _Optional[int] = ..., warm_up_seconds: _Optional[float] = ..., cuda_graph_mixed_batch_sizes: _Optional[_Iterable[int]] = ..., cuda_graph_mixed_chunk: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("progress", "loaded")
