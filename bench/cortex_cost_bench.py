@@ -41,9 +41,23 @@ MODEL = "stand-in"
 VOCAB = 32000
 
 
+def serve_on_loopback(add_servicer, port_file: Path) -> None:
+    """A grpc.aio server of one servicer on a free loopback port, written to port_file; runs until killed."""
+    import grpc
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        add_servicer(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_file.write_text(str(port))
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
 def stand_in_main(port_file: Path, turn_seconds: float) -> None:
     """The stand-in neuron: Describe with one adoptable shard, GenerateStream at a fixed turn rate."""
-    import grpc
 
     from common.proto.neuron.v1 import neuron_pb2 as pb
     from common.proto.neuron.v1 import neuron_pb2_grpc
@@ -93,22 +107,13 @@ def stand_in_main(port_file: Path, turn_seconds: float) -> None:
             finally:
                 reader.cancel()
 
-    async def serve() -> None:
-        server = grpc.aio.server()
-        neuron_pb2_grpc.add_NeuronServicer_to_server(StandIn(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        port_file.write_text(str(port))
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
+    serve_on_loopback(lambda server: neuron_pb2_grpc.add_NeuronServicer_to_server(StandIn(), server), port_file)
 
 
 def floor_main(port_file: Path, turn_seconds: float) -> None:
     """The floor: a bare grpc.aio server of cortex's Generate (no interceptors, no routing, no
     neuron), one token a message every turn; its CPU per call and per token is what gRPC and the
     messages cost this machine, the part of cortex's cost no change to cortex's Python removes."""
-    import grpc
 
     from common.proto.cortex.v1 import cortex_pb2 as cpb
     from common.proto.cortex.v1 import cortex_pb2_grpc
@@ -125,15 +130,7 @@ def floor_main(port_file: Path, turn_seconds: float) -> None:
                     message.usage.completion_tokens = tokens
                 yield message
 
-    async def serve() -> None:
-        server = grpc.aio.server()
-        cortex_pb2_grpc.add_CortexServicer_to_server(Floor(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        port_file.write_text(str(port))
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
+    serve_on_loopback(lambda server: cortex_pb2_grpc.add_CortexServicer_to_server(Floor(), server), port_file)
 
 
 def start_stand_in(turn_ms: float, work: Path, role: str = "--serve-stand-in") -> tuple[subprocess.Popen, str]:
