@@ -222,3 +222,13 @@ class EngineEvents:
         else:
             self.end = event
             self.done.set()
+
+
+def load_fixture_shard(worker, handle: int, name: str = "llama2", max_context: int = 256):
+    """A fixture model loaded on an in-process DeviceWorker under `handle`; the Shard."""
+    import threading
+
+    from neuron.shard import LoadRequest
+    from neuron.worker import LoadShardJob
+    return worker.submit(LoadShardJob(LoadRequest(MODELS / name, name, max_context=max_context), handle,
+                                      lambda p: None, threading.Event())).result(30)

@@ -8,7 +8,7 @@ import pytest
 
 from neuron.runner.cuda_graphs import DecodeGraphs, is_decode_only
 from neuron.runner.model_runner import ModelRunner
-from tests.helpers import REFERENCE
+from tests.helpers import REFERENCE, load_fixture_shard
 from tests.unit.test_runner import HandScheduler, build, request, run_to
 
 
@@ -234,18 +234,14 @@ def test_release_drops_the_graphs_and_their_logits_before_emptying_the_pool():
 
 
 def test_dropping_a_shard_releases_its_decode_graphs():
-    import threading
 
     from neuron.device import DeviceSpec
-    from neuron.shard import LoadRequest
-    from neuron.worker import DeviceWorker, DropShardJob, LoadShardJob
-    from tests.helpers import MODELS
+    from neuron.worker import DeviceWorker, DropShardJob
 
     worker = DeviceWorker(DeviceSpec("cpu", "cpu", 0), 1 << 30)
     worker.start()
     try:
-        shard = worker.submit(LoadShardJob(LoadRequest(MODELS / "llama2", "llama2", max_context=256), 5,
-                                           lambda p: None, threading.Event())).result(30)
+        shard = load_fixture_shard(worker, 5)
         runner = shard.engine.runner
         assert runner.graphs is None   # a CPU device captures none: give it some, with a pool
         graphs = runner.graphs = DecodeGraphs(shard.model, shard.kv, max_seqs=2, capture=False)

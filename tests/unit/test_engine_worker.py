@@ -14,8 +14,8 @@ from neuron.engine.request import Request
 from neuron.generation import ErrorEvent, FinishEvent
 from neuron.sampling import SamplingConfig
 from neuron.shard import LoadRequest
-from neuron.worker import DeviceWorker, ForwardJob, GenerateJob, LoadShardJob
-from tests.helpers import MODELS, REFERENCE, EngineEvents
+from neuron.worker import DeviceWorker, ForwardJob, GenerateJob
+from tests.helpers import MODELS, REFERENCE, EngineEvents, load_fixture_shard
 
 
 @pytest.fixture
@@ -36,8 +36,7 @@ def generate(worker, handle, shard, rid, prompt, n=32) -> EngineEvents:
 def test_a_turn_that_raises_fails_its_requests_and_the_worker_serves_on(worker):
     ref = np.load(REFERENCE / "llama2.npz")
     prompt, expected = ref["prompt_ids"].tolist(), ref["greedy_ids"].tolist()
-    shard = worker.submit(LoadShardJob(LoadRequest(MODELS / "llama2", "llama2", max_context=256), 7,
-                                       lambda p: None, threading.Event())).result(30)
+    shard = load_fixture_shard(worker, 7)
     runner, real_launch = shard.engine.runner, shard.engine.runner.launch
     calls = []
 

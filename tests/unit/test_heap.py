@@ -4,14 +4,12 @@ device thread)."""
 from __future__ import annotations
 
 import gc
-import threading
 import weakref
 
 from common.heap import freeze_heap
 from neuron.device import DeviceSpec
-from neuron.shard import LoadRequest
-from neuron.worker import DeviceWorker, LoadShardJob
-from tests.helpers import MODELS
+from neuron.worker import DeviceWorker
+from tests.helpers import load_fixture_shard
 
 
 class Node:
@@ -42,8 +40,7 @@ def test_a_loaded_shard_is_frozen_and_a_second_freeze_frees_a_dropped_one():
     worker = DeviceWorker(DeviceSpec("cpu", "cpu", 0), 1 << 30)
     worker.start()
     try:
-        shard = worker.submit(LoadShardJob(LoadRequest(MODELS / "llama2", "llama2", max_context=256), 3,
-                                           lambda p: None, threading.Event())).result(30)
+        shard = load_fixture_shard(worker, 3)
         blocks = shard.engine.scheduler.block_manager
         assert blocks.num_blocks > 0 and not tracked(blocks)
         garbage = Node()
