@@ -265,7 +265,7 @@ def load_shard(backend, req: LoadRequest, handle: int, progress: Callable[[LoadP
                  warm_up)
 
 
-def _start_engine(backend, runner: ModelRunner, layout, max_seqs: int, settings: EngineSettings, model: str,
+def _start_engine(backend, runner: ModelRunner, layout, max_seqs: int, settings: EngineSettings, model_name: str,
                   progress) -> tuple[ShardEngine, float]:
     """The shard's engine over `runner`, its decode graphs captured and one warm-up turn run; the
     warm-up's seconds."""
@@ -275,8 +275,8 @@ def _start_engine(backend, runner: ModelRunner, layout, max_seqs: int, settings:
                           settings.max_batched_tokens, max_seqs, settings.max_waiting, settings.max_prefill_chunk)
     engine = ShardEngine(scheduler, runner, layout.size > 1, settings.async_scheduling)
     try:
-        warm_up = _warm_up(backend, engine, layout, min(settings.max_batched_tokens, kv.max_context - 1), model,
-                           progress)
+        warm_up = _warm_up(backend, engine, layout, min(settings.max_batched_tokens, kv.max_context - 1),
+                           model_name, progress)
     except BaseException:
         runner.release_graphs()   # their pool is not returned by being garbage (DecodeGraphs.release)
         raise

@@ -234,7 +234,6 @@ def test_release_drops_the_graphs_and_their_logits_before_emptying_the_pool():
 
 
 def test_dropping_a_shard_releases_its_decode_graphs():
-
     from neuron.device import DeviceSpec
     from neuron.worker import DeviceWorker, DropShardJob
 
