@@ -191,6 +191,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--stream-interval", type=int, default=1, help="cortex's --stream-interval")
+    parser.add_argument("--max-stream-interval", type=int, default=None,
+                        help="cortex's --max-stream-interval (default: cortex's own; 1: the interval never rises)")
     parser.add_argument("--floor", action="store_true",
                         help="also run the same workloads against a bare grpc.aio Generate server (the floor)")
     parser.add_argument("--serve-stand-in", type=Path, default=None, help=argparse.SUPPRESS)
@@ -214,7 +216,10 @@ def main() -> int:
         stand_in, neuron_address = start_stand_in(args.turn_ms, Path(tmp))
         cortex = None
         try:
-            cortex = start_cortex([neuron_address], extra=["--stream-interval", str(args.stream_interval)])
+            extra = ["--stream-interval", str(args.stream_interval)]
+            if args.max_stream_interval is not None:
+                extra += ["--max-stream-interval", str(args.max_stream_interval)]
+            cortex = start_cortex([neuron_address], extra=extra)
             wait_adopted(cortex.address)
             runs += measure(pool, "cortex", cortex.proc.pid, cortex.address, streams, ids, args)
         finally:
@@ -243,7 +248,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"cortex_cost_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"commit": commit(), "cpus": os.cpu_count(), "turn_ms": args.turn_ms,
-                               "stream_interval": args.stream_interval, "prompt_tokens": args.prompt_tokens,
+                               "stream_interval": args.stream_interval,
+                               "max_stream_interval": args.max_stream_interval, "prompt_tokens": args.prompt_tokens,
                                "tokens": args.tokens, "runs": runs, "median_by_streams": median}, indent=1))
     print(f"wrote {out}")
     return 0

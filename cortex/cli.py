@@ -47,6 +47,10 @@ SETTINGS = [
             "once) and before its last: 1 sends each token as it comes; n > 1 holds later tokens up to n - 1 "
             "turns, for fewer messages (cortex's CPU under load goes mostly to per-message work)", type=int,
             minimum=1),
+    Setting("max_stream_interval", 4, "the most tokens a streamed message carries while cortex's event loop is "
+            "saturated: the interval rises one step at a time from stream_interval while the loop uses >= 80% of a "
+            "core and falls back below 50%; at or below stream_interval the interval is fixed", type=int,
+            minimum=1),
     Setting("max_logits_bytes", 64 << 20, "largest float32 logits one Forward may return (positions x vocab x 4); "
             "larger asks are RESOURCE_EXHAUSTED", type=int),
     API_KEYS_SETTING,
@@ -133,6 +137,7 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     from .http.app import HttpFront
     from .metrics import CortexMetrics
     from .server import ACCESS, CortexService, FleetService
+    from .stream_pacing import StreamPacer
     from common.metrics import listen_or_off
     from common.proto.cortex.v1 import cortex_pb2_grpc
 
@@ -165,7 +170,10 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     metrics.watch_fleet(registry, models)
     service = CortexService(registry, models, metrics)
     service.max_prompt_bytes, service.max_logits_bytes = settings["max_prompt_bytes"], settings["max_logits_bytes"]
-    service.stream_interval = settings["stream_interval"]
+    service.pacer = StreamPacer(settings["stream_interval"], max(settings["stream_interval"],
+                                                                 settings["max_stream_interval"]))
+    metrics.watch_pacer(service.pacer)
+    pacing = asyncio.create_task(service.pacer.run()) if service.pacer.adaptive else None
     server.add(cortex_pb2_grpc.add_CortexServicer_to_server, service, "cortex.v1.Cortex")
     server.add(cortex_pb2_grpc.add_FleetServicer_to_server, FleetService(registry), "cortex.v1.Fleet")
     await registry.start()
@@ -204,6 +212,8 @@ async def serve_forever(settings: dict, security: ServerSecurity) -> int:
     if left:
         log.warning("drain time is over: cancelling the requests still in flight", inflight=left)
     await asyncio.gather(server.stop(STOP_GRACE_SECONDS), http.stop())
+    if pacing is not None:
+        pacing.cancel()
     await registry.close()
     log.info("cortex stopped")
     return 0

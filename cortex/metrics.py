@@ -43,6 +43,13 @@ class CortexMetrics:
         self.load = Histogram("cortex_model_load_duration_seconds", "LoadModel calls that loaded a model, from the "
                               "call to READY", ["model"], buckets=LATENCY_BUCKETS, registry=r)
 
+    def watch_pacer(self, pacer) -> None:
+        """Publish the stream interval in force (stream_pacing.StreamPacer), read at each scrape."""
+        gauge = Gauge("cortex_stream_interval", "tokens a streamed message carries after a generation's first, as "
+                      "chosen now: --stream-interval, raised up to --max-stream-interval while cortex is saturated",
+                      registry=self.registry)
+        gauge.set_function(lambda: pacer.interval)
+
     def watch_fleet(self, registry, models) -> None:
         """Publish node and model states, read from cortex's registry and model table at each scrape."""
         self.registry.register(_FleetCollector(registry, models))

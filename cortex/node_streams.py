@@ -4,11 +4,13 @@ A decode turn of 64 requests then reaches cortex as one message, not 64: on one 
 work of gRPC in Python, once in the neuron and once here, capped a single neuron near 7,000 tok/s
 (bench/NOTES.md, session 6). Each generation keeps its own queue; updates that queue up while the
 client's stream is busy go out merged into one message (its tokens and text joined), so a loaded
-cortex sends fewer, larger messages instead of falling behind. With a stream interval of n
-(`--stream-interval`, default 1) a generation's tokens after its first are also held until n have
-come (or it finishes): each client message costs cortex a socket write and gRPC's per-message work,
-most of its CPU under load (bench/NOTES.md, session 11), so n > 1 trades n - 1 turns of latency
-on later tokens for throughput, as vLLM's and SGLang's --stream-interval do.
+cortex sends fewer, larger messages instead of falling behind. With a stream interval of n a
+generation's tokens after its first are also held until n have come (or it finishes): each client
+message costs cortex a socket write and gRPC's per-message work, most of its CPU under load
+(bench/NOTES.md, session 11), so n > 1 trades n - 1 turns of latency on later tokens for
+throughput, as vLLM's and SGLang's --stream-interval do. The interval is the StreamPacer's
+(stream_pacing.py): --stream-interval, raised up to --max-stream-interval while cortex's event
+loop is saturated, read again before each message.
 
 Failure semantics are Generate's: a neuron error ends that generation with the neuron's status
 (the node named); the call breaking, or the node marked DOWN, ends every generation on it with
@@ -27,6 +29,7 @@ from common.errors import STATUS_CODES, DeadlineExceeded, ServiceError, Unavaila
 from common.proto.neuron.v1 import neuron_pb2 as npb
 
 from .registry import Registry
+from .stream_pacing import StreamPacer
 
 log = structlog.get_logger(__name__)
 
@@ -90,9 +93,10 @@ class NodeStream:
                 queue.put_nowait(error)
 
     async def generate(self, request: npb.GenerateRequest, timeout: float | None,
-                       interval: int = 1) -> AsyncIterator[npb.GenerateResponse]:
+                       pacer: StreamPacer | None = None) -> AsyncIterator[npb.GenerateResponse]:
         """The responses of one generation, as Generate would stream them (merged when they queue up,
-        and after the first token held until `interval` tokens have come). Raises ServiceError: the
+        and after the first token held until the pacer's interval of tokens have come; no pacer:
+        each as it comes). Raises ServiceError: the
         neuron's status, UNAVAILABLE, or DEADLINE_EXCEEDED after `timeout`; what came before the
         error is sent first."""
         key, queue = next(self._ids), asyncio.Queue()
@@ -126,6 +130,7 @@ class NodeStream:
                     held.append(item.response)
                     held_tokens += len(item.response.token_ids)
                     finished = finished or bool(item.response.finish_reason)
+                interval = pacer.interval if pacer is not None else 1
                 if held and (finished or error is not None or held_tokens >= interval or not sent_tokens):
                     sent_tokens += held_tokens
                     response, held, held_tokens = merge(held), [], 0

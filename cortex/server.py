@@ -26,6 +26,7 @@ from .metrics import CortexMetrics
 from .models import ModelTable, Route
 from .node_streams import NodeStreams
 from .registry import Registry
+from .stream_pacing import StreamPacer
 
 log = structlog.get_logger("cortex.requests")
 
@@ -99,7 +100,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
         self.metrics = metrics or CortexMetrics()
         self.max_prompt_bytes = MAX_PROMPT_BYTES
         self.max_logits_bytes = MAX_LOGITS_BYTES
-        self.stream_interval = 1   # tokens a client message holds after the first (--stream-interval)
+        self.pacer = StreamPacer()  # tokens a client message holds after the first (stream_pacing.py)
         self.node_streams = NodeStreams(registry)
 
     def _model_label(self, name: str) -> str:
@@ -169,7 +170,7 @@ class CortexService(cortex_pb2_grpc.CortexServicer):
             stream = self.node_streams.get(route.node, route.stub)
             timer.begin()
             async for chunk in stream.generate(convert.generate_request(request, route.handle, request_id), timeout,
-                                               self.stream_interval):
+                                               self.pacer):
                 if chunk.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
                 completion += len(chunk.token_ids)

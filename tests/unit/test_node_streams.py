@@ -11,6 +11,7 @@ from common.errors import ServiceError
 from common.proto.neuron.v1 import neuron_pb2 as npb
 from cortex.node_streams import NodeStream, merge
 from cortex.registry import Registry
+from cortex.stream_pacing import StreamPacer
 
 
 def test_merged_responses_keep_every_id_and_the_text_in_order_and_the_last_ones_finish():
@@ -62,10 +63,12 @@ def _token(i: int, last: bool = False) -> npb.GenerateUpdate:
     return npb.GenerateUpdate(id=1, response=response)
 
 
-async def _run(interval: int, updates: list, passes: int = 20):
+async def _run(interval: int | StreamPacer, updates: list, passes: int = 20, before=None):
     """What the client of generation 1 receives while `updates` come from the node one per `passes`
     passes of the event loop (enough for each to reach the client: no clock involved): each
-    message's ids, and the error that ended it (None if it finished)."""
+    message's ids, and the error that ended it (None if it finished). `interval`: a fixed one, or
+    the pacer to read; `before(i)`, if given, runs before update i is fed."""
+    pacer = interval if isinstance(interval, StreamPacer) else StreamPacer(interval, interval)
     stub = _FakeStub()
     stream = NodeStream("n1", stub, Registry())
     received, error = [], None
@@ -73,15 +76,17 @@ async def _run(interval: int, updates: list, passes: int = 20):
     async def client():
         nonlocal error
         try:
-            async for message in stream.generate(npb.GenerateRequest(), None, interval):
+            async for message in stream.generate(npb.GenerateRequest(), None, pacer):
                 received.append(list(message.token_ids))
         except ServiceError as err:
             error = err
 
     task = asyncio.create_task(client())
-    for update in updates:
+    for i, update in enumerate(updates):
         for _ in range(passes):
             await asyncio.sleep(0)
+        if before is not None:
+            before(i)
         stub.call.feed.put_nowait(update)
     await asyncio.wait_for(task, 5)
     stream.close()
@@ -97,6 +102,19 @@ def test_interval_one_sends_each_token_as_it_comes():
 def test_a_stream_interval_sends_the_first_token_at_once_then_holds_until_n_or_the_end():
     received, error = asyncio.run(_run(3, [_token(i, last=i == 9) for i in range(1, 10)]))
     assert received == [[1], [2, 3, 4], [5, 6, 7], [8, 9]] and error is None
+
+
+def test_the_pacers_interval_is_read_again_before_each_message():
+    pacer = StreamPacer(1, 4)
+
+    def load(i: int) -> None:
+        if i == 3:
+            pacer.interval = 3     # cortex became saturated after the third token
+        if i == 9:
+            pacer.interval = 1     # and had room again before the tenth
+
+    received, error = asyncio.run(_run(pacer, [_token(i, last=i == 11) for i in range(1, 12)], before=load))
+    assert received == [[1], [2], [3], [4, 5, 6], [7, 8, 9], [10], [11]] and error is None
 
 
 def test_tokens_held_before_a_node_error_reach_the_client_before_the_error():
