@@ -347,3 +347,22 @@ def test_a_turn_that_samples_nothing_reads_no_logits_on_any_device():
     runner = ModelRunner(NoLogits(), None, 32)
     assert runner._sample(None, [], np.zeros(0, dtype=np.int64)).shape == (0,)
     assert greedy_rows(DeviceArrays, None, np.zeros(0, dtype=np.int64)).shape == (0,)
+
+
+@pytest.mark.parametrize("rows, index", [
+    ([0, 1, 2, 3], [0, 1, 2, 3]),        # no request finished: one copy
+    ([0, 1, 2], [0, 1, 3]),              # the third of four finished before this turn
+    ([0, 1, 2], [1, 2, 3]),
+    ([1, 2], [0, 1]),                     # a row not fed by the turn before
+    ([0], [0]),
+    ([], []),
+])
+def test_fed_rows_take_the_ids_the_turn_before_sampled(rows, index):
+    from neuron.runner.batch import feed_tokens
+
+    ids = np.array([41, 42, 43, 44], dtype=np.int64)
+    token_ids = np.full(5, -1, dtype=np.int32)
+    feed_tokens(np, token_ids, (np.asarray(rows, dtype=np.int32), ids, np.asarray(index, dtype=np.int64)))
+    expected = np.full(5, -1, dtype=np.int32)
+    expected[rows] = ids[index]
+    assert token_ids.tolist() == expected.tolist()
