@@ -8,7 +8,6 @@ ids come back to the host, in one copy.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,18 +82,27 @@ def greedy_rows(xp, logits, rows: np.ndarray):
         return xp.zeros(0, dtype=xp.int64)
     if xp is np:
         return np.argmax(logits[rows], axis=-1).astype(np.int64)
-    if rows[0] == 0 and rows[-1] == len(rows) - 1 and (np.diff(rows) == 1).all():
-        return argmax_rows_cuda(logits, _device_range(xp.cuda.runtime.getDevice(), len(rows)))   # no upload
+    if isinstance(rows, np.ndarray) and rows[0] == 0 and rows[-1] == len(rows) - 1 and (np.diff(rows) == 1).all():
+        on_device = _device_range(xp, len(rows))
+        if on_device is not None:
+            return argmax_rows_cuda(logits, on_device)   # no upload
     return argmax_rows_cuda(logits, xp.asarray(rows))
 
 
-@functools.lru_cache(maxsize=1024)
-def _device_range(device: int, n: int):
-    """0..n-1 as int64 on `device`: the rows of a turn whose every row samples (every decode turn),
-    uploaded once per size instead of every turn."""
-    import cupy
-    with cupy.cuda.Device(device):
-        return cupy.arange(n, dtype=cupy.int64)
+_ranges: dict[tuple[int, int], object] = {}
+
+
+def _device_range(cp, n: int):
+    """0..n-1 as int64 on the current device: the rows of a turn whose every row samples (every
+    decode turn), uploaded once per size instead of every turn. None while the stream is being
+    captured: made there, the array would hold nothing until the graph ran."""
+    key = (cp.cuda.runtime.getDevice(), n)
+    found = _ranges.get(key)
+    if found is None:
+        if cp.cuda.get_current_stream().is_capturing():
+            return None
+        found = _ranges.setdefault(key, cp.arange(n, dtype=cp.int64))
+    return found
 
 
 def draw_rows(xp, scores, samplers: list[RowSampler]):
