@@ -111,6 +111,10 @@ def test_fleet_and_device_gauges_show_what_is_there(fleet):
     assert cortex.value("cortex_model_state", model="llama3", state="ready") == 1
     assert cortex.value("cortex_model_state", model="llama3") == 1  # one state at a time
     assert cortex.value("cortex_model_load_duration_seconds_count", model="llama3") == 1
+    assert "cortex_stream_interval" in cortex.names()
+    # the stream interval in force: the base (1) once cortex's event loop is idle (stream_pacing.py)
+    wait_until(lambda: Scrape(fleet["cortex"] + "/metrics").value("cortex_stream_interval") == 1,
+               what="the stream interval back at its base")
 
     info = next(m for m in fleet["client"].models() if m.name == "llama3")
     neuron = Scrape(fleet["neuron"])
