@@ -188,19 +188,20 @@ class ShardEngine:
         caller = self._callers.get(request.request_id)
         if caller is None:
             return
-        if caller.streams:
-            events = [TokenEvent(token, sampled_at) for token in update.new_token_ids]
+        sink = caller.sink
+        if sink is not None:      # a GenerateStream generation (cortex's path): the turn's one post_many
+            entry = posts.get(id(sink))
+            if entry is None:
+                entry = posts[id(sink)] = (sink, [])
+            key = caller.key
+            entry[1].extend([(key, TokenEvent(token, sampled_at)) for token in update.new_token_ids])
             if update.finished:
-                events.append(FinishEvent(request.finish_reason, request.stop_reason))
-            if caller.sink is None:
-                for event in events:
-                    caller.post(event)
-            else:
-                entry = posts.get(id(caller.sink))
-                if entry is None:
-                    entry = posts[id(caller.sink)] = (caller.sink, [])
-                key = caller.key
-                entry[1].extend([(key, event) for event in events])
+                entry[1].append((key, FinishEvent(request.finish_reason, request.stop_reason)))
+        elif caller.emit is not None:
+            for token in update.new_token_ids:
+                caller.post(TokenEvent(token, sampled_at))
+            if update.finished:
+                caller.post(FinishEvent(request.finish_reason, request.stop_reason))
         elif update.finished and caller.future is not None:
             logits = np.asarray(update.logits, dtype=np.float32)
             settle(caller.future, logits if request.all_positions else logits[0])
