@@ -124,19 +124,20 @@ def feed_tokens(xp, token_ids, tokens_from) -> None:
     before it sampled, in stream order after them. When row i takes id i (no request of the turn
     before finished: most turns) that is one copy kernel; the general case uploads both index
     arrays and runs a gather and a scatter, ~0.24 ms of the device thread's time at 256 rows on
-    the H200 host, where each upload also hands the GIL to the event loop (bench/NOTES.md, session 19)."""
+    the H200 host (bench/NOTES.md, session 19)."""
     rows, ids, index = tokens_from
     rows = np.asarray(rows, dtype=np.int64)
     index = np.asarray(index, dtype=np.int64)
     k = len(rows)
     if k == 0:
         return
-    if len(index) == k and k <= len(ids) and _is_range(rows) and _is_range(index):
+    if len(index) == k and k <= len(ids) and is_range(rows) and is_range(index):
         token_ids[:k] = ids[:k]
         return
     token_ids[xp.asarray(rows)] = ids[xp.asarray(index)]
 
 
-def _is_range(values: np.ndarray) -> bool:
-    """values == 0, 1, ..., len - 1 (checked in C: a Python loop over 256 rows cost more than the copy saved)."""
+def is_range(values: np.ndarray) -> bool:
+    """values == 0, 1, ..., len - 1, for a non-empty host array (checked with array operations: a
+    Python loop over 256 rows would cost more than the upload it saves)."""
     return bool(values[0] == 0 and values[-1] == len(values) - 1 and (len(values) < 2 or (np.diff(values) == 1).all()))

@@ -16,6 +16,8 @@ from neuron.kernels.argmax import argmax_rows_cuda
 from neuron.kernels.top_filter import sample_draws
 from neuron.sampling import SamplingConfig, _penalize_repetition
 
+from .batch import is_range
+
 
 @dataclass
 class RowSampler:
@@ -82,7 +84,7 @@ def greedy_rows(xp, logits, rows: np.ndarray):
         return xp.zeros(0, dtype=xp.int64)
     if xp is np:
         return np.argmax(logits[rows], axis=-1).astype(np.int64)
-    if isinstance(rows, np.ndarray) and rows[0] == 0 and rows[-1] == len(rows) - 1 and (np.diff(rows) == 1).all():
+    if isinstance(rows, np.ndarray) and is_range(rows):
         on_device = _device_range(xp, len(rows))
         if on_device is not None:
             return argmax_rows_cuda(logits, on_device)   # no upload
