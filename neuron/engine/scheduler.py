@@ -169,10 +169,8 @@ class Scheduler:
                 return None
             # The first pass only checks, so a chunk that disqualifies the turn returns None before any
             # block is taken; blocks taken for the chunks before one the pool cannot serve stay (the
-            # next turn needs them anyway). This is the device thread's largest Python per turn at
-            # 256 requests, so the common case of allocate (no new block) is tested inline
-            # (bench/NOTES.md, session 19).
-            block_size, manager = self.block_manager.block_size, self.block_manager
+            # next turn needs them anyway).
+            manager = self.block_manager
             ahead: list[ScheduledChunk] = []
             fed_by: list[int] = []
             for c in chunks:
@@ -186,10 +184,8 @@ class Scheduler:
                 if (len(request.output_ids) + 1 >= request.sampling.max_tokens
                         or num_tokens + 1 >= request.max_context):
                     continue                     # `running`'s token finishes it
-                # KV for the token `running` computes and the one it samples (computed here); most
-                # turns the request's last block has room for both, and allocate would do nothing
-                if (-(-(request.num_computed_tokens + 2) // block_size) > len(request.block_ids)
-                        and not manager.allocate(request, 2)):
+                # KV for the token `running` computes and the one it samples (computed here)
+                if not manager.allocate(request, 2):
                     return None
                 ahead.append(ScheduledChunk(request, [0], num_tokens, request.block_ids, True))
                 fed_by.append(i)
@@ -282,18 +278,13 @@ class Scheduler:
 
     def update(self, plan: SchedulerOutput, out: RunnerOutput) -> list[RequestUpdate]:
         updates: list[RequestUpdate] = []
-        manager = self.block_manager
-        block_size = manager.block_size
         with self._lock:
             for chunk in plan.chunks:
                 request = chunk.request
                 if request.status is not RequestStatus.RUNNING or request.request_id in self._aborted:
                     continue                 # aborted meanwhile: it leaves at the next schedule()
                 request.num_computed_tokens += len(chunk.token_ids)
-                # a one-token chunk fills a block only when it lands on the block's last slot;
-                # otherwise cache_full_blocks would find nothing new to register
-                if len(chunk.token_ids) > 1 or request.num_computed_tokens % block_size == 0:
-                    manager.cache_full_blocks(request)
+                self.block_manager.cache_full_blocks(request)
                 if request.want_logits:
                     update = self._scored(chunk, out)
                 elif chunk.sample:
