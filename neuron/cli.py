@@ -67,9 +67,10 @@ SETTINGS = [
             "a capture that fails is logged and those turns run eagerly); --no-cuda-graphs turns it off",
             type=bool),
     Setting("mixed_graphs", DEFAULT_ENGINE.mixed_graphs,
-            "with cuda_graphs and max_prefill_chunk > 0, also capture turns of decode rows plus one prompt chunk of "
-            "max_prefill_chunk tokens that samples nothing (a long prompt's admission while others decode), so "
-            "those turns replay a graph instead of launching eagerly; --no-mixed-graphs turns it off", type=bool),
+            "with cuda_graphs and max_prefill_chunk > 0, also capture turns of decode rows (or none) plus one prompt "
+            "chunk of up to max_prefill_chunk tokens (a long prompt's admission while others decode, a short prompt "
+            "alone), so those turns replay a graph instead of launching eagerly; --no-mixed-graphs turns it off",
+            type=bool),
     Setting("async_scheduling", DEFAULT_ENGINE.async_scheduling,
             "while a decode turn runs on the device, plan the next one and queue it behind, its tokens taken "
             "from the running turn's samples on the device, so a turn's host work overlaps the next turn "

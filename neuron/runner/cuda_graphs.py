@@ -13,14 +13,20 @@ time, so they share that pool (as vLLM's graphs share theirs). Nothing that must
 graph's replay lives in that pool: each bucket's input buffers come from the ordinary allocator,
 and a graph's logits are read before any other graph runs.
 
-Mixed turns of the same kind (`mixed_chunk` > 0): while requests decode, a long prompt arrives in
-chunks of max_prefill_chunk tokens (Scheduler), so the turns of its admission are n decode rows plus
-one chunk of exactly that many rows, which launched eagerly took longer on the host than on the
-device (an 8B turn of 64 decode rows and a 128-token chunk: ~11 ms of launches for ~7 ms of work,
-bench/NOTES.md session 17). A mixed bucket is a decode bucket of B rows followed by the chunk's C
-rows, attended in tiles (the B rows one each, the chunk TILE_ROWS at a time), logits for the B rows
-only: it serves a turn whose chunk samples nothing (every chunk of a prompt but its last). The rest
-of such a turn's inputs are a decode bucket's.
+Mixed turns (`mixed_chunk` > 0): while requests decode, a long prompt arrives in chunks of
+max_prefill_chunk tokens (Scheduler), so the turns of its admission are n decode rows plus one
+chunk of at most that many rows, which launched eagerly took longer on the host than on the device
+(an 8B turn of 64 decode rows and a 128-token chunk: ~11 ms of launches for ~7 ms of work,
+bench/NOTES.md session 17). A mixed bucket is a decode bucket of B rows followed by C chunk rows,
+attended in tiles (the B rows one each, the chunk TILE_ROWS at a time), with logits for the B rows
+and one more row, uploaded each turn: the chunk's last row when it samples (a prompt's last chunk).
+A chunk shorter than C is padded with rows that continue its positions (so a tile's rows stay
+consecutive positions of one sequence, as the tiled kernel assumes), whose KV goes to the scratch
+block and whose results nobody reads; a row's result does not depend on its tile-mates
+(kernels/paged_attention_mma.cu), so the chunk's rows get what they get without padding. B = 0 is
+a prompt alone (one request, nothing decoding: one stream's first token), which launched eagerly
+cost ~6 ms of host time for ~0.7 ms of device work on a 1B. The rest of a mixed turn's inputs are
+a decode bucket's.
 
 On a CPU device (tests) the same buffers, padding and kernel path run eagerly: `capture=False`.
 
@@ -111,9 +117,10 @@ class DecodeGraphs:
         started = time.perf_counter()
         if self.capture_graphs:
             self.pool = self.xp.cuda.MemoryPool()
-        # decode buckets first: a budget spent leaves mixed turns eager, not decode turns
+        # decode buckets first: a budget spent leaves mixed turns eager, not decode turns; a mixed
+        # bucket of no decode rows serves a prompt alone
         wanted = [(size, 0) for size in sorted(self.sizes, reverse=True)]
-        wanted += [(size, self.mixed_chunk) for size in sorted(self.sizes, reverse=True) if self.mixed_chunk]
+        wanted += [(size, self.mixed_chunk) for size in sorted([*self.sizes, 0], reverse=True) if self.mixed_chunk]
         for size, chunk in wanted:
             if time.perf_counter() - started > budget_seconds:
                 self.report.skipped = f"time budget of {budget_seconds:g} s spent"
@@ -146,8 +153,8 @@ class DecodeGraphs:
         pad = kv.scratch_block
         total = size + chunk
         # The inputs stay outside the private pool: memory there holds the intermediates of the
-        # graphs captured before, which their replays overwrite (`rows`, never uploaded again,
-        # would then pick other rows' logits).
+        # graphs captured before, which their replays overwrite (a decode bucket's `rows`, never
+        # uploaded again, would then pick other rows' logits).
         # A mixed bucket's chunk rows start as a chunk at position 0 over the scratch block.
         context_lens = np.ones(total, dtype=np.int32)
         context_lens[size:] = np.arange(1, chunk + 1)
@@ -157,7 +164,8 @@ class DecodeGraphs:
                          slot_mapping=xp.full(total, pad * kv.block_size, dtype=xp.int64),
                          block_tables=xp.full((total, self.max_blocks), pad, dtype=xp.int32),
                          context_lens=xp.asarray(context_lens),
-                         rows=xp.arange(size, dtype=xp.int64), chunk=chunk)
+                         # a mixed bucket's logits rows: its decode rows and one chunk row (uploaded each turn)
+                         rows=xp.arange(size + (1 if chunk else 0), dtype=xp.int64), chunk=chunk)
         if chunk:
             query_start = np.append(np.arange(size + 1), total).astype(np.int32)
             bucket.attention = DecodeBatch(np.arange(size + 1), np.arange(0), None, bucket.block_tables,
@@ -239,48 +247,59 @@ class DecodeGraphs:
                 and inputs.block_tables.shape[1] <= self.max_blocks)
 
     def can_run_mixed(self, inputs: BatchInputs) -> bool:
-        """A turn of one-token chunks, each sampling, and one chunk of mixed_chunk tokens that samples
-        nothing, which fits a mixed bucket."""
+        """A turn of one-token chunks, each sampling, and one chunk of 2 to mixed_chunk tokens, sampling
+        or not, that fits a mixed bucket: its padding rows' positions stay inside the shard's context."""
         if not self.mixed:
             return False
         lengths = np.diff(inputs.query_start)
         long = np.flatnonzero(lengths != 1)
-        if len(long) != 1 or lengths[long[0]] != self.mixed_chunk or len(lengths) - 1 > max(self.mixed):
+        if len(long) != 1 or len(lengths) - 1 > max(self.mixed) or inputs.block_tables.shape[1] > self.max_blocks:
+            return False
+        k = int(long[0])
+        lo, hi = int(inputs.query_start[k]), int(inputs.query_start[k + 1])
+        if hi - lo > self.mixed_chunk or int(inputs.positions[lo]) + self.mixed_chunk > self.kv.max_context:
             return False
         singles = inputs.query_start[:-1][lengths == 1]
-        return (inputs.block_tables.shape[1] <= self.max_blocks and len(inputs.logits_rows) == len(singles)
-                and np.array_equal(inputs.logits_rows, singles))
+        rows = inputs.logits_rows
+        if len(rows) == len(singles):                       # the chunk samples nothing
+            return bool(np.array_equal(rows, singles))
+        return len(rows) == len(singles) + 1 and bool(np.array_equal(rows, np.insert(singles, k, hi - 1)))
 
     def run_mixed(self, inputs: BatchInputs):
-        """Logits [n, vocab] of a can_run_mixed turn's n one-token chunks, in their order."""
+        """Logits [R, vocab] of a can_run_mixed turn, one per logits row, in their order."""
         lengths = np.diff(inputs.query_start)
         single = lengths == 1
         n = int(single.sum())
         bucket = self.mixed[min(b for b in self.mixed if b >= n)]
         size, chunk, pad = bucket.size, bucket.chunk, self.kv.scratch_block
-        long = int(np.flatnonzero(~single)[0])
+        k = int(np.flatnonzero(~single)[0])
+        lo, hi = int(inputs.query_start[k]), int(inputs.query_start[k + 1])
+        real = hi - lo
         rows = inputs.query_start[:-1][single]                        # the one-token rows, in order
-        lo = int(inputs.query_start[long])
-        span = slice(lo, lo + chunk)                                   # the chunk's rows
-        order = np.concatenate([rows, np.full(size - n, -1), np.arange(lo, lo + chunk)])   # -1: a padding row
-
-        def arranged(values: np.ndarray, fill) -> np.ndarray:
-            out = np.where(order >= 0, values[np.maximum(order, 0)], fill)
-            return out.astype(values.dtype, copy=False)
-
-        width = inputs.block_tables.shape[1]
-        tables = np.full((size + chunk, width), pad, dtype=np.int32)
-        tables[:n] = inputs.block_tables[single]
-        tables[size:] = inputs.block_tables[long]
+        total = size + chunk
+        # the chunk's rows continue past its end to the bucket's C rows (module docstring)
+        chunk_positions = np.arange(int(inputs.positions[lo]), int(inputs.positions[lo]) + chunk, dtype=np.int32)
+        token_ids = np.zeros(total, dtype=np.int32)
+        token_ids[:n], token_ids[size:size + real] = inputs.token_ids[rows], inputs.token_ids[lo:hi]
+        positions = np.zeros(total, dtype=np.int32)
+        positions[:n], positions[size:] = inputs.positions[rows], chunk_positions
+        slots = np.full(total, pad * self.kv.block_size, dtype=np.int64)
+        slots[:n], slots[size:size + real] = inputs.slot_mapping[rows], inputs.slot_mapping[lo:hi]
+        context = np.ones(total, dtype=np.int32)
+        context[:n], context[size:] = inputs.context_lens[single], chunk_positions + 1   # a chunk row sees keys up to its own
+        tables = np.full((total, inputs.block_tables.shape[1]), pad, dtype=np.int32)
+        tables[:n], tables[size:] = inputs.block_tables[single], inputs.block_tables[k]
         self._upload_tables(bucket, tables, pad)
-        self._upload(bucket.token_ids, arranged(inputs.token_ids, 0), 0)
-        self._upload(bucket.positions, arranged(inputs.positions, 0), 0)
-        self._upload(bucket.slot_mapping, arranged(inputs.slot_mapping, pad * self.kv.block_size), pad * self.kv.block_size)
-        context = np.ones(size + chunk, dtype=np.int32)
-        context[:n] = inputs.context_lens[single]
-        context[size:] = inputs.positions[span] + 1                   # each chunk row sees the keys up to its own
+        self._upload(bucket.token_ids, token_ids, 0)
+        self._upload(bucket.positions, positions, 0)
+        self._upload(bucket.slot_mapping, slots, pad * self.kv.block_size)
         self._upload(bucket.context_lens, context, 1)
-        return self._replay(bucket)[:n]
+        wanted = len(inputs.logits_rows)
+        logit_rows = np.arange(n, dtype=np.int64)
+        if wanted > n:                                      # the chunk samples: its last row, in the turn's order
+            logit_rows = np.insert(logit_rows, k, size + real - 1)
+        self._upload(bucket.rows, logit_rows, 0)
+        return self._replay(bucket)[:wanted]
 
     def run(self, inputs: BatchInputs, tokens_from=None):
         """Logits [n, vocab] (device, float32) of a decode-only turn of n requests. tokens_from:

@@ -139,9 +139,10 @@ def _chunked_worker(mixed_graphs: bool):
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
 def test_mixed_graphs_give_the_tokens_of_eager_mixed_turns(name):
-    """A 100-token prompt admitted in chunks of 8 while three requests decode: its middle chunks
-    replay mixed graphs (captured at load; bfloat16, whose attention takes prompt rows in tiles);
-    every request's tokens equal those of a neuron that launches such turns eagerly."""
+    """A 7-token prompt alone (the mixed bucket of no decode rows, padded to 8), then a 100-token
+    prompt admitted in chunks of 8 while three requests decode: its chunks replay mixed graphs
+    (captured at load; bfloat16, whose attention takes prompt rows in tiles); every request's
+    tokens equal those of a neuron that launches such turns eagerly."""
     dtype = "bfloat16"
     import time
 
@@ -157,16 +158,18 @@ def test_mixed_graphs_give_the_tokens_of_eager_mixed_turns(name):
             reported = graph_fields(graphs)   # what ShardInfo and ShardSummary say of them
             assert reported.get("cuda_graph_mixed_batch_sizes", []) == (sorted(graphs.mixed) if mixed else [])
             assert reported.get("cuda_graph_mixed_chunk", 0) == (8 if mixed else 0)
-            count = []
+            count = []   # each mixed replay's decode rows
             run_mixed = graphs.run_mixed
-            graphs.run_mixed = lambda inputs: count.append(1) or run_mixed(inputs)
+            graphs.run_mixed = lambda inputs: count.append(int((np.diff(inputs.query_start) == 1).sum())) or run_mixed(inputs)
+            alone = wait(generate_async(w, handle, prompt[:7], 16))
+            alone_replays = list(count)
             decoders = [generate_async(w, handle, p, 240) for p in (prompt, prompt[:9], prompt[:11])]
             time.sleep(0.05)   # the three are decoding when the long prompt arrives
             late = generate_async(w, handle, long_prompt, 8)
-            results[mixed] = [wait(c) for c in decoders] + [wait(late)]
-            replays[mixed] = len(count)
+            results[mixed] = [alone] + [wait(c) for c in decoders] + [wait(late)]
+            replays[mixed] = (alone_replays, len(count))
             drop(w, handle)
         finally:
             w.stop()
-    assert replays[True] >= 1 and replays[False] == 0
+    assert replays[True][0] == [0] and replays[True][1] >= 2 and replays[False] == ([], 0)
     assert results[True] == results[False]

@@ -127,7 +127,8 @@ class CountingMixed(DecodeGraphs):
 
     def run_mixed(self, inputs):
         lengths = np.diff(inputs.query_start)
-        self.mixed_turns.append((len(lengths), int(np.flatnonzero(lengths != 1)[0])))   # (requests, the chunk's index)
+        # (requests, the chunk's index, logits rows)
+        self.mixed_turns.append((len(lengths), int(np.flatnonzero(lengths != 1)[0]), len(inputs.logits_rows)))
         return super().run_mixed(inputs)
 
 
@@ -153,10 +154,11 @@ def test_mixed_buckets_give_the_tokens_of_eager_turns(name):
         return {r.request_id: r.output_ids for r in done}, graphs
 
     tokens, graphs = serve(mixed_chunk=4)
-    assert sorted(graphs.mixed) == [1, 2, 4, 8] and graphs.report.mixed_sizes
-    # 100 prompt tokens in chunks of 4: 24 middle chunks (the last one samples); the first three
+    assert sorted(graphs.mixed) == [0, 1, 2, 4, 8] and graphs.report.mixed_sizes
+    # 100 prompt tokens in chunks of 4: 24 middle chunks and the last, which samples; the first three
     # share their turns with d's prompt chunks (eager), the others are mixed, before d's decode row
-    assert graphs.mixed_turns == [(4, 2)] * 21   # three decode rows: the bucket of 4 pads one
+    # (three decode rows: the bucket of 4 pads one)
+    assert graphs.mixed_turns == [(4, 2, 3)] * 21 + [(4, 2, 4)]
     for rid in "abd":
         assert tokens[rid] == [int(t) for t in ref["greedy_ids"]], rid
     assert tokens["long"][0] == int(np.argmax(ref["long_logits_last"]))
@@ -165,7 +167,29 @@ def test_mixed_buckets_give_the_tokens_of_eager_turns(name):
     assert tokens == eager
 
 
-def test_a_mixed_turn_qualifies_only_with_one_middle_chunk_of_the_bucket_size():
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_a_prompt_alone_and_chunks_shorter_than_the_bucket_ride_mixed_buckets(name):
+    """A prompt alone (the bucket of no decode rows) in a chunk of the bucket's size and then a
+    shorter one that samples, padded; later a short prompt joins the decoding request (one decode
+    row and 6 prompt rows, padded to 8): each of those turns replays a mixed bucket, and the tokens
+    equal transformers' (the full prompt) and the eager path's (the short one)."""
+    ref = np.load(REFERENCE / f"{name}.npz")
+    prompt = ref["prompt_ids"].tolist()
+    model, kv, config = build(name, decode="numpy-tiles")
+    runner = ModelRunner(model, kv, config.vocab_size)
+    graphs = CountingMixed(model, kv, max_seqs=4, capture=False, mixed_chunk=8)
+    graphs.prepare()
+    runner.graphs = graphs
+    done = run_to(runner, HandScheduler(kv, chunk=8), [request("a", prompt)], 24, {4: [request("b", prompt[:6])]})
+    assert graphs.mixed_turns == [(1, 0, 0), (1, 0, 1), (2, 1, 2)]
+    tokens = {r.request_id: r.output_ids for r in done}
+    assert tokens["a"] == [int(t) for t in ref["greedy_ids"][:24]]
+    model2, kv2, _ = build(name)
+    plain = run_to(ModelRunner(model2, kv2, config.vocab_size), HandScheduler(kv2, chunk=8), [request("b", prompt[:6])], 24)
+    assert tokens["b"][:len(plain[0].output_ids)] == plain[0].output_ids
+
+
+def test_a_mixed_turn_qualifies_only_with_one_chunk_that_fits_the_bucket():
     from neuron.engine.plan import ScheduledChunk, SchedulerOutput
     from neuron.runner.batch import build_batch
 
@@ -180,9 +204,17 @@ def test_a_mixed_turn_qualifies_only_with_one_middle_chunk_of_the_bucket_size():
     decode_a, decode_b = ScheduledChunk(a, [3], 2, [0], True), ScheduledChunk(b, [5], 1, [1], True)
     middle = ScheduledChunk(c, [10, 11, 12], 0, [2], False)
     assert graphs.can_run_mixed(inputs(decode_a, middle, decode_b))          # the chunk may sit anywhere
-    assert not graphs.can_run_mixed(inputs(decode_a, ScheduledChunk(c, [10, 11, 12], 0, [2], True)))  # it samples
-    assert not graphs.can_run_mixed(inputs(decode_a, ScheduledChunk(c, [10, 11], 0, [2], False)))    # shorter
+    assert graphs.can_run_mixed(inputs(decode_a, ScheduledChunk(c, [10, 11, 12], 0, [2], True)))  # it samples
+    assert graphs.can_run_mixed(inputs(decode_a, ScheduledChunk(c, [10, 11], 0, [2], False)))    # shorter
+    assert graphs.can_run_mixed(inputs(middle))                                 # a prompt alone
+    assert not graphs.can_run_mixed(inputs(decode_a, ScheduledChunk(c, [10, 11, 12, 13], 0, [2, 3], False)))  # longer
     assert not graphs.can_run_mixed(inputs(decode_a, middle, ScheduledChunk(b, [4, 5, 6], 0, [1], False)))
+    # a decode row that does not sample (a prompt's last token, held back) is not a decode bucket's row
+    assert not graphs.can_run_mixed(inputs(ScheduledChunk(a, [3], 2, [0], False), middle))
+    # the padding rows continue the chunk's positions: not past the shard's context
+    near_end = request("e", list(range(kv.max_context)))
+    assert not graphs.can_run_mixed(inputs(ScheduledChunk(near_end, [1, 2], kv.max_context - 2,
+                                                          list(range(kv.max_context // kv.block_size)), False)))
     assert not DecodeGraphs(model, kv, max_seqs=4, capture=False, mixed_chunk=0).can_run_mixed(inputs(decode_a, middle))
     # a model whose attention takes no prompt tiles gets no mixed buckets
     plain, plain_kv, _ = build("llama3", decode="numpy")
@@ -227,9 +259,9 @@ def test_release_drops_the_graphs_and_their_logits_before_emptying_the_pool():
     for bucket in [*graphs.buckets.values(), *graphs.mixed.values()]:
         bucket.graph, bucket.logits = object(), np.zeros(1)   # what a capture leaves
     pool = graphs.pool = RecordingPool(graphs)
-    assert len(pool.buckets) == 6
+    assert len(pool.buckets) == 7   # decode buckets 1, 2, 4; mixed 0, 1, 2, 4
     graphs.release()
-    assert pool.freed_with == [(None, None)] * 6
+    assert pool.freed_with == [(None, None)] * 7
     assert graphs.pool is None and graphs.buckets == {} and graphs.mixed == {}
 
 
