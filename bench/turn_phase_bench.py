@@ -43,8 +43,8 @@ PHASES = [("neuron.engine.core", "ShardEngine", "step", "step"),
           ("neuron.runner.model_runner", None, "build_batch", "launch.build_batch"),
           ("neuron.runner.model_runner", None, "queue_copy_back", "launch.copy_back"),
           ("neuron.runner.cuda_graphs", "DecodeGraphs", "run", "launch.graphs_run"),
-          ("neuron.runner.cuda_graphs", "DecodeGraphs", "_upload_tables", "run.upload_tables"),
-          ("neuron.runner.cuda_graphs", "DecodeGraphs", "_upload", "run.upload"),
+          ("neuron.runner.graph_inputs", "GraphInputs", "stage", "run.stage"),
+          ("neuron.runner.graph_inputs", "GraphInputs", "upload", "run.upload"),
           ("neuron.runner.cuda_graphs", None, "feed_tokens", "run.feed_tokens")]
 
 

@@ -46,6 +46,7 @@ from neuron.kernels.paged_attention import TILE_ROWS, query_tiles
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
 
 from .batch import BatchInputs, feed_tokens
+from .graph_inputs import GraphInputs, put
 
 log = structlog.get_logger(__name__)
 
@@ -67,10 +68,9 @@ class _Bucket:
     block_tables: object
     context_lens: object
     rows: object
+    inputs: GraphInputs              # the arrays above are its device views; a turn writes them in one copy
     logits: object = None
     graph: object = None
-    staged_tables: object = None     # GPU: pinned host copy of block_tables, the source of its upload
-    staged_copy: object = None       # GPU: event after the last upload from staged_tables
     chunk: int = 0                   # a mixed bucket's prompt rows after its `size` decode rows
     attention: object = None         # a mixed bucket's DecodeBatch (its tiles on the device), one for every turn
 
@@ -154,18 +154,27 @@ class DecodeGraphs:
         total = size + chunk
         # The inputs stay outside the private pool: memory there holds the intermediates of the
         # graphs captured before, which their replays overwrite (a decode bucket's `rows`, never
-        # uploaded again, would then pick other rows' logits).
-        # A mixed bucket's chunk rows start as a chunk at position 0 over the scratch block.
-        context_lens = np.ones(total, dtype=np.int32)
-        context_lens[size:] = np.arange(1, chunk + 1)
-        bucket = _Bucket(size,
-                         token_ids=xp.zeros(total, dtype=xp.int32),
-                         positions=xp.asarray(context_lens - 1),
-                         slot_mapping=xp.full(total, pad * kv.block_size, dtype=xp.int64),
-                         block_tables=xp.full((total, self.max_blocks), pad, dtype=xp.int32),
-                         context_lens=xp.asarray(context_lens),
-                         # a mixed bucket's logits rows: its decode rows and one chunk row (uploaded each turn)
-                         rows=xp.arange(size + (1 if chunk else 0), dtype=xp.int64), chunk=chunk)
+        # changed, would then pick other rows' logits).
+        inputs = GraphInputs(xp, {"block_tables": ((total, self.max_blocks), np.int32),
+                                  "slot_mapping": ((total,), np.int64),
+                                  # a mixed bucket's logits rows: its decode rows and one chunk row
+                                  "rows": ((size + (1 if chunk else 0),), np.int64),
+                                  "token_ids": ((total,), np.int32), "positions": ((total,), np.int32),
+                                  "context_lens": ((total,), np.int32)})
+        # Padding everywhere; a mixed bucket's chunk rows start as a chunk at position 0 over the
+        # scratch block.
+        staged = inputs.stage()
+        staged["block_tables"].fill(pad)
+        staged["slot_mapping"].fill(pad * kv.block_size)
+        staged["rows"][:] = np.arange(len(staged["rows"]))
+        staged["context_lens"].fill(1)
+        staged["context_lens"][size:] = np.arange(1, chunk + 1)
+        staged["positions"][:] = staged["context_lens"] - 1
+        inputs.upload()
+        device = inputs.device
+        bucket = _Bucket(size, token_ids=device["token_ids"], positions=device["positions"],
+                         slot_mapping=device["slot_mapping"], block_tables=device["block_tables"],
+                         context_lens=device["context_lens"], rows=device["rows"], inputs=inputs, chunk=chunk)
         if chunk:
             query_start = np.append(np.arange(size + 1), total).astype(np.int32)
             bucket.attention = DecodeBatch(np.arange(size + 1), np.arange(0), None, bucket.block_tables,
@@ -175,9 +184,6 @@ class DecodeGraphs:
             heads = self.model.heads
             rows = self.model.decode_attention.piece_rows(heads.q_heads, heads.head_dim)
             bucket.attention.tile_pieces(xp, max(rows, TILE_ROWS))
-        if getattr(xp, "__name__", "") == "cupy":
-            import cupyx
-            bucket.staged_tables = cupyx.empty_pinned((total, self.max_blocks), dtype=np.int32)
         with self._allocating():
             if self.capture_graphs:
                 try:
@@ -276,29 +282,28 @@ class DecodeGraphs:
         lo, hi = int(inputs.query_start[k]), int(inputs.query_start[k + 1])
         real = hi - lo
         rows = inputs.query_start[:-1][single]                        # the one-token rows, in order
-        total = size + chunk
         # the chunk's rows continue past its end to the bucket's C rows (module docstring)
         chunk_positions = np.arange(int(inputs.positions[lo]), int(inputs.positions[lo]) + chunk, dtype=np.int32)
-        token_ids = np.zeros(total, dtype=np.int32)
-        token_ids[:n], token_ids[size:size + real] = inputs.token_ids[rows], inputs.token_ids[lo:hi]
-        positions = np.zeros(total, dtype=np.int32)
-        positions[:n], positions[size:] = inputs.positions[rows], chunk_positions
-        slots = np.full(total, pad * self.kv.block_size, dtype=np.int64)
-        slots[:n], slots[size:size + real] = inputs.slot_mapping[rows], inputs.slot_mapping[lo:hi]
-        context = np.ones(total, dtype=np.int32)
-        context[:n], context[size:] = inputs.context_lens[single], chunk_positions + 1   # a chunk row sees keys up to its own
-        tables = np.full((total, inputs.block_tables.shape[1]), pad, dtype=np.int32)
-        tables[:n], tables[size:] = inputs.block_tables[single], inputs.block_tables[k]
-        self._upload_tables(bucket, tables, pad)
-        self._upload(bucket.token_ids, token_ids, 0)
-        self._upload(bucket.positions, positions, 0)
-        self._upload(bucket.slot_mapping, slots, pad * self.kv.block_size)
-        self._upload(bucket.context_lens, context, 1)
+        staged = bucket.inputs.stage()
+        decode, chunk_rows, real_rows = slice(0, n), slice(size, None), slice(size, size + real)
+        for name, fill in (("token_ids", 0), ("positions", 0), ("slot_mapping", pad * self.kv.block_size),
+                           ("context_lens", 1)):
+            staged[name].fill(fill)
+        staged["token_ids"][decode], staged["token_ids"][real_rows] = inputs.token_ids[rows], inputs.token_ids[lo:hi]
+        staged["positions"][decode], staged["positions"][chunk_rows] = inputs.positions[rows], chunk_positions
+        staged["slot_mapping"][decode] = inputs.slot_mapping[rows]
+        staged["slot_mapping"][real_rows] = inputs.slot_mapping[lo:hi]
+        # a chunk row sees the keys up to its own
+        staged["context_lens"][decode], staged["context_lens"][chunk_rows] = inputs.context_lens[single], chunk_positions + 1
+        tables, width = staged["block_tables"], inputs.block_tables.shape[1]
+        tables.fill(pad)
+        tables[decode, :width], tables[chunk_rows, :width] = inputs.block_tables[single], inputs.block_tables[k]
         wanted = len(inputs.logits_rows)
         logit_rows = np.arange(n, dtype=np.int64)
         if wanted > n:                                      # the chunk samples: its last row, in the turn's order
             logit_rows = np.insert(logit_rows, k, size + real - 1)
-        self._upload(bucket.rows, logit_rows, 0)
+        put(staged["rows"], logit_rows, 0)
+        bucket.inputs.upload()
         return self._replay(bucket)[:wanted]
 
     def run(self, inputs: BatchInputs, tokens_from=None):
@@ -307,13 +312,17 @@ class DecodeGraphs:
         n = len(inputs.context_lens)
         bucket = self.buckets[min(b for b in self.buckets if b >= n)]
         pad = self.kv.scratch_block
-        self._upload_tables(bucket, inputs.block_tables, pad)
-        self._upload(bucket.token_ids, inputs.token_ids, 0)
-        if tokens_from is not None:
+        staged = bucket.inputs.stage()
+        tables = staged["block_tables"]
+        tables.fill(pad)
+        tables[:n, :inputs.block_tables.shape[1]] = inputs.block_tables
+        put(staged["token_ids"], inputs.token_ids, 0)
+        put(staged["positions"], inputs.positions, 0)
+        put(staged["slot_mapping"], inputs.slot_mapping, pad * self.kv.block_size)
+        put(staged["context_lens"], inputs.context_lens, 1)
+        bucket.inputs.upload()
+        if tokens_from is not None:   # after the upload, which would overwrite them
             feed_tokens(self.xp, bucket.token_ids, tokens_from)
-        self._upload(bucket.positions, inputs.positions, 0)
-        self._upload(bucket.slot_mapping, inputs.slot_mapping, pad * self.kv.block_size)
-        self._upload(bucket.context_lens, inputs.context_lens, 1)
         return self._replay(bucket)[:n]
 
     def _replay(self, bucket: _Bucket):
@@ -322,35 +331,3 @@ class DecodeGraphs:
             return self._forward(bucket)
         bucket.graph.launch(self.xp.cuda.get_current_stream())
         return bucket.logits
-
-    def _upload_tables(self, bucket: _Bucket, tables: np.ndarray, pad: int) -> None:
-        """The turn's block tables into the bucket's [B, max_blocks] buffer, padded. On a GPU from a
-        pinned copy, so the upload is queued and the host goes on (from pageable memory a copy
-        above the driver's staging size may hold the host until the stream reaches it). An A/B on
-        one host found no throughput effect either way (1B x 256 through cortex at max_context
-        2,256: 20,433 / 15,871 tok/s pinned against 18,824 / 17,923 pageable, alternating rounds;
-        bench/NOTES.md, session 16); the pinned copy is kept because it never waits. The pinned
-        copy is rewritten only after its last upload has run (in steady state long done: it
-        preceded the turn now on the device)."""
-        n, width = tables.shape
-        if bucket.staged_tables is None:   # a CPU device: the buffer is host memory
-            bucket.block_tables.fill(pad)
-            bucket.block_tables[:n, :width] = tables
-            return
-        if bucket.staged_copy is not None:
-            bucket.staged_copy.synchronize()
-        staged = bucket.staged_tables
-        staged.fill(pad)
-        staged[:n, :width] = tables
-        stream = self.xp.cuda.get_current_stream()
-        bucket.block_tables.set(staged, stream=stream)
-        bucket.staged_copy = self.xp.cuda.Event(block=False, disable_timing=True)
-        bucket.staged_copy.record(stream)
-
-    def _upload(self, target, values: np.ndarray, fill) -> None:
-        host = np.full(target.shape, fill, dtype=target.dtype)
-        host[:len(values)] = values
-        if self.xp is np:
-            np.copyto(target, host)
-        else:
-            target.set(host)
