@@ -16,7 +16,7 @@ class EngineSettings:
     prefix_caching: bool = True
     # prompt tokens a turn while others decode (0: no cap). 128: running streams' inter-token p99
     # 2.4-5.3x their steady p50 over the eager runs so far while a 4,096-token prompt arrives (8B,
-    # 64 streams, H200), 3.7x at 256; 2.6-2.7x with mixed_graphs
+    # 64 streams, H200), 3.7x at 256; 2.2-2.7x with mixed_graphs
     max_prefill_chunk: int = 128
     # GPU decode turns replayed from CUDA graphs per batch-size bucket (single-device shards)
     cuda_graphs: bool = True
