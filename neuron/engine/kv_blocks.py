@@ -200,7 +200,7 @@ class KVBlockManager:
         more. Returns False, changing nothing, when the pool is short. The caller advances
         request.num_computed_tokens by the hit (len(computed_blocks) * block_size)."""
         if not computed_blocks:      # the common case (decode, next chunk): only fresh blocks
-            missing = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) - len(request.block_ids)
+            missing = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
             if missing <= 0:         # most decode turns: the last block has room (called per request per turn)
                 return True
             if missing > self.num_free_blocks:

@@ -170,7 +170,6 @@ class Scheduler:
             # The first pass only checks, so a chunk that disqualifies the turn returns None before any
             # block is taken; blocks taken for the chunks before one the pool cannot serve stay (the
             # next turn needs them anyway).
-            manager = self.block_manager
             ahead: list[ScheduledChunk] = []
             fed_by: list[int] = []
             for c in chunks:
@@ -180,14 +179,14 @@ class Scheduler:
                     return None
             for i, c in enumerate(chunks):
                 request = c.request
-                num_tokens = len(request.prompt_ids) + len(request.output_ids)
                 if (len(request.output_ids) + 1 >= request.sampling.max_tokens
-                        or num_tokens + 1 >= request.max_context):
+                        or request.num_tokens + 1 >= request.max_context):
                     continue                     # `running`'s token finishes it
                 # KV for the token `running` computes and the one it samples (computed here)
-                if not manager.allocate(request, 2):
+                if not self.block_manager.allocate(request, 2):
                     return None
-                ahead.append(ScheduledChunk(request, [0], num_tokens, request.block_ids, True))
+                ahead.append(ScheduledChunk(request=request, token_ids=[0], start=request.num_tokens,
+                                            block_ids=request.block_ids, sample=True))
                 fed_by.append(i)
             if not ahead:
                 return None
