@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import commit, copy_bandwidth, gpu_name, graph_ms  # noqa: E402
+from bench.common import commit, copy_bandwidth, gpu_name, graph_ms, write_result  # noqa: E402
 from bench.engine_bench import matmul_rate  # noqa: E402
 from common.dtypes import DTYPES  # noqa: E402
 from neuron.kernels.paged_attention import FINE_KEYS, PagedAttentionCuda, query_tiles  # noqa: E402
@@ -172,10 +170,7 @@ def main() -> None:
     result = {"bench": "attention_bench", "commit": commit(), "against": args.against or None,
               "gpu": gpu_name(args.device), "copy_gb_s": bandwidth, "matmul_tflops": tflops,
               "heads": [Q_HEADS, KV_HEADS, HEAD_DIM], "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"attention_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "attention_bench", result)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,23 @@
 """What every benchmark script shares: the commit measured, the GPU's name, device timing."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_result(out: Path, bench: str, result: dict) -> Path:
+    """`result` as JSON in out/<bench>-<local time>.json (bench/results' naming); the path printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{bench}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
 
 
 def commit() -> str:

@@ -15,7 +15,6 @@ eager rows are the baseline of the captured ones). Writes engine_bench-<time>.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, commit, copy_bandwidth, gpu_name, time_ms
+from bench.common import ROOT, commit, copy_bandwidth, gpu_name, time_ms, write_result
 from bench.make_checkpoint import SHAPES, write_checkpoint
 from bench.turn_profile import print_profile, profile_decode_turn
 from neuron.device import CpuBackend, CudaBackend, DeviceSpec
@@ -293,10 +292,7 @@ def main() -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     for model in args.models.split(","):
         result["rows"] += throughput_rows(backend, model, MODELS[model], concurrency, args, bandwidth, tflops)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"engine_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "engine_bench", result)
 
 
 if __name__ == "__main__":

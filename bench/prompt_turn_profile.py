@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.common import commit, copy_bandwidth, gpu_name  # noqa: E402
+from bench.common import commit, copy_bandwidth, gpu_name, write_result  # noqa: E402
 from bench.engine_bench import MODELS, load, matmul_rate, run_requests, turn_kind  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 from neuron.device import CudaBackend, DeviceSpec  # noqa: E402
@@ -264,10 +264,7 @@ def main(argv=None) -> int:
               "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary(rows), "turns": rows}
     for name, s in result["summary"].items():
         print(name, json.dumps(s), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"prompt_turn_profile-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "prompt_turn_profile", result)
     return 0
 
 

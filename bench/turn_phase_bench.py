@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import commit, gpu_name  # noqa: E402
+from bench.common import commit, gpu_name, write_result  # noqa: E402
 from bench.engine_bench import MODELS, load, run_requests  # noqa: E402
 from bench.make_checkpoint import SHAPES, write_checkpoint  # noqa: E402
 
@@ -150,10 +149,7 @@ def main() -> int:
             shard.engine.fail_all(RuntimeError("bench done"))
             del shard
             backend.release_cached()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"turn_phase_bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "turn_phase_bench", result)
     return 0
 
 
