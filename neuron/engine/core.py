@@ -208,22 +208,42 @@ class ShardEngine:
         if update.finished:
             self._callers.pop(request.request_id, None)
 
-    def warm_up(self, num_tokens: int) -> float:
-        """Run one prompt of `num_tokens` through a whole turn and forget it; returns its seconds.
-        The first turn of a shape compiles kernels (NVRTC, CuPy's elementwise and concatenate
-        kernels): 2.5-3.3 s on the H200 for the first 2,048-token turn, which the first user's time
-        to first token paid before this ran at load. The prompt's blocks leave the prefix cache and
-        its lookup leaves the hit counters."""
+    def warm_up(self, num_tokens: int, burst: int = 4) -> float:
+        """Run one prompt of `num_tokens` through a whole turn, then `burst` short requests arriving
+        together and one more while they decode, and forget them all; returns the seconds. The
+        first turn of a shape compiles kernels (NVRTC, CuPy's elementwise and concatenate
+        kernels): 2.5-3.3 s on the H200 for the first 2,048-token turn, which the first user's
+        time to first token paid before this ran at load; after that turn alone, the first
+        workload of several streams still paid ~0.3 s once (bench/NOTES.md, session 20), which the
+        burst's turns (several prompts in one turn, decode turns fed on the device, a prompt
+        beside decoding rows, requests finishing) are for. The prompts' blocks leave the prefix
+        cache and their lookups leave the hit counters."""
         started = time.perf_counter()
         events: list = []
-        try:
-            self.add(Request("warm-up", [0] * num_tokens, SamplingConfig(max_tokens=1, ignore_eos=True),
-                             num_tokens + 1), Caller(emit=events.append))
-        except ResourceExhausted as err:  # --max-waiting 0 queues nothing: no warm-up, the load goes on
-            log.warning("no warm-up turn", reason=str(err))
+        caller = Caller(emit=events.append)
+
+        def add(name: str, prompt_tokens: int, max_tokens: int) -> bool:
+            try:
+                self.add(Request(name, [0] * prompt_tokens, SamplingConfig(max_tokens=max_tokens, ignore_eos=True),
+                                 prompt_tokens + max_tokens), caller)
+            except ResourceExhausted as err:  # --max-waiting 0 queues nothing: no warm-up, the load goes on
+                log.warning("no warm-up turn", reason=str(err))
+                return False
+            return True
+
+        def run() -> None:
+            while self.has_work():
+                self.step()
+
+        if not add("warm-up", num_tokens, 1):
             return 0.0
-        while self.has_work():
+        run()
+        short = 16   # the burst's prompts: 14-16 tokens, each with at most 6 + burst outputs
+        if burst and num_tokens >= 2 * short and all(add(f"warm-up-{i}", short - i % 3, 6 + i) for i in range(burst)):
             self.step()
+            if add("warm-up-late", short, 4):
+                run()
+        run()
         self.reset_prefix_cache()
         self.scheduler.block_manager.reset_counters()
         errors = [event.error for event in events if isinstance(event, ErrorEvent)]

@@ -19,14 +19,15 @@ def _kernels(device: int):
     return module.get_function("argmax_chunks"), module.get_function("argmax_pick")
 
 
-def argmax_rows_cuda(logits, rows):
+def argmax_rows_cuda(logits, rows, out=None):
     """int64 [len(rows)] on the device: the first maximum of each listed row of float32 logits [R, V]
-    (a NaN above every number, as cupy.argmax)."""
+    (a NaN above every number, as cupy.argmax); into `out` when given (a graph's fixed buffer)."""
     import cupy
 
     if logits.dtype != np.float32 or not logits.flags.c_contiguous:
         logits = cupy.ascontiguousarray(logits, dtype=cupy.float32)
-    out = cupy.empty(len(rows), dtype=cupy.int64)
+    if out is None:
+        out = cupy.empty(len(rows), dtype=cupy.int64)
     if len(rows):
         vocab = logits.shape[1]
         chunks = max(1, -(-vocab // CHUNK))

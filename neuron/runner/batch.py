@@ -85,11 +85,20 @@ def logit_rows(chunks: list[ScheduledChunk], query_start: np.ndarray) -> tuple[n
     return np.asarray(rows, dtype=np.int32), LogitRows(sampling, np.asarray(sampling_rows, dtype=np.int64), scoring)
 
 
+# Decode turns of at most this many requests are built row by row in Python (few_decodes): below
+# it, the whole-array path's ~30 NumPy calls of fixed cost are most of a turn's build (one row:
+# 157 us on the H200 host, bench/NOTES.md session 20). On a 2-core dev machine, one row 57 -> 9
+# us, 16 rows 73 -> 27, 64 rows 111 -> 83, 256 rows 245 -> 302 (NOTES, session 21).
+FEW_DECODES = 32
+
+
 def build_batch(plan: SchedulerOutput, block_size: int) -> tuple[BatchInputs, LogitRows]:
     """The plan as flat arrays, built with whole-array NumPy operations: the Python work left per
     request is reading its fields (a turn of 256 decodes is on the device thread's critical path)."""
     chunks = plan.chunks
     n = len(chunks)
+    if n <= FEW_DECODES and all(len(c.token_ids) == 1 and c.sample and not c.request.want_logits for c in chunks):
+        return few_decodes(chunks, block_size)
     lengths = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=n)
     starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
     query_start = np.zeros(n + 1, dtype=np.int32)
@@ -119,12 +128,37 @@ def build_batch(plan: SchedulerOutput, block_size: int) -> tuple[BatchInputs, Lo
     return inputs, owners
 
 
+def few_decodes(chunks: list[ScheduledChunk], block_size: int) -> tuple[BatchInputs, LogitRows]:
+    """build_batch of a turn of a few one-token chunks that all sample (the same arrays)."""
+    n = len(chunks)
+    positions, slots = [], []
+    width = 1
+    for c in chunks:
+        block, offset = divmod(c.start, block_size)
+        if block >= len(c.block_ids):
+            raise ValueError(f"request {c.request.request_id}: {len(c.block_ids)} blocks cannot hold "
+                             f"{c.start + 1} tokens")
+        positions.append(c.start)
+        slots.append(c.block_ids[block] * block_size + offset)
+        width = max(width, len(c.block_ids))
+    block_tables = np.zeros((n, width), dtype=np.int32)
+    for r, c in enumerate(chunks):
+        block_tables[r, :len(c.block_ids)] = c.block_ids
+    position_array = np.array(positions, dtype=np.int32)
+    rows = np.arange(n, dtype=np.int32)
+    inputs = BatchInputs(np.array([c.token_ids[0] for c in chunks], dtype=np.int32), position_array,
+                         np.array(slots, dtype=np.int64), np.arange(n + 1, dtype=np.int32), position_array + 1,
+                         block_tables, rows)
+    return inputs, LogitRows(list(chunks), rows.astype(np.int64), [])
+
+
 def feed_tokens(xp, token_ids, tokens_from) -> None:
     """token_ids[rows] = ids[index] on the device: a turn launched ahead takes the tokens the turn
     before it sampled, in stream order after them. When row i takes id i (no request of the turn
-    before finished: most turns) that is one copy kernel; the general case uploads both index
-    arrays and runs a gather and a scatter, ~0.24 ms of the device thread's time at 256 rows on
-    the H200 host (bench/NOTES.md, session 19)."""
+    before finished: most turns) that is one copy: a queued memory copy where both are int64 (a
+    graph bucket's ids), else a copy kernel; the general case uploads both index arrays and runs
+    a gather and a scatter, ~0.24 ms of the device thread's time at 256 rows on the H200 host
+    (bench/NOTES.md, session 19)."""
     rows, ids, index = tokens_from
     rows = np.asarray(rows, dtype=np.int64)
     index = np.asarray(index, dtype=np.int64)
@@ -132,7 +166,12 @@ def feed_tokens(xp, token_ids, tokens_from) -> None:
     if k == 0:
         return
     if len(index) == k and k <= len(ids) and is_range(rows) and is_range(index):
-        token_ids[:k] = ids[:k]
+        if xp is np or token_ids.dtype != ids.dtype or not (ids.flags.c_contiguous and token_ids.flags.c_contiguous):
+            token_ids[:k] = ids[:k]
+        else:   # CuPy's slice assignment costs ~90 us of Python for one id (NOTES, session 20)
+            runtime = xp.cuda.runtime
+            runtime.memcpyAsync(token_ids.data.ptr, ids.data.ptr, k * ids.itemsize, runtime.memcpyDeviceToDevice,
+                                xp.cuda.get_current_stream().ptr)
         return
     token_ids[xp.asarray(rows)] = ids[xp.asarray(index)]
 

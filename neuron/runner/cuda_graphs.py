@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
+from neuron.kernels.argmax import argmax_rows_cuda
 from neuron.kernels.launch import programmatic_launches
 from neuron.kernels.paged_attention import TILE_ROWS, query_tiles
 from neuron.layers.attention import AttentionMetadata, DecodeBatch
@@ -73,6 +74,12 @@ class _Bucket:
     graph: object = None
     chunk: int = 0                   # a mixed bucket's prompt rows after its `size` decode rows
     attention: object = None         # a mixed bucket's DecodeBatch (its tiles on the device), one for every turn
+    # a decode bucket's greedy pick of its rows' logits, captured as a second graph (a turn of
+    # greedy rows then launches two graphs, not the pick's allocations and two kernels: ~90 us of
+    # the device thread's time a turn on the H200 host, bench/NOTES.md session 21)
+    pick_rows: object = None         # 0..size-1, int64
+    greedy_ids: object = None        # int64 [size]: the pick's output, outside the private pool
+    pick: object = None
 
 
 @dataclass
@@ -159,7 +166,8 @@ class DecodeGraphs:
                                   "slot_mapping": ((total,), np.int64),
                                   # a mixed bucket's logits rows: its decode rows and one chunk row
                                   "rows": ((size + (1 if chunk else 0),), np.int64),
-                                  "token_ids": ((total,), np.int32), "positions": ((total,), np.int32),
+                                  # int64, the sampler's ids' type: a turn fed on the device copies them as they are
+                                  "token_ids": ((total,), np.int64), "positions": ((total,), np.int32),
                                   "context_lens": ((total,), np.int32)})
         # Padding everywhere; a mixed bucket's chunk rows start as a chunk at position 0 over the
         # scratch block.
@@ -184,6 +192,9 @@ class DecodeGraphs:
             heads = self.model.heads
             rows = self.model.decode_attention.piece_rows(heads.q_heads, heads.head_dim)
             bucket.attention.tile_pieces(xp, max(rows, TILE_ROWS))
+        else:   # the pick's rows and ids are read and written by every replay: outside the pool too
+            bucket.pick_rows = xp.arange(size, dtype=xp.int64)
+            bucket.greedy_ids = xp.zeros(size, dtype=xp.int64)
         with self._allocating():
             if self.capture_graphs:
                 try:
@@ -199,16 +210,32 @@ class DecodeGraphs:
         return bucket
 
     def _capture(self, bucket: _Bucket) -> None:
-        self._forward(bucket)  # warm-up: compiles kernels, sets up cuBLAS, outside the capture
+        bucket.logits, bucket.graph = self._capture_one(lambda: self._forward(bucket))
+        if bucket.greedy_ids is not None:
+            _, bucket.pick = self._capture_one(lambda: self._pick(bucket, bucket.logits))
+
+    def _capture_one(self, work):
+        """(work's result, the graph of work), after one run outside the capture (which compiles
+        kernels and sets up cuBLAS)."""
+        work()
         stream = self.xp.cuda.get_current_stream()
         stream.synchronize()
         stream.begin_capture()
         try:
-            bucket.logits = self._forward(bucket)
+            result = work()
         finally:
-            bucket.graph = stream.end_capture()
-        bucket.graph.upload(stream)
+            graph = stream.end_capture()
+        graph.upload(stream)
         stream.synchronize()
+        return result, graph
+
+    def _pick(self, bucket: _Bucket, logits):
+        """The first maximum of each of the bucket's rows of logits, into its greedy_ids."""
+        if self.xp is np:
+            bucket.greedy_ids[:] = np.argmax(logits, axis=-1)
+        else:
+            argmax_rows_cuda(logits, bucket.pick_rows, out=bucket.greedy_ids)
+        return bucket.greedy_ids
 
     def _allocating(self):
         if self.pool is None:
@@ -239,7 +266,7 @@ class DecodeGraphs:
         if self.capture_graphs:
             self.xp.cuda.get_current_stream().synchronize()   # no replay still reading the pool
         for bucket in (*self.buckets.values(), *self.mixed.values()):
-            bucket.graph = bucket.logits = None
+            bucket.graph = bucket.logits = bucket.pick = None
         self.buckets.clear()
         self.mixed.clear()
         if self.pool is not None:
@@ -310,7 +337,27 @@ class DecodeGraphs:
         """Logits [n, vocab] (device, float32) of a decode-only turn of n requests. tokens_from:
         (rows, device ids, index) when rows' token ids are ids[index] (batch.feed_tokens)."""
         n = len(inputs.context_lens)
-        bucket = self.buckets[min(b for b in self.buckets if b >= n)]
+        return self._run_bucket(self._bucket_for(n), inputs, tokens_from)[:n]
+
+    def run_greedy(self, inputs: BatchInputs, tokens_from=None):
+        """run's logits and the first maximum of each of their rows (int64 [n] on the device, valid
+        until the bucket's next replay: every reader is queued on the stream before it), for a
+        turn whose every row is greedy: the bucket's pick graph behind its model graph."""
+        n = len(inputs.context_lens)
+        bucket = self._bucket_for(n)
+        logits = self._run_bucket(bucket, inputs, tokens_from)
+        if bucket.pick is None:
+            ids = self._pick(bucket, logits)        # eagerly (a CPU device)
+        else:
+            bucket.pick.launch(self.xp.cuda.get_current_stream())
+            ids = bucket.greedy_ids
+        return logits[:n], ids[:n]
+
+    def _bucket_for(self, n: int) -> _Bucket:
+        return self.buckets[min(b for b in self.buckets if b >= n)]
+
+    def _run_bucket(self, bucket: _Bucket, inputs: BatchInputs, tokens_from):
+        n = len(inputs.context_lens)
         pad = self.kv.scratch_block
         staged = bucket.inputs.stage()
         tables = staged["block_tables"]
@@ -323,7 +370,7 @@ class DecodeGraphs:
         bucket.inputs.upload()
         if tokens_from is not None:   # after the upload, which would overwrite them
             feed_tokens(self.xp, bucket.token_ids, tokens_from)
-        return self._replay(bucket)[:n]
+        return self._replay(bucket)
 
     def _replay(self, bucket: _Bucket):
         """The bucket's logits for the inputs just uploaded: its graph replayed (eagerly on a CPU)."""

@@ -28,21 +28,45 @@ def to_host(array) -> np.ndarray:
     return array if isinstance(array, np.ndarray) else array.get()
 
 
-def queue_copy_back(xp, ids):
-    """ids' copy into pinned host memory, queued on the stream right behind the sampler, and an event
-    recorded after it: `finish` waits for that point of the stream, not for a turn queued later
-    (a plain .get() would wait for everything queued before it). On a CPU: ids as they are."""
-    if isinstance(ids, np.ndarray) or not len(ids):
-        return (ids if isinstance(ids, np.ndarray) else np.zeros(0, dtype=np.int64)), None
-    import cupyx
+class IdsCopyBack:
+    """The sampled ids' copies into pinned host memory, each queued on the stream right behind the
+    sampler with an event recorded after it: `finish` waits for that point of the stream, not for
+    a turn queued later (a plain .get() would wait for everything queued before it). The pinned
+    buffers and events are reused once `finish` has read them: a fresh pair each turn cost ~46 us
+    of the device thread's time at one row on the H200 host (bench/NOTES.md, session 20); a turn
+    dropped unfinished keeps its pair, and a new one is made."""
 
-    host = cupyx.empty_pinned(ids.shape, dtype=ids.dtype)
-    stream = xp.cuda.get_current_stream()
-    runtime = xp.cuda.runtime
-    runtime.memcpyAsync(host.ctypes.data, ids.data.ptr, ids.nbytes, runtime.memcpyDeviceToHost, stream.ptr)
-    ready = xp.cuda.Event(disable_timing=True)
-    ready.record(stream)
-    return host, ready
+    CAPACITY = 256   # ids a buffer holds at least (a turn samples at most max_seqs rows)
+
+    def __init__(self, xp):
+        self.xp = xp
+        self._free: list[tuple[np.ndarray, Any]] = []
+
+    def queue(self, ids) -> tuple[np.ndarray, Any, Any]:
+        """(the host array the ids will be in, the event after their copy, the buffer to give back
+        once read). On a CPU: the ids as they are, no event, no buffer."""
+        if isinstance(ids, np.ndarray) or not len(ids):
+            return (ids if isinstance(ids, np.ndarray) else np.zeros(0, dtype=np.int64)), None, None
+        xp = self.xp
+        while self._free and len(self._free[-1][0]) < len(ids):
+            self._free.pop()             # too small for this turn: dropped, a larger one is made
+        if self._free:
+            pair = self._free.pop()
+        else:
+            import cupyx
+            pair = (cupyx.empty_pinned(max(self.CAPACITY, len(ids)), dtype=np.int64), xp.cuda.Event(disable_timing=True))
+        buffer, ready = pair
+        host = buffer[:len(ids)]
+        stream = xp.cuda.get_current_stream()
+        runtime = xp.cuda.runtime
+        runtime.memcpyAsync(host.ctypes.data, ids.data.ptr, ids.nbytes, runtime.memcpyDeviceToHost, stream.ptr)
+        ready.record(stream)
+        return host, ready, pair
+
+    def give_back(self, pair) -> None:
+        """The buffer and event of a copy whose ids were read: free for a later turn."""
+        if pair is not None:
+            self._free.append(pair)
 
 
 @dataclass(slots=True)
@@ -53,6 +77,7 @@ class LaunchedTurn:
     ids: Any = None                               # device int64 [len(samples)]
     host_ids: Any = None                          # their copy on the host (pinned), valid once `ready`
     ready: Any = None                             # CUDA event after the copy; None on a CPU
+    copy_buffer: Any = None                       # IdsCopyBack's buffer of host_ids, given back once read
     scoring: list = field(default_factory=list)   # RowSpans of the scoring chunks
     logits: Any = None                            # device [R, vocab] float32, kept only for scoring rows
 
@@ -67,9 +92,10 @@ class ModelRunner:
         self.xp = model.xp
         self.announce, self.bound = announce, bound
         self.graphs: DecodeGraphs | None = None   # decode turns that fit a captured bucket replay its graph
-        # ids copied back through a queued copy and an event (queue_copy_back), for async
+        # ids copied back through a queued copy and an event (IdsCopyBack), for async
         # scheduling: a plain copy would wait for the turn queued behind
         self.queue_copies = False
+        self.copies = IdsCopyBack(self.xp)
 
     def release_graphs(self) -> None:
         """Free the decode graphs and their memory (the shard is going); turns then run eagerly."""
@@ -96,10 +122,12 @@ class ModelRunner:
             tokens_from = (inputs.query_start[:-1], feed.ids, np.asarray(plan.fed_by, dtype=np.int64))
         if self.announce is not None:
             self.announce(inputs.for_follower())
-        logits = self._run(inputs, tokens_from)
-        ids = self._sample(logits, rows.sampling, rows.sampling_rows)
-        host_ids, ready = queue_copy_back(self.xp, ids) if self.queue_copies else (None, None)
-        return LaunchedTurn(plan, rows.sampling, ids, host_ids, ready, rows.scoring,
+        greedy = bool(rows.sampling) and all(c.request.sampling.plain_greedy for c in rows.sampling)
+        logits, ids = self._run(inputs, tokens_from, greedy=greedy and not rows.scoring)
+        if ids is None:
+            ids = self._sample(logits, rows.sampling, rows.sampling_rows, greedy)
+        host_ids, ready, buffer = self.copies.queue(ids) if self.queue_copies else (None, None, None)
+        return LaunchedTurn(plan, rows.sampling, ids, host_ids, ready, buffer, rows.scoring,
                             logits if rows.scoring else None)
 
     def finish(self, launched: "LaunchedTurn") -> RunnerOutput:
@@ -109,17 +137,19 @@ class ModelRunner:
         if launched.ready is not None:
             launched.ready.synchronize()   # the ids' copy landed; a turn queued after it may still run
         ids = (launched.host_ids if launched.host_ids is not None else to_host(launched.ids)).tolist()
+        self.copies.give_back(launched.copy_buffer)
         sampled = {chunk.request.request_id: token for chunk, token in zip(launched.samples, ids)}
         out_logits = {s.chunk.request.request_id: np.ascontiguousarray(to_host(launched.logits[s.lo:s.hi]),
                                                                        dtype=np.float32)
                       for s in launched.scoring}
         return RunnerOutput(sampled=sampled, logits=out_logits)
 
-    def _sample(self, logits, chunks: list, rows: np.ndarray):
-        """The sampled ids of `chunks` (whose logits are `rows`), on the device."""
+    def _sample(self, logits, chunks: list, rows: np.ndarray, greedy: bool):
+        """The sampled ids of `chunks` (whose logits are `rows`), on the device; `greedy`: every one
+        of them is plain greedy."""
         if not chunks:       # a turn of prompt chunks that end before their prompts: no logits at all
             return self.xp.zeros(0, dtype=self.xp.int64)
-        if all(c.request.sampling.plain_greedy for c in chunks):
+        if greedy:
             return greedy_rows(self.xp, logits, rows)   # no per-request sampler state needed
         return sample_rows_on_device(self.xp, logits, [self._sample_row(c, int(row)) for c, row in zip(chunks, rows)])
 
@@ -134,15 +164,20 @@ class ModelRunner:
     def follow(self, inputs: BatchInputs) -> None:
         self._run(inputs)
 
-    def _run(self, inputs: BatchInputs, tokens_from=None):
-        """tokens_from: (rows, device ids, index) when rows' token ids are ids[index], on the device."""
+    def _run(self, inputs: BatchInputs, tokens_from=None, greedy: bool = False):
+        """(logits, the greedy ids of every logits row when `greedy` and a graph picked them, else
+        None). tokens_from: (rows, device ids, index) when rows' token ids are ids[index], on the
+        device."""
         if self.graphs is not None and self.graphs.can_run(inputs):
-            logits = self.graphs.run(inputs, tokens_from)
+            if greedy and len(inputs.logits_rows):   # then the rows are every row, in order
+                logits, ids = self.graphs.run_greedy(inputs, tokens_from)
+            else:
+                logits, ids = self.graphs.run(inputs, tokens_from), None
             if self.bound is not None:
                 self.bound()
-            return logits if len(inputs.logits_rows) else None  # a follower samples nothing
+            return (logits if len(inputs.logits_rows) else None), ids  # a follower samples nothing
         if self.graphs is not None and tokens_from is None and self.graphs.can_run_mixed(inputs):
-            return self.graphs.run_mixed(inputs)   # decode rows and a prompt's middle chunk (single-device shards)
+            return self.graphs.run_mixed(inputs), None   # decode rows and a prompt's middle chunk (single-device shards)
         xp = self.xp
         decode = None
         if self.model.decode_attention is not None and self.model.decode_attention.prefill_rows:
@@ -160,4 +195,4 @@ class ModelRunner:
         logits = self.model.forward_batch(token_ids, xp.asarray(inputs.positions), meta, self.kv, rows)
         if self.bound is not None:
             self.bound()  # NCCL is asynchronous: a hung collective must not hang the device thread
-        return logits
+        return logits, None

@@ -16,10 +16,16 @@ class CountingGraphs(DecodeGraphs):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.turns = []
+        self.greedy_turns = 0
 
     def run(self, inputs, tokens_from=None):
         self.turns.append(len(inputs.context_lens))
         return super().run(inputs, tokens_from)
+
+    def run_greedy(self, inputs, tokens_from=None):
+        self.turns.append(len(inputs.context_lens))
+        self.greedy_turns += 1
+        return super().run_greedy(inputs, tokens_from)
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
@@ -37,6 +43,7 @@ def test_bucketed_decode_turns_give_the_reference_tokens(name):
     late = {2: [request("c", prompt)], 9: [request("d", prompt), request("e", prompt)]}
     done = run_to(runner, HandScheduler(kv, chunk=4), first, 24, late)
     assert max(graphs.turns) == 5 and min(graphs.turns) < 5  # turns of 5 rows ran in the bucket of 8
+    assert graphs.greedy_turns == len(graphs.turns)   # every row greedy: the bucket's pick chose the ids
     for r in done:
         if r.request_id != "b":
             assert r.output_ids == [int(t) for t in ref["greedy_ids"][:24]], r.request_id

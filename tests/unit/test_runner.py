@@ -277,6 +277,37 @@ def test_build_batch_maps_each_token_to_its_block_slot():
     assert inputs.for_follower().logits_rows.tolist() == []
 
 
+@pytest.mark.parametrize("n", [1, 3, 32, 33])
+def test_a_few_decodes_build_the_arrays_of_the_whole_array_path(n, monkeypatch):
+    import neuron.runner.batch as batch
+
+    rng = np.random.default_rng(n)
+    chunks = []
+    for i in range(n):
+        start = int(rng.integers(0, 40))
+        table = rng.permutation(100)[:start // BLOCK + 1 + int(rng.integers(0, 3))].tolist()  # spare blocks too
+        chunks.append(ScheduledChunk(request(f"r{i}", [1] * (start + 1)), [int(rng.integers(0, 50))], start, table,
+                                     sample=True))
+    plan = SchedulerOutput(chunks)
+    built = {}
+    for few in (0, 1000):   # every turn through the whole-array path, then every one row by row
+        monkeypatch.setattr(batch, "FEW_DECODES", few)
+        built[few] = batch.build_batch(plan, BLOCK)
+    (arrays, rows), (few_inputs, few_rows) = built[0], built[1000]
+    for name in ("token_ids", "positions", "slot_mapping", "query_start", "context_lens", "block_tables",
+                 "logits_rows"):
+        got, want = getattr(few_inputs, name), getattr(arrays, name)
+        assert got.dtype == want.dtype and got.tolist() == want.tolist(), name
+    assert few_rows.sampling == rows.sampling and few_rows.sampling_rows.tolist() == rows.sampling_rows.tolist()
+    assert few_rows.scoring == rows.scoring == []
+    # a block table too short for the token fails the same way on both paths
+    chunks[0].block_ids = chunks[0].block_ids[:chunks[0].start // BLOCK]
+    for few in (0, 1000):
+        monkeypatch.setattr(batch, "FEW_DECODES", few)
+        with pytest.raises(ValueError, match="blocks cannot hold"):
+            batch.build_batch(plan, BLOCK)
+
+
 def test_build_batch_gives_scoring_and_sampling_chunks_their_rows():
     scored, tail = request("s", list(range(1, 6))), request("t", [4, 5, 6])
     scored.want_logits, scored.all_positions = True, True
@@ -345,7 +376,7 @@ def test_a_turn_that_samples_nothing_reads_no_logits_on_any_device():
 
     from neuron.runner.sampler import greedy_rows
     runner = ModelRunner(NoLogits(), None, 32)
-    assert runner._sample(None, [], np.zeros(0, dtype=np.int64)).shape == (0,)
+    assert runner._sample(None, [], np.zeros(0, dtype=np.int64), greedy=True).shape == (0,)
     assert greedy_rows(DeviceArrays, None, np.zeros(0, dtype=np.int64)).shape == (0,)
 
 
